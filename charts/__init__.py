@@ -1,0 +1,1 @@
+"""Helm chart(s) shipped with orch."""

@@ -1,0 +1,38 @@
+"""orch's training engine: a DeepSpeed-compatible ZeRO trainer in pure PyTorch.
+
+Use it as you would DeepSpeed::
+
+    import engine
+    model_engine, optimizer, dataloader, lr_scheduler = engine.initialize(
+        model=model, model_parameters=model.parameters(), config="ds_config.json")
+
+Attributes are resolved lazily (PEP 562) so that light users, such as ``orch check``
+importing ``engine.config``, never pay for importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> "module:attribute"
+_LAZY: dict[str, str] = {
+    "load_config": "engine.config:load_config",
+    "EngineConfig": "engine.config:EngineConfig",
+    "ConfigError": "engine.config:ConfigError",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    module_name, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module_name), attr) if attr else importlib.import_module(module_name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,1 @@
+"""Jinja sources rendered by orchestrator/render.py."""
