@@ -1,0 +1,237 @@
+"""``optimizer`` and ``scheduler`` sections: type names as DeepSpeed accepts them, params per type.
+
+DeepSpeed passes ``params`` straight to the optimizer/scheduler constructor, so a misspelt
+parameter fails late (or, for its own optimizers, is silently dropped). Here each type has a
+params model, so ``optimizer.params.weight_decy`` is reported with the nearest valid name
+before anything runs. Defaults are those of DeepSpeed's implementations (FusedAdam,
+FusedLion, torch.optim.SGD, deepspeed/runtime/lr_schedules.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import Field, ValidationError, model_validator
+
+from .config_errors import describe, problems_error, suggest, translate
+from .config_types import Bool, Float, Int, NonNegFloat, PosInt, Section, Str, choice
+
+class _Params(Section):
+    """Base of the per-type params models (strict: unknown params are errors)."""
+
+
+class AdamParams(_Params):
+    """Adam/AdamW params (DeepSpeed FusedAdam defaults; ``weight_decay`` 0.0, not torch's 0.01)."""
+
+    lr: NonNegFloat = 1e-3
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    eps: NonNegFloat = 1e-8
+    weight_decay: NonNegFloat = 0.0
+    bias_correction: Bool = True
+    amsgrad: Bool = False
+    adam_w_mode: Bool = True
+    torch_adam: Bool = False
+    fp32_optimizer_states: Bool = True
+    set_grad_none: Bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdamParams":
+        problems = _beta_problems(self.betas)
+        if self.amsgrad:
+            problems.append(("amsgrad", "AMSGrad is not supported (DeepSpeed's FusedAdam rejects it too)",
+                             "remove amsgrad"))
+        if problems:
+            raise problems_error(problems)
+        return self
+
+
+class SGDParams(_Params):
+    """SGD params (torch.optim.SGD, which DeepSpeed uses for ``"SGD"``)."""
+
+    lr: NonNegFloat = 1e-3
+    momentum: NonNegFloat = 0.0
+    dampening: Float = 0.0
+    weight_decay: NonNegFloat = 0.0
+    nesterov: Bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "SGDParams":
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise problems_error([("nesterov", "Nesterov momentum needs momentum > 0 and dampening 0, got "
+                                   f"momentum {self.momentum!r}, dampening {self.dampening!r}",
+                                   "set momentum > 0 and dampening 0, or nesterov false")])
+        return self
+
+
+class LionParams(_Params):
+    """Lion params (DeepSpeed FusedLion defaults)."""
+
+    lr: NonNegFloat = 1e-3
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    weight_decay: NonNegFloat = 0.0
+    set_grad_none: Bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "LionParams":
+        problems = _beta_problems(self.betas)
+        if problems:
+            raise problems_error(problems)
+        return self
+
+
+def _beta_problems(betas: tuple[float, float]) -> list[tuple[str, str, str]]:
+    return [(f"betas[{i}]", f"must be in [0, 1), got {b!r}", "") for i, b in enumerate(betas) if not 0.0 <= b < 1.0]
+
+
+# canonical type -> (params model, kind(params) for resolved_kind())
+SUPPORTED_OPTIMIZERS: dict[str, type[_Params]] = {
+    "Adam": AdamParams, "AdamW": AdamParams, "SGD": SGDParams, "Lion": LionParams,
+}
+# Names DeepSpeed accepts that orch's engine does not implement (DeepSpeed's own optimizers
+# and the torch.optim classes it would look up by name).
+KNOWN_UNSUPPORTED_OPTIMIZERS = (
+    "Lamb", "OneBitAdam", "ZeroOneAdam", "OneBitLamb", "MuAdam", "MuAdamW", "MuSGD", "Muon", "Adagrad",
+    "Adadelta", "Adafactor", "Adamax", "ASGD", "LBFGS", "NAdam", "RAdam", "RMSprop", "Rprop", "SparseAdam",
+)
+
+
+class OptimizerConfig(Section):
+    """``optimizer``: ``type`` (case-insensitive, as in DeepSpeed) and its ``params``.
+
+    ``params`` holds the validated params with defaults filled in. ``"Adam"`` means AdamW
+    unless ``params.adam_w_mode`` is false, exactly as in DeepSpeed: see ``resolved_kind()``.
+    """
+
+    type: Str
+    params: dict[str, Any] = Field(default_factory=dict)
+    legacy_fusion: Bool = False
+
+    @model_validator(mode="after")
+    def _validate_type_and_params(self) -> "OptimizerConfig":
+        canon = {name.lower(): name for name in SUPPORTED_OPTIMIZERS}
+        name = canon.get(self.type.lower())
+        if name is None:
+            raise problems_error([_unsupported("type", self.type, list(SUPPORTED_OPTIMIZERS),
+                                               KNOWN_UNSUPPORTED_OPTIMIZERS, "optimizer")])
+        self.type = name
+        if "max_grad_norm" in self.params:
+            raise problems_error([("params.max_grad_norm", "is not an optimizer parameter in DeepSpeed",
+                                   "use the top-level \"gradient_clipping\" instead")])
+        self.params = _validate_params(SUPPORTED_OPTIMIZERS[name], self.params)
+        return self
+
+    def resolved_kind(self) -> str:
+        """"adamw" | "adam_l2" | "sgd" | "lion": the update rule that will actually run.
+
+        DeepSpeed: ``AdamW`` is always decoupled weight decay; ``Adam`` is too unless
+        ``adam_w_mode`` is false, in which case weight decay is classic L2 added to the gradient.
+        """
+        if self.type == "AdamW":
+            return "adamw"
+        if self.type == "Adam":
+            return "adamw" if self.params.get("adam_w_mode", True) else "adam_l2"
+        return self.type.lower()
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """The params a torch-style optimizer constructor takes (DeepSpeed-only switches removed)."""
+        drop = {"adam_w_mode", "torch_adam", "fp32_optimizer_states", "set_grad_none", "bias_correction", "amsgrad"}
+        return {k: v for k, v in self.params.items() if k not in drop}
+
+
+class _WarmupParams(_Params):
+    warmup_num_steps: PosInt = 1000
+    warmup_type: choice("log", "linear") = "log"
+    last_batch_iteration: Int = -1
+
+
+class WarmupLRParams(_WarmupParams):
+    """WarmupLR: ``warmup_max_lr`` unset means the optimizer's lr (DeepSpeed's behaviour)."""
+
+    warmup_min_lr: NonNegFloat = 0.0
+    warmup_max_lr: Optional[NonNegFloat] = None
+
+
+class WarmupDecayLRParams(_WarmupParams):
+    total_num_steps: PosInt
+    warmup_min_lr: NonNegFloat = 0.0
+    warmup_max_lr: NonNegFloat = 0.001
+
+
+class WarmupCosineLRParams(_WarmupParams):
+    total_num_steps: PosInt
+    warmup_min_ratio: NonNegFloat = 0.0
+    cos_min_ratio: NonNegFloat = 0.0001
+
+
+class OneCycleParams(_Params):
+    cycle_min_lr: NonNegFloat
+    cycle_max_lr: NonNegFloat
+    decay_lr_rate: NonNegFloat = 0.0
+    cycle_first_step_size: PosInt = 2000
+    cycle_second_step_size: Optional[Int] = Field(None, ge=0)
+    cycle_first_stair_count: Int = Field(0, ge=0)
+    cycle_second_stair_count: Optional[Int] = Field(None, ge=0)
+    decay_step_size: Int = Field(0, ge=0)
+    cycle_momentum: Bool = True
+    cycle_min_mom: NonNegFloat = 0.8
+    cycle_max_mom: NonNegFloat = 0.9
+    decay_mom_rate: NonNegFloat = 0.0
+    last_batch_iteration: Int = -1
+
+
+class LRRangeTestParams(_Params):
+    lr_range_test_min_lr: NonNegFloat = 1e-3
+    lr_range_test_step_size: PosInt = 2000
+    lr_range_test_step_rate: NonNegFloat = 1.0
+    lr_range_test_staircase: Bool = False
+    last_batch_iteration: Int = -1
+
+
+SUPPORTED_SCHEDULERS: dict[str, type[_Params]] = {
+    "WarmupLR": WarmupLRParams, "WarmupDecayLR": WarmupDecayLRParams, "WarmupCosineLR": WarmupCosineLRParams,
+    "OneCycle": OneCycleParams, "LRRangeTest": LRRangeTestParams,
+}
+# torch.optim.lr_scheduler classes DeepSpeed would look up by name.
+KNOWN_UNSUPPORTED_SCHEDULERS = (
+    "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR",
+    "OneCycleLR", "LambdaLR", "LinearLR", "ConstantLR", "PolynomialLR", "ReduceLROnPlateau", "SequentialLR",
+)
+
+
+class SchedulerConfig(Section):
+    """``scheduler``: one of DeepSpeed's five LR schedules; ``params`` validated with defaults filled."""
+
+    type: Str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _validate_type_and_params(self) -> "SchedulerConfig":
+        if self.type not in SUPPORTED_SCHEDULERS:
+            raise problems_error([_unsupported("type", self.type, list(SUPPORTED_SCHEDULERS),
+                                               KNOWN_UNSUPPORTED_SCHEDULERS, "scheduler")])
+        self.params = _validate_params(SUPPORTED_SCHEDULERS[self.type], self.params)
+        return self
+
+
+def _validate_params(model: type[_Params], params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        checked = model.model_validate(params)
+    except ValidationError as exc:
+        found = translate(exc, "params", model)
+        raise problems_error([(p.path, p.message, p.hint) for p in found]) from None
+    out = checked.model_dump()
+    for key in ("betas",):
+        if key in out:
+            out[key] = list(out[key])
+    return out
+
+
+def _unsupported(path: str, given: str, supported: list[str], known: tuple[str, ...],
+                 what: str) -> tuple[str, str, str]:
+    names = ", ".join(supported)
+    if given in known or given.lower() in {k.lower() for k in known}:
+        return (path, f"{what} type {given!r} is accepted by DeepSpeed but not implemented by orch's engine",
+                f"use one of: {names}" + (", or pass your own torch optimizer to engine.initialize(optimizer=...)"
+                                          if what == "optimizer" else ""))
+    near = suggest(given, supported + list(known))
+    tip = f"did you mean '{near}'? " if near else ""
+    return (path, f"unknown {what} type {describe(given)}", f"{tip}supported: {names}")

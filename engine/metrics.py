@@ -1,0 +1,107 @@
+"""What a training run tells the outside world: metrics.jsonl, status.json and console lines.
+
+Only rank 0 writes. ``metrics.jsonl`` gets one JSON object per log step (append + flush, so a
+crash loses at most the line being written); ``status.json`` is replaced atomically (temp file +
+rename) so ``orch status`` never reads half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Fields every training record carries (tests and `orch status` rely on these names).
+TRAIN_FIELDS = (
+    "step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "step_time_s", "samples",
+    "world_size", "restart_count", "mem", "time",
+)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """(bytes, kind): CUDA max allocated on GPU runs, else this process's peak RSS."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    # ru_maxrss is kilobytes on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "peak_rss"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Rank 0's log sink; on other ranks every method is a no-op."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, enabled: bool, console: bool = True) -> None:
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self._console = None
+        self._file = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
+        if console:
+            from rich.console import Console
+
+            self._console = Console(stderr=False, highlight=False, soft_wrap=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line and print a console line for it."""
+        if not self.enabled:
+            return
+        record = {**record, "time": record.get("time", time.time())}
+        assert self._file is not None
+        self._file.write(json.dumps(record, default=float) + "\n")
+        if self._console is not None:
+            self._console.print(format_console_line(record))
+
+    def info(self, message: str) -> None:
+        if self.enabled and self._console is not None:
+            self._console.print(f"[bold cyan]engine.train[/] {message}")
+
+    def status(self, state: str, **fields: Any) -> None:
+        """Replace status.json: ``state`` is running | finished | failed."""
+        if self.enabled:
+            write_json_atomic(self.run_dir / "status.json", {"state": state, **fields, "time": time.time()})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def format_console_line(r: dict[str, Any]) -> str:
+    """One rich-markup line per record: the numbers a person scans during a run."""
+    if r.get("kind") == "eval":
+        return f"[bold]step {r['step']:>6}[/]  [magenta]eval_loss {r['eval_loss']:.4f}[/]"
+    parts = [
+        f"[bold]step {r['step']:>6}/{r.get('total_steps', '?')}[/]",
+        f"loss [green]{r['loss']:.4f}[/]",
+        f"lr {r['lr']:.3e}",
+    ]
+    if r.get("grad_norm") is not None:
+        parts.append(f"gnorm {r['grad_norm']:.3f}")
+    if r.get("loss_scale") is not None:
+        parts.append(f"scale {r['loss_scale']:g}")
+    parts += [
+        f"{r['tokens_per_s']:,.0f} tok/s",
+        f"{r['step_time_s'] * 1000:.0f} ms/step",
+        f"mem {_human_bytes(r['mem'])}",
+    ]
+    return "  ".join(parts)

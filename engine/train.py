@@ -1,0 +1,283 @@
+"""``python -m engine.train``: the program every orch job runs.
+
+A GPT preset, a token source, ``engine.initialize`` with the user's ds_config, and the loop:
+forward / backward / step per micro-batch, a log line every ``--log-every`` steps, a checkpoint
+every ``--save-every`` steps, and resume from ``<save-dir>/latest`` on start, so that every kind
+of restart (torchrun, Slurm requeue, pod restart, resubmission) continues the same run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.data import DataError, GlobalBatchSampler, TokenSource, open_source
+from engine.metrics import MetricsWriter, peak_memory_bytes
+from engine.models.presets import UnknownPreset, get_preset
+from engine.trainer_args import TrainerArgs, TrainerError, parse_args, restart_count
+from engine.trainer_checkpoint import Checkpointer
+
+
+@dataclass
+class Run:
+    """What the loop needs, assembled once at start."""
+
+    args: TrainerArgs
+    engine: Any
+    source: TokenSource
+    sampler: GlobalBatchSampler
+    checkpointer: Checkpointer
+    metrics: MetricsWriter
+    rank: int
+    world_size: int
+    device: Any
+    micro_batch: int
+    grad_accum: int
+    log_every: int
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return train(parse_args(argv))
+    except _user_errors() as exc:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}engine.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [TrainerError, DataError, UnknownPreset]
+    try:
+        from engine.config import ConfigError
+
+        errors.append(ConfigError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def train(args: TrainerArgs) -> int:
+    run = setup(args)
+    start = run.checkpointer.resume(run.engine, {"sampler": run.sampler})
+    total = args.steps
+    run.metrics.status("running", step=start, total_steps=total, world_size=run.world_size,
+                       restart_count=restart_count(), model=args.model)
+    if start:
+        run.metrics.info(f"resumed from {run.checkpointer.save_dir} at step {start}")
+    try:
+        loop(run, start)
+    except BaseException as exc:
+        run.metrics.status("failed", step=getattr(run.engine, "global_steps", None), total_steps=total,
+                           error=repr(exc))
+        raise
+    run.metrics.status("finished", step=total, total_steps=total, world_size=run.world_size,
+                       restart_count=restart_count())
+    run.metrics.close()
+    return 0
+
+
+def setup(args: TrainerArgs) -> Run:
+    # Mistakes in the model name or data file are reported before torch is even imported.
+    model_cfg = get_preset(args.model, seq_len=args.seq_len)
+    source = open_source(args.data, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len,
+                         seed=args.seed, dtype=args.data_dtype)
+    import torch
+
+    import engine
+
+    engine.init_distributed()
+    rank, world = _rank_and_world()
+    run_dir = resolve_run_dir(args.run_dir, rank, world)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
+    from engine.models import build_model
+
+    model = build_model(args.model, seed=args.seed, device=device, seq_len=args.seq_len)
+    model_engine, _, _, _ = engine.initialize(
+        model=model, model_parameters=model.parameters(), config=args.deepspeed_config)
+    if _activation_checkpointing(model_engine):
+        model.set_activation_checkpointing(True)
+    metrics = MetricsWriter(run_dir, enabled=rank == 0)
+    save_dir = Path(args.save_dir) if args.save_dir else run_dir / "checkpoints"
+    checkpointer = Checkpointer(save_dir, every=args.save_every, keep=args.save_keep,
+                                control_dir=run_dir / "control", is_rank0=rank == 0)
+    micro, accum = model_engine.train_micro_batch_size_per_gpu(), model_engine.gradient_accumulation_steps()
+    log_every = args.log_every or _steps_per_print(model_engine)
+    metrics.info(f"model {args.model} ({model.num_parameters() / 1e6:.2f}M params), world size {world}, "
+                 f"micro-batch {micro} x accumulation {accum} -> global batch {micro * accum * world}, "
+                 f"run dir {run_dir}")
+    return Run(args, model_engine, source, GlobalBatchSampler(micro * accum * world), checkpointer,
+               metrics, rank, world, getattr(model_engine, "device", device), micro, accum, log_every)
+
+
+def loop(run: Run, start: int) -> None:
+    args, state = run.args, {"sampler": run.sampler}
+    tokens_per_step = run.sampler.global_batch_size * run.source.seq_len
+    window_start, window_steps, loss_sum = time.perf_counter(), 0, None
+    for step in range(start + 1, args.steps + 1):
+        loss = train_step(run)
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        window_steps += 1
+        if step % run.log_every == 0 or step == args.steps:
+            mean_loss = _mean_across_ranks(loss_sum / window_steps, run.world_size)
+            elapsed = time.perf_counter() - window_start
+            log_train(run, step, mean_loss, elapsed / window_steps, tokens_per_step * window_steps / elapsed)
+            window_start, window_steps, loss_sum = time.perf_counter(), 0, None
+        paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
+        if args.eval_every and step % args.eval_every == 0:
+            run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
+        if run.checkpointer.due(step) or _any_rank(run.checkpointer.requested(), run.world_size):
+            run.checkpointer.save(run.engine, step, state)
+        window_start += time.perf_counter() - paused
+    if run.checkpointer.every and run.checkpointer.last_saved_step != args.steps:
+        run.checkpointer.save(run.engine, args.steps, state)
+
+
+def train_step(run: Run) -> Any:
+    """One optimizer step: ``grad_accum`` micro-batches; returns this rank's mean loss (a tensor)."""
+    total = None
+    for micro_step in range(run.grad_accum):
+        x, y = _batch(run, run.sampler.micro_batch_indices(
+            micro_step, run.rank, run.world_size, run.micro_batch))
+        loss = run.engine(x, y)
+        run.engine.backward(loss)
+        run.engine.step()
+        total = loss.detach() if total is None else total + loss.detach()
+    run.sampler.advance()
+    return total / run.grad_accum
+
+
+def evaluate(run: Run) -> float:
+    """Mean loss over a fixed held-back stream (the same samples at every evaluation)."""
+    import torch
+
+    base = 1 << 62  # indices far past any training position: never trained on (synthetic data)
+    run.engine.eval()
+    with torch.no_grad():
+        losses = []
+        for i in range(run.args.eval_iters):
+            first = base + (i * run.world_size + run.rank) * run.micro_batch
+            x, y = _batch(run, range(first, first + run.micro_batch))
+            losses.append(run.engine(x, y).float())
+    run.engine.train()
+    return _mean_across_ranks(torch.stack(losses).mean(), run.world_size)
+
+
+def log_train(run: Run, step: int, loss: float, step_time: float, tokens_per_s: float) -> None:
+    engine_ = run.engine
+    mem, mem_kind = peak_memory_bytes()
+    record = {
+        "kind": "train", "step": step, "total_steps": run.args.steps, "loss": loss,
+        "lr": _first(_call(engine_, "get_lr")), "grad_norm": _float(_call(engine_, "get_global_grad_norm")),
+        "loss_scale": _loss_scale(engine_), "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+        "samples": run.sampler.consumed_samples, "world_size": run.world_size,
+        "restart_count": restart_count(), "mem": mem, "mem_kind": mem_kind, "time": time.time(),
+    }
+    run.metrics.log(record)
+    run.metrics.status("running", step=step, total_steps=run.args.steps, loss=loss,
+                       world_size=run.world_size, restart_count=record["restart_count"])
+
+
+def resolve_run_dir(run_dir: str | None, rank: int, world: int) -> Path:
+    """The run directory; the default (./runs/<id>) is chosen by rank 0 and shared with all ranks.
+
+    Under torchrun the id is the rendezvous run id, which survives worker restarts, so a
+    restarted worker finds the same directory and resumes from its checkpoints.
+    """
+    if run_dir:
+        return Path(run_dir)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    name = run_id if run_id and run_id != "none" else time.strftime("%Y%m%d-%H%M%S")
+    chosen = [str(Path("runs") / name)]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+# --- small adapters over the engine's (DeepSpeed-named) accessors ---------------------------
+
+def _batch(run: Run, indices: range) -> tuple[Any, Any]:
+    import torch
+
+    tokens = torch.from_numpy(run.source.samples(indices))
+    if run.device.type == "cuda":
+        tokens = tokens.pin_memory().to(run.device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_across_ranks(value: Any, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True on every rank if it is true on any (a collective: every rank must call it)."""
+    if world == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _call(obj: Any, name: str) -> Any:
+    fn = getattr(obj, name, None)
+    return fn() if callable(fn) else None
+
+
+def _first(value: Any) -> float | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return _float(value)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _loss_scale(engine_: Any) -> float | None:
+    """The fp16 loss scale, or None when training without one (bf16/fp32)."""
+    for owner in (engine_, getattr(engine_, "optimizer", None)):
+        for name in ("loss_scale", "cur_scale"):
+            value = getattr(owner, name, None)
+            value = value() if callable(value) else value
+            if isinstance(value, (int, float)) or hasattr(value, "item"):
+                return float(value)
+    return None
+
+
+def _steps_per_print(engine_: Any) -> int:
+    value = _call(engine_, "steps_per_print")
+    return int(value) if value else 10
+
+
+def _activation_checkpointing(engine_: Any) -> bool:
+    """Whether the ds_config turns activation checkpointing on (section or top-level alias)."""
+    value = _call(engine_, "activation_checkpointing_enabled")
+    return bool(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

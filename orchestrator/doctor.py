@@ -1,0 +1,111 @@
+"""``orch doctor``: what this machine can run, like DeepSpeed's ``ds_report`` but for orch.
+
+Each probe is independent and never raises: a missing piece is a MISSING row with the reason
+and what to do, so the report itself always prints.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    ok: bool
+    detail: str
+    optional: bool = False   # a missing optional piece (e.g. helm) does not fail the report
+
+
+def _safe(name: str, fn: Callable[[], Probe], optional: bool = False) -> Probe:
+    try:
+        return fn()
+    except Exception as exc:  # a probe must never take the report down
+        return Probe(name, False, f"probe failed: {exc}", optional)
+
+
+def _python() -> Probe:
+    return Probe("python", True, f"{platform.python_version()} ({platform.python_implementation()})")
+
+
+def _torch() -> list[Probe]:
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as exc:
+        return [Probe("torch", False, f"not importable ({exc}); pip install torch")]
+    probes = [Probe("torch", True, torch.__version__)]
+    cuda = torch.cuda.is_available()
+    probes.append(Probe("cuda", cuda, f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
+                        if cuda else "no CUDA device (CPU jobs use gloo)", optional=True))
+    if cuda:
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        probes.append(Probe("gpus", True, ", ".join(names)))
+    probes.append(Probe("gloo", dist.is_available() and dist.is_gloo_available(), "torch.distributed gloo backend"))
+    nccl = dist.is_available() and dist.is_nccl_available()
+    version = ".".join(map(str, torch.cuda.nccl.version())) if nccl and cuda else ""
+    probes.append(Probe("nccl", nccl, f"NCCL {version}".strip() if nccl else "not built into this torch",
+                        optional=True))
+    return probes
+
+
+def _triton() -> Probe:
+    try:
+        from engine.ops import kernel_report
+    except ImportError as exc:
+        return Probe("triton kernels", False, f"engine.ops unavailable: {exc}", optional=True)
+    report = kernel_report()
+    ok = bool(report.get("compiles"))
+    detail = report.get("detail") or ", ".join(f"{k}={v}" for k, v in report.items())
+    return Probe("triton kernels", ok, str(detail), optional=True)
+
+
+def _command(name: str, args: list[str], hint: str) -> Probe:
+    path = shutil.which(args[0])
+    if not path:
+        return Probe(name, False, f"{args[0]} not found on PATH; {hint}", optional=True)
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return Probe(name, False, f"{path}: `{' '.join(args)}` timed out", optional=True)
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return Probe(name, out.returncode == 0, f"{path}: {text[0] if text else 'rc=' + str(out.returncode)}",
+                 optional=True)
+
+
+def _kubeconfig() -> Probe:
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        return Probe("kubernetes", False, "python client missing; pip install kubernetes", optional=True)
+    try:
+        contexts, active = config.list_kube_config_contexts()
+    except Exception as exc:
+        where = os.environ.get("KUBECONFIG", "~/.kube/config")
+        return Probe("kubernetes", False, f"no usable kubeconfig at {where} ({exc.__class__.__name__})",
+                     optional=True)
+    config.load_kube_config()
+    version = client.VersionApi().get_code(_request_timeout=5)
+    return Probe("kubernetes", True, f"context {active['name']!r} reachable, server {version.git_version}",
+                 optional=True)
+
+
+def run_probes() -> list[Probe]:
+    probes = [_safe("python", _python)]
+    try:
+        probes += _torch()
+    except Exception as exc:
+        probes.append(Probe("torch", False, f"probe failed: {exc}"))
+    probes.append(_safe("triton kernels", _triton, optional=True))
+    probes.append(_safe("sbatch", lambda: _command("sbatch", ["sbatch", "--version"],
+                                                    "needed for --cluster slurm"), optional=True))
+    probes.append(_safe("squeue", lambda: _command("squeue", ["squeue", "--version"],
+                                                    "needed for --cluster slurm"), optional=True))
+    probes.append(_safe("kubernetes", _kubeconfig, optional=True))
+    probes.append(_safe("helm", lambda: _command("helm", ["helm", "version", "--short"],
+                                                  "needed only to install charts/orch-job"), optional=True))
+    return probes
