@@ -19,6 +19,13 @@ _LAZY: dict[str, str] = {
     "load_config": "engine.config:load_config",
     "EngineConfig": "engine.config:EngineConfig",
     "ConfigError": "engine.config:ConfigError",
+    "FusedAdamW": "engine.ops:FusedAdamW",
+    "FusedLion": "engine.ops:FusedLion",
+    "FusedSGD": "engine.ops:FusedSGD",
+    "grad_norm_and_overflow": "engine.ops:grad_norm_and_overflow",
+    "kernel_report": "engine.ops:kernel_report",
+    "ConfigProblem": "engine.config:ConfigProblem",
+    "BatchSizes": "engine.config:BatchSizes",
 }
 
 __all__ = sorted(_LAZY)

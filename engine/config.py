@@ -31,6 +31,8 @@ from .config_source import (BATCH_KEYS, ConfigDeprecationWarning, migrate, read_
                             resolve_auto)
 from .config_types import Bool, DType, NonNegFloat, Opaque, PosFloat, PosInt, Section, Str, choice
 
+AllreduceOp = choice("mean", "sum")
+
 __all__ = [
     "BatchSizes", "ConfigDeprecationWarning", "ConfigError", "ConfigProblem", "EngineConfig", "IgnoredFeature",
     "load_config",
@@ -66,7 +68,7 @@ class EngineConfig(Section):
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig)
     communication_data_type: Optional[DType] = None
     seq_parallel_communication_data_type: Optional[DType] = None
-    gradient_allreduce_op: choice("mean", "sum") = "mean"
+    gradient_allreduce_op: AllreduceOp = "mean"
     prescale_gradients: Bool = False
     gradient_predivide_factor: PosFloat = 1.0
     sparse_gradients: Bool = False

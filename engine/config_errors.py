@@ -132,7 +132,7 @@ def translate(exc: ValidationError, prefix: str = "", model: type | None = None)
     """
     problems: list[ConfigProblem] = []
     for err in exc.errors(include_url=False):
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        loc = list(err["loc"])
         path = join_path(prefix, *loc)
         etype = err["type"]
         ctx = err.get("ctx") or {}
@@ -153,6 +153,8 @@ def _message(err: dict, etype: str, ctx: dict, model: type | None, loc: list) ->
     if etype == VALUE_ERROR:
         return ctx["message"], ctx.get("hint", "")
     if etype == "missing":
+        if loc and isinstance(loc[-1], int):
+            return "missing list item", ""
         return "required key is missing", "add it"
     if etype in ("model_type", "model_attributes_type", "dict_type"):
         keys = _keys_of(_model_at(model, loc)) if model is not None else []

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from pydantic import Field, ValidationError, model_validator
 
 from .config_errors import describe, problems_error, suggest, translate
-from .config_types import Bool, Float, Int, NonNegFloat, PosInt, Section, Str, choice
+from .config_types import Betas, Bool, Float, Int, NonNegFloat, PosInt, Section, Str, choice
 
 class _Params(Section):
     """Base of the per-type params models (strict: unknown params are errors)."""
@@ -23,7 +23,7 @@ class AdamParams(_Params):
     """Adam/AdamW params (DeepSpeed FusedAdam defaults; ``weight_decay`` 0.0, not torch's 0.01)."""
 
     lr: NonNegFloat = 1e-3
-    betas: tuple[Float, Float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     eps: NonNegFloat = 1e-8
     weight_decay: NonNegFloat = 0.0
     bias_correction: Bool = True
@@ -66,7 +66,7 @@ class LionParams(_Params):
     """Lion params (DeepSpeed FusedLion defaults)."""
 
     lr: NonNegFloat = 1e-3
-    betas: tuple[Float, Float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     weight_decay: NonNegFloat = 0.0
     set_grad_none: Bool = True
 
@@ -137,9 +137,12 @@ class OptimizerConfig(Section):
         return {k: v for k, v in self.params.items() if k not in drop}
 
 
+WarmupType = choice("log", "linear")
+
+
 class _WarmupParams(_Params):
     warmup_num_steps: PosInt = 1000
-    warmup_type: choice("log", "linear") = "log"
+    warmup_type: WarmupType = "log"
     last_batch_iteration: Int = -1
 
 

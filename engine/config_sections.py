@@ -15,6 +15,7 @@ from .config_errors import problems_error
 from .config_types import Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, Str, choice
 
 OffloadDevice = choice("none", "cpu", "nvme", case_insensitive=False)
+TagValidation = choice("Warn", "Ignore", "Fail")   # DeepSpeed upper-cases it, so any case works
 
 
 class FP16Config(Section):
@@ -202,7 +203,7 @@ class ParallelWriteConfig(Section):
 class CheckpointConfig(Section):
     """``checkpoint``: DeepSpeed's checkpoint options, plus ``async_save`` (ours)."""
 
-    tag_validation: choice("Warn", "Ignore", "Fail") = "Warn"
+    tag_validation: TagValidation = "Warn"
     load_universal: Bool = False
     use_node_local_storage: Bool = False
     parallel_write: ParallelWriteConfig = Field(default_factory=ParallelWriteConfig)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 # Where "auto" is accepted: the places the HF Trainer fills (transformers' deepspeed integration).
 AUTO_PATHS = frozenset({
-    *BATCH_KEYS, "gradient_clipping", "fp16.enabled", "bf16.enabled", "amp.enabled", "amp.opt_level",
+    *BATCH_KEYS, "gradient_clipping", "fp16.enabled", "bf16.enabled", "amp.enabled",
     "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay",
     "scheduler.params.warmup_min_lr", "scheduler.params.warmup_max_lr", "scheduler.params.warmup_num_steps",
     "scheduler.params.total_num_steps", "zero_optimization.reduce_bucket_size",
@@ -46,6 +47,10 @@ _FALLBACKS = {"scheduler.params.warmup_max_lr": ("optimizer.params.lr", "lr")}
 def read_source(source: Any) -> tuple[dict[str, Any], str | None]:
     """The raw config dict and a label for messages (the file name, or None for a dict)."""
     if isinstance(source, Mapping):
+        bad = list(_non_string_keys(source))
+        if bad:
+            raise ConfigError([ConfigProblem(path, f"key {key!r} is not a string", "ds_config keys are strings")
+                               for path, key in bad])
         return copy.deepcopy(dict(source)), None
     if isinstance(source, str) and source.lstrip().startswith("{"):
         return _parse(source, "ds_config (inline JSON)"), None
@@ -68,6 +73,14 @@ def read_source(source: Any) -> tuple[dict[str, Any], str | None]:
     return _parse(text, label), label
 
 
+def _non_string_keys(node: Mapping, prefix: str = ""):
+    for key, value in node.items():
+        if not isinstance(key, str):
+            yield prefix or "(top level)", key
+        elif isinstance(value, Mapping):
+            yield from _non_string_keys(value, f"{prefix}.{key}" if prefix else key)
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -85,12 +98,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Comments or trailing commas: accepted by DeepSpeed's hjson reader, not by JSON.
+_HJSON_ONLY = re.compile(r"(^|\s)(//|#|/\*)|,\s*[}\]]")
+
+
 def _parse(text: str, label: str) -> dict[str, Any]:
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         hint = ("DeepSpeed reads ds_configs with hjson, which allows comments and trailing commas; "
-                "orch reads strict JSON, so remove them") if ("//" in text or "#" in text or ",\n}" in text) else ""
+                "orch reads strict JSON, so remove them") if _HJSON_ONLY.search(text) else ""
         raise ConfigError([ConfigProblem(f"{label}:{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}",
                                          hint)]) from None
     except _DuplicateKey as exc:

@@ -38,6 +38,13 @@ def _as_str(value: Any) -> Any:
     return value
 
 
+def _as_pair(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise value_error(f"expected a list of 2 numbers, got {describe(value)}"
+                          + (f" of {len(value)}" if isinstance(value, (list, tuple)) else ""))
+    return value
+
+
 Int = Annotated[int, BeforeValidator(_as_int)]
 NonNegInt = Annotated[int, BeforeValidator(_as_int), Field(ge=0)]
 PosInt = Annotated[int, BeforeValidator(_as_int), Field(ge=1)]
@@ -47,6 +54,8 @@ PosFloat = Annotated[float, BeforeValidator(_as_float), Field(gt=0)]
 Fraction = Annotated[float, BeforeValidator(_as_float), Field(ge=0, le=1)]
 Str = Annotated[str, BeforeValidator(_as_str)]
 Bool = StrictBool
+# Adam/Lion (beta1, beta2); the range is checked by the optimizer's params model.
+Betas = Annotated[tuple[Float, Float], BeforeValidator(_as_pair)]
 
 
 def choice(*allowed: str, case_insensitive: bool = True) -> Any:

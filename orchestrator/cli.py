@@ -136,52 +136,116 @@ def doctor() -> None:
 
 @app.command()
 def submit(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
-           wait: Annotated[bool, typer.Option(help="Wait until the job finishes.")] = False,
+           wait: Annotated[bool, typer.Option(help="Wait until the job finishes; exit non-zero if it failed.")] = False,
            follow: Annotated[bool, typer.Option(help="Show a live view until the job finishes.")] = False) -> None:
     """Submit a job to a cluster and record it in the registry."""
+    from . import jobs
+    from .spec import load_spec
+
     try:
-        _cluster(cluster)
-        _not_built("submit", "local: issue 5, slurm: issue 6, kubernetes: issue 7")
+        job = load_spec(spec, set_)
+        record = jobs.submit(job, _cluster(cluster))  # type: ignore[arg-type]
     except UserError as exc:
         _fail(exc)
+    out.print(f"submitted [bold]{record.job_id}[/] to {record.cluster} (native id {record.native_id}); "
+              f"run dir {record.run_dir}", markup=True)
+    if follow or wait:
+        _wait(record.job_id, live=follow)
+
+
+def _wait(job_id: str, *, live: bool) -> NoReturn:
+    from .live import wait_for_job
+
+    try:
+        final = wait_for_job(job_id, console=out, live=live)
+    except UserError as exc:
+        _fail(exc)
+    colour = "green" if final.state.value == "SUCCEEDED" else "red"
+    out.print(f"job {final.job_id}: [{colour}]{final.state.value}[/] {final.detail}", markup=True)
+    raise typer.Exit(0 if final.state.value == "SUCCEEDED" else 1)
 
 
 @app.command()
 def status(job: JobArg,
-           metrics: Annotated[bool, typer.Option(help="Also show the latest training metrics.")] = False) -> None:
+           metrics: Annotated[bool, typer.Option(help="Also show the latest training metrics.")] = False,
+           history: Annotated[bool, typer.Option(help="Show every recorded state change.")] = False) -> None:
     """Show a job's state, restarts and progress."""
+    from . import jobs
+    from .live import progress_line
+    from .registry import Registry
+
     try:
-        _not_built("status", "issue 5")
+        registry = Registry()
+        record, st = jobs.status(job, registry)
     except UserError as exc:
         _fail(exc)
+    out.print(f"{record.job_id}  {record.cluster}  [bold]{record.state.value}[/]  restarts {record.restarts}"
+              f"{'  ' + record.detail if record.detail else ''}", markup=True)
+    for node, node_state in sorted(st.nodes.items()):
+        out.print(f"  node {node}: {node_state}")
+    line = progress_line(Path(record.run_dir), with_metrics=metrics)
+    if line:
+        out.print(f"  {line}")
+    if history:
+        import datetime as _dt
+
+        for ev in registry.history(record.job_id):
+            stamp = _dt.datetime.fromtimestamp(ev.at).strftime("%Y-%m-%d %H:%M:%S")
+            out.print(f"  {stamp}  {ev.state.value:<10} {ev.detail}")
 
 
 @app.command(name="list")
-def list_jobs(all_: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False) -> None:
-    """List submitted jobs."""
+def list_jobs(all_: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = True,
+              refresh: Annotated[bool, typer.Option(help="Ask the clusters for current states first.")] = True) -> None:
+    """List submitted jobs (newest first)."""
+    import datetime as _dt
+
+    from . import jobs
+    from .registry import Registry
+
     try:
-        _not_built("list", "issue 5")
+        registry = Registry()
+        records = registry.list(include_finished=all_)
+        if refresh:
+            records = jobs.refresh(records, registry)
     except UserError as exc:
         _fail(exc)
+    table = Table(title=f"jobs in {registry.path}")
+    for col in ("job id", "cluster", "state", "restarts", "submitted", "native id", "detail"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r.job_id, r.cluster, r.state.value, str(r.restarts),
+                      _dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M"), r.native_id,
+                      r.detail[:60])
+    out.print(table)
 
 
 @app.command()
 def logs(job: JobArg, follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
          node: Annotated[Optional[str], typer.Option(help="Only this node's log.")] = None) -> None:
     """Print (or follow) a job's logs."""
+    from . import jobs
+
     try:
-        _not_built("logs", "issue 5")
+        for line in jobs.logs(job, follow=follow, node=node):
+            sys.stdout.write(line if line.endswith("\n") else line + "\n")
+            sys.stdout.flush()
     except UserError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command()
 def cancel(job: JobArg) -> None:
     """Cancel a job and everything it started."""
+    from . import jobs
+
     try:
-        _not_built("cancel", "issue 5")
+        record = jobs.cancel(job)
     except UserError as exc:
         _fail(exc)
+    out.print(f"{record.job_id}: {record.state.value}")
 
 
 @ckpt_app.command("ls")

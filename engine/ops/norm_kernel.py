@@ -40,7 +40,7 @@ def norm_kernel(
     elif NORM == 2:
         part = block_sum(x * x)
     else:
-        part = block_sum(tl.where(a > 0.0, tl.exp2(power * tl.log2(a)), 0.0))
+        part = block_sum(tl.where(a > 0.0, tl.exp2(power * tl.log2(tl.where(a > 0.0, a, 1.0))), 0.0))
     # ordered compare: false for inf and for nan
     bad = block_max(tl.where(a <= 3.4028234663852886e38, 0.0, 1.0))
     slot = prog_offset + tl.program_id(0)

@@ -1,0 +1,120 @@
+"""Job lifecycle shared by every cluster: submit and record, refresh states, find logs, cancel.
+
+The CLI calls these; backends only talk to their cluster. Keeping the registry bookkeeping here
+means a job is recorded the same way whether it runs on processes, Slurm or Kubernetes, and a
+submit that the cluster refuses still leaves a FAILED record saying why (nothing is lost).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .backends.base import Backend, JobRef, JobState, JobStatus
+from .errors import BackendNotBuilt, UserError
+from .registry import JobRecord, Registry, new_job_id, orch_home
+from .render import CLUSTERS, Cluster
+from .spec import JobSpec
+
+_BACKEND_MODULES = {"local": "orchestrator.backends.local", "slurm": "orchestrator.backends.slurm",
+                    "kubernetes": "orchestrator.backends.kubernetes"}
+
+
+def get_backend(cluster: str) -> Backend:
+    """The Backend for a cluster kind (imported on first use: the kubernetes client is slow)."""
+    if cluster not in CLUSTERS:
+        raise UserError(f"unknown cluster {cluster!r}; use one of {', '.join(CLUSTERS)}")
+    try:
+        module = importlib.import_module(_BACKEND_MODULES[cluster])
+    except ModuleNotFoundError as exc:
+        if exc.name != _BACKEND_MODULES[cluster]:
+            raise
+        raise BackendNotBuilt(f"the {cluster} backend is not built yet",
+                              hint="`orch render` shows what it would submit") from None
+    return module.make_backend()
+
+
+def run_root() -> Path:
+    """Where run directories are created (must be on a filesystem the nodes share)."""
+    return Path(os.environ.get("ORCH_RUN_ROOT", orch_home() / "runs")).expanduser()
+
+
+def spec_record(spec: JobSpec) -> dict:
+    """The spec as stored in the registry and the run dir (absolute ds_config path)."""
+    data = spec.model_dump(mode="json")
+    path = spec.ds_config_path()
+    if path is not None:
+        data["ds_config"] = str(path)
+    return data
+
+
+def submit(spec: JobSpec, cluster: Cluster, registry: Registry | None = None) -> JobRecord:
+    """Create the run dir, record the job, submit it; a refused submit is recorded as FAILED."""
+    registry = registry or Registry()
+    backend = get_backend(cluster)
+    job_id = new_job_id(spec.name)
+    run_dir = run_root() / job_id
+    run_dir.mkdir(parents=True, exist_ok=False)  # a new id per submit: never clobber a run dir
+    (run_dir / "job.json").write_text(json.dumps(spec_record(spec), indent=2) + "\n")
+    registry.add(job_id, spec.name, cluster, str(run_dir), spec_record(spec))
+    try:
+        ref = backend.submit(spec, job_id, str(run_dir))
+    except UserError as exc:
+        registry.update_state(job_id, JobState.FAILED, f"submit refused: {exc}")
+        raise
+    except Exception as exc:
+        registry.update_state(job_id, JobState.FAILED, f"submit failed: {exc.__class__.__name__}: {exc}")
+        raise
+    registry.set_native_id(job_id, ref.native_id)
+    return registry.get(job_id)
+
+
+def refresh(records: list[JobRecord], registry: Registry | None = None) -> list[JobRecord]:
+    """Ask each cluster once for the states of all its unfinished jobs, record them."""
+    registry = registry or Registry()
+    by_cluster: dict[str, list[JobRecord]] = {}
+    for rec in records:
+        if not rec.state.finished:
+            by_cluster.setdefault(rec.cluster, []).append(rec)
+    for cluster, recs in by_cluster.items():
+        try:
+            statuses = get_backend(cluster).status([r.ref for r in recs])
+        except BackendNotBuilt:
+            continue
+        for rec in recs:
+            st = statuses.get(rec.job_id)
+            if st is not None:
+                registry.update_state(rec.job_id, st.state, st.detail, st.restarts)
+    return [registry.get(r.job_id) for r in records]
+
+
+def status(job: str, registry: Registry | None = None) -> tuple[JobRecord, JobStatus]:
+    registry = registry or Registry()
+    rec = registry.get(job)
+    if rec.state.finished:
+        return rec, JobStatus(rec.state, rec.detail, rec.restarts)
+    st = get_backend(rec.cluster).status([rec.ref]).get(rec.job_id, JobStatus(JobState.UNKNOWN))
+    registry.update_state(rec.job_id, st.state, st.detail, st.restarts)
+    return registry.get(rec.job_id), st
+
+
+def logs(job: str, *, follow: bool = False, node: str | None = None,
+         registry: Registry | None = None) -> Iterator[str]:
+    rec = (registry or Registry()).get(job)
+    return get_backend(rec.cluster).logs(rec.ref, follow=follow, node=node)
+
+
+def cancel(job: str, registry: Registry | None = None) -> JobRecord:
+    registry = registry or Registry()
+    rec = registry.get(job)
+    if rec.state.finished:
+        raise UserError(f"job {rec.job_id} already finished ({rec.state.value}); nothing to cancel")
+    get_backend(rec.cluster).cancel(rec.ref)
+    registry.update_state(rec.job_id, JobState.CANCELLED, "cancelled by user")
+    return registry.get(rec.job_id)
+
+
+def ref_of(job: str, registry: Registry | None = None) -> JobRef:
+    return (registry or Registry()).get(job).ref

@@ -1,0 +1,117 @@
+"""Following a job: the live view of ``orch submit --follow`` and the progress line of ``orch status``.
+
+Progress comes from the files the trainer writes in its run directory (``status.json``, replaced
+atomically, and ``metrics.jsonl``, one JSON object per logged step), so it works for any cluster
+whose run directory this machine can read; states come from the backend.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from .registry import JobRecord, Registry
+
+POLL_SECONDS = (0.5, 1.0, 2.0, 2.0, 5.0)  # back off, like submitit's watcher, but stay responsive
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last complete line of metrics.jsonl (a line being written is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for raw in reversed(lines):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            continue
+    return {}
+
+
+def progress_line(run_dir: Path, *, with_metrics: bool = True) -> str:
+    status = read_status(run_dir)
+    if not status:
+        return ""
+    parts = [f"trainer {status.get('state', '?')}: step {status.get('step', '?')}/{status.get('total_steps', '?')}"]
+    if with_metrics:
+        m = last_metrics(run_dir)
+        for key, fmt in (("loss", "loss {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("lr", "lr {:.2e}"),
+                         ("world_size", "world {}"), ("restart_count", "restarts {}")):
+            if isinstance(m.get(key), (int, float)):
+                parts.append(fmt.format(m[key]))
+    return ", ".join(parts)
+
+
+def _view(record: JobRecord, nodes: dict[str, str], progress: Progress, task: Any) -> Group:
+    run_dir = Path(record.run_dir)
+    status, metrics = read_status(run_dir), last_metrics(run_dir)
+    total = status.get("total_steps") or metrics.get("total_steps")
+    step = status.get("step") or metrics.get("step") or 0
+    if total:
+        progress.update(task, total=total, completed=step)
+    table = Table(title=f"{record.job_id} on {record.cluster}: {record.state.value}", expand=False)
+    for col in ("node", "state", "step", "loss", "tokens/s", "world", "restarts"):
+        table.add_column(col)
+    rows = nodes or {"job": record.state.value}
+    for node, state in sorted(rows.items()):
+        table.add_row(node, state, str(step), _fmt(metrics.get("loss"), "{:.4f}"),
+                      _fmt(metrics.get("tokens_per_s"), "{:,.0f}"), str(metrics.get("world_size", "")),
+                      str(max(record.restarts, int(metrics.get("restart_count") or 0))))
+    return Group(table, progress)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) else ""
+
+
+def wait_for_job(job_id: str, *, console: Console, live: bool, timeout_s: float | None = None) -> JobRecord:
+    """Poll until the job finishes; with ``live`` show per-node states and training progress."""
+    from . import jobs
+
+    registry = Registry()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    progress = Progress(TextColumn("steps"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        console=console)
+    task = progress.add_task("steps", total=None)
+    polls = 0
+    record, st = jobs.status(job_id, registry)
+    with Live(_view(record, st.nodes, progress, task), console=console, refresh_per_second=2,
+              transient=False) if live else _NoLive() as view:
+        while not record.state.finished:
+            time.sleep(POLL_SECONDS[min(polls, len(POLL_SECONDS) - 1)])
+            polls += 1
+            record, st = jobs.status(job_id, registry)
+            if live:
+                view.update(_view(record, st.nodes, progress, task))
+            if deadline is not None and time.monotonic() > deadline:
+                break
+    return record
+
+
+class _NoLive:
+    def __enter__(self) -> _NoLive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, _: object) -> None:
+        return None
