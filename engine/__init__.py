@@ -26,6 +26,11 @@ _LAZY: dict[str, str] = {
     "kernel_report": "engine.ops:kernel_report",
     "ConfigProblem": "engine.config:ConfigProblem",
     "BatchSizes": "engine.config:BatchSizes",
+    "initialize": "engine.api:initialize",
+    "init_distributed": "engine.comm:init_distributed",
+    "add_config_arguments": "engine.api:add_config_arguments",
+    "Engine": "engine.engine:Engine",
+    "checkpointing": "engine.activation_checkpointing",
 }
 
 __all__ = sorted(_LAZY)

@@ -204,13 +204,13 @@ def load_config(source: Any, *, world_size: int | None = None,
     for message in deprecations:
         warnings.warn(message, ConfigDeprecationWarning, stacklevel=2)
     _fill_absent_batch(raw, auto_values or {})
-    _filled, derived, auto_problems = resolve_auto(raw, auto_values)
+    filled, derived, auto_problems = resolve_auto(raw, auto_values)
     problems += auto_problems
     cfg: EngineConfig | None = None
     try:
         cfg = EngineConfig.model_validate(raw)
     except ValidationError as exc:
-        problems += [_with_auto_hint(p) for p in translate(exc, "", EngineConfig)]
+        problems += [_explain(p, filled) for p in translate(exc, "", EngineConfig)]
     if problems or cfg is None:
         raise ConfigError(problems, label)
     cfg._migrations = notes
@@ -231,10 +231,16 @@ def _fill_absent_batch(raw: dict[str, Any], auto_values: Mapping[str, Any]) -> N
                 raw[key] = auto_values[key]
 
 
-def _with_auto_hint(problem: ConfigProblem) -> ConfigProblem:
-    if '"auto" (a string)' not in problem.message or problem.hint:
-        return problem
-    return ConfigProblem(problem.path, problem.message, AUTO_HINT)
+def _explain(problem: ConfigProblem, filled: dict[str, str]) -> ConfigProblem:
+    """Say where a bad value came from when it was an "auto" filled from auto_values."""
+    source = next((key for path, key in filled.items()
+                   if problem.path == path or problem.path.startswith((path + ".", path + "["))), None)
+    if source is not None:
+        return ConfigProblem(problem.path, f"{problem.message} (the value of auto_values[{source!r}] for \"auto\")",
+                             problem.hint)
+    if '"auto" (a string)' in problem.message and not problem.hint:
+        return ConfigProblem(problem.path, problem.message, AUTO_HINT)
+    return problem
 
 
 AUTO_HINT = ('"auto" is accepted only where the HF Trainer fills values (batch sizes, gradient_clipping, '

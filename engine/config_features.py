@@ -167,11 +167,10 @@ def _sections(cfg: "EngineConfig") -> list[IgnoredFeature]:
 
 def _activation_checkpointing(cfg: "EngineConfig") -> list[IgnoredFeature]:
     ac = cfg.activation_checkpointing
+    # cpu_checkpointing and synchronize_checkpoint_boundary are implemented (engine/activation_checkpointing.py)
     reasons = {
         "partition_activations": "needs model parallelism; the engine is data-parallel only",
-        "cpu_checkpointing": "checkpointed activations stay on the device",
-        "contiguous_memory_optimization": "not implemented (memory layout only)",
-        "synchronize_checkpoint_boundary": "not implemented (a device synchronisation for debugging)",
+        "contiguous_memory_optimization": "tunes DeepSpeed's model-parallel buffers, which the engine does not have",
         "profile": "checkpoint profiling is not implemented",
     }
     out = [IgnoredFeature(f"activation_checkpointing.{k}", r) for k, r in reasons.items() if getattr(ac, k)]

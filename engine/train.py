@@ -51,13 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [TrainerError, DataError, UnknownPreset]
-    try:
-        from engine.config import ConfigError
+    from engine.config import ConfigError
 
-        errors.append(ConfigError)
-    except ImportError:
-        pass
+    errors: list[type[BaseException]] = [TrainerError, DataError, UnknownPreset, ConfigError]
+    if "torch" in sys.modules:  # a launcher environment problem, found once torch is up
+        from engine.comm import DistributedSetupError
+
+        errors.append(DistributedSetupError)
     return tuple(errors)
 
 
@@ -99,19 +99,19 @@ def setup(args: TrainerArgs) -> Run:
     model = build_model(args.model, seed=args.seed, device=device, seq_len=args.seq_len)
     model_engine, _, _, _ = engine.initialize(
         model=model, model_parameters=model.parameters(), config=args.deepspeed_config)
-    if _activation_checkpointing(model_engine):
+    if model_engine.activation_checkpointing_enabled:  # ds_config section or gradient_checkpointing
         model.set_activation_checkpointing(True)
     metrics = MetricsWriter(run_dir, enabled=rank == 0)
     save_dir = Path(args.save_dir) if args.save_dir else run_dir / "checkpoints"
     checkpointer = Checkpointer(save_dir, every=args.save_every, keep=args.save_keep,
                                 control_dir=run_dir / "control", is_rank0=rank == 0)
     micro, accum = model_engine.train_micro_batch_size_per_gpu(), model_engine.gradient_accumulation_steps()
-    log_every = args.log_every or _steps_per_print(model_engine)
+    log_every = args.log_every or model_engine.steps_per_print() or 10
     metrics.info(f"model {args.model} ({model.num_parameters() / 1e6:.2f}M params), world size {world}, "
                  f"micro-batch {micro} x accumulation {accum} -> global batch {micro * accum * world}, "
                  f"run dir {run_dir}")
     return Run(args, model_engine, source, GlobalBatchSampler(micro * accum * world), checkpointer,
-               metrics, rank, world, getattr(model_engine, "device", device), micro, accum, log_every)
+               metrics, rank, world, model_engine.device, micro, accum, log_every)
 
 
 def loop(run: Run, start: int) -> None:
@@ -122,17 +122,18 @@ def loop(run: Run, start: int) -> None:
         loss = train_step(run)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         window_steps += 1
+        paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
+        if args.eval_every and step % args.eval_every == 0:
+            # Before the step's train record, so the last line of metrics.jsonl is a train record.
+            run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
+        if run.checkpointer.due(step) or _any_rank(run.checkpointer.requested(), run.world_size):
+            run.checkpointer.save(run.engine, step, state)
+        window_start += time.perf_counter() - paused
         if step % run.log_every == 0 or step == args.steps:
             mean_loss = _mean_across_ranks(loss_sum / window_steps, run.world_size)
             elapsed = time.perf_counter() - window_start
             log_train(run, step, mean_loss, elapsed / window_steps, tokens_per_step * window_steps / elapsed)
             window_start, window_steps, loss_sum = time.perf_counter(), 0, None
-        paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
-        if args.eval_every and step % args.eval_every == 0:
-            run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
-        if run.checkpointer.due(step) or _any_rank(run.checkpointer.requested(), run.world_size):
-            run.checkpointer.save(run.engine, step, state)
-        window_start += time.perf_counter() - paused
     if run.checkpointer.every and run.checkpointer.last_saved_step != args.steps:
         run.checkpointer.save(run.engine, args.steps, state)
 
@@ -172,7 +173,7 @@ def log_train(run: Run, step: int, loss: float, step_time: float, tokens_per_s: 
     mem, mem_kind = peak_memory_bytes()
     record = {
         "kind": "train", "step": step, "total_steps": run.args.steps, "loss": loss,
-        "lr": _first(_call(engine_, "get_lr")), "grad_norm": _float(_call(engine_, "get_global_grad_norm")),
+        "lr": engine_.get_lr()[0], "grad_norm": engine_.get_global_grad_norm(),
         "loss_scale": _loss_scale(engine_), "tokens_per_s": tokens_per_s, "step_time_s": step_time,
         "samples": run.sampler.consumed_samples, "world_size": run.world_size,
         "restart_count": restart_count(), "mem": mem, "mem_kind": mem_kind, "time": time.time(),
@@ -242,41 +243,9 @@ def _any_rank(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def _call(obj: Any, name: str) -> Any:
-    fn = getattr(obj, name, None)
-    return fn() if callable(fn) else None
-
-
-def _first(value: Any) -> float | None:
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else None
-    return _float(value)
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
 def _loss_scale(engine_: Any) -> float | None:
-    """The fp16 loss scale, or None when training without one (bf16/fp32)."""
-    for owner in (engine_, getattr(engine_, "optimizer", None)):
-        for name in ("loss_scale", "cur_scale"):
-            value = getattr(owner, name, None)
-            value = value() if callable(value) else value
-            if isinstance(value, (int, float)) or hasattr(value, "item"):
-                return float(value)
-    return None
-
-
-def _steps_per_print(engine_: Any) -> int:
-    value = _call(engine_, "steps_per_print")
-    return int(value) if value else 10
-
-
-def _activation_checkpointing(engine_: Any) -> bool:
-    """Whether the ds_config turns activation checkpointing on (section or top-level alias)."""
-    value = _call(engine_, "activation_checkpointing_enabled")
-    return bool(value)
+    """The fp16 loss scale; None in bf16/fp32, which train without one."""
+    return float(engine_.loss_scale) if engine_.precision.name == "fp16" else None
 
 
 if __name__ == "__main__":

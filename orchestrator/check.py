@@ -81,6 +81,7 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None) -> CheckRepor
     from engine.config import ConfigError, load_config
 
     report = CheckReport(spec=spec, world_size=spec.world_size)
+    offload_opt = offload_par = False
     ds = spec.ds_config_dict()
     if ds is None:
         report.notes.append("no ds_config: the trainer uses its defaults (fp32, ZeRO stage 0)")
@@ -103,8 +104,6 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None) -> CheckRepor
                                 f"param={'cpu' if offload_par else 'none'}")
     report.num_parameters = num_parameters or model_parameters_from_args(spec)
     if report.num_parameters:
-        offload_opt = ds is not None and _offloaded(cfg.zero_optimization.offload_optimizer)
-        offload_par = ds is not None and _offloaded(cfg.zero_optimization.offload_param)
         report.estimates = [
             estimate_model_states(report.num_parameters, spec.world_size, stage, report.precision,
                                   offload_opt, offload_par)
@@ -125,8 +124,9 @@ def _elastic_notes(cfg: Any, spec: JobSpec) -> list[str]:
         ws = nodes * spec.procs_per_node
         try:
             b = cfg.batch_for_world_size(ws, keep_global=True)
-            notes.append(f"elastic: on {nodes} node(s) ({ws} ranks): micro {b.micro} x accumulation "
-                         f"{b.gradient_accumulation_steps} x {ws} = {b.train_batch_size}")
+            line = (f"elastic: on {nodes} node(s) ({ws} ranks): micro {b.micro} x accumulation "
+                    f"{b.gradient_accumulation_steps} x {ws} = {b.train_batch_size}")
+            notes.append(line if b.exact else f"{line} ({b.note})")
         except Exception as exc:  # the config explains why the global batch cannot be kept
             notes.append(f"elastic: on {nodes} node(s) ({ws} ranks): {exc}")
     return notes

@@ -157,6 +157,33 @@ def job_environment(spec: JobSpec, placement: Placement) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class NodeCommand:
+    """One simulated node of the local cluster: a torchrun agent and the env it adds."""
+
+    rank: int
+    argv: list[str]
+    env: dict[str, str]
+
+
+def local_node_commands(spec: JobSpec, placement: Placement, rdzv_port: int) -> list[NodeCommand]:
+    """The torchrun agents of a local job. The rendezvous store is hosted by orch's supervisor
+    (``is_host=false`` on every agent), so any simulated node can die without taking it along."""
+    rdzv_id = f"{spec.name}-{placement.job_token}" if placement.job_token else spec.name
+    nodes = []
+    for rank in range(spec.nodes.max):
+        argv = [placement.python, "-m", "torch.distributed.run", *torchrun_options(spec),
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv_port}", f"--rdzv-id={rdzv_id}",
+                "--rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10",
+                *program_argv(spec, placement)]
+        env = {"ORCH_NODE_RANK": str(rank)}
+        if spec.gpus_per_node:
+            first = rank * spec.gpus_per_node
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(first, first + spec.gpus_per_node))
+        nodes.append(NodeCommand(rank, argv, env))
+    return nodes
+
+
 def slurm_options(spec: JobSpec, placement: Placement) -> dict[str, str | None]:
     """The ``#SBATCH`` options, sorted by name so a change shows as a one-line diff."""
     s = spec.slurm
@@ -236,7 +263,7 @@ def render(spec: JobSpec, cluster: Cluster, placement: Placement | None = None) 
         text = env.get_template("kubernetes/pytorchjob.yaml.j2").render(context)
         validate_manifest_text(text, spec)
         return Rendered(cluster, "manifest", text, files)
-    context["node_ranks"] = list(range(spec.nodes.max))
     context["rdzv_port"] = spec.local.rdzv_port or spec.rdzv_port
+    context["nodes"] = local_node_commands(spec, placement, context["rdzv_port"])
     text = env.get_template("local/plan.sh.j2").render(context)
     return Rendered(cluster, "plan", text, files)

@@ -337,7 +337,7 @@ def test_a_bad_auto_value_is_reported_at_the_key_it_fills():
         load_config({"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
                     auto_values={"lr": "fast"})
     assert problems_of(excinfo) == {"optimizer.params.lr": 'optimizer.params.lr: expected a number, got "fast" '
-                                                           "(a string)"}
+                                                           "(a string) (the value of auto_values['lr'] for \"auto\")"}
 
 
 # ---------------------------------------------------------------- deprecated keys

@@ -22,7 +22,7 @@ from engine.models.presets import GPTConfig
 def _checkpoint_function() -> Callable[..., torch.Tensor]:
     """The engine's activation-checkpoint helper if it exists, else torch's own."""
     try:
-        return importlib.import_module("engine.checkpointing").checkpoint
+        return importlib.import_module("engine").checkpointing.checkpoint
     except (ImportError, AttributeError):
         import torch.utils.checkpoint as tuc
 

@@ -6,7 +6,7 @@ the loss-scale unscale, the clip factor, weight decay, bias correction and the c
 happen in registers. Math in fp32 whatever the storage dtypes, as torch's AdamW:
 
     p <- p * (1 - lr*wd)                               (AdamW; Adam adds wd*p to g instead)
-    m <- b1*m + (1-b1)*g ;  v <- b2*v + (1-b2)*g*g
+    m <- m + (1-b1)*(g-m) ;  v <- b2*v + (1-b2)*g*g
     p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, lo_ptr,
     n_elements, prog_ptr, numel_ptr,
     gs_ptr, clip_ptr, gs_val, clip_val,
-    decay, weight_decay, beta1, beta2, eps, step_size, inv_bc2_sqrt,
+    decay, weight_decay, beta1_c, beta2, beta2_c, eps, step_size, inv_bc2_sqrt,
     BLOCK: tl.constexpr, MULTI: tl.constexpr,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr, LO_DT: tl.constexpr,
     GS_MODE: tl.constexpr, CLIP_MODE: tl.constexpr, HAS_LOWP: tl.constexpr, ADAMW: tl.constexpr,
@@ -47,8 +47,8 @@ def adamw_kernel(
         p = p * decay
     else:
         g = g + weight_decay * p
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * (g * g)
+    m = m + beta1_c * (g - m)  # torch's lerp form: bit-closer to torch.optim.AdamW
+    v = beta2 * v + beta2_c * (g * g)
     denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
     p = p - step_size * tl.div_rn(m, denom)
 
@@ -109,7 +109,8 @@ def adamw_step(
         args={
             **multiplier.kernel_args(device),
             "decay": 1.0 - lr * weight_decay, "weight_decay": weight_decay,
-            "beta1": beta1, "beta2": beta2, "eps": eps,
+            # complements in float64 here: 1 - 0.9 in fp32 on the device would be 0.100000024
+            "beta1_c": 1.0 - beta1, "beta2": beta2, "beta2_c": 1.0 - beta2, "eps": eps,
             "step_size": step_size, "inv_bc2_sqrt": inv_bc2_sqrt,
             **{name: tl_dtype(dt) for name, dt in dtypes.items()},
             "HAS_LOWP": bool(lowp), "ADAMW": bool(adam_w_mode),

@@ -22,7 +22,7 @@ def lion_kernel(
     p_ptr, g_ptr, m_ptr, lo_ptr,
     n_elements, prog_ptr, numel_ptr,
     gs_ptr, clip_ptr, gs_val, clip_val,
-    lr, decay, beta1, beta2,
+    lr, decay, beta1, beta1_c, beta2, beta2_c,
     BLOCK: tl.constexpr, MULTI: tl.constexpr,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, LO_DT: tl.constexpr,
     GS_MODE: tl.constexpr, CLIP_MODE: tl.constexpr, HAS_LOWP: tl.constexpr,
@@ -34,10 +34,10 @@ def lion_kernel(
     p = tl.load(p_at + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_at + offs, mask=mask, other=0.0).to(tl.float32)
 
-    c = beta1 * m + (1.0 - beta1) * g
+    c = beta1 * m + beta1_c * g
     update = tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, 0.0))
     p = p * decay - lr * update
-    m = beta2 * m + (1.0 - beta2) * g
+    m = beta2 * m + beta2_c * g
 
     store(p_at, offs, p, mask)
     store(m_at, offs, m, mask)
@@ -80,7 +80,8 @@ def lion_step(
         {"p_ptr": params, "g_ptr": grads, "m_ptr": exp_avgs, "lo_ptr": lowp or None},
         args={
             **multiplier.kernel_args(device),
-            "lr": lr, "decay": 1.0 - lr * weight_decay, "beta1": beta1, "beta2": beta2,
+            "lr": lr, "decay": 1.0 - lr * weight_decay,
+            "beta1": beta1, "beta1_c": 1.0 - beta1, "beta2": beta2, "beta2_c": 1.0 - beta2,
             **{name: tl_dtype(dt) for name, dt in dtypes.items()},
             "HAS_LOWP": bool(lowp),
         },

@@ -23,7 +23,7 @@ def sgd_kernel(
     p_ptr, g_ptr, buf_ptr, lo_ptr,
     n_elements, prog_ptr, numel_ptr,
     gs_ptr, clip_ptr, gs_val, clip_val,
-    lr, weight_decay, momentum, dampening,
+    lr, weight_decay, momentum, dampening_c,
     BLOCK: tl.constexpr, MULTI: tl.constexpr,
     P_DT: tl.constexpr, G_DT: tl.constexpr, BUF_DT: tl.constexpr, LO_DT: tl.constexpr,
     GS_MODE: tl.constexpr, CLIP_MODE: tl.constexpr, HAS_LOWP: tl.constexpr,
@@ -39,7 +39,7 @@ def sgd_kernel(
         if FIRST_STEP:
             buf = g
         else:
-            buf = momentum * tl.load(buf_at + offs, mask=mask, other=0.0).to(tl.float32) + (1.0 - dampening) * g
+            buf = momentum * tl.load(buf_at + offs, mask=mask, other=0.0).to(tl.float32) + dampening_c * g
         store(buf_at, offs, buf, mask)
         if NESTEROV:
             g = g + momentum * buf
@@ -93,7 +93,7 @@ def sgd_step(
         {"p_ptr": params, "g_ptr": grads, "buf_ptr": momentum_buffers if has_momentum else None, "lo_ptr": lowp or None},
         args={
             **multiplier.kernel_args(device),
-            "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "dampening": dampening,
+            "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "dampening_c": 1.0 - dampening,
             **{name: tl_dtype(dt) for name, dt in dtypes.items()},
             "HAS_LOWP": bool(lowp), "HAS_MOMENTUM": has_momentum, "FIRST_STEP": bool(first_step),
             "NESTEROV": bool(nesterov),

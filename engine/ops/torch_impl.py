@@ -53,8 +53,7 @@ def adamw_foreach(
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     elif weight_decay != 0.0:
         torch._foreach_add_(g, params, alpha=weight_decay)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, g, alpha=1.0 - beta1)
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
     if bias_correction:
