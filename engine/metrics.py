@@ -65,7 +65,9 @@ class MetricsWriter:
 
     def info(self, message: str) -> None:
         if self.enabled and self._console is not None:
-            self._console.print(f"[bold cyan]engine.train[/] {message}")
+            from rich.markup import escape
+
+            self._console.print(f"[bold cyan]engine.train[/] {escape(message)}")
 
     def status(self, state: str, **fields: Any) -> None:
         """Replace status.json: ``state`` is running | finished | failed."""

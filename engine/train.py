@@ -96,9 +96,12 @@ def setup(args: TrainerArgs) -> Run:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
     from engine.models import build_model
 
+    # Validated before the model is built: a bad ds_config fails in a second, not after a 3B init.
+    ds_config = engine.load_config(args.deepspeed_config, world_size=world)
     model = build_model(args.model, seed=args.seed, device=device, seq_len=args.seq_len)
     model_engine, _, _, _ = engine.initialize(
-        model=model, model_parameters=model.parameters(), config=args.deepspeed_config)
+        model=model, model_parameters=model.parameters(), config=args.deepspeed_config,
+        optimizer=None if ds_config.optimizer is not None else _default_optimizer(args.lr))
     if model_engine.activation_checkpointing_enabled:  # ds_config section or gradient_checkpointing
         model.set_activation_checkpointing(True)
     metrics = MetricsWriter(run_dir, enabled=rank == 0)
@@ -153,7 +156,11 @@ def train_step(run: Run) -> Any:
 
 
 def evaluate(run: Run) -> float:
-    """Mean loss over a fixed held-back stream (the same samples at every evaluation)."""
+    """Mean loss over a fixed set of samples (the same ones at every evaluation).
+
+    Their indices lie far beyond any training position, so synthetic eval samples are never
+    trained on; for a token file they are windows of the same file (a fixed probe, not a split).
+    """
     import torch
 
     base = 1 << 62  # indices far past any training position: never trained on (synthetic data)
@@ -201,7 +208,7 @@ def resolve_run_dir(run_dir: str | None, rank: int, world: int) -> Path:
     return Path(chosen[0])
 
 
-# --- small adapters over the engine's (DeepSpeed-named) accessors ---------------------------
+# --- helpers --------------------------------------------------------------------------------
 
 def _batch(run: Run, indices: range) -> tuple[Any, Any]:
     import torch
@@ -241,6 +248,13 @@ def _any_rank(flag: bool, world: int) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _default_optimizer(lr: float) -> Any:
+    """AdamW for ds_configs without an ``optimizer`` section (DeepSpeed scripts pass their own)."""
+    import torch
+
+    return lambda groups: torch.optim.AdamW(groups, lr=lr)
 
 
 def _loss_scale(engine_: Any) -> float | None:

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.models.presets import PRESETS
+
 
 class TrainerError(Exception):
     """A user mistake in how the trainer was started; printed as one line, exit status 2."""
@@ -27,6 +29,7 @@ class TrainerArgs:
     data: str = "synthetic"
     data_dtype: str | None = None
     seed: int = 1234
+    lr: float = 3e-4
     run_dir: str | None = None  # None: resolved at start (needs the rank, see train.resolve_run_dir)
     save_dir: str | None = None  # None: <run_dir>/checkpoints
     save_every: int = 0
@@ -76,13 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="deepspeed_config", metavar="PATH", help="ds_config.json (DeepSpeed format)")
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed habit; implied
     p.add_argument(*_flags("local_rank"), type=int, help=argparse.SUPPRESS)  # the env var LOCAL_RANK wins
-    p.add_argument("--model", default="tiny", help="model preset (tiny, small, gpt2-124m, 350m, 1b, 3b, ...)")
+    p.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps to train (total, across restarts)")
     p.add_argument(*_flags("seq_len"), type=int, help="tokens per sample (default: the preset's)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a uint16/uint32 token file (.bin)")
     p.add_argument(*_flags("data_dtype"), choices=["uint16", "uint32"],
                    help="token dtype of --data (default: uint16 if the vocab fits, else uint32)")
     p.add_argument("--seed", type=int, default=1234, help="seed for weights and data order")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="learning rate of the default AdamW, used when the ds_config has no optimizer section")
     p.add_argument(*_flags("run_dir"), help="metrics/status directory (default $ORCH_RUN_DIR or ./runs/<id>)")
     p.add_argument(*_flags("save_dir"), help="checkpoint directory (default $ORCH_CHECKPOINT_DIR or <run-dir>/checkpoints)")
     p.add_argument(*_flags("save_every"), type=int, help="checkpoint every N steps (default $ORCH_CHECKPOINT_EVERY or 0 = never)")
@@ -102,7 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
     save_keep = ns.save_keep if ns.save_keep is not None else _env_int("ORCH_CHECKPOINT_KEEP", 3)
     args = TrainerArgs(
         deepspeed_config=ns.deepspeed_config, model=ns.model, steps=ns.steps, seq_len=ns.seq_len,
-        data=ns.data, data_dtype=ns.data_dtype, seed=ns.seed,
+        data=ns.data, data_dtype=ns.data_dtype, seed=ns.seed, lr=ns.lr,
         run_dir=ns.run_dir or os.environ.get("ORCH_RUN_DIR") or None,
         save_dir=ns.save_dir or os.environ.get("ORCH_CHECKPOINT_DIR") or None,
         save_every=save_every, save_keep=save_keep, log_every=ns.log_every,
@@ -115,6 +120,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
     _positive("--log-every", args.log_every)
     _positive("--eval-every", args.eval_every, allow_zero=True)
     _positive("--eval-iters", args.eval_iters)
+    if not args.lr > 0:
+        raise TrainerError(f"--lr must be > 0, got {args.lr}")
     if not os.path.isfile(args.deepspeed_config):
         raise TrainerError(f"ds_config file {args.deepspeed_config!r} does not exist (--deepspeed_config)")
     return args

@@ -58,10 +58,10 @@ def signal_tree(root: int, sig: int, *, include_root: bool = True) -> list[int]:
     return pids
 
 
-def stop_tree(root: int, *, grace_s: float = 10.0) -> list[int]:
+def stop_tree(root: int, *, grace_s: float = 10.0, include_root: bool = True) -> list[int]:
     """SIGTERM the tree, wait up to ``grace_s``, then SIGKILL whatever is left. Returns survivors
     (empty unless something ignores SIGKILL, e.g. a process stuck in the kernel)."""
-    pids = set(signal_tree(root, signal.SIGTERM))
+    pids = set(signal_tree(root, signal.SIGTERM, include_root=include_root))
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)

@@ -163,6 +163,48 @@ def test_trains_from_a_token_file_with_eval_and_orch_environment(tmp_path):
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
 
 
+@needs_engine
+def test_a_deepspeed_config_without_optimizer_trains_with_the_default_adamw(tmp_path):
+    # "Memory-Efficient Fine-Tuning" from the DeepSpeed guide users start from: fp16, ZeRO-2 with
+    # optimizer offload, the top-level gradient_checkpointing alias, and no optimizer section.
+    config = {"train_batch_size": 16, "fp16": {"enabled": True},
+              "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+              "gradient_checkpointing": True}
+    result = run_trainer("--deepspeed_config", str(write_config(tmp_path, config)), "--steps", "4",
+                         "--log-every", "2", "--lr", "1e-3", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path / "run")
+    assert [r["lr"] for r in records] == [pytest.approx(1e-3)] * 2
+    assert all(r["loss_scale"] >= 1 for r in records)  # fp16 reports its dynamic loss scale
+    assert records[1]["loss"] < records[0]["loss"]
+    assert "gradient_checkpointing" in result.stdout  # the engine says how it read the alias
+
+
+def test_flag_spellings_and_orch_environment_defaults(tmp_path, monkeypatch):
+    from engine.trainer_args import parse_args, restart_count
+
+    config = str(write_config(tmp_path))
+    for flag in ("--deepspeed_config", "--deepspeed-config", "--config", "--engine_config", "--engine-config"):
+        assert parse_args([flag, config]).deepspeed_config == config
+    args = parse_args(["--config", config, "--seq_len", "32", "--save-every", "5", "--data_dtype", "uint32"])
+    assert (args.seq_len, args.save_every, args.data_dtype, args.model, args.steps) == (32, 5, "uint32", "tiny", 100)
+    assert args.run_dir is None and args.save_dir is None and args.save_keep == 3
+
+    monkeypatch.setenv("ORCH_RUN_DIR", "/runs/job-1")
+    monkeypatch.setenv("ORCH_CHECKPOINT_DIR", "/ckpt/job-1")
+    monkeypatch.setenv("ORCH_CHECKPOINT_EVERY", "50")
+    monkeypatch.setenv("ORCH_CHECKPOINT_KEEP", "2")
+    args = parse_args(["--config", config, "--deepspeed", "--local_rank=0"])  # DeepSpeed launcher habits
+    assert (args.run_dir, args.save_dir, args.save_every, args.save_keep) == ("/runs/job-1", "/ckpt/job-1", 50, 2)
+    assert parse_args(["--config", config, "--save-every", "0"]).save_every == 0  # the flag wins
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restart_count() == 3 + 1  # Slurm requeues plus torchrun worker restarts
+    monkeypatch.setenv("ORCH_RESTART_COUNT", "5")
+    assert restart_count() == 5 + 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -50,9 +50,14 @@ def interpreter_mode() -> bool:
 
     That is the case when ``TRITON_INTERPRET=1`` is set, or when this machine has no CUDA
     device (compiled kernels could not run anyway, and the interpreter lets CPU tensors
-    exercise exactly the kernel code the GPU runs).
+    exercise exactly the kernel code the GPU runs). ``ORCH_OPS_NO_INTERPRETER=1`` builds them
+    for the GPU even without one, for ahead-of-time compile checks.
     """
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is_available()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    if os.environ.get("ORCH_OPS_NO_INTERPRETER", "0") not in ("", "0"):
+        return False
+    return not torch.cuda.is_available()
 
 
 def check_impl(impl: str, owner: str) -> None:

@@ -1,0 +1,172 @@
+"""The local cluster (the embedded default): N simulated nodes on this machine.
+
+Each node is a torchrun elastic agent in its own process group with ``procs_per_node`` workers
+(gloo on CPU, NCCL when GPUs exist), joined by a c10d rendezvous whose store is hosted by a
+detached supervisor (local_supervisor.py). The CLI can exit while the job runs; ``status``,
+``logs`` and ``cancel`` find it again through the run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import UserError
+from ..proctree import alive, stop_tree
+from ..render import Placement, Rendered, local_node_commands, render
+from ..spec import JobSpec
+from .base import JobRef, JobState, JobStatus
+from .local_supervisor import read_state
+
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def placement_for(spec: JobSpec, run_dir: str, job_token: str = "") -> Placement:
+    has_config = spec.ds_config is not None
+    return Placement(run_dir=run_dir, ds_config_path=f"{run_dir}/ds_config.json" if has_config else None,
+                     checkpoint_dir=spec.checkpoint.dir or f"{run_dir}/checkpoints",
+                     python=spec.python or sys.executable, job_token=job_token)
+
+
+class LocalBackend:
+    cluster = "local"
+
+    def dryrun(self, spec: JobSpec) -> Rendered:
+        return render(spec, "local")
+
+    def submit(self, spec: JobSpec, job_id: str, run_dir: str) -> JobRef:
+        from ..render import job_environment
+
+        run = Path(run_dir)
+        placement = placement_for(spec, run_dir, job_token=job_id.rsplit("-", 1)[-1])
+        rendered = render(spec, "local", placement)
+        for name, text in rendered.files.items():
+            (run / name).write_text(text)
+        (run / "plan.sh").write_text(rendered.text)
+        port = spec.local.rdzv_port or free_port()
+        nodes = local_node_commands(spec, placement, port)
+        (run / "local").mkdir(exist_ok=True)
+        env = {**job_environment(spec, placement), "ORCH_RESTART_COUNT": "0"}
+        plan = {"rdzv_port": port, "elastic": spec.nodes.elastic, "env": env, "cwd": str(spec.base_dir),
+                "nodes": [asdict(n) for n in nodes]}
+        (run / "local" / "plan.json").write_text(json.dumps(plan, indent=1))
+        with open(run / "local" / "supervisor.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local_supervisor", run_dir],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
+        self._wait_started(run, proc)
+        return JobRef(job_id, "local", f"pid:{proc.pid}", run_dir)
+
+    @staticmethod
+    def _wait_started(run: Path, proc: subprocess.Popen[bytes]) -> None:
+        """Return once the supervisor has bound the store and started the nodes (or say why not)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            state = read_state(run)
+            if state is not None:
+                if state["state"] == "FAILED" and not state["nodes"]:
+                    raise UserError(f"local job could not start: {state['detail']}",
+                                    hint=f"see {run / 'local' / 'supervisor.log'}")
+                return
+            if proc.poll() is not None:
+                log = (run / "local" / "supervisor.log").read_text(errors="replace")[-2000:]
+                raise UserError(f"local supervisor exited with code {proc.returncode} before starting:\n{log}")
+            time.sleep(0.1)
+        raise UserError(f"local supervisor did not start within {START_TIMEOUT_S:.0f} s",
+                        hint=f"see {run / 'local' / 'supervisor.log'}")
+
+    def status(self, refs: list[JobRef]) -> dict[str, JobStatus]:
+        return {ref.job_id: self._status(ref) for ref in refs}
+
+    def _status(self, ref: JobRef) -> JobStatus:
+        run = Path(ref.run_dir)
+        state = read_state(run)
+        restarts = _restart_count(run)
+        if state is None:
+            return JobStatus(JobState.PENDING, "starting", restarts)
+        nodes = {f"node-{k}": v["state"] for k, v in state["nodes"].items()}
+        job_state = JobState(state["state"])
+        if not job_state.finished and not alive(state["supervisor_pid"]):
+            return JobStatus(JobState.FAILED, "the local supervisor died; processes may need cleanup",
+                             restarts, nodes)
+        if job_state == JobState.RUNNING and any(v == "NODE_FAIL" for v in nodes.values()):
+            lost = [k for k, v in nodes.items() if v == "NODE_FAIL"]
+            if _trainer_progress_after(run, max(n["ended_at"] or 0 for n in state["nodes"].values())):
+                return JobStatus(JobState.RUNNING, f"continuing without {', '.join(lost)}", restarts, nodes)
+            return JobStatus(JobState.RESTARTING, f"lost {', '.join(lost)}; survivors re-forming", restarts, nodes)
+        return JobStatus(job_state, state.get("detail", ""), restarts, nodes)
+
+    def logs(self, ref: JobRef, *, follow: bool = False, node: str | None = None) -> Iterator[str]:
+        logs_dir = Path(ref.run_dir) / "logs"
+        wanted = None if node is None else f"node-{node.removeprefix('node-')}.log"
+        if wanted and not (logs_dir / wanted).exists() and not follow:
+            have = sorted(p.stem for p in logs_dir.glob("node-*.log"))
+            raise UserError(f"no log for node {node!r}; this job has: {', '.join(have) or 'none yet'}")
+        offsets: dict[Path, int] = {}
+        while True:
+            files = sorted(logs_dir.glob("node-*.log")) if wanted is None else [logs_dir / wanted]
+            for path in files:
+                yield from _new_lines(path, offsets, prefix=None if wanted else f"[{path.stem}] ")
+            if not follow:
+                return
+            if self._status(ref).state.finished:
+                for path in files:  # whatever was written after our last read
+                    yield from _new_lines(path, offsets, prefix=None if wanted else f"[{path.stem}] ")
+                return
+            time.sleep(0.5)
+
+    def cancel(self, ref: JobRef) -> None:
+        state = read_state(Path(ref.run_dir))
+        pid = int(ref.native_id.removeprefix("pid:"))
+        if state is not None and state["supervisor_pid"] != pid:
+            raise UserError(f"run dir {ref.run_dir} belongs to another supervisor; not cancelling")
+        if alive(pid):
+            survivors = stop_tree(pid, grace_s=20.0)
+            if survivors:
+                raise UserError(f"processes {survivors} of job {ref.job_id} did not exit after SIGKILL")
+        if state is not None:  # also any node process whose parent link was already broken
+            for node in state["nodes"].values():
+                if alive(node["pid"]):
+                    stop_tree(node["pid"], grace_s=5.0)
+
+
+def _new_lines(path: Path, offsets: dict[Path, int], prefix: str | None) -> Iterator[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(offsets.get(path, 0))
+            data = f.read()
+    except FileNotFoundError:
+        return
+    complete = data[: data.rfind(b"\n") + 1]  # a partial last line waits for its newline
+    offsets[path] = offsets.get(path, 0) + len(complete)
+    for line in complete.decode(errors="replace").splitlines():
+        yield f"{prefix}{line}" if prefix else line
+
+
+def _restart_count(run: Path) -> int:
+    from ..live import last_metrics, read_status
+
+    values = [read_status(run).get("restart_count"), last_metrics(run).get("restart_count")]
+    return max((int(v) for v in values if isinstance(v, (int, float))), default=0)
+
+
+def _trainer_progress_after(run: Path, when: float) -> bool:
+    from ..live import read_status
+
+    return float(read_status(run).get("time") or 0) > when
+
+
+def make_backend() -> LocalBackend:
+    return LocalBackend()

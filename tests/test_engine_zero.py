@@ -1,0 +1,113 @@
+"""ZeRO stages 0/1/2 on 2 and 4 real gloo ranks against a single-process fp32 reference.
+
+A user's promise: switching ZeRO stage, world size, gradient accumulation or bucket sizes
+changes memory and speed, never the training result. So every run below trains the same tiny
+model on the same global batch for 20 steps and must reproduce the reference losses and final
+weights (fp32: relative 1e-5; bf16/fp16: the tolerances stated next to them). Per-rank model
+memory must match the ZeRO paper's formulas.
+
+All cases for one world size run in one launch of N processes (start-up dominates the cost).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from tests.dist_utils import run_distributed
+from tests.engine_zero_cases import ds_config, reference_run, run_cases
+
+pytestmark = pytest.mark.slow
+
+CLIP = 0.1  # below the gradient norms of this model, so clipping really happens
+SMALL = {"reduce_bucket_size": 300, "allgather_bucket_size": 100}  # many buckets, chunked gathers
+
+# name -> (ds_config, use two parameter groups); every (stage, accumulation, clipping) combination
+CASES = {
+    f"stage{stage}-gas{gas}-clip{clip}": (ds_config(stage, gas, clip, **SMALL, overlap_comm=stage > 0), False)
+    for stage in (0, 1, 2) for gas in (1, 2) for clip in (0.0, CLIP)
+}
+CASES.update({
+    "stage1-sync": (ds_config(1, 2, CLIP, **SMALL, overlap_comm=False), False),
+    "stage2-sync": (ds_config(2, 2, CLIP, **SMALL, overlap_comm=False), False),
+    "stage2-default-buckets": (ds_config(2, 2, CLIP), False),
+    "stage2-groups": (ds_config(2, 2, CLIP, **SMALL, overlap_comm=True), True),
+    "stage1-groups": (ds_config(1, 1, 0.0, **SMALL), True),
+})
+# Low precision against the fp32 reference: bf16 keeps 8 mantissa bits, fp16 11.
+LOW_PRECISION = {f"{prec}-stage{stage}": (ds_config(stage, 2, CLIP, precision=prec, **SMALL, overlap_comm=True), False)
+                 for prec in ("bf16", "fp16") for stage in (0, 1, 2)}
+TOLERANCE = {"bf16": {"loss": 3e-3, "param": 0.1}, "fp16": {"loss": 5e-4, "param": 1e-2}}
+# name -> (stage, hidden width, reduce_bucket_size): Ψ ≈ 44k, buckets of 20k elements
+MEMORY = {"memory-stage1": (1, 512, 20_000), "memory-stage2": (2, 512, 20_000)}
+RESHARD = {"reshard-2to0": (2, 0), "reshard-0to1": (0, 1)}
+
+
+@functools.lru_cache(maxsize=None)
+def results(world: int) -> dict:
+    """Rank 0's results for every case (module-level cache: one launch per world size)."""
+    return run_distributed(run_cases, world, {**CASES, **LOW_PRECISION}, MEMORY, RESHARD, timeout=400)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def reference(clip: float, groups: bool) -> tuple:
+    return reference_run(clip, groups=groups)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fp32_training_equals_the_single_process_reference(world: int, case: str) -> None:
+    config, groups = CASES[case]
+    run = results(world)[case]
+    ref_losses, ref_params = reference(config["gradient_clipping"], groups)
+    assert run["skipped"] == 0 and run["global_steps"] == 20
+    worst = max(_rel(a, b) for a, b in zip(run["losses"], ref_losses))
+    assert worst <= 1e-5, f"losses differ from the reference by {worst:.2e} (relative)"
+    assert run["losses"][-1] < run["losses"][0] - 0.1, "the model did not learn"
+    for name, ref in ref_params.items():
+        diff = (run["params"][name] - ref).abs().max().item()
+        assert diff <= 1e-5, f"{name} differs from the reference by {diff:.2e}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", sorted(LOW_PRECISION))
+def test_mixed_precision_tracks_the_fp32_reference(world: int, case: str) -> None:
+    run = results(world)[case]
+    tol = TOLERANCE[case.split("-")[0]]
+    ref_losses, ref_params = reference(CLIP, False)
+    assert run["skipped"] == 0  # fp16 starts at 2**12 here: no overflow, so steps line up
+    worst = max(_rel(a, b) for a, b in zip(run["losses"], ref_losses))
+    assert worst <= tol["loss"], f"{case}: losses differ by {worst:.2e} (relative)"
+    for name, ref in ref_params.items():
+        diff = (run["params"][name] - ref).abs().max().item()
+        assert diff <= tol["param"], f"{case}: {name} differs by {diff:.2e}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_model_state_memory_matches_the_zero_paper(world: int, stage: int) -> None:
+    run = results(world)[f"memory-stage{stage}"]
+    psi, got = run["psi"], run["bytes"]
+    # bf16 params (2Ψ) and gradients (2Ψ, or 2Ψ/N partitioned) + fp32 master and Adam m, v (12Ψ/N)
+    expected = 4 * psi + 12 * psi / world if stage == 1 else 2 * psi + 14 * psi / world
+    states = got["params"] + got["grads"] + got["master"] + got["optimizer_states"]
+    assert abs(states - expected) / expected <= 0.05, f"{got} vs ZeRO-{stage} formula {expected:.0f} bytes"
+    # stage 2 adds its bucket buffers (at most a couple of reduce_bucket_size-sized ones); stage 1 needs none
+    assert (got["buffers"] > 0) == (stage == 2)
+    total = states + got["buffers"]
+    assert abs(total - (expected + got["buffers"])) / (expected + got["buffers"]) <= 0.05
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", sorted(RESHARD))
+def test_full_state_from_one_layout_resumes_in_another(world: int, case: str) -> None:
+    run = results(world)[case]
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(run["state_keys"])
+    assert run["global_steps"] == (10, 10)
+    assert run["lr"][0] == run["lr"][1]
+    worst = max(_rel(a, b) for a, b in zip(run["a"], run["b"]))
+    assert worst <= 1e-6, f"resumed run differs by {worst:.2e}"
