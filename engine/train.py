@@ -93,7 +93,8 @@ def setup(args: TrainerArgs) -> Run:
     engine.init_distributed()
     rank, world = _rank_and_world()
     run_dir = resolve_run_dir(args.run_dir, rank, world)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     from engine.models import build_model
 
     # Validated before the model is built: a bad ds_config fails in a second, not after a 3B init.

@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4,
                    help="learning rate of the default AdamW, used when the ds_config has no optimizer section")
     p.add_argument(*_flags("run_dir"), help="metrics/status directory (default $ORCH_RUN_DIR or ./runs/<id>)")
-    p.add_argument(*_flags("save_dir"), help="checkpoint directory (default $ORCH_CHECKPOINT_DIR or <run-dir>/checkpoints)")
-    p.add_argument(*_flags("save_every"), type=int, help="checkpoint every N steps (default $ORCH_CHECKPOINT_EVERY or 0 = never)")
-    p.add_argument(*_flags("save_keep"), type=int, help="keep the newest K checkpoints (default $ORCH_CHECKPOINT_KEEP or 3)")
+    p.add_argument(*_flags("save_dir"),
+                   help="checkpoint directory (default $ORCH_CHECKPOINT_DIR or <run-dir>/checkpoints)")
+    p.add_argument(*_flags("save_every"), type=int,
+                   help="checkpoint every N steps (default $ORCH_CHECKPOINT_EVERY or 0 = never)")
+    p.add_argument(*_flags("save_keep"), type=int,
+                   help="keep the newest K checkpoints (default $ORCH_CHECKPOINT_KEEP or 3)")
     p.add_argument(*_flags("log_every"), type=int, help="log every N steps (default: ds_config steps_per_print)")
     p.add_argument(*_flags("eval_every"), type=int, default=0, help="evaluate every N steps (0 = never)")
     p.add_argument(*_flags("eval_iters"), type=int, default=4, help="micro-batches per rank in one evaluation")

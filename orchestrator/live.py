@@ -29,7 +29,8 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 
 
 def last_metrics(run_dir: Path) -> dict[str, Any]:
-    """The last complete line of metrics.jsonl (a line being written is skipped)."""
+    """The last complete training record of metrics.jsonl (eval records and a line still being
+    written are skipped)."""
     path = run_dir / "metrics.jsonl"
     try:
         with path.open("rb") as f:
@@ -40,9 +41,11 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
         return {}
     for raw in reversed(lines):
         try:
-            return json.loads(raw)
+            record = json.loads(raw)
         except ValueError:
             continue
+        if isinstance(record, dict) and record.get("kind", "train") == "train":
+            return record
     return {}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,7 +73,16 @@ def run_trainer(*args: str, ranks: int = 1, timeout: int = 240, **env: str) -> s
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
                "-m", "engine.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+    # Own session, so a hung run is killed with all its workers, not just the torchrun parent.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(**env), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"trainer did not finish in {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def write_config(directory: Path, config: dict | None = None) -> Path:

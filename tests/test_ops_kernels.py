@@ -177,8 +177,10 @@ def test_adamw_bf16_parameters_keep_bf16_state(device):
 def lion_reference(p, g, m, *, lr, beta1, beta2, wd, gs, clip):
     p, g, m = (t.detach().double().cpu() for t in (p, g, m))
     g = g / (float(gs) if gs is not None else 1.0) * (float(clip) if clip is not None else 1.0)
-    update = torch.sign(beta1 * m + (1 - beta1) * g)
-    return p * (1 - lr * wd) - lr * update, beta2 * m + (1 - beta2) * g
+    c = beta1 * m + (1 - beta1) * g
+    # where c is within fp32 rounding of zero its sign is a coin toss: leave those out
+    decided = c.abs() > 1e-6 * c.abs().max()
+    return p * (1 - lr * wd) - lr * torch.sign(c), beta2 * m + (1 - beta2) * g, decided
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -191,11 +193,12 @@ def test_lion_kernel_matches_float64_reference(device, n, block, gdtype):
     for _ in range(3):
         g = (torch.randn(n, generator=gen) * 4).to(gdtype).to(device)
         lo_buf, lo = guarded(n, torch.bfloat16, device, fill=math.nan)
-        ep, em = lion_reference(p, g, m, lr=1e-3, beta1=0.9, beta2=0.99, wd=0.1, gs=gs, clip=0.9)
+        ep, em, decided = lion_reference(p, g, m, lr=1e-3, beta1=0.9, beta2=0.99, wd=0.1, gs=gs, clip=0.9)
         lion_step([p], [g], [m], [lo], lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1,
                   multiplier=GradMultiplier(gs, 0.9), block=block, direct_min=0)
-        assert rel_error(p, ep) <= 1e-6 and rel_error(m, em) <= 1e-6
-        assert_bf16_rounding(lo, p, ep)
+        assert rel_error(p.cpu()[decided], ep[decided]) <= 1e-6 and rel_error(m, em) <= 1e-6
+        assert_bf16_rounding(lo.cpu()[decided], p.cpu()[decided], ep[decided])
+        p.copy_(ep.float())  # an undecided sign must not carry into the next step's comparison
         assert_tail_intact(lo_buf, n)
     assert_tail_intact(p_buf, n)
     assert_tail_intact(m_buf, n)

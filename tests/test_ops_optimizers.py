@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import engine
-from engine.ops import FusedAdamW, FusedLion, FusedSGD, grad_norm_and_overflow, triton_status
+from engine.ops import FusedAdamW, FusedLion, FusedSGD, grad_norm_and_overflow, interpreter_mode, triton_status
 
 CUDA = torch.cuda.is_available()
-TRITON_CPU = triton_status().available and not CUDA  # kernels interpreted on this machine's CPU
+TRITON_CPU = triton_status().available and interpreter_mode()  # CPU tensors can reach the kernels
 
 
 def impls(*names):
@@ -27,7 +27,7 @@ def impls(*names):
         marks = []
         if name == "triton":
             marks.append(pytest.mark.skipif(not TRITON_CPU, reason="CPU tensors reach the Triton kernels only through the "
-                                            "interpreter, used when there is no CUDA device (GPU runs: see the gpu tests)"))
+                                            "interpreter, used without CUDA or with TRITON_INTERPRET=1 (GPU: the gpu tests)"))
         out.append(pytest.param(name, marks=marks))
     return out
 
@@ -364,4 +364,10 @@ def test_cuda_fused_step_matches_torch_path(opt_name):
         lows_b = [torch.empty_like(p, dtype=torch.bfloat16) for p in b]
         fast.step(grad_scale=1024.0, clip_coef=clip, lowp_out=lows_a)
         slow.step(grad_scale=1024.0, clip_coef=clip, lowp_out=lows_b)
-    assert max_rel(a, b) <= 1e-5
+    if opt_name == "lion":
+        # Lion takes a sign: where the interpolated momentum rounds to about zero the two fp32
+        # paths may disagree, moving an element by 2*lr; allow a handful of those in 3M
+        differ = sum(int(((x - y).abs() > 1e-5 * y.abs().max()).sum()) for x, y in zip(a, b))
+        assert differ <= 8
+    else:
+        assert max_rel(a, b) <= 1e-5

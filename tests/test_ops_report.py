@@ -26,8 +26,10 @@ def test_kernel_report_runs_the_kernels_on_this_machine():
     assert report["kernels_ok"] is True, report["checks"]
     assert set(report["checks"]) == {"adamw", "grad_norm"}
     assert report["checks"]["adamw"]["max_rel_error"] < 1e-5
+    assert report["compiles"] is True
+    assert report["detail"].startswith(f"triton {triton_status().version}: kernels correct")
     if not torch.cuda.is_available():
-        assert "interpreter" in report["reason"]
+        assert "interpreter" in report["reason"] and "interpreter" in report["detail"]
 
 
 NO_TRITON = textwrap.dedent(
@@ -62,6 +64,7 @@ def test_without_triton_everything_falls_back_to_torch_and_says_why():
     assert report["triton_importable"] is False and report["kernels_ok"] is False
     assert report["mode"] == "unavailable"
     assert "triton is not importable" in report["reason"]
+    assert report["compiles"] is False and "triton is not importable" in report["detail"]
     assert out["moved"] is True
     assert "impl='triton' needs triton" in out["forced"] and "impl='auto'" in out["forced"]
     assert out["norm"] == 2.0 and out["found"] == 0.0

@@ -90,6 +90,8 @@ def adamw_step(
     if not params:
         return
     device = params[0].device
+    # Python ints would reach the kernel as i32 arguments (and compile another variant)
+    lr, beta1, beta2, eps, weight_decay = (float(x) for x in (lr, beta1, beta2, eps, weight_decay))
     if bias_correction:
         step_size = lr / (1.0 - beta1**step)
         inv_bc2_sqrt = 1.0 / (1.0 - beta2**step) ** 0.5

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .dispatch import IMPLS, check_impl, resolve
+from .dispatch import check_impl, resolve
 from .scaling import GradMultiplier, Scalar
 from .torch_impl import adamw_foreach, adamw_fused_cpu, has_fused_cpu_adamw, lion_foreach, sgd_foreach
 
@@ -315,4 +315,4 @@ def _check_hyper(owner: str, *, lr: float, weight_decay: float, eps: float | Non
             raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {tuple(betas)}")
 
 
-__all__ = ["FusedAdamW", "FusedLion", "FusedSGD", "IMPLS"]
+__all__ = ["FusedAdamW", "FusedLion", "FusedSGD"]

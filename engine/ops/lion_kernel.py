@@ -67,6 +67,7 @@ def lion_step(
     if not params:
         return
     device = params[0].device
+    lr, beta1, beta2, weight_decay = (float(x) for x in (lr, beta1, beta2, weight_decay))
     dtypes = {
         "P_DT": params[0].dtype, "G_DT": grads[0].dtype, "M_DT": exp_avgs[0].dtype,
         "LO_DT": lowp[0].dtype if lowp else params[0].dtype,

@@ -31,9 +31,12 @@ def kernel_report() -> dict[str, Any]:
         "torch_fused_cpu_adamw": has_fused_cpu_adamw(),
         "autotune_cache": str(cache_path()),
         "reason": status.reason,
+        "compiles": False,
+        "detail": "",
     }
     if not status.available:
         report["reason"] = f"{status.reason}; optimizers use torch (foreach on GPU, torch's fused AdamW on CPU)"
+        report["detail"] = report["reason"]
         return report
     interpreted = interpreter_mode()
     device = torch.device("cpu") if interpreted and not cuda else torch.device("cuda" if cuda else "cpu")
@@ -53,7 +56,22 @@ def kernel_report() -> dict[str, Any]:
             lines = traceback.format_exception_only(type(exc), exc)
             report["checks"][name] = {"ok": False, "error": "".join(lines).strip()[-500:]}
     report["kernels_ok"] = all(c["ok"] for c in report["checks"].values())
+    report["compiles"] = all("error" not in c for c in report["checks"].values())
+    report["detail"] = _detail(report)
     return report
+
+
+def _detail(report: dict[str, Any]) -> str:
+    """One line for a human: did it work, where, and how close to float64."""
+    where = ("in Triton's CPU interpreter" if report["mode"] == "interpreter" else f"compiled for {report['device']}")
+    parts = []
+    for name, check in report["checks"].items():
+        if "error" in check:
+            parts.append(f"{name} FAILED: {check['error'].splitlines()[-1]}")
+        else:
+            parts.append(f"{name} {'ok' if check['ok'] else 'WRONG'} (max rel err {check['max_rel_error']:.1e})")
+    verdict = "kernels correct" if report["kernels_ok"] else "kernels NOT usable"
+    return f"triton {report['triton_version']}: {verdict} {where}; " + ", ".join(parts)
 
 
 def _check_adamw(device: torch.device) -> tuple[bool, float]:

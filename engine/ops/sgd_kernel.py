@@ -76,6 +76,7 @@ def sgd_step(
     if not params:
         return
     device = params[0].device
+    lr, momentum, dampening, weight_decay = (float(x) for x in (lr, momentum, dampening, weight_decay))
     has_momentum = momentum != 0.0
     if has_momentum and momentum_buffers is None:
         raise ValueError("sgd_step: momentum != 0 needs momentum_buffers")

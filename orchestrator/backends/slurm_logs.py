@@ -1,0 +1,73 @@
+"""The log files of a Slurm job, read and followed.
+
+A job writes one file per node (srun ``--output=<run dir>/logs/node-%N.log``: the torchrun agent
+and the ranks it started on that node) and the batch shell's own output
+(``slurm-<job id>.out``: the orch lines, srun's errors, the pre-timeout handler). All are opened
+in append mode, so a requeued job continues the same files.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ..errors import UserError
+
+BATCH = "batch"
+
+
+def log_files(run_dir: Path, native_id: str) -> dict[str, Path]:
+    """Stream name -> file: ``batch`` and one entry per node that has written a log so far."""
+    files = {BATCH: run_dir / f"slurm-{native_id}.out"}
+    for path in sorted((run_dir / "logs").glob("node-*.log")):
+        files[path.stem.removeprefix("node-")] = path
+    return files
+
+
+def select(files: dict[str, Path], node: str | None, *, must_exist: bool) -> dict[str, Path]:
+    """All streams, or the one named ``node`` (``n1``, ``node-n1`` or ``batch``)."""
+    if node is None:
+        return files
+    name = node.removeprefix("node-")
+    if name in files and (files[name].exists() or not must_exist):
+        return {name: files[name]}
+    if not must_exist:
+        return {name: files[BATCH].parent / "logs" / f"node-{name}.log"}
+    have = [k for k, p in files.items() if p.exists()]
+    raise UserError(f"no log for node {node!r}; this job has: {', '.join(have) or 'none yet'}",
+                    hint="node names are Slurm's (see `orch status`); `batch` is the batch script's output")
+
+
+def follow(run_dir: Path, native_id: str, node: str | None, *, keep_going: Callable[[], bool] | None,
+           poll_s: float = 0.5) -> Iterator[str]:
+    """Lines of the selected logs; with ``keep_going`` set, keep reading new lines (and new
+    nodes' files) until it returns False, then read what was written last and stop."""
+    offsets: dict[Path, int] = {}
+    streams = select(log_files(run_dir, native_id), node, must_exist=keep_going is None)
+    prefixed = node is None
+    while True:
+        if node is None:
+            streams = log_files(run_dir, native_id)  # a requeued job may land on new nodes
+        for name, path in streams.items():
+            yield from _new_lines(path, offsets, f"[{name}] " if prefixed else "")
+        if keep_going is None:
+            return
+        if not keep_going():
+            for name, path in streams.items():
+                yield from _new_lines(path, offsets, f"[{name}] " if prefixed else "", final=True)
+            return
+        time.sleep(poll_s)
+
+
+def _new_lines(path: Path, offsets: dict[Path, int], prefix: str, final: bool = False) -> Iterator[str]:
+    """Complete lines appended since the last call (a partial last line waits, unless ``final``)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offsets.get(path, 0))
+            data = f.read()
+    except FileNotFoundError:
+        return
+    end = len(data) if final else data.rfind(b"\n") + 1
+    offsets[path] = offsets.get(path, 0) + end
+    for line in data[:end].decode(errors="replace").splitlines():
+        yield prefix + line
