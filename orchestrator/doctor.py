@@ -59,7 +59,7 @@ def _triton() -> Probe:
     except ImportError as exc:
         return Probe("triton kernels", False, f"engine.ops unavailable: {exc}", optional=True)
     report = kernel_report()
-    ok = bool(report.get("compiles"))
+    ok = bool(report.get("kernels_ok", report.get("compiles")))
     detail = report.get("detail") or ", ".join(f"{k}={v}" for k, v in report.items())
     return Probe("triton kernels", ok, str(detail), optional=True)
 

@@ -1,0 +1,218 @@
+"""The checkpoint format: file names, the manifest, checksums, and which checkpoints are complete.
+
+No torch here: ``orch ckpt ls`` and ``orch ckpt verify`` use this module alone.
+
+``manifest.json`` (format ``orch-checkpoint``, version 1) is the one file that describes a
+checkpoint. It is written last, so a directory with a valid manifest is complete. Keys:
+
+* ``tag``, ``global_step``, ``created_at``, ``world_size``, ``zero_stage``, ``partition_count``
+  (ranks that own a slice of the master weights: the world size at stages 1-2, 1 at stage 0);
+* ``dtype_policy``: ``{"name": "bf16", "model_dtype": "bfloat16", "master_dtype": "float32"}``;
+* ``params``: per trainable parameter, in layout order, ``name`` (the plain model's state_dict
+  key), ``shape``, ``dtype`` (model side), ``numel``, ``group`` and ``ranges``: the
+  ``[rank, offset, length]`` runs of that rank's flat partition that hold the parameter's
+  flattened elements, in order. Every per-element state (master weights, ``exp_avg``, ...) of
+  rank ``r`` uses the same offsets in rank ``r``'s files. ``aliases`` maps tied names to the
+  name that holds the data; ``extras`` lists buffers and frozen parameters (``extra.safetensors``);
+* ``files``: per file, ``rank``, ``kind``, ``bytes``, ``sha256`` and ``tensors``
+  (``{name: {"dtype", "shape", "offset"}}``, ``offset`` in bytes from the start of the file);
+  ``shards``: ``{"master": [file per rank], "optimizer": [...]}`` (null where a rank wrote none);
+* ``optimizer`` (class, per-element ``state_keys``, per group ``hyper`` and ``scalars``),
+  ``loss_scaler``, ``lr_scheduler``, ``counters``, ``client_state``, ``rng`` (one entry per
+  rank), ``dataloader`` (per rank, when the engine's loader is Stateful), ``layout`` (the
+  engine's FlatLayout). A value that is not plain JSON is stored in ``objects.pt`` and the
+  manifest holds ``{"$object": key}`` in its place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+__all__ = [
+    "CheckpointEntry", "CheckpointError", "EXTRA_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MANIFEST",
+    "OBJECTS_FILE", "TMP_SUFFIX", "file_problem", "list_checkpoints", "master_file", "optim_file",
+    "read_latest", "read_manifest", "sha256_file", "validate_tag",
+]
+
+FORMAT = "orch-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TMP_SUFFIX = ".tmp"          # directories being written (or being deleted) end with it
+EXTRA_FILE = "extra.safetensors"
+OBJECTS_FILE = "objects.pt"
+PARTIAL_MARKER = ".orch-partial"   # inside a directory this package may delete when left over
+_CHUNK = 8 << 20
+_REQUIRED = ("tag", "global_step", "world_size", "zero_stage", "partition_count", "params", "files", "shards")
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be saved or loaded; the message names the file and what to do."""
+
+    def __init__(self, message: str, path: Optional[Path | str] = None) -> None:
+        super().__init__(message)
+        self.path = str(path) if path is not None else None
+
+
+def master_file(rank: int) -> str:
+    return f"master-rank-{rank:05d}.safetensors"
+
+
+def optim_file(rank: int) -> str:
+    return f"optim-rank-{rank:05d}.safetensors"
+
+
+def validate_tag(tag: str) -> str:
+    """A tag names a directory inside the save dir: no separators, no temp suffix."""
+    tag = str(tag)
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or tag.endswith(TMP_SUFFIX) or tag == LATEST:
+        raise CheckpointError(f"checkpoint tag {tag!r} cannot be used as a directory name: use letters, digits, "
+                              f"'-', '_' or '.', not '/', and not ending in {TMP_SUFFIX!r} or named {LATEST!r}")
+    return tag
+
+
+def read_latest(save_dir: Path) -> Optional[str]:
+    """The tag ``<save_dir>/latest`` names, or None when there is no such file."""
+    try:
+        tag = (Path(save_dir) / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {Path(save_dir) / LATEST}: {exc}", Path(save_dir) / LATEST) from exc
+    return tag or None
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    """Parse and check ``<ckpt_dir>/manifest.json``; every problem names the file."""
+    path = Path(ckpt_dir) / MANIFEST
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist", ckpt_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the save did not finish, or {ckpt_dir} is not an orch "
+                              "checkpoint", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}", path) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+                              "the file is truncated or corrupt", path) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an orch checkpoint manifest (format {data.get('format')!r} "
+                              f"if a JSON object, expected {FORMAT!r})" if isinstance(data, dict) else
+                              f"{path} is not an orch checkpoint manifest (not a JSON object)", path)
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {version!r}; this engine reads up to "
+                              f"{FORMAT_VERSION}: upgrade orch to load it", path)
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: the manifest is corrupt", path)
+    _check_params(data, path)
+    return data
+
+
+def _check_params(data: Mapping[str, Any], path: Path) -> None:
+    """Ranges must add up to each parameter and point into files the manifest lists."""
+    shards = data["shards"].get("master", [])
+    for p in data["params"]:
+        try:
+            total = sum(int(n) for _, _, n in p["ranges"])
+            bad_rank = next((r for r, _, _ in p["ranges"] if not (0 <= r < len(shards)) or shards[r] is None), None)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: parameter entry {p!r:.80} is malformed: the manifest is corrupt",
+                                  path) from None
+        if total != p["numel"] or bad_rank is not None:
+            raise CheckpointError(f"{path}: the ranges of parameter {p['name']!r} do not match its size or name a "
+                                  "rank without a shard: the manifest is corrupt", path)
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    """(size in bytes, hex sha256) of a file, read in chunks (constant memory)."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def file_problem(ckpt_dir: Path, name: str, record: Mapping[str, Any]) -> Optional[str]:
+    """None when ``name`` has the size and sha256 the manifest records, else what is wrong."""
+    path = Path(ckpt_dir) / name
+    try:
+        size, digest = sha256_file(path)
+    except FileNotFoundError:
+        return f"{path} is missing (listed in the manifest)"
+    except OSError as exc:
+        return f"{path} cannot be read: {exc}"
+    if size != record["bytes"]:
+        return f"{path} has {size} bytes, the manifest records {record['bytes']} (truncated or overwritten)"
+    if digest != record["sha256"]:
+        return f"{path} fails its sha256 check (the file is corrupt)"
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One directory in a save dir: a complete checkpoint, or why it is not one."""
+
+    name: str
+    path: Path
+    manifest: Optional[dict[str, Any]]
+    problem: Optional[str]
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def in_progress(self) -> bool:
+        return self.name.endswith(TMP_SUFFIX)
+
+    @property
+    def step(self) -> Optional[int]:
+        if self.manifest is not None:
+            return int(self.manifest["global_step"])
+        m = _STEP.match(self.name.removesuffix(TMP_SUFFIX))
+        return int(m.group(1)) if m else None
+
+
+def list_checkpoints(save_dir: Path, include_partial: bool = True) -> list[CheckpointEntry]:
+    """Every checkpoint directory under ``save_dir``, newest step first (partial ones last)."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        raise CheckpointError(f"{save_dir} is not a directory", save_dir)
+    out = []
+    for child in save_dir.iterdir():
+        if not child.is_dir():
+            continue
+        if child.name.endswith(TMP_SUFFIX):
+            if include_partial:
+                out.append(CheckpointEntry(child.name, child, None, "incomplete (a save in progress or interrupted)"))
+            continue
+        if not (child / MANIFEST).exists() and not any(child.glob("*.safetensors")):
+            continue  # not ours
+        try:
+            out.append(CheckpointEntry(child.name, child, read_manifest(child), None))
+        except CheckpointError as exc:
+            out.append(CheckpointEntry(child.name, child, None, str(exc)))
+    return sorted(out, key=lambda e: (e.complete, e.step if e.step is not None else -1, e.name), reverse=True)
+
+
+def shard_files(manifest: Mapping[str, Any], kinds: Iterable[str] = ("master", "optimizer")) -> list[str]:
+    """The shard file names of ``kinds``, rank order, skipping ranks that wrote none."""
+    return [name for kind in kinds for name in manifest["shards"].get(kind, []) if name]
