@@ -74,3 +74,44 @@ def print_table(title: str, ours: Measurement, peers: list[Measurement]) -> None
 
 def today() -> str:
     return _dt.date.today().isoformat()
+
+
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+_BENCHMARKS_HEADER = """# Benchmarks
+
+Measured numbers, newest at the bottom of each section. Every entry says when, on what machine,
+with which command; each figure is a median with its range, beside the peer measured in the same
+run, and the ratio ours/peer. Rows are appended by the benchmarks (`--record`) or by hand; never
+rewrite an earlier row: add a new dated one.
+"""
+
+
+def append_benchmarks_md(section: str, lines: Sequence[str], path: Path = BENCHMARKS_MD) -> None:
+    """Append a dated entry (``section`` heading + markdown ``lines``) to BENCHMARKS.md.
+
+    Creates the file with a short header when absent; only ever appends, so entries written by
+    other benchmarks (or by hand) are left exactly as they were.
+    """
+    text = "" if path.exists() else _BENCHMARKS_HEADER
+    entry = [f"\n## {section} ({today()})\n", *lines]
+    with path.open("a") as f:
+        f.write(text + "\n".join(entry).rstrip("\n") + "\n")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def load_average() -> float:
+    """The 1-minute load average (how busy the shared machine was), or -1 where unknown."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return -1.0

@@ -18,6 +18,7 @@ Settings, with what they do here:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
@@ -108,3 +109,7 @@ def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 non_reentrant_checkpoint = checkpoint  # DeepSpeed's explicit name for the same thing
+
+# ``engine.checkpointing`` is this module (engine/__init__.py maps the attribute lazily); also
+# answer ``importlib.import_module("engine.checkpointing")`` once this module is loaded.
+sys.modules.setdefault("engine.checkpointing", sys.modules[__name__])

@@ -100,6 +100,9 @@ def _log_config_notes(cfg: EngineConfig, comm: Comm) -> None:
         print(f"[engine] config: {note}", flush=True)
     for feature in cfg.ignored_features():
         print(f"[engine] config: {feature}", flush=True)
+    if cfg.zero_optimization.offload_optimizer.device != "none" and torch.cuda.is_available():
+        print("[engine] config: zero_optimization.offload_optimizer is not implemented yet for stages 1-2; "
+              "optimizer states stay on the GPU", flush=True)
 
 
 def _zero_settings(cfg: EngineConfig) -> ZeroSettings:

@@ -176,6 +176,15 @@ class Engine(nn.Module):
     def zero_optimization_stage(self) -> int:
         return self.optimizer.stage
 
+    def gradient_clipping(self) -> float:
+        return self.optimizer.settings.gradient_clipping
+
+    def fp16_enabled(self) -> bool:
+        return self.precision.name == "fp16"
+
+    def bfloat16_enabled(self) -> bool:
+        return self.precision.name == "bf16"
+
     def model_state_bytes(self) -> dict[str, int]:
         """Bytes of model states on this rank: params, grads, master, optimizer_states, buffers."""
         out = self.optimizer.model_state_bytes()

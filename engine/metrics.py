@@ -1,8 +1,19 @@
 """What a training run tells the outside world: metrics.jsonl, status.json and console lines.
 
-Only rank 0 writes. ``metrics.jsonl`` gets one JSON object per log step (append + flush, so a
-crash loses at most the line being written); ``status.json`` is replaced atomically (temp file +
-rename) so ``orch status`` never reads half a file.
+Only rank 0 writes. ``metrics.jsonl`` gets one JSON object per line (append + flush, so a crash
+loses at most the line being written), told apart by ``kind``:
+
+* ``start``: once per (re)start of the trainer: the step it starts from, world size, restart
+  count, FLOPs per token and the peak MFU is measured against (``orch plot`` draws restarts
+  from these);
+* ``train``: one per log step, with at least ``TRAIN_FIELDS``; ``tflops`` is the whole job's
+  model TFLOP/s, ``mfu`` a fraction of the job's peak (None when the device's peak is
+  unknown), ``breakdown_ms`` the per-phase milliseconds per step when the ds_config sets
+  ``wall_clock_breakdown`` (None otherwise);
+* ``eval``: ``eval_loss`` at an evaluation step.
+
+``status.json`` is replaced atomically (temp file + rename) so ``orch status`` never reads half
+a file. With a TensorBoard sink attached, every record is also written there.
 """
 from __future__ import annotations
 
@@ -17,8 +28,9 @@ from typing import Any
 # Fields every training record carries (tests and `orch status` rely on these names).
 TRAIN_FIELDS = (
     "step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "step_time_s", "samples",
-    "world_size", "restart_count", "mem", "time",
+    "world_size", "restart_count", "mem", "time", "tflops", "mfu", "breakdown_ms",
 )
+START_FIELDS = ("step", "world_size", "restart_count", "flops_per_token", "peak_tflops", "peak_source")
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -44,6 +56,7 @@ class MetricsWriter:
         self.run_dir, self.enabled = Path(run_dir), enabled
         self._console = None
         self._file = None
+        self.tensorboard: Any = None  # a TensorBoardSink, attached by the trainer when configured
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +73,9 @@ class MetricsWriter:
         record = {**record, "time": record.get("time", time.time())}
         assert self._file is not None
         self._file.write(json.dumps(record, default=float) + "\n")
-        if self._console is not None:
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+        if self._console is not None and record.get("kind") in ("train", "eval"):
             self._console.print(format_console_line(record))
 
     def info(self, message: str) -> None:
@@ -78,6 +93,9 @@ class MetricsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def _human_bytes(n: float) -> str:
@@ -104,6 +122,28 @@ def format_console_line(r: dict[str, Any]) -> str:
     parts += [
         f"{r['tokens_per_s']:,.0f} tok/s",
         f"{r['step_time_s'] * 1000:.0f} ms/step",
-        f"mem {_human_bytes(r['mem'])}",
     ]
-    return "  ".join(parts)
+    if r.get("tflops") is not None:
+        parts.append(format_flops(r["tflops"], r.get("mfu")))
+    parts.append(f"mem {_human_bytes(r['mem'])}")
+    line = "  ".join(parts)
+    if r.get("breakdown_ms"):
+        line += "\n" + " " * 8 + "time (ms/step) | " + format_breakdown(r["breakdown_ms"])
+    return line
+
+
+def format_flops(tflops: float, mfu: float | None) -> str:
+    """``12.3 TFLOP/s (MFU 41.2%)``; small CPU figures keep three significant digits."""
+    text = f"{tflops:.3g} TFLOP/s" if tflops < 10 else f"{tflops:,.1f} TFLOP/s"
+    return text + (f" (MFU {mfu:.1%})" if mfu is not None else "")
+
+
+def format_breakdown(breakdown: dict[str, Any]) -> str:
+    """DeepSpeed's wall_clock_breakdown shape: ``forward: 12.1 | backward: 30.4 | ...``."""
+    parts = []
+    for name, ms in breakdown.items():
+        if ms is None:
+            parts.append(f"{name}: in backward")
+        elif ms > 0 or name in ("forward", "backward", "optimizer"):
+            parts.append(f"{name}: {ms:.1f}")
+    return " | ".join(parts)

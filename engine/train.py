@@ -4,6 +4,8 @@ A GPT preset, a token source, ``engine.initialize`` with the user's ds_config, a
 forward / backward / step per micro-batch, a log line every ``--log-every`` steps, a checkpoint
 every ``--save-every`` steps, and resume from ``<save-dir>/latest`` on start, so that every kind
 of restart (torchrun, Slurm requeue, pod restart, resubmission) continues the same run.
+Every piece of a step runs inside a named phase of the Monitor (trainer_monitor.py): the
+wall-clock breakdown times them and the hang watchdog reports the phase a stuck rank was in.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from engine.metrics import MetricsWriter, peak_memory_bytes
 from engine.models.presets import UnknownPreset, get_preset
 from engine.trainer_args import TrainerArgs, TrainerError, parse_args, restart_count
 from engine.trainer_checkpoint import Checkpointer
+from engine.trainer_monitor import Monitor, build_monitor, prepare_distributed
+from engine.watchdog import stall_if_requested
 
 
 @dataclass
@@ -31,13 +35,17 @@ class Run:
     source: TokenSource
     sampler: GlobalBatchSampler
     checkpointer: Checkpointer
-    metrics: MetricsWriter
+    monitor: Monitor
     rank: int
     world_size: int
     device: Any
     micro_batch: int
     grad_accum: int
     log_every: int
+
+    @property
+    def metrics(self) -> MetricsWriter:
+        return self.monitor.metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,19 +73,17 @@ def train(args: TrainerArgs) -> int:
     run = setup(args)
     start = run.checkpointer.resume(run.engine, {"sampler": run.sampler})
     total = args.steps
-    run.metrics.status("running", step=start, total_steps=total, world_size=run.world_size,
-                       restart_count=restart_count(), model=args.model)
-    if start:
-        run.metrics.info(f"resumed from {run.checkpointer.save_dir} at step {start}")
+    run.monitor.started(start, total, args.model, run.checkpointer.save_dir if start else None)
     try:
         loop(run, start)
     except BaseException as exc:
         run.metrics.status("failed", step=getattr(run.engine, "global_steps", None), total_steps=total,
                            error=repr(exc))
         raise
+    finally:
+        run.monitor.close()
     run.metrics.status("finished", step=total, total_steps=total, world_size=run.world_size,
                        restart_count=restart_count())
-    run.metrics.close()
     return 0
 
 
@@ -90,6 +96,7 @@ def setup(args: TrainerArgs) -> Run:
 
     import engine
 
+    prepare_distributed(args)
     engine.init_distributed()
     rank, world = _rank_and_world()
     run_dir = resolve_run_dir(args.run_dir, rank, world)
@@ -105,55 +112,78 @@ def setup(args: TrainerArgs) -> Run:
         optimizer=None if ds_config.optimizer is not None else _default_optimizer(args.lr))
     if model_engine.activation_checkpointing_enabled:  # ds_config section or gradient_checkpointing
         model.set_activation_checkpointing(True)
-    metrics = MetricsWriter(run_dir, enabled=rank == 0)
+    monitor = build_monitor(args, run_dir, rank, world, model_engine, model_cfg.flops_per_token())
     save_dir = Path(args.save_dir) if args.save_dir else run_dir / "checkpoints"
     checkpointer = Checkpointer(save_dir, every=args.save_every, keep=args.save_keep,
                                 control_dir=run_dir / "control", is_rank0=rank == 0)
     micro, accum = model_engine.train_micro_batch_size_per_gpu(), model_engine.gradient_accumulation_steps()
     log_every = args.log_every or model_engine.steps_per_print() or 10
-    metrics.info(f"model {args.model} ({model.num_parameters() / 1e6:.2f}M params), world size {world}, "
-                 f"micro-batch {micro} x accumulation {accum} -> global batch {micro * accum * world}, "
-                 f"run dir {run_dir}")
+    monitor.metrics.info(f"model {args.model} ({model.num_parameters() / 1e6:.2f}M params), world size {world}, "
+                         f"micro-batch {micro} x accumulation {accum} -> global batch {micro * accum * world}, "
+                         f"run dir {run_dir}")
     return Run(args, model_engine, source, GlobalBatchSampler(micro * accum * world), checkpointer,
-               metrics, rank, world, model_engine.device, micro, accum, log_every)
+               monitor, rank, world, model_engine.device, micro, accum, log_every)
+
+
+@dataclass
+class _Window:
+    """Steps since the last log record: their summed loss and the wall time they took."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    loss_sum: Any = None
+
+    def add(self, loss: Any) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps += 1
 
 
 def loop(run: Run, start: int) -> None:
     args, state = run.args, {"sampler": run.sampler}
-    tokens_per_step = run.sampler.global_batch_size * run.source.seq_len
-    window_start, window_steps, loss_sum = time.perf_counter(), 0, None
+    window = _Window()
     for step in range(start + 1, args.steps + 1):
-        loss = train_step(run)
-        loss_sum = loss if loss_sum is None else loss_sum + loss
-        window_steps += 1
+        window.add(train_step(run, step))
         paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
         if args.eval_every and step % args.eval_every == 0:
             # Before the step's train record, so the last line of metrics.jsonl is a train record.
-            run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
-        if run.checkpointer.due(step) or _any_rank(run.checkpointer.requested(), run.world_size):
-            run.checkpointer.save(run.engine, step, state)
-        window_start += time.perf_counter() - paused
+            with run.monitor.phase("eval", step):
+                run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
+        _maybe_checkpoint(run, step, state)
+        window.start += time.perf_counter() - paused
         if step % run.log_every == 0 or step == args.steps:
-            mean_loss = _mean_across_ranks(loss_sum / window_steps, run.world_size)
-            elapsed = time.perf_counter() - window_start
-            log_train(run, step, mean_loss, elapsed / window_steps, tokens_per_step * window_steps / elapsed)
-            window_start, window_steps, loss_sum = time.perf_counter(), 0, None
+            log_train(run, step, window)
+            window = _Window()
+        run.monitor.beat(step)
     if run.checkpointer.every and run.checkpointer.last_saved_step != args.steps:
-        run.checkpointer.save(run.engine, args.steps, state)
+        with run.monitor.phase("checkpoint", args.steps):
+            run.checkpointer.save(run.engine, args.steps, state)
 
 
-def train_step(run: Run) -> Any:
+def _maybe_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
+    with run.monitor.phase("checkpoint-request", step):  # a collective: rank 0 spreads a launcher's request
+        due = run.checkpointer.due(step) or _any_rank(run.checkpointer.requested(), run.world_size)
+    if due:
+        with run.monitor.phase("checkpoint", step):
+            run.checkpointer.save(run.engine, step, state)
+
+
+def train_step(run: Run, step: int) -> Any:
     """One optimizer step: ``grad_accum`` micro-batches; returns this rank's mean loss (a tensor)."""
-    total = None
-    for micro_step in range(run.grad_accum):
-        x, y = _batch(run, run.sampler.micro_batch_indices(
-            micro_step, run.rank, run.world_size, run.micro_batch))
-        loss = run.engine(x, y)
-        run.engine.backward(loss)
-        run.engine.step()
+    total, phase, accum = None, run.monitor.phase, run.grad_accum
+    for micro_step in range(accum):
+        with phase("data", step, micro_step, accum):
+            x, y = _batch(run, run.sampler.micro_batch_indices(micro_step, run.rank, run.world_size,
+                                                               run.micro_batch))
+        with phase("forward", step, micro_step, accum):
+            loss = run.engine(x, y)
+        with phase("backward", step, micro_step, accum):
+            stall_if_requested(run.rank, step)
+            run.engine.backward(loss)
+        with phase("optimizer", step, micro_step, accum):
+            run.engine.step()
         total = loss.detach() if total is None else total + loss.detach()
     run.sampler.advance()
-    return total / run.grad_accum
+    return total / accum
 
 
 def evaluate(run: Run) -> float:
@@ -176,13 +206,18 @@ def evaluate(run: Run) -> float:
     return _mean_across_ranks(torch.stack(losses).mean(), run.world_size)
 
 
-def log_train(run: Run, step: int, loss: float, step_time: float, tokens_per_s: float) -> None:
+def log_train(run: Run, step: int, window: _Window) -> None:
+    with run.monitor.phase("metrics", step):  # a collective: the loss averaged over ranks
+        loss = _mean_across_ranks(window.loss_sum / window.steps, run.world_size)
+    elapsed = time.perf_counter() - window.start
+    tokens_per_s = run.sampler.global_batch_size * run.source.seq_len * window.steps / elapsed
     engine_ = run.engine
     mem, mem_kind = peak_memory_bytes()
     record = {
         "kind": "train", "step": step, "total_steps": run.args.steps, "loss": loss,
         "lr": engine_.get_lr()[0], "grad_norm": engine_.get_global_grad_norm(),
-        "loss_scale": _loss_scale(engine_), "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+        "loss_scale": _loss_scale(engine_), "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window.steps,
+        **run.monitor.throughput_fields(tokens_per_s, window.steps),
         "samples": run.sampler.consumed_samples, "world_size": run.world_size,
         "restart_count": restart_count(), "mem": mem, "mem_kind": mem_kind, "time": time.time(),
     }

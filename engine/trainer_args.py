@@ -8,6 +8,7 @@ repeat them in ``args``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ class TrainerArgs:
     log_every: int | None = None  # None: the ds_config's steps_per_print
     eval_every: int = 0
     eval_iters: int = 4
+    watchdog_timeout: float = 600.0  # seconds without a completed step before ranks dump stacks; 0 = off
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +64,16 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise TrainerError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise TrainerError(f"environment variable {name}={raw!r} must be a number") from None
 
 
 def _positive(flag: str, value: int | None, *, allow_zero: bool = False) -> None:
@@ -98,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flags("log_every"), type=int, help="log every N steps (default: ds_config steps_per_print)")
     p.add_argument(*_flags("eval_every"), type=int, default=0, help="evaluate every N steps (0 = never)")
     p.add_argument(*_flags("eval_iters"), type=int, default=4, help="micro-batches per rank in one evaluation")
+    p.add_argument(*_flags("watchdog_timeout"), type=float, metavar="SECONDS",
+                   help="when no step completes for this long, every rank writes its stacks to "
+                        "<run-dir>/hang/ and the job fails (default $ORCH_WATCHDOG_TIMEOUT or 600; 0 = off)")
     return p
 
 
@@ -115,6 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
         save_dir=ns.save_dir or os.environ.get("ORCH_CHECKPOINT_DIR") or None,
         save_every=save_every, save_keep=save_keep, log_every=ns.log_every,
         eval_every=ns.eval_every, eval_iters=ns.eval_iters,
+        watchdog_timeout=(ns.watchdog_timeout if ns.watchdog_timeout is not None
+                          else _env_float("ORCH_WATCHDOG_TIMEOUT", 600.0)),
     )
     _positive("--steps", args.steps)
     _positive("--seq-len", args.seq_len)
@@ -123,6 +140,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
     _positive("--log-every", args.log_every)
     _positive("--eval-every", args.eval_every, allow_zero=True)
     _positive("--eval-iters", args.eval_iters)
+    if not (args.watchdog_timeout >= 0 and math.isfinite(args.watchdog_timeout)):
+        raise TrainerError(f"--watchdog-timeout must be >= 0 seconds (0 = off), got {args.watchdog_timeout}")
     if not args.lr > 0:
         raise TrainerError(f"--lr must be > 0, got {args.lr}")
     if not os.path.isfile(args.deepspeed_config):

@@ -251,29 +251,76 @@ def cancel(job: JobArg) -> None:
 @ckpt_app.command("ls")
 def ckpt_ls(directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")]) -> None:
     """List checkpoints: step, world size, ZeRO stage, size, complete or not."""
+    from engine.checkpoint.inspect import list_dir
+
     try:
-        _not_built("ckpt ls", "issue 4")
+        rows = _checkpoint_call(list_dir, directory)
     except UserError as exc:
         _fail(exc)
+    table = Table(title=f"checkpoints in {directory}")
+    for col in ("tag", "step", "world size", "ZeRO stage", "size", "status", "latest"):
+        table.add_column(col)
+    for r in rows:
+        status = r.status if not r.detail or r.status == "complete" else f"{r.status}: {r.detail}"
+        table.add_row(r.tag, _dash(r.step), _dash(r.world_size), _dash(r.zero_stage), _human_bytes(r.size_bytes),
+                      status, "<- latest" if r.latest else "")
+    out.print(table)
 
 
 @ckpt_app.command("verify")
 def ckpt_verify(directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")]) -> None:
     """Verify every shard's checksum against the manifest."""
+    from engine.checkpoint.inspect import verify
+
     try:
-        _not_built("ckpt verify", "issue 4")
+        reports = _checkpoint_call(verify, directory)
     except UserError as exc:
         _fail(exc)
+    for r in reports:
+        if r.ok:
+            out.print(f"[green]ok[/]       {r.checkpoint}  ({r.files} files, {_human_bytes(r.bytes)})", markup=True)
+        else:
+            out.print(f"[bold red]CORRUPT[/]  {r.checkpoint}", markup=True)
+            for problem in r.problems:
+                out.print(f"  {problem}")
+    raise typer.Exit(0 if all(r.ok for r in reports) else 1)
 
 
 @ckpt_app.command("consolidate")
 def ckpt_consolidate(directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
                      output: Annotated[Path, typer.Argument(help="Output file (.pt or .safetensors).")]) -> None:
     """Write one fp32 state_dict loadable into the plain model, streaming parameter by parameter."""
+    from engine.checkpoint.consolidate import consolidate
+
     try:
-        _not_built("ckpt consolidate", "issue 4")
+        result = _checkpoint_call(consolidate, directory, output)
     except UserError as exc:
         _fail(exc)
+    out.print(f"wrote {result.output} ({result.tensors} tensors, {_human_bytes(result.bytes)}) from "
+              f"{result.checkpoint}; load it with model.load_state_dict(..., strict=True)")
+
+
+def _checkpoint_call(fn, *args):  # type: ignore[no-untyped-def]
+    """Run an engine.checkpoint function, turning its CheckpointError into a UserError."""
+    from engine.checkpoint.manifest import CheckpointError
+
+    try:
+        return fn(*args)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def main() -> None:  # pragma: no cover - console entry point

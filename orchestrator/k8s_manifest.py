@@ -43,8 +43,9 @@ DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 
 
-def config_map_name(spec: JobSpec) -> str:
-    return f"{spec.name}-orch"
+def config_map_name(job_name: str) -> str:
+    """The ConfigMap beside job ``job_name`` (ds_config.json, job.json)."""
+    return f"{job_name}-orch"
 
 
 def replica_counts(spec: JobSpec) -> dict[str, int]:
@@ -95,7 +96,7 @@ def pod_values(spec: JobSpec, placement: Any, program_argv: list[str],
         {"name": "checkpoints",
          **({"persistentVolumeClaim": {"claimName": k.checkpoint_pvc}} if k.checkpoint_pvc else {"emptyDir": {}})},
         # the ConfigMap orch creates beside the job: ds_config.json and job.json
-        {"name": "orch-config", "configMap": {"name": config_map_name(spec)}},
+        {"name": "orch-config", "configMap": {"name": config_map_name(spec.name)}},
     ]
     return {
         "labels": labels,
@@ -117,7 +118,7 @@ def manifest_context(spec: JobSpec, placement: Any, files: dict[str, str],
         **pod_values(spec, placement, program_argv, job_env),
         "replicas": replica_counts(spec),
         "rdzv_id": f"{spec.name}-{placement.job_token}" if placement.job_token else spec.name,
-        "config_map": config_map_name(spec),
+        "config_map": config_map_name(spec.name),
     }
 
 
@@ -152,7 +153,7 @@ def config_map(spec: JobSpec, files: dict[str, str], *, namespace: str | None = 
     ``owner`` (the created PyTorchJob) makes Kubernetes' garbage collector delete the ConfigMap
     with the job, however the job is deleted (orch cancel, kubectl delete, ttlSecondsAfterFinished).
     """
-    meta: dict[str, Any] = {"name": config_map_name(spec),
+    meta: dict[str, Any] = {"name": config_map_name(spec.name),
                             "labels": {MANAGED_BY: "orch", JOB_LABEL: spec.name, **spec.kubernetes.labels}}
     if namespace:
         meta["namespace"] = namespace

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Optional
 __all__ = [
     "CheckpointEntry", "CheckpointError", "EXTRA_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MANIFEST",
     "OBJECTS_FILE", "TMP_SUFFIX", "file_problem", "list_checkpoints", "master_file", "optim_file",
-    "read_latest", "read_manifest", "sha256_file", "validate_tag",
+    "read_latest", "read_manifest", "resolve_checkpoint", "sha256_file", "shard_files", "validate_tag",
 ]
 
 FORMAT = "orch-checkpoint"
@@ -216,3 +216,17 @@ def list_checkpoints(save_dir: Path, include_partial: bool = True) -> list[Check
 def shard_files(manifest: Mapping[str, Any], kinds: Iterable[str] = ("master", "optimizer")) -> list[str]:
     """The shard file names of ``kinds``, rank order, skipping ranks that wrote none."""
     return [name for kind in kinds for name in manifest["shards"].get(kind, []) if name]
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, given either it or a save dir whose ``latest`` names one."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist", path)
+    tag = read_latest(path) if path.is_dir() else None
+    if tag is None:
+        raise CheckpointError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a save directory with a "
+                              f"'{LATEST}' file", path)
+    return path / tag

@@ -44,7 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..comm import Comm, Handle
-from ..optimizers import step_with_multiplier
+from ..optimizers import step_with_multiplier, takes_scale_kwargs
 from ..precision import LossScaler
 from .partition import Bucket, FlatLayout
 
@@ -97,13 +97,7 @@ class ZeroOptimizer:
         self.flat_grads: Optional[torch.Tensor] = None
         self.grad_partition: Optional[torch.Tensor] = None
         self._grad_views: list[torch.Tensor] = []
-        if self.stage == 2:
-            self.grad_partition = torch.zeros(self.layout.partition_numel, dtype=model_dtype, device=device)
-        else:
-            self.flat_grads = torch.zeros(self.layout.padded_numel, dtype=model_dtype, device=device)
-            self._grad_views = [self._view(self.flat_grads, i) for i in range(len(self.params))]
-            for p, view in zip(self.params, self._grad_views):
-                p.grad = view
+        self._make_grad_storage(device)
 
         self.master_is_view = model_dtype == torch.float32
         self.master: Optional[torch.Tensor] = None
@@ -111,14 +105,15 @@ class ZeroOptimizer:
         self.master_params = [nn.Parameter(m) for m in self._masters]
         self.optimizer = make_optimizer([{**dict(hyper), "params": [mp]}
                                          for (hyper, _), mp in zip(groups, self.master_params)])
+        # engine.ops' optimizers unscale, clip and write the low-precision copy in their one pass;
+        # they also read bf16/fp16 gradients directly, which saves a 4Ψ/N fp32 gradient copy.
+        self._fused_step = takes_scale_kwargs(self.optimizer)
+        self._lowp_grads = self._fused_step and not self.master_is_view and self._allow_lowp_grads()
 
         self.buckets = self.layout.buckets(settings.reduce_bucket_size)
         self._order: list[Bucket] = list(reversed(self.buckets))  # backward finishes last params first
         self._position = {b.index: pos for pos, b in enumerate(self._order)}
-        self._bucket_of = [0] * len(self.params)
-        for bucket in self.buckets:
-            for i in bucket.params:
-                self._bucket_of[i] = bucket.index
+        self._bucket_of = {i: b.index for b in self.buckets for i in b.params}
         for i, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(functools.partial(self._on_grad_ready, i))
 
@@ -168,6 +163,17 @@ class ZeroOptimizer:
                 p.data = view
         return flat
 
+    def _make_grad_storage(self, device: torch.device) -> None:
+        """Stage 2: this rank's gradient partition only. Stages 0/1: a flat buffer that every
+        ``p.grad`` is a view of, so autograd accumulates straight into what gets reduced."""
+        if self.stage == 2:
+            self.grad_partition = torch.zeros(self.layout.partition_numel, dtype=self.model_dtype, device=device)
+            return
+        self.flat_grads = torch.zeros(self.layout.padded_numel, dtype=self.model_dtype, device=device)
+        self._grad_views = [self._view(self.flat_grads, i) for i in range(len(self.params))]
+        for p, view in zip(self.params, self._grad_views):
+            p.grad = view
+
     def _make_masters(self, device: torch.device) -> list[torch.Tensor]:
         """One fp32 master slice per group: views into flat_params (fp32) or into self.master."""
         ranges = [g.partition_range(self._rank) for g in self.layout.groups]
@@ -180,6 +186,15 @@ class ZeroOptimizer:
             view.copy_(self.flat_params[lo:hi])
             views.append(view)
         return views
+
+    def _allow_lowp_grads(self) -> bool:
+        """Let the fp32 masters carry bf16/fp16 gradients (torch >= 2.10 has ``grad_dtype``)."""
+        try:
+            for mp in self.master_params:
+                mp.grad_dtype = None
+        except (AttributeError, RuntimeError, TypeError):
+            return False
+        return True
 
     # -- backward: collecting and reducing gradients ----------------------------------------
     def begin_backward(self, boundary: bool) -> None:
@@ -355,13 +370,17 @@ class ZeroOptimizer:
         clip = self.settings.gradient_clipping
         clip_coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
         for mp, grad in zip(self.master_params, grads):
-            mp.grad = grad if grad.dtype == torch.float32 else grad.float()
-        step_with_multiplier(self.optimizer, divisor, clip_coef)
+            mp.grad = grad if grad.dtype == torch.float32 or self._lowp_grads else grad.float()
+        lowp = None
+        if self._fused_step and not self.master_is_view:
+            lowp = [self.flat_params.narrow(0, lo, hi - lo)
+                    for lo, hi in (g.partition_range(self._rank) for g in self.layout.groups)]
+        copied = step_with_multiplier(self.optimizer, divisor, clip_coef, lowp_out=lowp)
         for mp in self.master_params:
             mp.grad = None
         self.loss_scaler.update(False)
         self.zero_grad()
-        self._publish_params()
+        self._publish_params(copied)
         return True
 
     def _global_norm(self, grads: Sequence[torch.Tensor]) -> float:
@@ -375,11 +394,11 @@ class ZeroOptimizer:
         return math.sqrt(square.item()) if math.isfinite(square.item()) else float("inf")
 
     @torch.no_grad()
-    def _publish_params(self) -> None:
+    def _publish_params(self, local_copied: bool = False) -> None:
         """Updated master partitions -> model parameters on every rank."""
         for g, master in zip(self.layout.groups, self._masters):
             lo, hi = g.partition_range(self._rank)
-            if not self.master_is_view:
+            if not self.master_is_view and not local_copied:
                 self.flat_params[lo:hi].copy_(master)
             if self.layout.partition_count > 1:
                 flat = self.flat_params[g.buffer_offset:g.buffer_offset + g.padded_numel]

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Stop what .ci/k8s-up.sh started (etcd + kube-apiserver, by their pid files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+script=${ORCH_K8S_APISERVER_SH:-../shared/k8s/apiserver.sh}
+dir=${ORCH_K8S_DIR:-/tmp/orch-k8s}
+[ -f "$script" ] && [ -d "$dir" ] && bash "$script" stop "$dir" || true

@@ -1,0 +1,437 @@
+"""orch's ZeRO engine beside DDP, FSDP2 and DeepSpeed ZeRO-1/2: step time and peak memory, 2 gloo ranks.
+
+Two workloads (issue 3), both fp32 GPTs from engine/models/presets.py, AdamW (lr 3e-4, betas
+0.9/0.95, weight decay 0.1), gradient clipping 1.0:
+
+* ``compute``: ``bench-27m`` (6 layers, d_model 512, 8 heads, seq 256, vocab 8192), micro-batch 8.
+  The matmuls dominate. Goal: orch ZeRO-1/2 within 3 % of DDP.
+* ``comm``: ``bench-100m`` (>= 100M parameters, seq 64), micro-batch 1. Gradient reduction and
+  the optimizer dominate. Goal: orch ZeRO-2 <= 0.8x DeepSpeed ZeRO-2's step time, and peak RSS
+  <= DeepSpeed's.
+
+Candidates: ``ddp`` (DistributedDataParallel + torch AdamW ``fused=True``), ``fsdp2``
+(``fully_shard`` per block and the root, same optimizer), ``deepspeed-z1``/``deepspeed-z2``
+(``deepspeed.initialize``, its FusedAdam CPU op) and ``orch-z1``/``orch-z2``
+(``engine.initialize``), the last four from the same ds_config.
+
+Method: every candidate runs in its own ``torchrun`` launch (a fresh pair of processes, so
+peak RSS is its own and nothing it allocates lingers for the next), with one compute thread per
+rank. A launch takes ``warmup`` steps, then times ``steps`` steps, each bracketed by barriers
+(so a step's time is the slowest rank's); the launch's figure is the median step. Rounds
+interleave the candidates (in a rotated order each round) so load drifting on a shared machine
+hits every candidate alike; the reported figure is the median over rounds, with the range of
+the round medians, and the 1-minute load average seen before each launch says how busy it was.
+
+    python -m bench.engine_vs_peers [--rounds 3] [--steps 5] [--workload compute comm] [--record]
+    python -m bench.engine_vs_peers --quick          # small shapes, 1 round: a smoke run
+    python -m bench.engine_vs_peers --profile orch-z2 --workload comm   # where orch's step goes
+
+DeepSpeed candidates are skipped (with a note) when ``deepspeed`` is not importable; install it
+with ``DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from bench.common import REPO, append_benchmarks_md, load_average, machine, peak_rss_mb
+
+CANDIDATES = ("ddp", "fsdp2", "deepspeed-z1", "deepspeed-z2", "orch-z1", "orch-z2")
+LR, BETAS, WEIGHT_DECAY, EPS, CLIP = 3e-4, (0.9, 0.95), 0.1, 1e-8, 1.0
+WORLD = 2
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model preset, its overrides, the micro-batch per rank and what it is meant to show."""
+
+    name: str
+    preset: str
+    micro_batch: int
+    goal: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        from engine.models import get_preset
+
+        cfg = get_preset(self.preset, **self.overrides)
+        millions = cfg.num_parameters() / 1e6
+        return (f"{self.preset} ({millions:.1f}M params: {cfg.n_layer} layers, d_model {cfg.d_model}, "
+                f"{cfg.n_head} heads, seq {cfg.seq_len}, vocab {cfg.vocab_size}), micro-batch {self.micro_batch}, fp32")
+
+
+WORKLOADS: dict[str, Workload] = {
+    "compute": Workload("compute", "bench-27m", 8, "orch ZeRO-1/2 within 3 % of DDP"),
+    "comm": Workload("comm", "bench-100m", 1, "orch ZeRO-2 <= 0.8x DeepSpeed ZeRO-2 step time; peak RSS <= DeepSpeed's"),
+}
+# --quick: the same code paths on shapes that take seconds, to check the benchmark still runs.
+QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
+    "compute": {"n_layer": 2, "seq_len": 64},
+    "comm": {"n_layer": 2},
+}
+
+
+def ds_config(stage: int, micro_batch: int) -> dict[str, Any]:
+    """The one ds_config DeepSpeed and orch both run (DeepSpeed's defaults for everything else)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
+                                                   "weight_decay": WEIGHT_DECAY}},
+        "zero_optimization": {"stage": stage},
+    }
+
+
+def deepspeed_available() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank of one launch (runs under torchrun)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """The three phases of a training step, whatever library is behind them."""
+
+    forward: Callable[[Any, Any], Any]
+    backward: Callable[[Any], None]
+    step: Callable[[], None]
+
+
+def _torch_trainer(model: Any, wrapped: Any) -> Trainer:
+    import torch
+
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                fused=True)
+    except (RuntimeError, TypeError):  # fused kernels refuse some tensor types (e.g. older DTensor)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Trainer(lambda x, y: wrapped(x, y), lambda loss: loss.backward(), step)
+
+
+def _make_trainer(candidate: str, model: Any, micro_batch: int) -> Trainer:
+    if candidate == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return _torch_trainer(model, DistributedDataParallel(model))
+    if candidate == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return _torch_trainer(model, model)
+    library, stage = candidate.split("-z")
+    if library == "deepspeed":
+        import deepspeed as lib
+    else:
+        import engine as lib
+    eng, _, _, _ = lib.initialize(model=model, config=ds_config(int(stage), micro_batch))
+    return Trainer(lambda x, y: eng(x, y), eng.backward, eng.step)
+
+
+def _init_process_group(candidate: str) -> None:
+    import torch.distributed as dist
+
+    if candidate.startswith("deepspeed"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+
+
+def worker(candidate: str, workload: Workload, steps: int, warmup: int, out: Path, profile: bool) -> None:
+    """Train ``warmup + steps`` steps on this rank; write per-step phase times and peak RSS."""
+    import torch
+    import torch.distributed as dist
+
+    from engine.models import build_model, get_preset
+
+    torch.set_num_threads(1)
+    _init_process_group(candidate)
+    rank = dist.get_rank()
+    cfg = get_preset(workload.preset, **workload.overrides)
+    model = build_model(workload.preset, seed=0, **workload.overrides)
+    rss_model = peak_rss_mb()
+    trainer = _make_trainer(candidate, model, workload.micro_batch)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "total": []}
+    losses = []
+    prof = _profiler() if profile else None
+    for i in range(warmup + steps):
+        tokens = torch.randint(0, cfg.vocab_size, (workload.micro_batch, cfg.seq_len + 1), generator=gen)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        if prof is not None and i == warmup:
+            prof.__enter__()
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = trainer.forward(x, y)
+        t1 = time.perf_counter()
+        trainer.backward(loss)
+        t2 = time.perf_counter()
+        trainer.step()
+        t3 = time.perf_counter()
+        dist.barrier()
+        t4 = time.perf_counter()
+        losses.append(float(loss.detach()))
+        if i >= warmup:
+            for name, secs in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t0)):
+                phases[name].append(secs)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        if rank == 0:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    result = {"rank": rank, "phases": phases, "losses": losses, "peak_rss_mb": peak_rss_mb(),
+              "rss_after_model_mb": rss_model}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _profiler() -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: launches, rounds, table
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    """What one torchrun launch of one candidate measured."""
+
+    step_s: float                     # median step time (slowest rank, barrier to barrier)
+    phases_s: dict[str, float]        # rank 0's median forward / backward / step
+    peak_rss_mb: float                # the larger of the two ranks' peaks
+    rss_after_model_mb: float         # peak before the library wrapped the model
+    final_loss: float
+    load: float
+
+
+def launch(candidate: str, workload: Workload, steps: int, warmup: int, *, profile: bool = False,
+           timeout: float = 900) -> Launch:
+    """Run ``candidate`` on ``workload`` in a fresh ``torchrun --nproc_per_node 2``."""
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        spec = json.dumps({"workload": workload.__dict__})
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+                "-m", "bench.engine_vs_peers", "--worker", candidate, spec, "--steps", str(steps),
+                "--warmup", str(warmup), "--out", tmp] + (["--profile-step"] if profile else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        load = load_average()
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if profile:
+            print(proc.stdout)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+            raise RuntimeError(f"{candidate} on {workload.name} failed (exit {proc.returncode}):\n{tail}")
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    zero = ranks[0]
+    return Launch(step_s=statistics.median(zero["phases"]["total"]),
+                  phases_s={k: statistics.median(v) for k, v in zero["phases"].items() if k != "total"},
+                  peak_rss_mb=max(r["peak_rss_mb"] for r in ranks),
+                  rss_after_model_mb=max(r["rss_after_model_mb"] for r in ranks),
+                  final_loss=zero["losses"][-1], load=load)
+
+
+@dataclass
+class Result:
+    """A candidate's launches on one workload, summarised over rounds."""
+
+    candidate: str
+    launches: list[Launch]
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(x.step_s for x in self.launches)
+
+    @property
+    def step_range(self) -> tuple[float, float]:
+        return min(x.step_s for x in self.launches), max(x.step_s for x in self.launches)
+
+    @property
+    def rss_mb(self) -> float:
+        return statistics.median(x.peak_rss_mb for x in self.launches)
+
+    def phase(self, name: str) -> float:
+        return statistics.median(x.phases_s[name] for x in self.launches)
+
+
+def measure(workloads: Sequence[Workload], candidates: Sequence[str], rounds: int, steps: int,
+            warmup: int) -> dict[str, dict[str, Result]]:
+    """Interleaved rounds: every (workload, candidate) once per round, the order rotated each round."""
+    results = {w.name: {c: Result(c, []) for c in candidates} for w in workloads}
+    for r in range(rounds):
+        for w in workloads:
+            order = list(candidates[r % len(candidates):]) + list(candidates[:r % len(candidates)])
+            for c in order:
+                one = launch(c, w, steps, warmup)
+                results[w.name][c].launches.append(one)
+                print(f"  round {r + 1}/{rounds} {w.name:<8} {c:<13} step {one.step_s:7.3f} s  "
+                      f"rss {one.peak_rss_mb:7.0f} MiB  loss {one.final_loss:.4f}  load {one.load:.1f}", flush=True)
+    return results
+
+
+def _ratio(a: Optional[Result], b: Optional[Result], what: Callable[[Result], float]) -> Optional[float]:
+    return what(a) / what(b) if a and b and a.launches and b.launches else None
+
+
+def table(workload: Workload, results: dict[str, Result]) -> list[str]:
+    """Markdown rows: each candidate's step time, range, phases, RSS, and its ratios."""
+    ddp = results.get("ddp")
+    lines = [f"| candidate | step s (median) | range of round medians | fwd / bwd / step s | peak RSS MiB/rank "
+             f"| loss after last step | / DDP | orch / DeepSpeed same stage (time, RSS) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        if not res.launches:
+            continue
+        lo, hi = res.step_range
+        vs_ddp = _ratio(res, ddp, lambda r: r.step_s)
+        peer = results.get(name.replace("orch", "deepspeed")) if name.startswith("orch") else None
+        t = _ratio(res, peer, lambda r: r.step_s)
+        m = _ratio(res, peer, lambda r: r.rss_mb)
+        vs_peer = f"{t:.2f}x, {m:.2f}x" if t is not None and m is not None else ""
+        phases = " / ".join(f"{res.phase(p):.3f}" for p in ("forward", "backward", "step"))
+        lines.append(f"| {name} | {res.step_s:.3f} | {lo:.3f}-{hi:.3f} | {phases} | {res.rss_mb:.0f} "
+                     f"| {statistics.median(x.final_loss for x in res.launches):.4f} "
+                     f"| {'' if vs_ddp is None else f'{vs_ddp:.3f}'} | {vs_peer} |")
+    return lines
+
+
+def verdicts(workload: Workload, results: dict[str, Result]) -> list[str]:
+    """The issue's goals, each checked against this run's medians."""
+    out = []
+    ddp = results.get("ddp")
+    if workload.name == "compute" and ddp and ddp.launches:
+        for stage in (1, 2):
+            ours = results.get(f"orch-z{stage}")
+            if ours and ours.launches:
+                ratio = ours.step_s / ddp.step_s
+                out.append(f"orch ZeRO-{stage} / DDP = {ratio:.3f} (goal <= 1.03): {'met' if ratio <= 1.03 else 'MISSED'}")
+    if workload.name == "comm":
+        ours, peer = results.get("orch-z2"), results.get("deepspeed-z2")
+        if ours and peer and ours.launches and peer.launches:
+            t, m = ours.step_s / peer.step_s, ours.rss_mb / peer.rss_mb
+            out.append(f"orch ZeRO-2 / DeepSpeed ZeRO-2 step time = {t:.2f} (goal <= 0.80): {'met' if t <= 0.8 else 'MISSED'}")
+            out.append(f"orch ZeRO-2 / DeepSpeed ZeRO-2 peak RSS = {m:.2f} (goal <= 1.00): {'met' if m <= 1.0 else 'MISSED'}")
+    return out
+
+
+def noise(results: dict[str, Result]) -> str:
+    """How much the round medians moved, and how loaded the machine was."""
+    spreads = [(hi - lo) / r.step_s for r in results.values() if r.launches for lo, hi in [r.step_range]]
+    loads = [x.load for r in results.values() for x in r.launches if x.load >= 0]
+    load_txt = f"1-min load average {min(loads):.1f}-{max(loads):.1f}" if loads else "load unknown"
+    return (f"noise: round medians spread by at most {100 * max(spreads):.0f} % of their median "
+            f"(typical {100 * statistics.median(spreads):.0f} %); {load_txt} on {os.cpu_count()} cores")
+
+
+def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] = None,
+        workloads: Sequence[str] = ("compute", "comm"), candidates: Sequence[str] = CANDIDATES,
+        record: bool = False) -> list[dict]:
+    """Measure, print one ratio table per workload, return one dict per (workload, candidate)."""
+    rounds = rounds or (1 if quick else 3)
+    steps = steps or (3 if quick else 5)
+    warmup = 1 if quick else 2
+    chosen = [WORKLOADS[w] for w in workloads]
+    if quick:
+        chosen = [Workload(w.name, w.preset, w.micro_batch, w.goal, QUICK_OVERRIDES[w.name]) for w in chosen]
+    names = list(candidates)
+    skipped = ""
+    if not deepspeed_available():
+        names = [c for c in names if not c.startswith("deepspeed")]
+        skipped = ("deepspeed is not installed, so its candidates were skipped (DS_BUILD_OPS=0 pip install "
+                   "--no-build-isolation deepspeed==0.19.8)")
+        print(f"note: {skipped}")
+    print(f"machine: {machine()}\n{WORLD} gloo ranks x 1 thread; {rounds} interleaved round(s) of "
+          f"{warmup} warm-up + {steps} timed steps per launch{' (quick: reduced shapes)' if quick else ''}")
+    results = measure(chosen, names, rounds, steps, warmup)
+    rows: list[dict] = []
+    md: list[str] = [f"Machine: {machine()}. Command: `python -m bench.engine_vs_peers"
+                     f"{' --quick' if quick else ''} --rounds {rounds} --steps {steps}`. "
+                     f"{WORLD} gloo ranks x 1 thread, each candidate a fresh torchrun launch per round; "
+                     f"step = median of {steps} steps after {warmup} warm-up, then the median over "
+                     f"{rounds} interleaved rounds. torch AdamW fused=True for DDP/FSDP2."]
+    if skipped:
+        md.append(f"Note: {skipped}.")
+    for w in chosen:
+        res = results[w.name]
+        lines = table(w, res)
+        print(f"\n{w.name}: {w.describe()}\ngoal: {w.goal}")
+        print("\n".join(lines))
+        checks = verdicts(w, res)
+        for line in checks:
+            print(f"  {line}")
+        print(f"  {noise(res)}")
+        md += ["", f"**{w.name}**: {w.describe()}. Goal: {w.goal}.", "", *lines, "",
+               *(f"- {c}" for c in checks), f"- {noise(res)}"]
+        ddp = res.get("ddp")
+        for name, r in res.items():
+            if not r.launches:
+                continue
+            peer = res.get(name.replace("orch", "deepspeed")) if name.startswith("orch") else None
+            rows.append({"benchmark": "engine_vs_peers", "workload": w.name, "name": name,
+                         "median_s": r.step_s, "range_s": f"{r.step_range[0]:.3g}-{r.step_range[1]:.3g}",
+                         "peak_rss_mb": r.rss_mb, "phases_s": {p: r.phase(p) for p in ("forward", "backward", "step")},
+                         "ratio_vs_ddp": _ratio(r, ddp, lambda x: x.step_s),
+                         "peer": peer.candidate if peer and peer.launches else None,
+                         "ratio": _ratio(r, peer, lambda x: x.step_s),
+                         "rss_ratio": _ratio(r, peer, lambda x: x.rss_mb)})
+    if record:
+        append_benchmarks_md("Engine vs DDP / FSDP2 / DeepSpeed ZeRO-1/2 (bench/engine_vs_peers.py)", md)
+        print("\nappended to BENCHMARKS.md")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced shapes, 1 round (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per launch (default 5)")
+    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
+    parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
+    parser.add_argument("--profile", choices=CANDIDATES, default=None,
+                        help="run one launch of this candidate under torch.profiler and print its top ops")
+    parser.add_argument("--worker", nargs=2, metavar=("CANDIDATE", "WORKLOAD_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        candidate, spec = args.worker
+        worker(candidate, Workload(**json.loads(spec)["workload"]), args.steps, args.warmup, args.out,
+               args.profile_step)
+        return
+    if args.profile:
+        for name in args.workload:
+            w = WORKLOADS[name]
+            one = launch(args.profile, w, args.steps or 3, 1, profile=True)
+            print(f"{args.profile} on {name}: step {one.step_s:.3f} s, phases {one.phases_s}")
+        return
+    run(args.quick, args.rounds, args.steps, args.workload, args.candidates, args.record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Loading: pick the checkpoint, verify it, and reshard it onto this engine's layout.
+
+1. Rank 0 resolves the tag (``latest`` unless one is given) and reads the manifest; every rank
+   gets rank 0's answer, so all ranks load the same checkpoint or fail the same way.
+2. Checksums: the checkpoint's files are split round-robin over the ranks, each rank hashes its
+   share in full, and the findings are shared. One pass over the checkpoint in total, spread
+   over all ranks. A bad or missing file is named; with ``fallback_to_previous`` the next older
+   complete checkpoint is tried instead of failing.
+3. Reshard: each rank computes (reshard.py) which runs of which saved rank's flat tensors hold
+   the elements of its own new partition, and reads exactly those byte ranges with ``pread``,
+   for the master weights and every optimizer state. Then the model parameters are rebuilt
+   the way a ZeRO step publishes them: each rank casts its master partition into its slice of
+   the flat parameters and the slices are all-gathered.
+4. Everything else: loss scaler, LR schedule, step counters, buffers, RNG states (rank r gets
+   the state saved by rank r, or by rank r mod N when the world grew), client_state.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .collective import Group
+from .manifest import (EXTRA_FILE, OBJECTS_FILE, CheckpointError, file_problem, list_checkpoints, read_latest,
+                       read_manifest)
+from .reshard import plan_reads, source_runs, target_pieces
+from .rng import restore_rng
+from .save import async_writer
+from .state_names import ModelNames, model_names, unwrap
+from .tensorfile import ITEMSIZE, read_into
+
+__all__ = ["load_checkpoint", "read_partition"]
+
+
+def load_checkpoint(engine: Any, load_dir: str | Path, tag: Optional[str] = None, load_module_strict: bool = True,
+                    load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                    load_module_only: bool = False, *,
+                    fallback_to_previous: bool = False) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """Load ``<load_dir>/<tag>`` (default: what ``latest`` names) into ``engine``; every rank calls it.
+
+    Returns ``(checkpoint path, client_state)``, or ``(None, None)`` when there is no ``latest``
+    (as DeepSpeed does). Works whatever world size and ZeRO stage wrote the checkpoint.
+    """
+    group = Group(engine.comm)
+    failed = group.first_error(async_writer(engine).wait())
+    if failed and group.rank == 0:
+        warnings.warn(f"the last asynchronous checkpoint save failed ({failed}); loading what is on disk", stacklevel=2)
+    load_dir = Path(load_dir)
+    answer = group.broadcast(_candidates(load_dir, tag, fallback_to_previous) if group.rank == 0 else None)
+    if isinstance(answer, str):
+        raise CheckpointError(answer, load_dir)
+    if not answer:
+        if group.rank == 0:
+            warnings.warn(f"no checkpoint to load: {load_dir / 'latest'} does not exist; pass tag= to load a "
+                          "specific checkpoint", stacklevel=2)
+        return None, None
+    with_optimizer = load_optimizer_states and not load_module_only
+    problems = []
+    for name in answer:
+        manifest, problem = _open_verified(load_dir / name, group, with_optimizer)
+        if problem is None:
+            break
+        problems.append(problem)
+        if not fallback_to_previous:
+            raise CheckpointError(f"cannot load checkpoint {load_dir / name}: {problem}. Pass "
+                                  "fallback_to_previous=True to load the newest intact checkpoint instead.",
+                                  load_dir / name)
+        if group.rank == 0:
+            warnings.warn(f"checkpoint {load_dir / name} is not usable ({problem}); trying the previous one",
+                          stacklevel=2)
+    else:
+        raise CheckpointError(f"no intact checkpoint in {load_dir}: " + "; ".join(problems), load_dir)
+    client_state = restore(engine, load_dir / name, manifest, group, strict=load_module_strict,
+                           optimizer=with_optimizer, scheduler=load_lr_scheduler_states and not load_module_only,
+                           module_only=load_module_only)
+    return str(load_dir / name), client_state
+
+
+def _candidates(load_dir: Path, tag: Optional[str], fallback: bool) -> list[str] | str:
+    """Rank 0: the tags to try in order, or an error message."""
+    try:
+        first = str(tag) if tag is not None else read_latest(load_dir)
+        if not fallback:
+            return [first] if first else []
+        older = [e.name for e in list_checkpoints(load_dir, include_partial=False) if e.complete and e.name != first]
+        return ([first] if first else []) + older
+    except CheckpointError as exc:
+        return str(exc)
+
+
+def _open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """Collective: rank 0's manifest for everyone, and every needed file's checksum checked by some rank."""
+    found: tuple[Optional[dict[str, Any]], Optional[str]] = (None, None)
+    if group.rank == 0:
+        try:
+            found = (read_manifest(ckpt_dir), None)
+        except CheckpointError as exc:
+            found = (None, str(exc))
+    manifest, problem = group.broadcast(found)
+    if problem:
+        return None, problem
+    names = sorted(n for n, rec in manifest["files"].items() if with_optimizer or rec.get("kind") != "optimizer")
+    mine = [file_problem(ckpt_dir, n, manifest["files"][n]) for n in names[group.rank::group.world_size]]
+    problems = [p for found in group.all_gather([p for p in mine if p]) for p in found]
+    return manifest, "; ".join(problems) or None
+
+
+# -- restoring ------------------------------------------------------------------------------------
+
+def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Group, *, strict: bool = True,
+            optimizer: bool = True, scheduler: bool = True, module_only: bool = False) -> dict[str, Any]:
+    """Put a verified checkpoint into ``engine``; returns its client_state."""
+    opt = engine.optimizer
+    names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
+    _check_compatible(manifest, names, opt, strict=strict, optimizer=optimizer, ckpt_dir=ckpt_dir)
+    _check_extras(manifest, names, strict=strict, ckpt_dir=ckpt_dir)
+    keys = list(manifest["optimizer"]["state_keys"]) if optimizer else []
+    error = None
+    try:
+        buffers = read_partition(ckpt_dir, manifest, opt, names, group.rank, keys)
+        extras = _read_extras(ckpt_dir, manifest)
+        objects = _read_objects(ckpt_dir, manifest)
+    except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
+        error = f"rank {group.rank}: {exc}"
+    error = group.first_error(error)
+    if error:
+        raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {error}", ckpt_dir)
+    _apply_master(opt, buffers.pop("master"))
+    _apply_extras(engine.module, extras)
+    if optimizer:
+        _apply_optimizer(opt, manifest, buffers, names)
+        if manifest["dtype_policy"]["name"] == engine.precision.name:
+            _load_state(opt.loss_scaler, manifest["loss_scaler"], "loss scaler")
+    if scheduler and manifest.get("lr_scheduler") is not None and hasattr(engine.lr_scheduler, "load_state_dict"):
+        engine.lr_scheduler.load_state_dict(_resolve(manifest["lr_scheduler"], objects))
+    if not module_only:
+        if hasattr(engine, "counters"):
+            engine.counters.load_state_dict(manifest["counters"])
+        rng = manifest.get("rng") or []
+        if rng:
+            restore_rng(rng[group.rank % len(rng)])
+        _restore_dataloader(engine, manifest, group)
+    return _resolve(manifest.get("client_state", {}), objects)
+
+
+def _check_compatible(manifest: Mapping[str, Any], names: ModelNames, opt: Any, *, strict: bool, optimizer: bool,
+                      ckpt_dir: Path) -> None:
+    """Name/shape mismatches and a different optimizer are user errors, reported before any read."""
+    saved = {p["name"]: p for p in manifest["params"]}
+    mine = {n: e for n, e in zip(names.params, opt.layout.params)}
+    wrong = [f"{n} (checkpoint {saved[n]['shape']}, model {list(e.shape)})" for n, e in mine.items()
+             if n in saved and list(saved[n]["shape"]) != list(e.shape)]
+    if wrong:
+        raise CheckpointError(f"{ckpt_dir}: parameter shapes differ: {', '.join(wrong[:5])}; the checkpoint "
+                              "belongs to another model configuration", ckpt_dir)
+    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}; pass load_module_strict=False to load the "
+                              "parameters both have", ckpt_dir)
+    saved_class = manifest["optimizer"]["class"]
+    if optimizer and manifest["optimizer"]["state_keys"] and saved_class != type(opt.optimizer).__name__:
+        raise CheckpointError(f"{ckpt_dir} holds {saved_class} optimizer states but this engine uses "
+                              f"{type(opt.optimizer).__name__}; pass load_optimizer_states=False to load the "
+                              "weights only", ckpt_dir)
+
+
+def _check_extras(manifest: Mapping[str, Any], names: ModelNames, *, strict: bool, ckpt_dir: Path) -> None:
+    saved = {e["name"]: e for e in manifest.get("extras", [])}
+    mine = {n: t for n, t in names.extras}
+    wrong = [f"{n} (checkpoint {saved[n]['shape']}, model {list(t.shape)})" for n, t in mine.items()
+             if n in saved and list(saved[n]["shape"]) != list(t.shape)]
+    if wrong:
+        raise CheckpointError(f"{ckpt_dir}: buffer shapes differ: {', '.join(wrong[:5])}", ckpt_dir)
+    missing = sorted(n for n, t in mine.items() if n not in saved and not isinstance(t, torch.nn.Parameter))
+    unexpected = sorted(set(saved) - set(mine))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint's buffers do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}; pass load_module_strict=False to load those both have",
+                              ckpt_dir)
+
+
+def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names: ModelNames, rank: int,
+                   keys: list[str]) -> dict[str, torch.Tensor]:
+    """This rank's new local partition of the master weights and of each state in ``keys`` (CPU).
+
+    Only the byte ranges that hold elements of this rank's partition are read. Elements the
+    checkpoint lacks (non-strict loads) keep the current master value and zero states.
+    """
+    layout = opt.layout
+    owner = rank if layout.partition_count > 1 else 0
+    params = [(n, e.offset, e.numel) for n, e in zip(names.params, layout.params)]
+    segments = [(s.canonical_start, s.canonical_end, s.local_start) for s in layout.segments(owner)]
+    reads = plan_reads(target_pieces(params, segments), source_runs(manifest["params"]))
+    out = {"master": torch.cat([mp.detach().reshape(-1).float().cpu() for mp in opt.master_params])}
+    for key in keys:
+        dtype = _tensor_dtype(manifest, key)
+        out[key] = torch.zeros(layout.partition_numel, dtype=getattr(torch, dtype))
+    with _Files(ckpt_dir) as files:
+        for key, shard_kind in [("master", "master")] + [(k, "optimizer") for k in keys]:
+            buf = out[key]
+            item = buf.element_size()
+            raw = memoryview(buf.view(torch.uint8).numpy()).cast("B") if buf.numel() else memoryview(b"")
+            for r in reads:
+                name = manifest["shards"][shard_kind][r.rank]
+                tensor = manifest["files"][name]["tensors"][key]
+                if ITEMSIZE[tensor["dtype"]] != item:
+                    raise CheckpointError(f"{ckpt_dir / name}: tensor {key!r} is {tensor['dtype']}, expected "
+                                          f"{buf.dtype}", ckpt_dir / name)
+                files.read(name, tensor["offset"] + r.src * item, raw[r.dst * item:(r.dst + r.length) * item])
+    return out
+
+
+def _tensor_dtype(manifest: Mapping[str, Any], key: str) -> str:
+    for name in manifest["shards"]["optimizer"]:
+        if name:
+            return manifest["files"][name]["tensors"][key]["dtype"]
+    raise CheckpointError(f"the manifest lists optimizer state {key!r} but no optimizer shard")
+
+
+class _Files:
+    """Open-once file descriptors for ranged reads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fds: dict[str, int] = {}
+
+    def read(self, name: str, offset: int, view: memoryview) -> None:
+        fd = self.fds.get(name)
+        if fd is None:
+            fd = self.fds[name] = os.open(self.root / name, os.O_RDONLY)
+        try:
+            read_into(fd, offset, view)
+        except EOFError as exc:
+            raise CheckpointError(f"{self.root / name} is shorter than the manifest says: {exc}",
+                                  self.root / name) from None
+
+    def __enter__(self) -> "_Files":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _read_extras(ckpt_dir: Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if not manifest.get("extras"):
+        return {}
+    tensors = manifest["files"][EXTRA_FILE]["tensors"]
+    out = {}
+    with _Files(ckpt_dir) as files:
+        for name, t in tensors.items():
+            value = torch.empty(t["shape"], dtype=getattr(torch, t["dtype"]))
+            if value.numel():
+                files.read(EXTRA_FILE, t["offset"], memoryview(value.view(torch.uint8).numpy()).cast("B"))
+            out[name] = value
+    return out
+
+
+def _read_objects(ckpt_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    if OBJECTS_FILE not in manifest["files"]:
+        return {}
+    return torch.load(ckpt_dir / OBJECTS_FILE, weights_only=True, map_location="cpu")
+
+
+def _resolve(value: Any, objects: Mapping[str, Any]) -> Any:
+    if isinstance(value, dict) and set(value) == {"$object"}:
+        return objects[value["$object"]]
+    return value
+
+
+@torch.no_grad()
+def _apply_master(opt: Any, master: torch.Tensor) -> None:
+    """New master partition in; model parameters rebuilt as a ZeRO step publishes them."""
+    layout = opt.layout
+    owner = opt.comm.rank if layout.partition_count > 1 else 0
+    for g, mp in zip(layout.groups, opt.master_params):
+        mp.copy_(master[g.local_offset:g.local_offset + g.partition_numel].to(mp.device))
+    for g, mp in zip(layout.groups, opt.master_params):
+        lo, hi = g.partition_range(owner)
+        if not opt.master_is_view:
+            opt.flat_params[lo:hi].copy_(mp)
+        if layout.partition_count > 1:
+            flat = opt.flat_params[g.buffer_offset:g.buffer_offset + g.padded_numel]
+            opt.comm.all_gather_partitions(flat, g.partition_numel, opt.settings.allgather_bucket_size)
+
+
+@torch.no_grad()
+def _apply_extras(module: torch.nn.Module, extras: Mapping[str, torch.Tensor]) -> None:
+    """Buffers and frozen parameters (names and shapes were checked by ``_check_compatible``)."""
+    state = unwrap(module).state_dict(keep_vars=True)
+    for name, value in extras.items():
+        if name in state:
+            state[name].data.copy_(value)
+
+
+def _apply_optimizer(opt: Any, manifest: Mapping[str, Any], buffers: Mapping[str, torch.Tensor],
+                     names: ModelNames) -> None:
+    """Optimizer states, scalars (``step``) and hyperparameters, through the optimizer's own loader."""
+    inner = opt.optimizer
+    sd = inner.state_dict()
+    saved_groups = manifest["optimizer"]["groups"]
+    group_of = {p["name"]: p["group"] for p in manifest["params"]}
+    first_name = {}
+    for name, entry in zip(names.params, opt.layout.params):
+        first_name.setdefault(entry.group, name)
+    state = {}
+    for g, (mp, pg) in enumerate(zip(opt.master_params, sd["param_groups"])):
+        old = saved_groups[min(group_of.get(first_name.get(g, ""), g), len(saved_groups) - 1)]
+        layout_group = opt.layout.groups[g]
+        lo, hi = layout_group.local_offset, layout_group.local_offset + layout_group.partition_numel
+        st: dict[str, Any] = {key: buf[lo:hi].to(mp.device) for key, buf in buffers.items()}
+        if st:
+            for key, s in old["scalars"].items():
+                st[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"])) if s["tensor"] else s["value"]
+            state[pg["params"][0]] = st
+        for key, value in old["hyper"].items():
+            if key in pg:
+                pg[key] = _like(pg[key], value)
+    sd["state"] = state
+    inner.load_state_dict(sd)
+
+
+def _like(current: Any, value: Any) -> Any:
+    if isinstance(current, tuple):
+        return tuple(value)
+    if torch.is_tensor(current):
+        return torch.tensor(value, dtype=current.dtype, device=current.device)
+    return value
+
+
+def _load_state(obj: Any, state: Mapping[str, Any], what: str) -> None:
+    try:
+        obj.load_state_dict(dict(state))
+    except (KeyError, TypeError, ValueError) as exc:
+        warnings.warn(f"the checkpoint's {what} state does not fit this engine's ({exc}); it starts fresh",
+                      stacklevel=3)
+
+
+def _restore_dataloader(engine: Any, manifest: Mapping[str, Any], group: Group) -> None:
+    loader = getattr(engine, "training_dataloader", None)
+    states = manifest.get("dataloader") or []
+    if loader is None or not hasattr(loader, "load_state_dict") or len(states) != group.world_size:
+        return
+    if states[group.rank] is not None:
+        loader.load_state_dict(states[group.rank])

@@ -1,0 +1,392 @@
+"""Saving: every rank writes its own shard, rank 0 writes the manifest last, then two renames.
+
+The protocol, and why it survives a SIGKILL at any moment:
+
+1. rank 0 removes leftovers of interrupted saves and creates ``<tag>.tmp/``;
+2. every rank writes its files there (hashing the bytes as they go out) and fsyncs them: the
+   fp32 master partition and the optimizer-state partition of the slice it owns (at stage 0
+   the state is replicated, so only rank 0 writes it); rank 0 also writes buffers/frozen
+   parameters and, if needed, ``objects.pt``;
+3. rank 0 collects every rank's file sizes and sha256, writes ``manifest.json``, fsyncs it
+   and the directory, and renames ``<tag>.tmp`` to ``<tag>`` (an atomic step);
+4. rank 0 replaces ``latest`` by writing a temp file, fsyncing it and renaming it over
+   ``latest``; only then are checkpoints beyond ``keep`` deleted.
+
+Until step 3's rename the previous checkpoint is what ``latest`` names and it is untouched;
+between 3 and 4 both are complete; after 4 the new one is ``latest``. A directory without a
+manifest is never loaded, and a ``*.tmp`` directory is never mistaken for a checkpoint.
+
+``save_checkpoint`` with ``async_save`` snapshots the shard to CPU memory and hands steps 2-4
+to a background thread (async_save.py); the next save (or load) waits for it.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from . import fsutil
+from .async_save import AsyncWriter
+from .collective import Group
+from .manifest import (EXTRA_FILE, FORMAT, FORMAT_VERSION, LATEST, MANIFEST, OBJECTS_FILE, TMP_SUFFIX,
+                       CheckpointError, list_checkpoints, master_file, optim_file, read_latest, sha256_file,
+                       validate_tag)
+from .rng import capture_rng
+from .state_names import model_names
+from .tensorfile import TensorEntry, write_tensor_file
+
+__all__ = ["SaveJob", "finalize", "prepare", "prune", "save_checkpoint", "write_shards"]
+
+
+@dataclass
+class SaveJob:
+    """One save as one rank sees it: what it writes and (rank 0) the manifest to finish with."""
+
+    save_dir: Path
+    tag: str
+    rank: int
+    world_size: int
+    files: dict[str, tuple[str, list[TensorEntry]]] = field(default_factory=dict)  # name -> (kind, entries)
+    objects: dict[str, Any] = field(default_factory=dict)    # rank 0: values stored in objects.pt
+    header: Optional[dict[str, Any]] = None                  # rank 0: the manifest without "files"
+    save_latest: bool = True
+    keep: Optional[int] = None
+
+    @property
+    def tmp(self) -> Path:
+        return self.save_dir / f"{self.tag}{TMP_SUFFIX}"
+
+    @property
+    def final(self) -> Path:
+        return self.save_dir / self.tag
+
+
+def save_checkpoint(engine: Any, save_dir: str | Path, tag: Optional[str] = None,
+                    client_state: Optional[Mapping[str, Any]] = None, save_latest: bool = True, *,
+                    keep: Optional[int] = None, async_save: Optional[bool] = None,
+                    exclude_frozen_parameters: bool = False) -> bool:
+    """Save ``engine`` as ``<save_dir>/<tag>/`` (tag defaults to ``step-<global_steps>``); every rank calls it.
+
+    ``keep``: retain only the newest ``keep`` complete checkpoints (None keeps all). ``async_save``
+    (default: the ds_config's ``checkpoint.async_save``) returns once the shard is copied to CPU.
+    """
+    group = Group(engine.comm)
+    writer = async_writer(engine)
+    failed = group.first_error(writer.wait())
+    if failed:
+        raise CheckpointError(f"the previous asynchronous checkpoint save failed: {failed}")
+    if async_save is None:
+        async_save = bool(getattr(getattr(engine.config, "checkpoint", None), "async_save", False))
+    job = prepare(engine, Path(save_dir), tag, dict(client_state or {}), group, snapshot=async_save,
+                  save_latest=save_latest, keep=keep, exclude_frozen=exclude_frozen_parameters)
+    if async_save:
+        writer.start(job, write_shards, finalize)
+        return True
+    records, error = {}, None
+    try:
+        records = write_shards(job)
+    except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
+        error = f"rank {group.rank} could not write its shard to {job.tmp}: {exc}"
+    gathered = group.all_gather((records, error))
+    error = "; ".join(e for _, e in gathered if e) or None
+    if error is None and group.rank == 0:
+        try:
+            finalize(job, {name: rec for recs, _ in gathered for name, rec in recs.items()})
+        except Exception as exc:  # noqa: BLE001
+            error = f"rank 0 could not complete {job.final}: {exc}"
+    error = group.broadcast(error)
+    if error:
+        raise CheckpointError(f"checkpoint {job.tag!r} was not saved ({error}); the previous checkpoint is intact",
+                              job.tmp)
+    return True
+
+
+def async_writer(engine: Any) -> AsyncWriter:
+    """The engine's background writer (created on first use)."""
+    writer = engine.__dict__.get("_checkpoint_writer")
+    if writer is None:
+        writer = AsyncWriter()
+        engine.__dict__["_checkpoint_writer"] = writer
+    return writer
+
+
+# -- step 1: agree on the tag, prepare the directory, collect what to write ----------------------
+
+def prepare(engine: Any, save_dir: Path, tag: Optional[str], client_state: dict[str, Any], group: Group, *,
+            snapshot: bool, save_latest: bool = True, keep: Optional[int] = None,
+            exclude_frozen: bool = False) -> SaveJob:
+    """Collective: rank 0 creates ``<tag>.tmp``; every rank lists the tensors it will write."""
+    proposed = str(tag) if tag is not None else f"step-{int(engine.global_steps)}"
+    decision: tuple[str, Optional[str]] = (proposed, None)
+    if group.rank == 0:
+        decision = (proposed, _make_tmp_dir(save_dir, proposed, client_state))
+    decision = group.broadcast(decision)
+    if decision[1]:
+        raise CheckpointError(decision[1], save_dir)
+    _check_tag(engine, proposed, decision[0])
+    job = SaveJob(save_dir, decision[0], group.rank, group.world_size, save_latest=save_latest, keep=keep)
+    opt = engine.optimizer
+    names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
+    keys, groups = _optimizer_state(opt)
+    copy_ = _snapshot if snapshot else _as_is
+    job.files = _shard_files(opt, keys, group.rank, copy_)
+    extras = [(n, t) for n, t in names.extras if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
+    per_rank = group.all_gather({"rng": capture_rng(), "dataloader": _dataloader_state(engine)})
+    if group.rank == 0:
+        if extras:
+            job.files[EXTRA_FILE] = ("extra", [TensorEntry(n, _dtype(t), tuple(t.shape), [copy_(t)]) for n, t in extras])
+        job.header = _header(engine, job, names, extras, keys, groups, per_rank, client_state, snapshot)
+    return job
+
+
+def _make_tmp_dir(save_dir: Path, tag: str, client_state: Mapping[str, Any]) -> Optional[str]:
+    """Rank 0's part of step 1; returns a message for the user instead of raising (shared first)."""
+    try:
+        validate_tag(tag)
+        _check_plain(client_state)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        fsutil.remove_leftovers(save_dir)
+        tmp = save_dir / f"{tag}{TMP_SUFFIX}"
+        if tmp.exists():
+            return f"{tmp} exists and was not made by a checkpoint save: move it away"
+        fsutil.make_partial_dir(tmp)
+    except CheckpointError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot prepare checkpoint directory {save_dir}: {exc}"
+    return None
+
+
+def _check_tag(engine: Any, mine: str, agreed: str) -> None:
+    if mine == agreed:
+        return
+    mode = str(getattr(getattr(engine.config, "checkpoint", None), "tag_validation", "Warn")).lower()
+    message = f"checkpoint tag {mine!r} on this rank differs from rank 0's {agreed!r}; rank 0's is used"
+    if mode == "fail":
+        raise CheckpointError(message + " (checkpoint.tag_validation is Fail)")
+    if mode == "warn":
+        warnings.warn(message, stacklevel=3)
+
+
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _optimizer_state(opt: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """Per-element state keys (sorted), and per group the hyperparameters and scalar states."""
+    keys: set[str] = set()
+    groups = []
+    for mp, pg in zip(opt.master_params, opt.optimizer.param_groups):
+        scalars = {}
+        for key, value in opt.optimizer.state.get(mp, {}).items():
+            if torch.is_tensor(value) and value.dim() >= 1 and value.numel() == mp.numel():
+                keys.add(key)
+            elif torch.is_tensor(value) and value.numel() == 1:
+                scalars[key] = {"value": value.item(), "tensor": True, "dtype": _dtype(value)}
+            elif isinstance(value, (int, float, bool)) or value is None:
+                scalars[key] = {"value": value, "tensor": False}
+            else:
+                raise CheckpointError(f"optimizer state {key!r} of {type(opt.optimizer).__name__} is a "
+                                      f"{type(value).__name__}, which checkpoints cannot store")
+        groups.append({"hyper": _hyper(pg), "scalars": scalars})
+    return sorted(keys), groups
+
+
+def _hyper(param_group: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in param_group.items():
+        if key == "params":
+            continue
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = value.item()
+        elif isinstance(value, tuple):
+            value = list(value)
+        if _json_roundtrips(value):
+            out[key] = value
+    return out
+
+
+def _shard_files(opt: Any, keys: list[str], rank: int, copy_: Any) -> dict[str, tuple[str, list[TensorEntry]]]:
+    """This rank's master and optimizer-state files (none for ranks > 0 at stage 0)."""
+    layout = opt.layout
+    if layout.partition_count == 1 and rank != 0:
+        return {}
+    owner = rank if layout.partition_count > 1 else 0
+    size = (layout.partition_numel,)
+    files = {master_file(owner): ("master", [TensorEntry("master", "float32", size,
+                                                         [copy_(mp.reshape(-1)) for mp in opt.master_params])])}
+    if keys:
+        entries = []
+        for key in keys:
+            chunks = []
+            for mp in opt.master_params:
+                value = opt.optimizer.state.get(mp, {}).get(key)
+                chunks.append(copy_(value.reshape(-1)) if torch.is_tensor(value)
+                              else torch.zeros(mp.numel(), dtype=mp.dtype))
+            dtypes = {_dtype(c) for c in chunks}
+            if len(dtypes) != 1:
+                raise CheckpointError(f"optimizer state {key!r} has different dtypes across groups: {sorted(dtypes)}")
+            entries.append(TensorEntry(key, dtypes.pop(), size, chunks))
+        files[optim_file(owner)] = ("optimizer", entries)
+    return files
+
+
+def _dataloader_state(engine: Any) -> Any:
+    loader = getattr(engine, "training_dataloader", None)
+    if loader is None or not callable(getattr(loader, "state_dict", None)):
+        return None
+    state = loader.state_dict()
+    return state if _json_roundtrips(state) else None
+
+
+def _header(engine: Any, job: SaveJob, names: Any, extras: list[tuple[str, torch.Tensor]], keys: list[str],
+            groups: list[dict[str, Any]], per_rank: list[dict[str, Any]], client_state: dict[str, Any],
+            snapshot: bool) -> dict[str, Any]:
+    """Rank 0: the manifest, all but the file records (manifest.py documents every key)."""
+    opt = engine.optimizer
+    layout = opt.layout
+    count = layout.partition_count
+    precision = engine.precision
+    scheduler = getattr(engine, "lr_scheduler", None)
+    counters = engine.counters.state_dict() if hasattr(engine, "counters") else {"global_steps": engine.global_steps}
+    objects: dict[str, Any] = {}
+
+    def plain(key: str, value: Any) -> Any:
+        if _json_roundtrips(value):
+            return copy.deepcopy(value)
+        objects[key] = copy.deepcopy(value) if snapshot else value
+        return {"$object": key}
+
+    job.objects = objects
+    header = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tag": job.tag,
+        "global_step": int(engine.global_steps), "created_at": time.time(),
+        "world_size": job.world_size, "zero_stage": int(opt.stage), "partition_count": count,
+        "dtype_policy": {"name": precision.name, "model_dtype": _dtype_name(precision.model_dtype),
+                         "master_dtype": _dtype_name(precision.master_dtype)},
+        "params": [{"name": name, "shape": list(e.shape), "dtype": e.dtype, "numel": e.numel, "group": e.group,
+                    "ranges": _ranges(layout, e)} for name, e in zip(names.params, layout.params)],
+        "aliases": names.aliases,
+        "extras": [{"name": n, "shape": list(t.shape), "dtype": _dtype(t)} for n, t in extras],
+        "state_dict_keys": [k for k in names.keys if k in set(names.params) | set(names.aliases)
+                            | {n for n, _ in extras}],
+        "shards": {"master": [master_file(r) if count > 1 or r == 0 else None for r in range(job.world_size)],
+                   "optimizer": [optim_file(r) if keys and (count > 1 or r == 0) else None
+                                 for r in range(job.world_size)]},
+        "optimizer": {"class": type(opt.optimizer).__name__, "state_keys": keys, "groups": groups},
+        "loss_scaler": opt.loss_scaler.state_dict(),
+        "lr_scheduler": plain("lr_scheduler", scheduler.state_dict()) if hasattr(scheduler, "state_dict") else None,
+        "counters": counters,
+        "client_state": plain("client_state", client_state),
+        "rng": [r["rng"] for r in per_rank],
+        "dataloader": [r["dataloader"] for r in per_rank],
+        "layout": layout.to_dict(),
+        "torch_version": torch.__version__,
+    }
+    return header
+
+
+def _ranges(layout: Any, entry: Any) -> list[list[int]]:
+    """``[rank, local offset, length]`` runs holding ``entry``'s elements, in element order."""
+    group = layout.groups[entry.group]
+    size = group.partition_numel
+    lo = entry.offset - group.canonical_offset
+    hi = lo + entry.numel
+    out = []
+    rank = lo // size
+    while rank * size < hi:
+        a, b = max(lo, rank * size), min(hi, (rank + 1) * size)
+        out.append([rank, group.local_offset + a - rank * size, b - a])
+        rank += 1
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _json_roundtrips(value: Any) -> bool:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_plain(client_state: Mapping[str, Any]) -> None:
+    """client_state must load back with ``torch.load(weights_only=True)``: plain data and tensors."""
+    if _json_roundtrips(dict(client_state)):
+        return
+    buf = io.BytesIO()
+    try:
+        torch.save(dict(client_state), buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the message names the culprit
+        raise CheckpointError(
+            f"client_state cannot be stored safely ({str(exc).splitlines()[0]}): keep it to dicts, lists, numbers, "
+            "strings and tensors (e.g. vars(args) instead of an argparse.Namespace)") from None
+
+
+# -- step 2: write this rank's files ------------------------------------------------------------
+
+def write_shards(job: SaveJob) -> dict[str, dict[str, Any]]:
+    """Write and fsync this rank's files into ``<tag>.tmp``; returns their manifest records."""
+    records = {}
+    for name, (kind, entries) in job.files.items():
+        meta = {"format": "pt", "producer": "orch", "kind": kind, "rank": str(job.rank)}
+        records[name] = write_tensor_file(job.tmp / name, entries, meta) | {"rank": job.rank, "kind": kind}
+    if job.rank == 0 and job.objects:
+        path = job.tmp / OBJECTS_FILE
+        with open(path, "wb") as f:
+            torch.save(job.objects, f)
+            f.flush()
+            os.fsync(f.fileno())
+        size, digest = sha256_file(path)
+        records[OBJECTS_FILE] = {"bytes": size, "sha256": digest, "tensors": {}, "rank": 0, "kind": "objects"}
+    return records
+
+
+# -- steps 3 and 4: manifest, renames, retention -------------------------------------------------
+
+def finalize(job: SaveJob, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Rank 0: write the manifest last, rename the directory into place, then replace ``latest``."""
+    assert job.header is not None, "finalize runs on rank 0"
+    manifest = dict(job.header)
+    manifest["files"] = {name: dict(records[name]) for name in sorted(records)}
+    missing = [n for kind in ("master", "optimizer") for n in manifest["shards"][kind] if n and n not in records]
+    if missing:
+        raise CheckpointError(f"shards {missing} were not written", job.tmp)
+    fsutil.write_durable(job.tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    fsutil.fsync_dir(job.tmp)
+    fsutil.move_into_place(job.tmp, job.final)
+    if job.save_latest:
+        fsutil.atomic_write_text(job.save_dir / LATEST, job.tag)
+    if job.keep is not None:
+        prune(job.save_dir, job.keep, protect={job.tag})
+
+
+def prune(save_dir: Path, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    """Delete complete checkpoints beyond the newest ``keep`` (never ``latest``'s or ``protect``)."""
+    keep = max(1, int(keep))
+    latest = read_latest(save_dir)
+    complete = [e for e in list_checkpoints(save_dir, include_partial=False) if e.complete]
+    doomed = [e for e in complete[keep:] if e.name != latest and e.name not in protect]
+    for entry in doomed:
+        fsutil.remove_dir(entry.path)
+    return [e.name for e in doomed]

@@ -1,0 +1,292 @@
+"""The Kubernetes backend: a job is a Kubeflow PyTorchJob plus a ConfigMap, through the API server.
+
+``dryrun`` renders the manifest (and the ConfigMap's files) without contacting a cluster.
+``submit`` validates the PyTorchJob client-side (strict CRD schema, the training operator's
+webhook rules, label syntax), creates it in the kubeconfig context's namespace (or the spec's
+``kubernetes.namespace``), then creates the ConfigMap with the job as its owner, so Kubernetes'
+garbage collector removes it with the job. ``status`` reads the conditions the operator writes;
+``logs`` reads the pods the operator creates; ``cancel`` deletes the job (foreground propagation by
+default: the job stays visible, as CANCELLED, until its pods are gone, so a resubmit under the same
+name cannot collide with pods still stopping).
+
+The job carries its orch id in the ``orch.dev/job-id`` annotation: status, logs and cancel act on
+a PyTorchJob only if it is the one this orch job created, not a later one with the same name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ..errors import UserError
+from ..k8s_manifest import (GROUP, JOB_FILE, JOB_ID_ANNOTATION, JOB_LABEL, KIND, MANAGED_BY, PLURAL,
+                            VERSION, check_job, config_map, config_map_name, job_file_text,
+                            owner_reference)
+from ..render import Rendered, default_placement, render
+from ..spec import JobSpec
+from . import k8s_logs
+from .base import JobRef, JobState, JobStatus
+from .k8s_client import REQUEST_TIMEOUT_S, Connection, api_error, connect
+from .k8s_status import job_status, pod_states
+
+T = TypeVar("T")
+CONFIGMAP_LIMIT = 1024 * 1024  # the API server refuses larger ConfigMaps (etcd value limit)
+
+
+class KubernetesBackend:
+    """PyTorchJobs on the cluster of the current kubeconfig context."""
+
+    cluster = "kubernetes"
+
+    def __init__(self, *, kubeconfig: str | None = None, context: str | None = None,
+                 propagation: str = "Foreground", poll_interval: float = 2.0,
+                 timeout: float = REQUEST_TIMEOUT_S) -> None:
+        if propagation not in ("Foreground", "Background"):
+            raise ValueError("propagation must be Foreground or Background")
+        self.kubeconfig, self.context = kubeconfig, context
+        self.propagation, self.poll_interval, self.timeout = propagation, poll_interval, timeout
+        self._connection: Connection | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def conn(self) -> Connection:
+        if self._connection is None:
+            self._connection = connect(self.kubeconfig, self.context)
+        return self._connection
+
+    def _call(self, fn: Callable[[], T], *, action: str, kind: str, name: str, namespace: str) -> T:
+        """Run one API call; any refusal or connection failure becomes a clear UserError."""
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return fn()
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise api_error(exc, action=action, kind=kind, name=name, namespace=namespace,
+                            conn=self.conn) from None
+
+    @staticmethod
+    def _where(ref: JobRef) -> tuple[str, str]:
+        namespace, _, name = ref.native_id.partition("/")
+        if not name:
+            raise UserError(f"job {ref.job_id} has no PyTorchJob recorded (its submit did not complete)")
+        return namespace, name
+
+    def _get_job(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._call(lambda: self.conn.custom().get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout),
+            action="read", kind=KIND, name=name, namespace=namespace)
+
+    def _own_job(self, ref: JobRef) -> dict[str, Any]:
+        """The PyTorchJob this orch job created; refuses a same-named job from another submit."""
+        namespace, name = self._where(ref)
+        obj = self._get_job(namespace, name)
+        owner = ((obj.get("metadata") or {}).get("annotations") or {}).get(JOB_ID_ANNOTATION)
+        if owner != ref.job_id:
+            raise UserError(f"PyTorchJob {namespace}/{name} is not job {ref.job_id}: it was created by "
+                            f"{'orch job ' + owner if owner else 'something other than orch'}",
+                            hint="job " + ref.job_id + " itself no longer exists; orch leaves the other job alone")
+        return obj
+
+    # -- Backend ---------------------------------------------------------------------------------
+    def dryrun(self, spec: JobSpec) -> Rendered:
+        """The PyTorchJob manifest, and the ConfigMap's files (ds_config.json, job.json)."""
+        rendered = render(spec, "kubernetes")
+        return dataclasses.replace(rendered, files={**rendered.files, JOB_FILE: job_file_text(spec)})
+
+    def submit(self, spec: JobSpec, job_id: str, run_dir: str) -> JobRef:
+        namespace = spec.kubernetes.namespace or self.conn.namespace
+        token = job_id[len(spec.name) + 1:] if job_id.startswith(spec.name + "-") else job_id
+        placement = dataclasses.replace(default_placement(spec, "kubernetes"), job_token=token)
+        rendered = render(spec, "kubernetes", placement)
+        job = yaml.safe_load(rendered.text)
+        job["metadata"]["namespace"] = namespace
+        job["metadata"].setdefault("annotations", {})[JOB_ID_ANNOTATION] = job_id
+        check_job(job, metadata=True)
+        cmap = config_map(spec, rendered.files, namespace=namespace, job_id=job_id)
+        size = sum(len(v.encode()) for v in cmap["data"].values())
+        if size > CONFIGMAP_LIMIT - 16 * 1024:
+            raise UserError(f"ds_config and job spec of {spec.name} take {size} bytes; a ConfigMap holds "
+                            "at most 1 MiB", hint="keep large data out of the ds_config and the job spec")
+        Path(run_dir, "pytorchjob.yaml").write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+
+        created = self._create_job(job, namespace, spec.name)
+        cmap["metadata"]["ownerReferences"] = [owner_reference(created)]
+        try:
+            self._create_config_map(cmap, namespace, spec)
+        except BaseException:
+            # without its ConfigMap the job's pods could never start: take the job back
+            self._delete_quietly(namespace, spec.name, created["metadata"]["uid"])
+            raise
+        return JobRef(job_id, "kubernetes", f"{namespace}/{spec.name}", run_dir)
+
+    def _create_job(self, job: dict[str, Any], namespace: str, name: str) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self._call(lambda: self.conn.custom().create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, job, _request_timeout=self.timeout),
+                action="create", kind=KIND, name=name, namespace=namespace)
+        except UserError as exc:
+            cause = exc.__context__
+            if not (isinstance(cause, ApiException) and cause.status == 409):
+                raise
+            try:  # say whether the old job is merely still stopping
+                old = self._get_job(namespace, name)
+            except UserError:
+                raise exc from None
+            if (old.get("metadata") or {}).get("deletionTimestamp"):
+                raise UserError(f"PyTorchJob {namespace}/{name} is still being deleted (waiting for its pods "
+                                "to stop)", hint="submit again once it is gone (`kubectl get pytorchjob "
+                                f"{name} -n {namespace}`), or use another name with --set name=NEW-NAME") from None
+            raise
+
+    def _create_config_map(self, cmap: dict[str, Any], namespace: str, spec: JobSpec) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        core, name = self.conn.core(), cmap["metadata"]["name"]
+        try:
+            core.create_namespaced_config_map(namespace, cmap, _request_timeout=self.timeout)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise api_error(exc, action="create", kind="ConfigMap", name=name, namespace=namespace,
+                                conn=self.conn) from None
+        # A ConfigMap of that name exists. If orch made it for an earlier job of this name that is
+        # gone (a cluster without a garbage collector, or a crash between the two creates), it is
+        # stale: replace it. Anything else is the user's, and orch does not touch it.
+        old = self._call(lambda: core.read_namespaced_config_map(name, namespace, _request_timeout=self.timeout),
+                         action="read", kind="ConfigMap", name=name, namespace=namespace)
+        labels = old.metadata.labels or {}
+        if labels.get(MANAGED_BY) != "orch" or labels.get(JOB_LABEL) != spec.name:
+            raise UserError(f"ConfigMap {namespace}/{name} already exists and was not made by orch",
+                            hint=f"orch keeps job {spec.name}'s ds_config in it: rename the job "
+                                 "(--set name=NEW-NAME) or remove that ConfigMap")
+        cmap = {**cmap, "metadata": {**cmap["metadata"], "resourceVersion": old.metadata.resource_version}}
+        self._call(lambda: core.replace_namespaced_config_map(name, namespace, cmap, _request_timeout=self.timeout),
+                   action="replace", kind="ConfigMap", name=name, namespace=namespace)
+
+    def _delete_quietly(self, namespace: str, name: str, uid: str) -> None:
+        from kubernetes import client
+
+        try:
+            self.conn.custom().delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout,
+                body=client.V1DeleteOptions(propagation_policy="Background",
+                                            preconditions=client.V1Preconditions(uid=uid)))
+        except Exception:  # the original error is the one to report
+            pass
+
+    def status(self, refs: list[JobRef]) -> dict[str, JobStatus]:
+        """One list call per namespace for the jobs (and one for their pods)."""
+        by_namespace: dict[str, list[JobRef]] = {}
+        out: dict[str, JobStatus] = {}
+        for ref in refs:
+            if "/" not in ref.native_id:
+                out[ref.job_id] = JobStatus(JobState.UNKNOWN, "no PyTorchJob recorded (submit did not complete)")
+            else:
+                by_namespace.setdefault(ref.native_id.partition("/")[0], []).append(ref)
+        for namespace, group in by_namespace.items():
+            names = sorted({r.native_id.partition("/")[2] for r in group})
+            selector = f"{JOB_LABEL} in ({','.join(names)})"
+            listed = self._call(lambda: self.conn.custom().list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, label_selector=selector, _request_timeout=self.timeout),
+                action="list", kind=KIND, name="", namespace=namespace)
+            jobs = {j["metadata"]["name"]: j for j in listed.get("items", [])}
+            pods = self._pods_by_job(namespace, names)
+            for ref in group:
+                out[ref.job_id] = self._one_status(ref, jobs.get(ref.native_id.partition("/")[2]), pods)
+        return out
+
+    def _one_status(self, ref: JobRef, obj: dict[str, Any] | None, pods: dict[str, list[Any]]) -> JobStatus:
+        if obj is None:
+            return JobStatus(JobState.UNKNOWN, f"PyTorchJob {ref.native_id} no longer exists (deleted, or "
+                                               "removed by ttlSecondsAfterFinished)")
+        meta = obj["metadata"]
+        owner = (meta.get("annotations") or {}).get(JOB_ID_ANNOTATION)
+        if owner != ref.job_id:
+            return JobStatus(JobState.UNKNOWN, f"PyTorchJob {ref.native_id} now belongs to "
+                                               f"{'orch job ' + owner if owner else 'another submitter'}")
+        st = job_status(obj)
+        mine = [p for p in pods.get(meta["name"], [])
+                if any(r.controller and r.uid == meta.get("uid") for r in (p.metadata.owner_references or []))]
+        if mine:
+            st.nodes, st.restarts = pod_states(mine)
+        return st
+
+    def _pods_by_job(self, namespace: str, names: list[str]) -> dict[str, list[Any]]:
+        """The operator's pods of these jobs; empty if pods may not be listed (status still works)."""
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
+        selector = (f"{k8s_logs.OPERATOR_LABEL}={k8s_logs.OPERATOR_NAME},"
+                    f"{k8s_logs.JOB_NAME_LABEL} in ({','.join(names)})")
+        try:
+            items = self.conn.core().list_namespaced_pod(namespace, label_selector=selector,
+                                                         _request_timeout=self.timeout).items
+        except (ApiException, urllib3.exceptions.HTTPError, OSError):
+            return {}
+        out: dict[str, list[Any]] = {}
+        for pod in items:
+            out.setdefault((pod.metadata.labels or {}).get(k8s_logs.JOB_NAME_LABEL, ""), []).append(pod)
+        return out
+
+    def logs(self, ref: JobRef, *, follow: bool = False, node: str | None = None) -> Iterator[str]:
+        namespace, name = self._where(ref)
+        obj = self._own_job(ref)
+        uid = obj["metadata"]["uid"]
+        core = self.conn.core()
+
+        def list_pods() -> list[Any]:
+            return self._call(lambda: k8s_logs.job_pods(core, namespace, name, uid, self.timeout),
+                              action="list", kind="Pod", name="", namespace=namespace)
+
+        if follow:
+            def finished() -> bool:
+                return job_status(self._get_job(namespace, name)).state.finished
+
+            return k8s_logs.follow_logs(core, namespace, list_pods, finished, node=node, job=ref.job_id,
+                                        poll_interval=self.poll_interval, timeout=self.timeout)
+        pods = list_pods()
+        if not pods:
+            st = job_status(obj)
+            raise UserError(f"job {ref.job_id} has no pods yet: PyTorchJob {ref.native_id} is "
+                            f"{st.state.value} ({st.detail})",
+                            hint="the training operator creates the pods once the job is accepted; "
+                                 "`orch logs JOB_ID --follow` waits for them")
+        chosen = k8s_logs.pick(pods, node, ref.job_id)
+        return k8s_logs.read_logs(core, namespace, chosen, prefix=node is None, timeout=self.timeout,
+                                  job=ref.job_id)
+
+    def cancel(self, ref: JobRef) -> None:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        namespace, name = self._where(ref)
+        uid = self._own_job(ref)["metadata"]["uid"]
+        body = client.V1DeleteOptions(propagation_policy=self.propagation,
+                                      preconditions=client.V1Preconditions(uid=uid))
+        self._call(lambda: self.conn.custom().delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body=body, _request_timeout=self.timeout),
+            action="delete", kind=KIND, name=name, namespace=namespace)
+        # The garbage collector deletes the ConfigMap with its owner; deleting it here as well
+        # keeps clusters without one clean, and is harmless where the collector runs first.
+        cm = config_map_name(name)
+        core = self.conn.core()
+        try:
+            old = core.read_namespaced_config_map(cm, namespace, _request_timeout=self.timeout)
+            if (old.metadata.annotations or {}).get(JOB_ID_ANNOTATION) == ref.job_id:
+                core.delete_namespaced_config_map(
+                    cm, namespace, _request_timeout=self.timeout,
+                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=old.metadata.uid)))
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone already, or replaced meanwhile
+                raise api_error(exc, action="delete", kind="ConfigMap", name=cm, namespace=namespace,
+                                conn=self.conn) from None
+
+
+def make_backend() -> KubernetesBackend:
+    return KubernetesBackend()
