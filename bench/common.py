@@ -115,3 +115,34 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return -1.0
+
+
+def format_row(row: dict) -> tuple[str, str, str, str, str]:
+    """(benchmark, figure, median, range, ratio) as text, for the rows benchmarks return.
+
+    Benchmarks name their fields a little differently: seconds as ``median_s``/``range_s``,
+    ratios as ``ratio`` (ours/peer), ``peer_over_ours`` or ``ratio_vs_ddp``; a row with
+    ``error`` did not run. Each ratio is printed with its meaning.
+    """
+    name = str(row.get("name", "?"))
+    if row.get("workload"):
+        name = f"{row['workload']}: {name}"
+    if row.get("kind") and row.get("benchmark") == "optimizer_kernels":
+        name = f"{row['kind']}: {name}"
+    if "error" in row:
+        first = str(row["error"]).strip().splitlines()[-1][:120]
+        return str(row.get("benchmark", "?")), name, "-", "-", first
+    median = row.get("median_s")
+    median_txt = f"{median:.4g} s" if isinstance(median, (int, float)) else "-"
+    spread = row.get("range_s")
+    range_txt = f"{spread} s" if spread else "-"
+    ratios = []
+    if isinstance(row.get("ratio"), (int, float)):
+        ratios.append(f"ours/{row.get('peer') or 'peer'} {row['ratio']:.2f}")
+    if isinstance(row.get("peer_over_ours"), (int, float)) and row["peer_over_ours"] != 1.0:
+        ratios.append(f"this/ours {row['peer_over_ours']:.2f}")
+    if isinstance(row.get("ratio_vs_ddp"), (int, float)):
+        ratios.append(f"vs DDP {row['ratio_vs_ddp']:.2f}")
+    if isinstance(row.get("goal_s"), (int, float)):
+        ratios.append(f"goal < {row['goal_s']:g} s")
+    return str(row.get("benchmark", "?")), name, median_txt, range_txt, "; ".join(ratios) or "-"

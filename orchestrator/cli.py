@@ -194,6 +194,22 @@ def status(job: JobArg,
             out.print(f"  {stamp}  {ev.state.value:<10} {ev.detail}")
 
 
+@app.command()
+def plot(jobs: Annotated[list[str], typer.Argument(help="Job ids (see `orch list`) or run directories.", metavar="ID",
+                                                   show_default=False)],
+         output: Annotated[Path, typer.Option("--output", "-o", help="Image to write (.png, or .svg/.pdf).")]
+         = Path("orch-plot.png")) -> None:
+    """Plot loss, tokens/s and learning rate over steps; restarts as vertical lines; runs overlaid."""
+    from .plot import plot_jobs
+
+    try:
+        path, runs = plot_jobs(jobs, output)
+    except UserError as exc:
+        _fail(exc)
+    out.print(f"wrote {path}: " + ", ".join(f"{r.label} ({r.steps_logged} log steps, "
+                                           f"{len(r.restarts)} restart(s))" for r in runs))
+
+
 @app.command(name="list")
 def list_jobs(all_: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = True,
               refresh: Annotated[bool, typer.Option(help="Ask the clusters for current states first.")] = True) -> None:

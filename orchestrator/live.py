@@ -56,11 +56,18 @@ def progress_line(run_dir: Path, *, with_metrics: bool = True) -> str:
     parts = [f"trainer {status.get('state', '?')}: step {status.get('step', '?')}/{status.get('total_steps', '?')}"]
     if with_metrics:
         m = last_metrics(run_dir)
-        for key, fmt in (("loss", "loss {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("lr", "lr {:.2e}"),
-                         ("world_size", "world {}"), ("restart_count", "restarts {}")):
+        for key, fmt in (("loss", "loss {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("tflops", "{:.3g} TFLOP/s"),
+                         ("mfu", "MFU {:.1%}"), ("lr", "lr {:.2e}"), ("world_size", "world {}"),
+                         ("restart_count", "restarts {}")):
             if isinstance(m.get(key), (int, float)):
                 parts.append(fmt.format(m[key]))
-    return ", ".join(parts)
+        if isinstance(m.get("breakdown_ms"), dict):
+            parts.append("ms/step " + " ".join(f"{k} {v:.1f}" for k, v in m["breakdown_ms"].items()
+                                               if isinstance(v, (int, float)) and v > 0))
+    line = ", ".join(parts)
+    if status.get("state") == "failed" and status.get("error"):
+        line += f"\n  trainer error: {status['error']}"
+    return line
 
 
 def _view(record: JobRecord, nodes: dict[str, str], progress: Progress, task: Any) -> Group:

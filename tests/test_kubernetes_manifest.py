@@ -41,7 +41,7 @@ def test_every_example_passes_the_schema_and_the_operator_rules(example: str) ->
     check_job(job, metadata=True)  # raises on any problem
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         (container,) = replica["template"]["spec"]["containers"]
-        assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 29500}]
+        assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 29500, "protocol": "TCP"}]
         volumes = {v["name"]: v for v in replica["template"]["spec"]["volumes"]}
         assert volumes["orch-config"]["configMap"]["name"] == f"{job['metadata']['name']}-orch"
 

@@ -203,7 +203,7 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
         for key, shard_kind in [("master", "master")] + [(k, "optimizer") for k in keys]:
             buf = out[key]
             item = buf.element_size()
-            raw = memoryview(buf.view(torch.uint8).numpy()).cast("B") if buf.numel() else memoryview(b"")
+            raw = _bytes_of(buf)
             for r in reads:
                 name = manifest["shards"][shard_kind][r.rank]
                 tensor = manifest["files"][name]["tensors"][key]
@@ -212,6 +212,13 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
                                           f"{buf.dtype}", ckpt_dir / name)
                 files.read(name, tensor["offset"] + r.src * item, raw[r.dst * item:(r.dst + r.length) * item])
     return out
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (reads land directly in it)."""
+    if not t.numel():
+        return memoryview(bytearray())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _tensor_dtype(manifest: Mapping[str, Any], key: str) -> str:
@@ -255,7 +262,7 @@ def _read_extras(ckpt_dir: Path, manifest: Mapping[str, Any]) -> dict[str, torch
         for name, t in tensors.items():
             value = torch.empty(t["shape"], dtype=getattr(torch, t["dtype"]))
             if value.numel():
-                files.read(EXTRA_FILE, t["offset"], memoryview(value.view(torch.uint8).numpy()).cast("B"))
+                files.read(EXTRA_FILE, t["offset"], _bytes_of(value))
             out[name] = value
     return out
 

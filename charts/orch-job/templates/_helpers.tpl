@@ -1,11 +1,21 @@
 {{/*
 Helpers of the orch-job chart. They build the same PyTorchJob as orch's own template
 (templates/kubernetes/pytorchjob.yaml.j2 with orchestrator/k8s_manifest.py); a test renders both
-from one job spec and compares the objects. Every value reaches YAML through a serializer (toJson:
-JSON scalars are valid YAML, or toYaml of a whole object), never pasted raw, so no value can add a
-field. Optional values are read with `get`/`hasKey`
-because `helm lint --strict` renders with missingkey=error.
+from one job spec and compares the objects. Every value reaches YAML through "orch-job.json"
+(JSON is valid YAML), never pasted raw, so no value can add a field. Optional values are read
+with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 */}}
+
+{{/* Any value as JSON text that every YAML parser reads back unchanged. Go's JSON encoder leaves
+     DEL, the C1 controls (NEL would even fold a line) and the BOM raw, which YAML refuses; they
+     are escaped here, as orch's own `toyaml` filter does. */}}
+{{- define "orch-job.json" -}}
+{{- $text := toJson . -}}
+{{- range $code := concat (untilStep 127 160 1) (list 65279) -}}
+{{- $text = replace (printf "%c" $code) (printf "\\u%04x" $code) $text -}}
+{{- end -}}
+{{- $text -}}
+{{- end -}}
 
 {{/* The job's name: values.name, else the release name; must be a DNS-1035 label. */}}
 {{- define "orch-job.name" -}}
@@ -105,7 +115,7 @@ because `helm lint --strict` renders with missingkey=error.
 {{- with include "orch-job.checkpointClaim" . }}{{ $checkpoints = dict "name" "checkpoints" "persistentVolumeClaim" (dict "claimName" .) }}{{ end -}}
 {{- $volumes := list (dict "name" "dshm" "emptyDir" (dict "medium" "Memory" "sizeLimit" $k.shm_size)) $checkpoints (dict "name" "orch-config" "configMap" (dict "name" (printf "%s-orch" $name))) -}}
 {{- $container := dict "name" "pytorch" "image" (get $k "image" | default "ghcr.io/orch-dev/orch:latest") "imagePullPolicy" $k.image_pull_policy -}}
-{{- $_ := set $container "ports" (list (dict "name" "pytorchjob-port" "containerPort" (int $v.rdzv_port))) -}}
+{{- $_ := set $container "ports" (list (dict "name" "pytorchjob-port" "containerPort" (int $v.rdzv_port) "protocol" "TCP")) -}}
 {{- $_ := set $container "command" (include "orch-job.command" . | fromJsonArray) -}}
 {{- $_ := set $container "env" (include "orch-job.env" . | fromJsonArray) -}}
 {{- $resources := include "orch-job.resources" . | fromJson -}}
@@ -124,8 +134,6 @@ replicas: {{ .count }}
 restartPolicy: OnFailure
 template:
   metadata:
-    labels:
-      {{- include "orch-job.labels" .root | fromJson | toYaml | nindent 6 }}
-  spec:
-    {{- include "orch-job.podSpec" .root | fromJson | toYaml | nindent 4 }}
+    labels: {{ include "orch-job.labels" .root | fromJson | include "orch-job.json" }}
+  spec: {{ include "orch-job.podSpec" .root | fromJson | include "orch-job.json" }}
 {{- end -}}
