@@ -175,7 +175,7 @@ def worker(candidate: str, workload: Workload, steps: int, warmup: int, out: Pat
     rss_model = peak_rss_mb()
     trainer = _make_trainer(candidate, model, workload.micro_batch)
     gen = torch.Generator().manual_seed(1000 + rank)
-    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "total": []}
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "total": [], "cpu": []}
     losses = []
     prof = _profiler() if profile else None
     for i in range(warmup + steps):
@@ -184,18 +184,19 @@ def worker(candidate: str, workload: Workload, steps: int, warmup: int, out: Pat
         if prof is not None and i == warmup:
             prof.__enter__()
         dist.barrier()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = trainer.forward(x, y)
         t1 = time.perf_counter()
         trainer.backward(loss)
         t2 = time.perf_counter()
         trainer.step()
         t3 = time.perf_counter()
+        c3 = time.process_time()   # CPU seconds of all this process's threads (gloo's included)
         dist.barrier()
         t4 = time.perf_counter()
         losses.append(float(loss.detach()))
         if i >= warmup:
-            for name, secs in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t0)):
+            for name, secs in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t0, c3 - c0)):
                 phases[name].append(secs)
     if prof is not None:
         prof.__exit__(None, None, None)
@@ -222,6 +223,7 @@ class Launch:
     """What one torchrun launch of one candidate measured."""
 
     step_s: float                     # median step time (slowest rank, barrier to barrier)
+    cpu_s: float                      # median CPU seconds per step, both ranks together
     phases_s: dict[str, float]        # rank 0's median forward / backward / step
     peak_rss_mb: float                # the larger of the two ranks' peaks
     rss_after_model_mb: float         # peak before the library wrapped the model
@@ -248,8 +250,9 @@ def launch(candidate: str, workload: Workload, steps: int, warmup: int, *, profi
             raise RuntimeError(f"{candidate} on {workload.name} failed (exit {proc.returncode}):\n{tail}")
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(WORLD)]
     zero = ranks[0]
-    return Launch(step_s=statistics.median(zero["phases"]["total"]),
-                  phases_s={k: statistics.median(v) for k, v in zero["phases"].items() if k != "total"},
+    cpu = [sum(r["phases"]["cpu"][i] for r in ranks) for i in range(len(zero["phases"]["cpu"]))]
+    return Launch(step_s=statistics.median(zero["phases"]["total"]), cpu_s=statistics.median(cpu),
+                  phases_s={k: statistics.median(v) for k, v in zero["phases"].items() if k not in ("total", "cpu")},
                   peak_rss_mb=max(r["peak_rss_mb"] for r in ranks),
                   rss_after_model_mb=max(r["rss_after_model_mb"] for r in ranks),
                   final_loss=zero["losses"][-1], load=load)
@@ -271,6 +274,14 @@ class Result:
         return min(x.step_s for x in self.launches), max(x.step_s for x in self.launches)
 
     @property
+    def cpu_s(self) -> float:
+        return statistics.median(x.cpu_s for x in self.launches)
+
+    @property
+    def rss_before_mb(self) -> float:
+        return statistics.median(x.rss_after_model_mb for x in self.launches)
+
+    @property
     def rss_mb(self) -> float:
         return statistics.median(x.peak_rss_mb for x in self.launches)
 
@@ -288,7 +299,7 @@ def measure(workloads: Sequence[Workload], candidates: Sequence[str], rounds: in
             for c in order:
                 one = launch(c, w, steps, warmup)
                 results[w.name][c].launches.append(one)
-                print(f"  round {r + 1}/{rounds} {w.name:<8} {c:<13} step {one.step_s:7.3f} s  "
+                print(f"  round {r + 1}/{rounds} {w.name:<8} {c:<13} step {one.step_s:7.3f} s  cpu {one.cpu_s:7.3f} s  "
                       f"rss {one.peak_rss_mb:7.0f} MiB  loss {one.final_loss:.4f}  load {one.load:.1f}", flush=True)
     return results
 
@@ -298,25 +309,34 @@ def _ratio(a: Optional[Result], b: Optional[Result], what: Callable[[Result], fl
 
 
 def table(workload: Workload, results: dict[str, Result]) -> list[str]:
-    """Markdown rows: each candidate's step time, range, phases, RSS, and its ratios."""
+    """Markdown rows: each candidate's step time, range, CPU time, phases, RSS, and its ratios.
+
+    Ratios are ours/theirs of medians: < 1 means faster (or smaller). CPU seconds (both ranks'
+    processes, gloo threads included) are less disturbed by other work on a shared machine than
+    wall time, so they are shown beside it as a second opinion.
+    """
     ddp = results.get("ddp")
-    lines = [f"| candidate | step s (median) | range of round medians | fwd / bwd / step s | peak RSS MiB/rank "
-             f"| loss after last step | / DDP | orch / DeepSpeed same stage (time, RSS) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| candidate | step s (median) | range of round medians | CPU s/step, 2 ranks | fwd / bwd / step s "
+             "(rank 0) | peak RSS MiB/rank (before wrapping) | loss, last step | time / DDP | CPU / DDP "
+             "| orch / DeepSpeed same stage: time, CPU, RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         if not res.launches:
             continue
         lo, hi = res.step_range
-        vs_ddp = _ratio(res, ddp, lambda r: r.step_s)
         peer = results.get(name.replace("orch", "deepspeed")) if name.startswith("orch") else None
-        t = _ratio(res, peer, lambda r: r.step_s)
-        m = _ratio(res, peer, lambda r: r.rss_mb)
-        vs_peer = f"{t:.2f}x, {m:.2f}x" if t is not None and m is not None else ""
+        vs_peer = [_ratio(res, peer, f) for f in (lambda r: r.step_s, lambda r: r.cpu_s, lambda r: r.rss_mb)]
+        vs_ddp = [_ratio(res, ddp, f) for f in (lambda r: r.step_s, lambda r: r.cpu_s)]
         phases = " / ".join(f"{res.phase(p):.3f}" for p in ("forward", "backward", "step"))
-        lines.append(f"| {name} | {res.step_s:.3f} | {lo:.3f}-{hi:.3f} | {phases} | {res.rss_mb:.0f} "
+        lines.append(f"| {name} | {res.step_s:.3f} | {lo:.3f}-{hi:.3f} | {res.cpu_s:.3f} | {phases} "
+                     f"| {res.rss_mb:.0f} ({res.rss_before_mb:.0f}) "
                      f"| {statistics.median(x.final_loss for x in res.launches):.4f} "
-                     f"| {'' if vs_ddp is None else f'{vs_ddp:.3f}'} | {vs_peer} |")
+                     f"| {_fmt(vs_ddp[0])} | {_fmt(vs_ddp[1])} | {', '.join(_fmt(r) for r in vs_peer) if peer else ''} |")
     return lines
+
+
+def _fmt(ratio: Optional[float]) -> str:
+    return "" if ratio is None else f"{ratio:.2f}"
 
 
 def verdicts(workload: Workload, results: dict[str, Result]) -> list[str]:
@@ -328,12 +348,14 @@ def verdicts(workload: Workload, results: dict[str, Result]) -> list[str]:
             ours = results.get(f"orch-z{stage}")
             if ours and ours.launches:
                 ratio = ours.step_s / ddp.step_s
-                out.append(f"orch ZeRO-{stage} / DDP = {ratio:.3f} (goal <= 1.03): {'met' if ratio <= 1.03 else 'MISSED'}")
+                out.append(f"orch ZeRO-{stage} / DDP step time = {ratio:.3f} (goal <= 1.03): "
+                           f"{'met' if ratio <= 1.03 else 'MISSED'}; CPU time ratio {ours.cpu_s / ddp.cpu_s:.3f}")
     if workload.name == "comm":
         ours, peer = results.get("orch-z2"), results.get("deepspeed-z2")
         if ours and peer and ours.launches and peer.launches:
             t, m = ours.step_s / peer.step_s, ours.rss_mb / peer.rss_mb
-            out.append(f"orch ZeRO-2 / DeepSpeed ZeRO-2 step time = {t:.2f} (goal <= 0.80): {'met' if t <= 0.8 else 'MISSED'}")
+            out.append(f"orch ZeRO-2 / DeepSpeed ZeRO-2 step time = {t:.2f} (goal <= 0.80): "
+                       f"{'met' if t <= 0.8 else 'MISSED'}; CPU time ratio {ours.cpu_s / peer.cpu_s:.2f}")
             out.append(f"orch ZeRO-2 / DeepSpeed ZeRO-2 peak RSS = {m:.2f} (goal <= 1.00): {'met' if m <= 1.0 else 'MISSED'}")
     return out
 
@@ -345,6 +367,18 @@ def noise(results: dict[str, Result]) -> str:
     load_txt = f"1-min load average {min(loads):.1f}-{max(loads):.1f}" if loads else "load unknown"
     return (f"noise: round medians spread by at most {100 * max(spreads):.0f} % of their median "
             f"(typical {100 * statistics.median(spreads):.0f} %); {load_txt} on {os.cpu_count()} cores")
+
+
+def _revision() -> str:
+    """The commit measured, and whether engine/ had uncommitted changes (numbers would not reproduce)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "engine")
+    return f"{head}{' + uncommitted engine/ changes' if dirty else ''}"
 
 
 def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] = None,
@@ -368,7 +402,7 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
           f"{warmup} warm-up + {steps} timed steps per launch{' (quick: reduced shapes)' if quick else ''}")
     results = measure(chosen, names, rounds, steps, warmup)
     rows: list[dict] = []
-    md: list[str] = [f"Machine: {machine()}. Command: `python -m bench.engine_vs_peers"
+    md: list[str] = [f"Code: {_revision()}. Machine: {machine()}. Command: `python -m bench.engine_vs_peers"
                      f"{' --quick' if quick else ''} --rounds {rounds} --steps {steps}`. "
                      f"{WORLD} gloo ranks x 1 thread, each candidate a fresh torchrun launch per round; "
                      f"step = median of {steps} steps after {warmup} warm-up, then the median over "
@@ -393,7 +427,7 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
             peer = res.get(name.replace("orch", "deepspeed")) if name.startswith("orch") else None
             rows.append({"benchmark": "engine_vs_peers", "workload": w.name, "name": name,
                          "median_s": r.step_s, "range_s": f"{r.step_range[0]:.3g}-{r.step_range[1]:.3g}",
-                         "peak_rss_mb": r.rss_mb, "phases_s": {p: r.phase(p) for p in ("forward", "backward", "step")},
+                         "cpu_s": r.cpu_s, "peak_rss_mb": r.rss_mb, "phases_s": {p: r.phase(p) for p in ("forward", "backward", "step")},
                          "ratio_vs_ddp": _ratio(r, ddp, lambda x: x.step_s),
                          "peer": peer.candidate if peer and peer.launches else None,
                          "ratio": _ratio(r, peer, lambda x: x.step_s),

@@ -165,6 +165,13 @@ class Comm:
             return Handle()
         return Handle([dist.all_reduce(tensor, group=self.group, async_op=async_op)])
 
+    def all_gather_into(self, output: torch.Tensor, local: torch.Tensor, async_op: bool = False) -> Handle:
+        """``output`` (``world_size × local.numel()`` elements) receives every rank's ``local``, rank-major."""
+        if not self.active:
+            output[:local.numel()].copy_(local.reshape(-1))
+            return Handle()
+        return Handle([_all_gather_single(output, local, group=self.group, async_op=async_op)])
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         if self.active:
             dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src,

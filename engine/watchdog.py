@@ -140,17 +140,15 @@ class Watchdog:
         return self.dump_path
 
     def _wait_for_peers(self, fired_at: float) -> None:
-        """Until every rank's dump is fresh or the grace period ends (they may not share a disk)."""
+        """Until every rank's dump is fresh (and, on other ranks, rank 0's summary: the first rank
+        to exit makes torchrun stop the rest), or the grace period ends (no shared disk)."""
         deadline = time.monotonic() + self._grace_s
         fresh_after = fired_at - self.timeout_s / 2 - 2 * self._poll_s
+        wanted = [self.hang_dir / f"rank-{r}.txt" for r in range(self.world_size)]
+        if self.rank != 0:
+            wanted.append(self.hang_dir / "summary.txt")
         while time.monotonic() < deadline:
-            done = 0
-            for r in range(self.world_size):
-                try:
-                    done += (self.hang_dir / f"rank-{r}.txt").stat().st_mtime >= fresh_after
-                except OSError:
-                    pass
-            if done >= self.world_size:
+            if all(_modified_after(p, fresh_after) for p in wanted):
                 return
             time.sleep(0.2)
 
@@ -183,6 +181,13 @@ def _describe_entry(e: dict[str, Any]) -> str:
     return (f"#{e.get('collective_seq_id', '?')} {e.get('profiling_name', '?')} "
             f"group {e.get('process_group', ['?'])[-1]} sizes {e.get('input_sizes')} "
             f"{e.get('input_dtypes')}: {done}")
+
+
+def _modified_after(path: Path, when: float) -> bool:
+    try:
+        return path.stat().st_mtime >= when
+    except OSError:
+        return False
 
 
 def _print_summary(hang_dir: Path, world_size: int) -> None:

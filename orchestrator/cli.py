@@ -277,10 +277,12 @@ def ckpt_ls(directory: Annotated[Path, typer.Argument(help="Checkpoint directory
     for col in ("tag", "step", "world size", "ZeRO stage", "size", "status", "latest"):
         table.add_column(col)
     for r in rows:
-        status = r.status if not r.detail or r.status == "complete" else f"{r.status}: {r.detail}"
         table.add_row(r.tag, _dash(r.step), _dash(r.world_size), _dash(r.zero_stage), _human_bytes(r.size_bytes),
-                      status, "<- latest" if r.latest else "")
+                      r.status, "<- latest" if r.latest else "")
     out.print(table)
+    for r in rows:
+        if r.detail:
+            out.print(f"{r.tag}: {r.detail}")
 
 
 @ckpt_app.command("verify")

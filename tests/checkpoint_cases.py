@@ -16,7 +16,7 @@ import contextlib
 import copy
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,29 +27,32 @@ GLOBAL_BATCH = 8
 
 
 class CkptNet(nn.Module):
-    def __init__(self, dropout: float = 0.0) -> None:
+    def __init__(self, dropout: float = 0.0, hidden: int = HIDDEN, batch_norm: bool = True) -> None:
         super().__init__()
+        self.hidden = hidden
         self.emb = nn.Embedding(VOCAB, DIM)
-        self.up = nn.Linear(DIM, HIDDEN)
-        self.frozen = nn.Linear(HIDDEN, HIDDEN)
+        self.up = nn.Linear(DIM, hidden)
+        self.frozen = nn.Linear(hidden, hidden)
         self.frozen.requires_grad_(False)
-        self.norm = nn.BatchNorm1d(HIDDEN)
-        self.down = nn.Linear(HIDDEN, DIM)
+        # BatchNorm's statistics depend on the micro-batch, so runs on different world sizes
+        # compare only with the per-sample LayerNorm.
+        self.norm = nn.BatchNorm1d(hidden) if batch_norm else nn.LayerNorm(hidden)
+        self.down = nn.Linear(hidden, DIM)
         self.head = nn.Linear(DIM, VOCAB, bias=False)
         self.head.weight = self.emb.weight                     # tied
         self.register_buffer("temperature", torch.tensor([1.0, 0.5]))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.up(self.emb(x))).reshape(-1, HIDDEN)
+        h = F.gelu(self.up(self.emb(x))).reshape(-1, self.hidden)
         h = self.drop(self.norm(self.frozen(h)))
         logits = self.head(self.down(h)).float() * self.temperature[0]
         return F.cross_entropy(logits, y.reshape(-1))
 
 
-def make_net(seed: int = 0, dropout: float = 0.0) -> CkptNet:
+def make_net(seed: int = 0, dropout: float = 0.0, hidden: int = HIDDEN, batch_norm: bool = True) -> CkptNet:
     torch.manual_seed(seed)
-    return CkptNet(dropout)
+    return CkptNet(dropout, hidden, batch_norm)
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -91,11 +94,11 @@ def with_checkpoints(eng: Any) -> Any:
 
 
 def build(stage: int, precision: str = "fp32", seed: int = 0, dropout: float = 0.0, gas: int = 1,
-          clip: float = 0.0, **checkpoint: Any) -> Any:
+          clip: float = 0.0, batch_norm: bool = True, **checkpoint: Any) -> Any:
     import engine
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    model = make_net(seed, dropout)
+    model = make_net(seed, dropout, batch_norm=batch_norm)
     eng, _, _, _ = engine.initialize(model=model, model_parameters=param_groups(model),
                                      config=ds_config(stage, world, precision, gas, clip, **checkpoint))
     return with_checkpoints(eng)
@@ -234,9 +237,17 @@ class Phases:
             time.sleep(0.005)
 
 
-def checkpoint_dirs(root: str) -> list[str]:
-    return sorted(os.listdir(root))
+def saver(root: str, asynchronous: bool, ready: Any) -> None:
+    """A training process that checkpoints every step until it is killed (test_checkpoint_crash)."""
+    from pathlib import Path
 
-
-def first(value: Optional[list[Any]]) -> Any:
-    return value[0] if value else None
+    torch.set_num_threads(1)
+    eng = build(2, "bf16", seed=0, async_save=asynchronous)
+    sampler = Sampler()
+    if (Path(root) / "latest").exists():
+        _, client_state = eng.load_checkpoint(root)
+        sampler.load_state_dict(client_state["sampler"])
+    while True:
+        train(eng, sampler, 1)
+        eng.save_checkpoint(root, client_state={"sampler": sampler.state_dict()}, keep=2)
+        ready.set()

@@ -95,3 +95,6 @@ def k8s(kube_apiserver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         ns.core.delete_namespace(namespace)
     except ApiException:
         pass
+
+
+from tests.shared_env import slurm_cluster  # noqa: E402,F401  (session fixture: a real Slurm cluster)

@@ -124,3 +124,113 @@ def kube_apiserver() -> Iterator[Path]:
     finally:
         if script is not None:
             subprocess.run(["bash", str(script), "stop", str(K8S_DIR)], capture_output=True, timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# A real multi-node Slurm cluster (the `slurm` tier)
+# --------------------------------------------------------------------------------------------
+
+SLURM_LAB = Path(os.environ.get("SLURM_LAB", "/tmp/orch-slurm"))  # where .ci/slurm-up.sh starts it too
+SLURM_ENABLE = ("set ORCH_TEST_SLURM_CONF=/path/to/slurm.conf of an existing test cluster (3 idle nodes "
+                "of 2 CPUs, a shared filesystem for $ORCH_HOME), or provide ../shared/slurm/cluster.sh "
+                "(the lab cluster: `cluster.sh install` once, the tests start it)")
+
+
+class SlurmLab:
+    """The Slurm cluster the tests submit to; ``script`` is set for the lab cluster, whose nodes
+    the tests may crash (``kill_node``) and bring back (``start_node``)."""
+
+    def __init__(self, conf: Path, script: Path | None) -> None:
+        self.conf, self.script = conf, script
+
+    def _slurm(self, *argv: str) -> str:
+        import subprocess
+
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env=env).stdout
+
+    def node_states(self) -> dict[str, str]:
+        lines = self._slurm("sinfo", "--noheader", "--Node", "--format=%N %T").split("\n")
+        return dict(line.split(None, 1) for line in lines if line.strip())
+
+    def up(self) -> bool:
+        import subprocess
+
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        try:
+            ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30, env=env)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return ping.returncode == 0 and "UP" in ping.stdout and bool(self.node_states())
+
+    def kill_node(self, node: str) -> None:
+        """Hard crash: SIGKILL the node's slurmd and everything running on it."""
+        self._cluster_sh("kill_node", node)
+
+    def start_node(self, node: str, timeout: float = 60) -> None:
+        """Bring a crashed node back and wait until Slurm has it in service again."""
+        import time
+
+        self._cluster_sh("start_node", node)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.node_states().get(node) in ("idle", "mixed", "allocated"):  # no "*": responding
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"node {node} not back in service after {timeout:.0f} s: {self.node_states()}")
+
+    def restore_nodes(self) -> None:
+        """Every node that a test crashed is started again."""
+        for node, state in self.node_states().items():
+            if state.endswith("*") or state.startswith("down"):
+                self.start_node(node)
+
+    def _cluster_sh(self, *argv: str) -> None:
+        import subprocess
+
+        if self.script is None:
+            pytest.skip("crashing nodes needs the lab cluster (../shared/slurm/cluster.sh), "
+                        "not an ORCH_TEST_SLURM_CONF cluster")
+        env = {**os.environ, "SLURM_CONF": str(self.conf), "SLURM_LAB": str(SLURM_LAB)}
+        subprocess.run(["bash", str(self.script), *argv], check=True, capture_output=True, timeout=60, env=env)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmLab]:
+    """A running Slurm cluster with SLURM_CONF pointing at it for the whole session: the one named
+    by ORCH_TEST_SLURM_CONF, or the lab cluster of ../shared/slurm/cluster.sh (started here if it
+    is not running, and stopped at the end only if this session started it)."""
+    import shutil
+    import subprocess
+
+    given = os.environ.get("ORCH_TEST_SLURM_CONF")
+    started: Path | None = None
+    if given:
+        lab = SlurmLab(Path(given), None)
+        if not lab.conf.exists() or not lab.up():
+            pytest.skip(f"ORCH_TEST_SLURM_CONF={given}: no Slurm controller answers with that slurm.conf")
+    else:
+        override = os.environ.get("ORCH_SLURM_CLUSTER_SH")
+        script = Path(override) if override else SHARED / "slurm" / "cluster.sh"
+        if not script.exists():
+            pytest.skip(f"no Slurm cluster for the slurm tier: {SLURM_ENABLE}")
+        if not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch")):
+            pytest.skip(f"Slurm is not installed: run `{script} install` (or .ci/slurm-up.sh); {SLURM_ENABLE}")
+        lab = SlurmLab(SLURM_LAB / "etc" / "slurm.conf", script)
+        if not lab.up():
+            env = {**os.environ, "SLURM_LAB": str(SLURM_LAB), "SLURM_CONF": str(lab.conf)}
+            result = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True,
+                                    timeout=300, env=env)
+            if result.returncode != 0 or not lab.up():
+                pytest.skip(f"{script} start failed (exit {result.returncode}): "
+                            f"{(result.stderr or result.stdout)[-800:]}; {SLURM_ENABLE}")
+            started = script
+        lab.restore_nodes()  # a node an interrupted earlier session left crashed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(lab.conf))
+        try:
+            yield lab
+        finally:
+            if started is not None:
+                env = {**os.environ, "SLURM_LAB": str(SLURM_LAB)}
+                subprocess.run(["bash", str(started), "stop"], capture_output=True, timeout=120, env=env)

@@ -24,24 +24,6 @@ import pytest
 KILLS = 24
 
 
-def saver(root: str, asynchronous: bool, ready: mp.Event) -> None:
-    """A training process that checkpoints every step until it is killed."""
-    import torch
-
-    from tests.checkpoint_cases import Sampler, build, train
-
-    torch.set_num_threads(1)
-    eng = build(2, "bf16", seed=0, async_save=asynchronous)
-    sampler = Sampler()
-    if (Path(root) / "latest").exists():
-        _, client_state = eng.load_checkpoint(root)
-        sampler.load_state_dict(client_state["sampler"])
-    while True:
-        train(eng, sampler, 1)
-        eng.save_checkpoint(root, client_state={"sampler": sampler.state_dict()}, keep=2)
-        ready.set()
-
-
 def interrupted_phase(root: Path) -> str:
     """Which part of a save the kill interrupted, judged from the directory."""
     from engine.checkpoint.manifest import list_checkpoints, read_latest
@@ -65,10 +47,10 @@ def interrupted_phase(root: Path) -> str:
 def test_sigkill_at_random_moments_always_leaves_a_loadable_latest(tmp_path: Path) -> None:
     from engine.checkpoint.inspect import verify
     from engine.checkpoint.manifest import read_latest, read_manifest
-    from tests.checkpoint_cases import build
+    from tests.checkpoint_cases import build, saver
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "engine.api", "engine.ops", "engine.checkpoint.save", "engine.checkpoint.load",
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "sympy", "triton", "engine.api", "engine.ops", "engine.checkpoint.save", "engine.checkpoint.load",
                                 "tests.checkpoint_cases"])
     rng = random.Random(1234)
     probe = build(2, "bf16", seed=5)

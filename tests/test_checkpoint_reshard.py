@@ -1,10 +1,13 @@
-"""Resharding: a checkpoint saved by N ranks at ZeRO stage S loads onto M ranks at stage S' exactly.
+"""Resharding and consolidation: a checkpoint saved by N ranks at ZeRO stage S loads onto M ranks
+at stage S' exactly, and consolidates into one file the plain model loads strictly.
 
 One launch of 4 processes plays every job in turn (tests/checkpoint_cases.py ``Phases``): it
 trains and saves with N = 1, 2 and 4 ranks at stages 0, 1 and 2, then loads each of the 9
 checkpoints with M = 1, 2, 3 and 4 ranks at stages 0, 1 and 2 (108 loads) and compares the
 gathered master weights, optimizer states, step counts, LR schedule, loss scale and model
-parameters with what was saved: they must be equal, bit for bit.
+parameters with what was saved: they must be equal, bit for bit. The saved states come back to
+the test, which then consolidates every checkpoint the way a user would (``orch ckpt
+consolidate``) and loads the result into a fresh ``CkptNet`` with ``strict=True``.
 """
 from __future__ import annotations
 
@@ -48,14 +51,64 @@ def matrix(root: str) -> list[str]:
                         problems += [f"{case}: {d}" for d in differences(truth[(n, stage)], loaded)]
                         if client != {"sampler": {"position": 3}} or Path(path).parent.name != f"n{n}-s{stage}":
                             problems.append(f"{case}: returned {path}, {client}")
-    return problems
+    return {"problems": problems, "truth": {k: {"master": v["vectors"]["master"], "params": v["params"]}
+                                            for k, v in truth.items()}}
+
+
+@pytest.fixture(scope="module")
+def matrix_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("matrix")
+    result = run_distributed(matrix, 4, str(root), init=False, timeout=400)[0]
+    return result | {"root": root}
 
 
 @pytest.mark.slow
-def test_every_saved_world_size_and_stage_loads_exactly_on_every_other(tmp_path: Path) -> None:
-    problems = run_distributed(matrix, 4, str(tmp_path), init=False, timeout=400)[0]
-    assert problems == [], "\n".join(problems[:20])
-    assert len(list(tmp_path.iterdir())) == 9
+def test_every_saved_world_size_and_stage_loads_exactly_on_every_other(matrix_run: dict) -> None:
+    assert matrix_run["problems"] == [], "\n".join(matrix_run["problems"][:20])
+    assert len(list(matrix_run["root"].iterdir())) == 9
+
+
+@pytest.mark.slow
+def test_consolidated_checkpoints_load_strictly_into_the_plain_model(matrix_run: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from tests.checkpoint_cases import make_net
+
+    for (n, stage), saved in matrix_run["truth"].items():
+        for suffix in (".pt", ".safetensors"):
+            out = tmp_path / f"n{n}-s{stage}{suffix}"
+            result = CliRunner().invoke(app, ["ckpt", "consolidate", str(matrix_run["root"] / f"n{n}-s{stage}"),
+                                              str(out)])
+            assert result.exit_code == 0, result.output
+            state = _load_file(out)
+            model = make_net(seed=42)
+            model.load_state_dict(state, strict=True)
+            for name, value in model.state_dict().items():
+                expected = saved["master"].get(name)
+                if expected is None:              # a buffer or frozen weight: rank 0's, in its dtype
+                    expected = saved["master"]["emb.weight"] if name == "head.weight" else saved["params"][name]
+                assert torch.equal(value, expected.reshape(value.shape).to(value.dtype)), (n, stage, name)
+            assert state["head.weight"].dtype == torch.float32 and torch.equal(state["head.weight"],
+                                                                                 state["emb.weight"])
+
+
+def _load_file(path: Path) -> dict:
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=True, mmap=True)
+    from engine.checkpoint.tensorfile import read_header
+
+    out = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    for name, t in read_header(path).items():
+        dtype = getattr(torch, t["dtype"])
+        count = 1
+        for d in t["shape"]:
+            count *= d
+        size = count * torch.empty((), dtype=dtype).element_size()
+        out[name] = torch.frombuffer(bytearray(data[t["offset"]:t["offset"] + size]), dtype=dtype).reshape(t["shape"])
+    return out
 
 
 # -- the read planner alone, on many random layouts (one process, no I/O) ------------------------

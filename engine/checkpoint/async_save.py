@@ -18,6 +18,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -68,11 +69,20 @@ def wait_for_ranks(tmp: Path, world_size: int, timeout: float = DEFAULT_TIMEOUT_
 class AsyncWriter:
     """One background save at a time for one engine."""
 
+    _all: "weakref.WeakSet[AsyncWriter]" = weakref.WeakSet()
+
     def __init__(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.timeout = timeout
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[str] = None
         self.last_tag: Optional[str] = None
+        AsyncWriter._all.add(self)
+
+    @classmethod
+    def wait_all(cls) -> Optional[str]:
+        """Join every engine's running save in this process (a load must see finished checkpoints)."""
+        errors = [e for w in list(cls._all) if (e := w.wait())]
+        return "; ".join(errors) or None
 
     @property
     def busy(self) -> bool:

@@ -28,7 +28,7 @@ from .manifest import (EXTRA_FILE, OBJECTS_FILE, CheckpointError, file_problem, 
                        read_manifest)
 from .reshard import plan_reads, source_runs, target_pieces
 from .rng import restore_rng
-from .save import async_writer
+from .async_save import AsyncWriter
 from .state_names import ModelNames, model_names, unwrap
 from .tensorfile import ITEMSIZE, read_into
 
@@ -45,7 +45,7 @@ def load_checkpoint(engine: Any, load_dir: str | Path, tag: Optional[str] = None
     (as DeepSpeed does). Works whatever world size and ZeRO stage wrote the checkpoint.
     """
     group = Group(engine.comm)
-    failed = group.first_error(async_writer(engine).wait())
+    failed = group.first_error(AsyncWriter.wait_all())
     if failed and group.rank == 0:
         warnings.warn(f"the last asynchronous checkpoint save failed ({failed}); loading what is on disk", stacklevel=2)
     load_dir = Path(load_dir)

@@ -184,36 +184,51 @@ def _job_status(ref: JobRef, info: SlurmJobInfo | None, nodes: dict[str, str]) -
     per_node: dict[str, str] = {}
     if _active(info):
         per_node = {n: "NODE_FAIL" if node_is_lost(nodes.get(n, "")) else "RUNNING" for n in info.nodes}
-        lost = [n for n, s in per_node.items() if s == "NODE_FAIL"]
-        if lost and state == JobState.RUNNING:
-            detail = _lost_nodes_detail(ref, lost, [n for n in info.nodes if n not in lost])
+        if state == JobState.RUNNING and not detail:
+            detail = _running_detail(ref, info, [n for n, s in per_node.items() if s == "NODE_FAIL"])
     elif state in (JobState.PENDING, JobState.RESTARTING) and info.reason not in ("", "None"):
         detail = f"{detail}; " if detail else ""
-        detail += f"waiting: {info.reason}"
+        detail += f"waiting: {info.reason}" + _REASON_HINTS.get(info.reason.split(",")[0], "")
     elif state in (JobState.FAILED, JobState.NODE_FAIL, JobState.TIMEOUT):
         code = _exit_code(info)
         detail = ", ".join(p for p in (detail, code, f"Slurm job {ref.native_id}; see `orch logs {ref.job_id}`") if p)
     return JobStatus(state, detail or f"Slurm job {ref.native_id}", restarts, per_node)
 
 
-def _lost_nodes_detail(ref: JobRef, lost: list[str], survivors: list[str]) -> str:
-    spec_nodes = _spec_nodes(ref)
-    elastic = spec_nodes is not None and ":" in str(spec_nodes)
-    if elastic:
+# Pending reasons that never resolve by waiting, and what the user can change.
+_REASON_HINTS = {
+    "PartitionConfig": " (the job asks for more than the partition offers: check nodes, gpus_per_node, "
+                       "slurm.partition)",
+    "PartitionNodeLimit": " (more nodes than the partition allows: lower nodes or pick another partition)",
+    "PartitionTimeLimit": " (slurm.time exceeds the partition's limit: `sinfo -o '%P %l'`)",
+    "AssocGrpNodeLimit": " (your account's node limit is reached: wait, or use fewer nodes)",
+    "QOSMaxNodePerJobLimit": " (more nodes than slurm.qos allows per job)",
+}
+
+
+def _running_detail(ref: JobRef, info: SlurmJobInfo, lost: list[str]) -> str:
+    """Where the job runs, and what a lost node means for it (elastic: it lives on)."""
+    low, high = _node_range(ref)
+    survivors = [n for n in info.nodes if n not in lost]
+    elastic = low != high
+    if lost and elastic:
         return f"node {', '.join(lost)} lost; elastic job continuing on {', '.join(survivors) or 'no node'}"
-    return f"node {', '.join(lost)} not responding; Slurm requeues the job once it declares the node down"
+    if lost:
+        return f"node {', '.join(lost)} not responding; Slurm requeues the job once it declares the node down"
+    if elastic and high and len(info.nodes) < high:
+        return f"Slurm job {ref.native_id} on {', '.join(info.nodes)} ({len(info.nodes)} of up to {high} nodes)"
+    return f"Slurm job {ref.native_id} on {', '.join(info.nodes)}"
 
 
-def _spec_nodes(ref: JobRef) -> str | None:
+def _node_range(ref: JobRef) -> tuple[int, int]:
+    """The spec's (min, max) nodes, from the job.json that jobs.py keeps in the run dir."""
     import json
 
     try:
         nodes = json.loads((Path(ref.run_dir) / "job.json").read_text()).get("nodes", {})
-    except (OSError, ValueError):
-        return None
-    if isinstance(nodes, dict) and nodes.get("min") != nodes.get("max"):
-        return f"{nodes.get('min')}:{nodes.get('max')}"
-    return str(nodes.get("max")) if isinstance(nodes, dict) else None
+        return int(nodes["min"]), int(nodes["max"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0, 0
 
 
 def _exit_code(info: SlurmJobInfo) -> str:

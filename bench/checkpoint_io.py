@@ -1,0 +1,266 @@
+"""Sharded checkpoint I/O on 2 gloo ranks: save/load throughput against plain torch.save/torch.load
+of the same bytes, the step-time stall of an asynchronous save, and the peak memory of
+consolidating a >= 1 GB checkpoint against its largest shard.
+
+* save: ``engine.save_checkpoint`` (every rank writes its shard, sha256 while writing, fsync of
+  every file and directory, manifest, renames) vs each rank ``torch.save`` of the same tensors
+  (master partition, exp_avg, exp_avg_sq) to one file; also that plus ``os.fsync``, which is the
+  like-for-like durability.
+* load: ``engine.load_checkpoint`` into a fresh engine (manifest, sha256 of every file spread over
+  the ranks, ranged reads of the rank's partition, all-gather of the parameters) vs each rank
+  ``torch.load(weights_only=True)`` of its file and copying it into the master partition.
+  Both read a warm page cache (the files were just written).
+* async stall: wall time of "save + one training step" minus one training step, for the
+  asynchronous and the synchronous save.
+* consolidation: peak RSS of ``orch ckpt consolidate`` (a fresh process; .safetensors and .pt)
+  vs the largest shard file, and vs the DeepSpeed ``zero_to_fp32`` way (load every master
+  shard, concatenate, ``torch.save``).
+
+    python -m bench.checkpoint_io [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue as queue_mod
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Measurement, machine, print_table
+
+WIDTH = 4096
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(layers: int, width: int) -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+def _engine(layers: int, width: int, async_save: bool = False) -> Any:
+    import engine
+    from engine.checkpoint.engine_methods import CheckpointMethods
+
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "checkpoint": {"async_save": async_save}}
+    eng = engine.initialize(model=_model(layers, width), config=config)[0]
+    if not isinstance(eng, CheckpointMethods):      # until engine.Engine inherits the mixin
+        eng.__class__ = type("Engine", (CheckpointMethods, type(eng)), {})
+    return eng
+
+
+def _step(eng: Any, width: int) -> None:
+    import torch
+
+    x = torch.randn(2, width)
+    eng.backward(eng(x).float().pow(2).mean())
+    eng.step()
+
+
+def _barrier_time(fn: Any) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def _peer_tensors(eng: Any) -> dict[str, Any]:
+    """The rank's partitions as standalone tensors (a view would make torch.save write its whole
+    storage, e.g. all of ``flat_params``: DeepSpeed's "checkpoint bloat")."""
+    opt = eng.optimizer
+    states = {k: v.clone() for k, v in opt.optimizer_state_partitions().items() if v.dim() == 1}
+    return {"master": opt.master_partition().clone(), **states}
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    root = Path(cfg["root"])
+    layers, width, rounds = cfg["layers"], cfg["width"], cfg["rounds"]
+    eng = _engine(layers, width)
+    _step(eng, width)
+    peer_file = root / f"peer-rank{rank}.pt"
+    times: dict[str, list[float]] = {k: [] for k in ("save", "torch.save", "torch.save+fsync", "load", "torch.load")}
+    fresh = _engine(layers, width)
+
+    tensors = _peer_tensors(eng)   # cloned outside the timed region
+
+    def peer_save(fsync: bool) -> None:
+        with open(peer_file, "wb") as f:
+            torch.save(tensors, f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def peer_load() -> None:
+        loaded = torch.load(peer_file, weights_only=True)
+        fresh.optimizer.master_params[0].data.copy_(loaded["master"])
+
+    for i in range(rounds):
+        times["save"].append(_barrier_time(lambda: eng.save_checkpoint(root / "ckpt", tag=f"round-{i}", keep=1)))
+        times["torch.save"].append(_barrier_time(lambda: peer_save(False)))
+        times["torch.save+fsync"].append(_barrier_time(lambda: peer_save(True)))
+        times["load"].append(_barrier_time(lambda: fresh.load_checkpoint(root / "ckpt")))
+        times["torch.load"].append(_barrier_time(peer_load))
+    shard_bytes = sum(f.stat().st_size for f in (root / "ckpt" / f"round-{rounds - 1}").glob("*.safetensors"))
+    peer_bytes = torch.tensor([peer_file.stat().st_size])
+    dist.all_reduce(peer_bytes)
+    del fresh
+
+    # the step-time stall of a save: (save + step) - step, asynchronous and synchronous
+    async_eng = _engine(layers, width, async_save=True)
+    _step(async_eng, width)
+    stall: dict[str, list[float]] = {"step": [], "async save + step": [], "sync save + step": []}
+    for i in range(rounds):
+        stall["step"].append(_barrier_time(lambda: _step(async_eng, width)))
+        stall["async save + step"].append(_barrier_time(
+            lambda: (async_eng.save_checkpoint(root / "async", tag=f"a{i}", keep=1), _step(async_eng, width))))
+        async_eng.wait_for_checkpoint()
+        stall["sync save + step"].append(_barrier_time(
+            lambda: (async_eng.save_checkpoint(root / "async", tag=f"s{i}", keep=1, async_save=False),
+                     _step(async_eng, width))))
+    if rank == 0:
+        out.put({"times": times, "stall": stall, "bytes": shard_bytes, "peer_bytes": int(peer_bytes.item()),
+                 "checkpoint": str(root / "ckpt" / f"round-{rounds - 1}")})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+_CONSOLIDATE = r"""
+import json, resource, sys
+from pathlib import Path
+mode, ckpt, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+if mode == "naive" or out.suffix == ".pt":
+    import torch  # the .safetensors path runs without torch, as `orch ckpt consolidate` does
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if mode == "orch":
+    from engine.checkpoint.consolidate import consolidate
+    consolidate(ckpt, out)
+else:  # the zero_to_fp32 way: every master shard in memory, then one torch.save
+    import numpy as np
+    from engine.checkpoint.tensorfile import read_header
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    parts = []
+    for name in manifest["shards"]["master"]:
+        offset = read_header(ckpt / name)["master"]["offset"]
+        parts.append(torch.from_numpy(np.fromfile(ckpt / name, dtype=np.float32, offset=offset)))
+    state = {}
+    for p in manifest["params"]:
+        pieces = [parts[r][o:o + n] for r, o, n in p["ranges"]]
+        state[p["name"]] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(p["shape"])
+    torch.save(state, out)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak}))
+"""
+
+
+def _consolidation_rss(checkpoint: str, mode: str, suffix: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(dir=Path(checkpoint).parent) as tmp:
+        out = Path(tmp) / f"model{suffix}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        t0 = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", _CONSOLIDATE, mode, checkpoint, str(out)], env=env,
+                                capture_output=True, text=True, timeout=1800, check=True)
+        seconds = time.perf_counter() - t0
+        return json.loads(result.stdout.strip().splitlines()[-1]) | {"seconds": seconds,
+                                                                     "output_bytes": out.stat().st_size}
+
+
+def run(quick: bool = False) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    layers = 1 if quick else 5     # 4096x4096 layers: 16.8M parameters each; 5 -> 1.0 GB checkpoint
+    rounds = 2 if quick else 3
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("ORCH_BENCH_TMP")) as root:
+        cfg = {"root": root, "layers": layers, "width": WIDTH, "rounds": rounds}
+        procs = mp.start_processes(_worker, args=(2, _free_port(), cfg, out), nprocs=2, start_method="spawn",
+                                   join=False)
+        result = None
+        while result is None:
+            try:
+                result = out.get(timeout=5)
+            except queue_mod.Empty:
+                if all(not p.is_alive() for p in procs.processes):
+                    raise RuntimeError("the benchmark workers exited without a result") from None
+        procs.join()
+        gb = result["bytes"] / 1e9
+        t = result["times"]
+        print(f"machine: {machine()}")
+        print(f"2 gloo ranks, ZeRO-2 fp32, {layers} x Linear({WIDTH},{WIDTH}) = {layers * (WIDTH * WIDTH + WIDTH) / 1e6:.1f}M "
+              f"parameters; checkpoint shards {gb:.2f} GB (torch.save files {result['peer_bytes'] / 1e9:.2f} GB); "
+              f"median of {rounds}; warm page cache for loads")
+        save = Measurement("save_checkpoint (sha256, fsync, manifest)", t["save"])
+        peers = [Measurement("torch.save, same tensors", t["torch.save"]),
+                 Measurement("torch.save + fsync", t["torch.save+fsync"])]
+        print_table("save, seconds (lower is better)", save, peers)
+        load = Measurement("load_checkpoint (verify, reshard-read)", t["load"])
+        print_table("load, seconds (lower is better)", load, [Measurement("torch.load + copy", t["torch.load"])])
+        for m, kind in ((save, "save"), (load, "load")):
+            print(f"  {kind}: ours {gb / m.median:.2f} GB/s")
+        for p in peers + [Measurement("torch.load + copy", t["torch.load"])]:
+            print(f"  {p.name}: {result['peer_bytes'] / 1e9 / p.median:.2f} GB/s")
+        for m, p in ((save, peers[0]), (save, peers[1]), (load, Measurement("torch.load + copy", t["torch.load"]))):
+            rows.append({"name": f"checkpoint {m.name.split(' ')[0]} {gb:.2f} GB, 2 ranks", "median_s": m.median,
+                         "range_s": m.spread, "peer": p.name, "peer_median_s": p.median,
+                         "ratio": m.median / p.median, "gb_per_s": gb / m.median,
+                         "peer_gb_per_s": result["peer_bytes"] / 1e9 / p.median})
+
+        s = result["stall"]
+        step = statistics.median(s["step"])
+        stall_async = statistics.median(s["async save + step"]) - step
+        stall_sync = statistics.median(s["sync save + step"]) - step
+        print(f"\nstep-time stall of a save (one step {step * 1e3:.0f} ms): async {stall_async * 1e3:.0f} ms, "
+              f"sync {stall_sync * 1e3:.0f} ms, async/sync {stall_async / stall_sync:.2f}")
+        rows.append({"name": "async save step stall", "median_s": stall_async, "peer": "sync save stall",
+                     "peer_median_s": stall_sync, "ratio": stall_async / stall_sync})
+
+        manifest = json.loads((Path(result["checkpoint"]) / "manifest.json").read_text())
+        largest = max(f["bytes"] for f in manifest["files"].values())
+        print(f"\nconsolidation of {gb:.2f} GB ({'quick: below the 1 GB of the goal' if gb < 1 else 'goal >= 1 GB met'}); "
+              f"largest shard {largest / 1e6:.0f} MB")
+        peer = _consolidation_rss(result["checkpoint"], "naive", ".pt")
+        for suffix in (".safetensors", ".pt"):
+            ours = _consolidation_rss(result["checkpoint"], "orch", suffix)
+            ratio = ours["peak"] / largest
+            print(f"  orch consolidate -> {suffix:<12} peak RSS {ours['peak'] / 1e6:6.0f} MB "
+                  f"(at start {ours['base'] / 1e6:.0f} MB), {ours['seconds']:.1f} s; "
+                  f"peak / largest shard {ratio:.2f} (goal < 2); vs load-all {ours['peak'] / peer['peak']:.2f}")
+            rows.append({"name": f"consolidate {gb:.2f} GB -> {suffix} peak RSS / largest shard", "rss_ratio": ratio,
+                         "ratio": ours["peak"] / peer["peak"], "peer": "load-all-shards peak RSS",
+                         "peak_rss_mb": ours["peak"] / 1e6, "largest_shard_mb": largest / 1e6,
+                         "median_s": ours["seconds"]})
+        print(f"  load every shard + torch.save      peak RSS {peer['peak'] / 1e6:6.0f} MB, {peer['seconds']:.1f} s; "
+              f"peak / largest shard {peer['peak'] / largest:.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 67 MB checkpoint instead of 1 GB, 2 rounds")
+    run(parser.parse_args().quick)

@@ -1,0 +1,212 @@
+"""What every ZeRO optimizer shares: the torch-optimizer face, the step, and the partition accessors.
+
+Stages 0-2 (stage12.py) and stage 3 (stage3.py) differ in where parameters and gradients
+live, not in how the update is made. Both own, per optimizer parameter group, one fp32 master
+slice (``_masters``, wrapped as ``master_params`` for the inner torch optimizer) and find this
+rank's reduced gradient for it with ``_own_grads()``. The step is then the same everywhere:
+
+gradient norm over all partitions (one all-reduce of a scalar), overflow check, one combined
+multiplier (1/loss scale, 1/world size, clip coefficient) handed to the optimizer (engine.ops'
+fused optimizers apply it while reading the gradient, and write the low-precision copy in the
+same pass), then ``_publish_params`` makes the updated weights visible to the model.
+
+The accessors at the end (``master_partition``, ``optimizer_state_partitions``, ``load_full``,
+``load_master_partition``) are what checkpoints use, so every stage saves and reshards alike.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..comm import Comm
+from ..optimizers import step_with_multiplier
+from ..precision import LossScaler
+from .offload import OffloadSettings, synchronize
+from .partition import FlatLayout
+
+__all__ = ["PartitionedOptimizer"]
+
+
+class PartitionedOptimizer:
+    """Base of ``ZeroOptimizer`` (stages 0-2) and ``Stage3Optimizer``; see the module docstring."""
+
+    layout: FlatLayout
+    params: list[nn.Parameter]
+    master_params: list[nn.Parameter]
+    optimizer: Optimizer
+    loss_scaler: LossScaler
+    comm: Comm
+    settings: Any
+    stage: int
+    model_dtype: torch.dtype
+    master_is_view: bool
+    offload: OffloadSettings
+    _masters: list[torch.Tensor]
+    _rank: int
+    _prescale: bool
+    _fused_step: bool
+    _lowp_grads: bool
+    device: torch.device
+    global_grad_norm: Optional[float] = None
+    overflow: bool = False
+
+    # -- torch.optim.Optimizer look-alike ---------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.loss_scale
+
+    cur_scale = loss_scale  # DeepSpeed's name
+
+    # -- what subclasses provide ----------------------------------------------------------------
+    def reduce_gradients(self) -> None:
+        raise NotImplementedError
+
+    def _own_grads(self) -> list[torch.Tensor]:
+        """Per group: the reduced gradient slice this rank's master partition consumes."""
+        raise NotImplementedError
+
+    def _lowp_targets(self) -> Optional[list[torch.Tensor]]:
+        """Per group: the low-precision tensors the fused step may write directly (None: no)."""
+        raise NotImplementedError
+
+    def _publish_params(self, local_copied: bool = False) -> None:
+        """Updated master partitions -> the model's parameters."""
+        raise NotImplementedError
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        raise NotImplementedError
+
+    def _reduction_consumed(self) -> None:
+        """The step has taken this step's reduced gradients (the next backward reduces anew)."""
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One optimizer step at an accumulation boundary; False when skipped for overflow."""
+        self.reduce_gradients()
+        self._reduction_consumed()
+        grads = self._own_grads()
+        if self.offload.optimizer:
+            synchronize(self.device)  # device-to-host gradient copies must have landed
+        divisor = self.loss_scaler.loss_scale * (1 if self._prescale else self.comm.world_size)
+        norm = self._global_norm(grads) / divisor
+        self.global_grad_norm = norm
+        self.overflow = not math.isfinite(norm)
+        if self.overflow:
+            self.loss_scaler.update(True)
+            self.zero_grad()
+            return False
+        clip = self.settings.gradient_clipping
+        clip_coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        for mp, grad in zip(self.master_params, grads):
+            mp.grad = grad if grad.dtype == torch.float32 or self._lowp_grads else grad.float()
+        lowp = self._lowp_targets() if self._fused_step and not self.master_is_view else None
+        copied = step_with_multiplier(self.optimizer, divisor, clip_coef, lowp_out=lowp)
+        for mp in self.master_params:
+            mp.grad = None
+        self.loss_scaler.update(False)
+        self.zero_grad()
+        self._publish_params(copied)
+        return True
+
+    def _global_norm(self, grads: Sequence[torch.Tensor]) -> float:
+        """L2 norm of the reduced gradient over all partitions (inf/nan when it overflowed)."""
+        device = grads[0].device if grads else self.device
+        square = torch.zeros((), dtype=torch.float32, device=device)
+        for g in grads:
+            if g.numel():
+                square += torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        if self.layout.partition_count > 1:
+            square = square.to(self.device) if self.comm.backend == "nccl" else square
+            self.comm.all_reduce(square)
+        value = square.item()
+        return math.sqrt(value) if math.isfinite(value) else float("inf")
+
+    def _allow_lowp_grads(self) -> bool:
+        """Let the fp32 masters carry bf16/fp16 gradients (torch >= 2.10 has ``grad_dtype``)."""
+        try:
+            for mp in self.master_params:
+                mp.grad_dtype = None
+        except (AttributeError, RuntimeError, TypeError):
+            return False
+        return True
+
+    # -- checkpoint access ------------------------------------------------------------------------
+    def master_partition(self) -> torch.Tensor:
+        """This rank's fp32 master weights as one flat tensor (``layout.partition_numel``)."""
+        return self._masters[0] if len(self._masters) == 1 else torch.cat(self._masters)
+
+    def optimizer_state_partitions(self) -> dict[str, torch.Tensor]:
+        """This rank's optimizer states: flat tensors like the master partition (e.g.
+        ``exp_avg``, ``exp_avg_sq``), scalars (``step``) as 0-dim tensors. Empty before the
+        first step (torch creates optimizer state lazily)."""
+        states = [self.optimizer.state.get(mp, {}) for mp in self.master_params]
+        keys = sorted({k for st in states for k in st})
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            values = [st.get(key) for st in states]
+            if all(torch.is_tensor(v) and v.shape == mp.shape for v, mp in zip(values, self.master_params)):
+                out[key] = values[0] if len(values) == 1 else torch.cat(values)
+            else:
+                first = next(v for v in values if v is not None)
+                out[key] = first.detach().clone() if torch.is_tensor(first) else torch.tensor(float(first))
+        return out
+
+    @torch.no_grad()
+    def load_full(self, master: torch.Tensor, optimizer_states: Optional[Mapping[str, Any]] = None) -> None:
+        """Fill this rank's partitions from full canonical vectors (see partition.py).
+
+        ``master``: every parameter's fp32 value, length ``layout.numel``. ``optimizer_states``:
+        per-element states as vectors of the same length, scalars (``step``) as numbers or
+        0-dim tensors. Works whatever world size or stage wrote them: that is resharding.
+        """
+        master = master.to(dtype=torch.float32)
+        self.load_master_partition(self.layout.shard(master, self._rank))
+        if optimizer_states:
+            self._load_states(optimizer_states)
+
+    @torch.no_grad()
+    def load_master_partition(self, local: torch.Tensor) -> None:
+        """This rank's new fp32 master partition (``layout.partition_numel``), published to the model."""
+        for g, view in zip(self.layout.groups, self._masters):
+            view.copy_(local[g.local_offset:g.local_offset + g.partition_numel])
+        self._publish_params(False)
+
+    def _load_states(self, full_states: Mapping[str, Any]) -> None:
+        device = self._masters[0].device
+        shards = {k: self.layout.shard(v.to(device, torch.float32), self._rank)
+                  for k, v in full_states.items() if torch.is_tensor(v) and v.dim() == 1}
+        state: dict[int, dict[str, Any]] = {}
+        for i, g in enumerate(self.layout.groups):
+            st: dict[str, Any] = {}
+            for key, value in full_states.items():
+                if key in shards:
+                    st[key] = shards[key][g.local_offset:g.local_offset + g.partition_numel].clone()
+                else:
+                    st[key] = torch.tensor(float(value), dtype=torch.float32)
+            state[i] = st
+        sd = self.optimizer.state_dict()
+        sd["state"] = state
+        self.optimizer.load_state_dict(sd)
+
+    @staticmethod
+    def _bytes(t: Optional[torch.Tensor]) -> int:
+        return 0 if t is None else t.numel() * t.element_size()
+
+    def _state_bytes(self) -> int:
+        return sum(self._bytes(v) for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v))

@@ -1,0 +1,215 @@
+"""Gradient reduction for every ZeRO stage: buckets of gradients summed across ranks, to their owners.
+
+Why a module of its own: stages 0-3 differ in where a reduced gradient goes, not in how it is
+reduced. Each bucket (whole consecutive parameters of one group, ``FlatLayout.buckets``) is
+summed across ranks with ``Comm.reduce_to_owners``; afterwards
+
+* ``in_place`` (stages 0/1): every ``p.grad`` is a view of one flat gradient buffer, so autograd
+  accumulates straight into what gets reduced and nothing is copied;
+* partitioned (stages 2/3): a post-accumulate-grad hook copies each finished gradient into a
+  bucket staging buffer and frees it; when a bucket's reduction completes, the owner copies (or,
+  with ``accumulate``, adds) its slice into the rank's gradient partition. That partition may live
+  in CPU memory (``offload_optimizer``): the copy is then the device-to-host transfer, issued
+  as each bucket completes so it overlaps the rest of backward.
+
+Buckets are reduced in one fixed order on every rank (collectives must match across ranks),
+the reverse of layout order because backward finishes the last parameters first; a bucket
+whose gradients arrive early waits, in its staging buffer, for the ones before it.
+``overlap_comm`` makes each reduction asynchronous so communication overlaps backward.
+
+The owner of this object decides which backward passes communicate (``begin_pass``) and calls
+``grad_ready(index, param)`` from its gradient hooks.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..comm import Comm, Handle
+from .partition import Bucket, FlatLayout
+
+__all__ = ["GradientOrderError", "GradientReducer"]
+
+
+class GradientOrderError(RuntimeError):
+    """A parameter received a gradient after its bucket had already been reduced."""
+
+
+class GradientReducer:
+    """Reduces ``params``' gradients bucket by bucket (see the module docstring).
+
+    ``flat_grads``/``grad_views`` (stages 0/1) or ``grad_partition`` (stages 2/3) say where the
+    reduced gradients live; ``rank`` is whose partition this rank owns; ``prescale`` divides
+    by the world size before summing (fp16 sums overflow); ``eager`` reduces each bucket as
+    soon as it is complete even without ``overlap`` (always true when partitioned: the
+    gradient is freed as it arrives, so it must be staged then).
+    """
+
+    def __init__(self, layout: FlatLayout, params: Sequence[nn.Parameter], comm: Comm, *, bucket_numel: int,
+                 rank: int, dtype: torch.dtype, device: torch.device, overlap: bool, prescale: bool,
+                 flat_grads: Optional[torch.Tensor] = None, grad_views: Sequence[torch.Tensor] = (),
+                 grad_partition: Optional[torch.Tensor] = None, accumulate: bool = False) -> None:
+        if (flat_grads is None) == (grad_partition is None):
+            raise ValueError("GradientReducer needs exactly one of flat_grads and grad_partition")
+        self.layout, self.params, self.comm = layout, list(params), comm
+        self.rank, self.dtype, self.device = rank, dtype, device
+        self.overlap, self.prescale, self.accumulate = overlap, prescale, accumulate
+        self.flat_grads, self.grad_views, self.grad_partition = flat_grads, list(grad_views), grad_partition
+        self.partitioned = grad_partition is not None
+        self.buckets = layout.buckets(bucket_numel)
+        self._order: list[Bucket] = list(reversed(self.buckets))  # backward finishes last params first
+        self._position = {b.index: pos for pos, b in enumerate(self._order)}
+        self._bucket_of = {i: b.index for b in self.buckets for i in b.params}
+        self.active = False          # inside a backward pass that communicates
+        self.reduced = False         # this pass's gradients are reduced
+        self._pending: list[int] = []
+        self._next = 0               # position in self._order of the next bucket to launch
+        self._arrived: set[int] = set()
+        self._inflight: deque[tuple[Bucket, Handle]] = deque()
+        self._buffers: dict[int, torch.Tensor] = {}   # partitioned: bucket index -> staging buffer
+        self._free: list[torch.Tensor] = []
+        self.pool: list[torch.Tensor] = []             # every staging buffer ever allocated
+
+    # -- a pass -----------------------------------------------------------------------------------
+    def begin_pass(self) -> None:
+        """A backward whose gradients are to be reduced starts."""
+        self.active = True
+        self._pending = [len(b.params) for b in self.buckets]
+        self._next = 0
+        self._arrived = set()
+        self.reduced = False
+
+    def finish_pass(self) -> None:
+        """Reduce every bucket not yet launched (gradients that never arrived count as zero) and wait."""
+        if not self.active:
+            self.begin_pass()
+        for bucket in self._order[self._next:]:
+            for i in bucket.params:
+                if i not in self._arrived:
+                    self._arrived.add(i)
+                    self._take(i, self.params[i], bucket)
+            self._launch(bucket, async_op=True)
+        self._next = len(self._order)
+        while self._inflight:
+            self._complete_oldest()
+        self.reduced = True
+        self.active = False
+
+    def grad_ready(self, index: int, param: nn.Parameter) -> None:
+        """``params[index]``'s gradient is final for this backward (a post-accumulate-grad hook)."""
+        if not self.active:
+            return                      # accumulation micro-step: the gradient stays local
+        if not self.partitioned and not self.overlap:
+            return                      # reduced in one go by finish_pass
+        bucket = self.buckets[self._bucket_of[index]]
+        if index in self._arrived:
+            self._second_arrival(index, bucket)
+            return
+        self._arrived.add(index)
+        self._take(index, param, bucket)
+        self._pending[bucket.index] -= 1
+        if self._pending[bucket.index] == 0:
+            self._launch_ready(async_op=self.overlap)
+
+    # -- collecting -----------------------------------------------------------------------------
+    def _take(self, index: int, param: nn.Parameter, bucket: Bucket) -> None:
+        if self.partitioned:
+            self._stage_grad(index, param, bucket)
+        else:
+            self._adopt_grad(index, param)
+
+    def _second_arrival(self, index: int, bucket: Bucket) -> None:
+        """A parameter's gradient finished twice in one backward (reentrant checkpointing)."""
+        if self._position[bucket.index] < self._next:
+            raise GradientOrderError(
+                f"parameter {self.layout.params[index].name!r} received a second gradient after its bucket was "
+                "reduced. This happens with reentrant activation checkpointing; use "
+                "engine.checkpointing.checkpoint (non-reentrant) or torch.utils.checkpoint(use_reentrant=False).")
+        if self.partitioned:
+            entry, param = self.layout.params[index], self.params[index]
+            rel = entry.buffer_offset - bucket.start
+            self._buffer_for(bucket)[rel:rel + entry.numel].add_(param.grad.reshape(-1))
+            param.grad = None
+
+    def _adopt_grad(self, index: int, param: nn.Parameter) -> None:
+        """Stages 0/1: make sure the gradient lives in (is a view of) the flat gradient buffer.
+
+        It normally does; a ``module.zero_grad(set_to_none=True)`` makes autograd allocate a
+        fresh tensor instead, which is copied in here.
+        """
+        view, grad = self.grad_views[index], param.grad
+        if grad is None:
+            view.zero_()
+        elif grad.data_ptr() != view.data_ptr():
+            view.copy_(grad)
+        param.grad = view
+
+    def _stage_grad(self, index: int, param: nn.Parameter, bucket: Bucket) -> None:
+        """Partitioned: copy the finished gradient into its bucket's buffer and free it."""
+        entry = self.layout.params[index]
+        rel = entry.buffer_offset - bucket.start
+        region = self._buffer_for(bucket)[rel:rel + entry.numel]
+        if param.grad is None:
+            region.zero_()
+        else:
+            region.copy_(param.grad.reshape(-1))
+            param.grad = None
+
+    def _buffer_for(self, bucket: Bucket) -> torch.Tensor:
+        buf = self._buffers.get(bucket.index)
+        if buf is None:
+            while not self._free and self._inflight:
+                self._complete_oldest()
+            if self._free:
+                buf = self._free.pop()
+            else:
+                buf = torch.empty(max(b.numel for b in self.buckets), dtype=self.dtype, device=self.device)
+                self.pool.append(buf)
+            self._buffers[bucket.index] = buf
+        return buf[:bucket.numel]
+
+    # -- reducing -------------------------------------------------------------------------------
+    def _launch_ready(self, async_op: bool) -> None:
+        while self._next < len(self._order) and self._pending[self._order[self._next].index] == 0:
+            self._launch(self._order[self._next], async_op)
+            self._next += 1
+
+    def _launch(self, bucket: Bucket, async_op: bool) -> None:
+        if self.partitioned:
+            data = self._buffers[bucket.index][:bucket.numel]
+        else:
+            data = self.flat_grads[bucket.start:bucket.end]
+        if self.prescale and self.comm.active:
+            data.mul_(1.0 / self.comm.world_size)
+        if self.layout.partition_count > 1:
+            handle = self.comm.reduce_to_owners(data, bucket.pieces, async_op=async_op)
+        else:
+            handle = self.comm.all_reduce(data, async_op=async_op)
+        self._inflight.append((bucket, handle))
+        if not async_op:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        bucket, handle = self._inflight.popleft()
+        handle.wait()
+        if not self.partitioned:
+            return
+        buf = self._buffers.pop(bucket.index)
+        group = self.layout.groups[bucket.group]
+        part_start = group.partition_range(self.rank)[0]
+        non_blocking = self.grad_partition.device != buf.device
+        for rank, lo, hi in bucket.pieces:
+            if rank == self.rank:
+                local = group.local_offset + bucket.start + lo - part_start
+                target = self.grad_partition[local:local + hi - lo]
+                if self.accumulate:  # a host-side add needs the data now: a blocking transfer
+                    target.add_(buf[lo:hi].to(target.device))
+                else:
+                    target.copy_(buf[lo:hi], non_blocking=non_blocking)
+        self._free.append(buf)
+
+    def pool_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.pool)
