@@ -11,7 +11,11 @@ if [ ! -f "$script" ]; then
   echo "k8s-up: $script not found; the kubernetes tier will skip" >&2
   exit 0
 fi
-bash "$script" start "$dir"
+if [ -f "$dir/kubeconfig" ] && curl -skf "https://127.0.0.1:${ORCH_K8S_PORT:-16443}/readyz" >/dev/null 2>&1; then
+  echo "k8s-up: kube-apiserver already running (KUBECONFIG=$dir/kubeconfig)"
+else
+  bash "$script" start "$dir"
+fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] && python=.venv/bin/python
 if ! "$python" -c "import kubernetes, yaml" 2>/dev/null; then

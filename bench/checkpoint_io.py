@@ -133,15 +133,20 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
     # the step-time stall of a save: (save + step) - step, asynchronous and synchronous
     async_eng = _engine(layers, width, async_save=True)
     _step(async_eng, width)
-    stall: dict[str, list[float]] = {"step": [], "async save + step": [], "sync save + step": []}
+    stall: dict[str, list[float]] = {"step": [], "async save + step": [], "sync save + step": [],
+                                     "async call": [], "sync call": []}
+
+    def save_then_step(kind: str, tag: str) -> None:
+        t0 = time.perf_counter()
+        async_eng.save_checkpoint(root / "async", tag=tag, keep=1, async_save=kind == "async")
+        stall[f"{kind} call"].append(time.perf_counter() - t0)
+        _step(async_eng, width)
+
     for i in range(rounds):
         stall["step"].append(_barrier_time(lambda: _step(async_eng, width)))
-        stall["async save + step"].append(_barrier_time(
-            lambda: (async_eng.save_checkpoint(root / "async", tag=f"a{i}", keep=1), _step(async_eng, width))))
+        stall["async save + step"].append(_barrier_time(lambda: save_then_step("async", f"a{i}")))
         async_eng.wait_for_checkpoint()
-        stall["sync save + step"].append(_barrier_time(
-            lambda: (async_eng.save_checkpoint(root / "async", tag=f"s{i}", keep=1, async_save=False),
-                     _step(async_eng, width))))
+        stall["sync save + step"].append(_barrier_time(lambda: save_then_step("sync", f"s{i}")))
     if rank == 0:
         out.put({"times": times, "stall": stall, "bytes": shard_bytes, "peer_bytes": int(peer_bytes.item()),
                  "checkpoint": str(root / "ckpt" / f"round-{rounds - 1}")})
@@ -150,12 +155,18 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
 
 
 _CONSOLIDATE = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
+
+def hwm():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
 mode, ckpt, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 if mode == "naive" or out.suffix == ".pt":
     import torch  # the .safetensors path runs without torch, as `orch ckpt consolidate` does
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 if mode == "orch":
     from engine.checkpoint.consolidate import consolidate
     consolidate(ckpt, out)
@@ -172,7 +183,7 @@ else:  # the zero_to_fp32 way: every master shard in memory, then one torch.save
         pieces = [parts[r][o:o + n] for r, o, n in p["ranges"]]
         state[p["name"]] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(p["shape"])
     torch.save(state, out)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(json.dumps({"base": base, "peak": peak}))
 """
 
@@ -235,8 +246,14 @@ def run(quick: bool = False) -> list[dict]:
         step = statistics.median(s["step"])
         stall_async = statistics.median(s["async save + step"]) - step
         stall_sync = statistics.median(s["sync save + step"]) - step
-        print(f"\nstep-time stall of a save (one step {step * 1e3:.0f} ms): async {stall_async * 1e3:.0f} ms, "
-              f"sync {stall_sync * 1e3:.0f} ms, async/sync {stall_async / stall_sync:.2f}")
+        call_async, call_sync = statistics.median(s["async call"]), statistics.median(s["sync call"])
+        print(f"\nsave during training (one step {step * 1e3:.0f} ms): the save call blocks {call_async * 1e3:.0f} ms "
+              f"async vs {call_sync * 1e3:.0f} ms sync ({call_async / call_sync:.2f}); step-time stall "
+              f"(save + next step - a step) {stall_async * 1e3:.0f} ms async vs {stall_sync * 1e3:.0f} ms sync "
+              f"({stall_async / stall_sync:.2f}). On CPU ranks the writer thread competes with the step for the "
+              "same cores; on GPU ranks the step runs on the device.")
+        rows.append({"name": "async save: blocking part of the call", "median_s": call_async,
+                     "peer": "sync save call", "peer_median_s": call_sync, "ratio": call_async / call_sync})
         rows.append({"name": "async save step stall", "median_s": stall_async, "peer": "sync save stall",
                      "peer_median_s": stall_sync, "ratio": stall_async / stall_sync})
 

@@ -31,6 +31,9 @@ _LAZY: dict[str, str] = {
     "add_config_arguments": "engine.api:add_config_arguments",
     "Engine": "engine.engine:Engine",
     "checkpointing": "engine.activation_checkpointing",
+    "zero": "engine.zero",
+    "CheckpointError": "engine.checkpoint.manifest:CheckpointError",
+    "consolidate_checkpoint": "engine.checkpoint.consolidate:consolidate",
 }
 
 __all__ = sorted(_LAZY)

@@ -21,7 +21,10 @@ from .engine import Engine
 from .optimizers import build_optimizer, rebind_optimizer
 from .precision import build_loss_scaler, precision_policy
 from .schedulers import build_scheduler
+from .zero.offload import OffloadSettings
 from .zero.stage12 import ZeroOptimizer, ZeroSettings
+from .zero.stage3 import Stage3Optimizer, Stage3Settings
+from .zero.stage3_init import materialize
 
 __all__ = ["add_config_arguments", "init_distributed", "initialize"]
 
@@ -42,7 +45,8 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
                model_parameters: Optional[Iterable[Any]] = None, training_data: Any = None,
                lr_scheduler: Any = None, distributed_port: int = 29500, mpu: Any = None,
                dist_init_required: Optional[bool] = None, collate_fn: Optional[Callable[..., Any]] = None,
-               config: Any = None, config_params: Any = None) -> tuple[Engine, ZeroOptimizer, Any, Any]:
+               config: Any = None, config_params: Any = None
+               ) -> tuple[Engine, Union[ZeroOptimizer, Stage3Optimizer], Any, Any]:
     """Wrap ``model`` for ZeRO training; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
     ``config`` is a ds_config path, JSON text or dict (``config_params`` is DeepSpeed's older
@@ -60,16 +64,13 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
     comm = Comm()
     cfg = load_config(source, world_size=comm.world_size)
     _log_config_notes(cfg, comm)
-    stage = cfg.zero_optimization.stage
-    if stage == 3:
-        raise ConfigError([ConfigProblem("zero_optimization.stage", "ZeRO stage 3 is not available in this "
-                                         "version of orch's engine", "use stage 2")])
     device = torch.device(f"cuda:{get_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
     policy = precision_policy(cfg.precision)
+    if cfg.zero_optimization.stage < 3:
+        materialize(model, comm)   # built under engine.zero.Init: stages 0-2 need the whole model
     model.to(device=device, dtype=policy.model_dtype if policy.mixed else None)
     groups = _param_groups(model, optimizer, model_parameters)
-    zero = ZeroOptimizer(groups, _optimizer_factory(optimizer, cfg), settings=_zero_settings(cfg), comm=comm,
-                         model_dtype=policy.model_dtype, loss_scaler=build_loss_scaler(cfg), device=device)
+    zero = _zero_optimizer(cfg, model, groups, _optimizer_factory(optimizer, cfg), comm, policy.model_dtype, device)
     _broadcast_buffers(model, comm)
     scheduler = _scheduler(cfg, lr_scheduler, zero)
     batch = cfg.batch or cfg.resolve_batch(comm.world_size)
@@ -100,9 +101,23 @@ def _log_config_notes(cfg: EngineConfig, comm: Comm) -> None:
         print(f"[engine] config: {note}", flush=True)
     for feature in cfg.ignored_features():
         print(f"[engine] config: {feature}", flush=True)
-    if cfg.zero_optimization.offload_optimizer.device != "none" and torch.cuda.is_available():
-        print("[engine] config: zero_optimization.offload_optimizer is not implemented yet for stages 1-2; "
-              "optimizer states stay on the GPU", flush=True)
+    offload = OffloadSettings.from_config(cfg.zero_optimization)
+    if offload.any:
+        where = " and ".join(k for k, on in (("optimizer states", offload.optimizer), ("parameters", offload.param))
+                             if on)
+        print(f"[engine] config: ZeRO-{cfg.zero_optimization.stage} offload: {where} in CPU memory"
+              f"{', pinned' if offload.pinned() else ''}", flush=True)
+
+
+def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optimizer: Any, comm: Comm,
+                    model_dtype: torch.dtype, device: torch.device) -> Union[ZeroOptimizer, Stage3Optimizer]:
+    """Stage 3's optimizer or stages 0-2's, from the config's ``zero_optimization`` section."""
+    offload = OffloadSettings.from_config(cfg.zero_optimization)
+    common = dict(comm=comm, model_dtype=model_dtype, loss_scaler=build_loss_scaler(cfg), device=device,
+                  offload=offload)
+    if cfg.zero_optimization.stage == 3:
+        return Stage3Optimizer(groups, make_optimizer, module=model, settings=_stage3_settings(cfg), **common)
+    return ZeroOptimizer(groups, make_optimizer, settings=_zero_settings(cfg), **common)
 
 
 def _zero_settings(cfg: EngineConfig) -> ZeroSettings:
@@ -110,6 +125,18 @@ def _zero_settings(cfg: EngineConfig) -> ZeroSettings:
     return ZeroSettings(stage=z.stage, reduce_bucket_size=int(z.reduce_bucket_size),
                         allgather_bucket_size=int(z.allgather_bucket_size), overlap_comm=bool(z.overlap_comm),
                         gradient_clipping=float(cfg.gradient_clipping))
+
+
+def _stage3_settings(cfg: EngineConfig) -> Stage3Settings:
+    z = cfg.zero_optimization
+    return Stage3Settings(
+        stage=3, reduce_bucket_size=int(z.reduce_bucket_size), allgather_bucket_size=int(z.allgather_bucket_size),
+        overlap_comm=bool(z.overlap_comm), gradient_clipping=float(cfg.gradient_clipping),
+        prefetch_bucket_size=int(z.stage3_prefetch_bucket_size),
+        param_persistence_threshold=int(z.stage3_param_persistence_threshold),
+        model_persistence_threshold=int(min(z.stage3_model_persistence_threshold, 2**63 - 1)),
+        max_live_parameters=int(z.stage3_max_live_parameters), max_reuse_distance=int(z.stage3_max_reuse_distance),
+        gather_16bit_weights_on_model_save=bool(z.stage3_gather_16bit_weights_on_model_save))
 
 
 def _param_groups(model: nn.Module, optimizer: OptimizerArg,
@@ -154,7 +181,7 @@ def _optimizer_factory(optimizer: OptimizerArg, cfg: EngineConfig) -> Callable[[
                                      "add e.g. {\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": 1e-4}}}")])
 
 
-def _scheduler(cfg: EngineConfig, client: Any, zero: ZeroOptimizer) -> Any:
+def _scheduler(cfg: EngineConfig, client: Any, zero: Any) -> Any:
     """The config's schedule wins over the client's, as in DeepSpeed; a callable gets the optimizer."""
     if cfg.scheduler is not None:
         return build_scheduler(cfg.scheduler, zero.optimizer)

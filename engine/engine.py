@@ -4,7 +4,7 @@ This module only orchestrates. ``engine(batch)`` runs the module, ``backward(los
 the loss and brackets autograd so the ZeRO optimizer knows whether this micro-step reduces
 gradients, ``step()`` counts micro-steps and, at accumulation boundaries, steps the optimizer
 and the LR schedule. Everything about buffers, communication and the update itself lives in
-zero/stage12.py; precision in precision.py.
+zero/ (stage12.py for stages 0-2, stage3.py for stage 3); precision in precision.py.
 
 As in DeepSpeed, ``step()`` is called after every micro-batch; the loss passed to
 ``backward`` is divided by ``gradient_accumulation_steps`` so that the accumulated gradient is
@@ -22,7 +22,7 @@ from torch import nn
 from .comm import Comm, get_local_rank
 from .config_batch import BatchSizes
 from .precision import PrecisionPolicy
-from .zero.stage12 import ZeroOptimizer
+from .zero.base import PartitionedOptimizer
 
 __all__ = ["Engine", "TrainingCounters"]
 
@@ -57,7 +57,7 @@ class Engine(nn.Module):
     micro_steps = _counter("micro_steps")
     skipped_steps = _counter("skipped_steps")
 
-    def __init__(self, module: nn.Module, optimizer: ZeroOptimizer, lr_scheduler: Any, config: Any,
+    def __init__(self, module: nn.Module, optimizer: PartitionedOptimizer, lr_scheduler: Any, config: Any,
                  batch: BatchSizes, comm: Comm, device: torch.device, policy: PrecisionPolicy,
                  training_dataloader: Any = None) -> None:
         super().__init__()
@@ -186,11 +186,27 @@ class Engine(nn.Module):
         return self.precision.name == "bf16"
 
     def model_state_bytes(self) -> dict[str, int]:
-        """Bytes of model states on this rank: params, grads, master, optimizer_states, buffers."""
+        """Bytes of model states on this rank: params, grads, master, optimizer_states, buffers,
+        and how they split between the training device (``device``) and offloaded host memory
+        (``offloaded``); stage 3 adds ``live_peak``, the most parameter bytes gathered at once."""
         out = self.optimizer.model_state_bytes()
         managed = {id(p) for p in self.optimizer.params}
-        out["params"] += sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in managed)
+        frozen = sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in managed)
+        out["params"] += frozen
+        out["device"] += frozen
         return out
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """Rank 0 writes the model's weights in the training dtype as one ``torch.save`` file.
+
+        Every rank must call it. At stage 3 the weights are gathered one module at a time, and only
+        when ``zero_optimization.stage3_gather_16bit_weights_on_model_save`` is true (as in
+        DeepSpeed; otherwise nothing is written and False is returned). Returns whether it saved.
+        """
+        from .zero.save16 import save_16bit_model
+
+        return save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
 
     def _report_progress(self) -> None:
         every = self.config.steps_per_print

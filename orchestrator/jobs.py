@@ -81,7 +81,7 @@ def refresh(records: list[JobRecord], registry: Registry | None = None) -> list[
     for cluster, recs in by_cluster.items():
         try:
             statuses = get_backend(cluster).status([r.ref for r in recs])
-        except BackendNotBuilt:
+        except UserError:  # one unreachable cluster must not hide the others' jobs
             continue
         for rec in recs:
             st = statuses.get(rec.job_id)

@@ -234,16 +234,12 @@ def _json_path(parts: Any) -> str:
 
 def schema_problems(job: dict[str, Any]) -> list[str]:
     """The strict PyTorchJob schema's objections, one line each, with the spec key behind it."""
-    import jsonschema
-
-    from .crd_schema import pytorchjob_schema
+    from .crd_schema import pytorchjob_schema, schema_errors
 
     problems = []
-    validator = jsonschema.Draft7Validator(pytorchjob_schema())
-    for err in sorted(validator.iter_errors(job), key=lambda e: [str(p) for p in e.absolute_path]):
-        path = list(err.absolute_path)
+    for path, message in sorted(schema_errors(job, pytorchjob_schema()), key=lambda e: [str(p) for p in e[0]]):
         origin = next((_SPEC_KEYS[p] for p in reversed(path) if isinstance(p, str) and p in _SPEC_KEYS), None)
-        problems.append(f"{_json_path(path)}: {err.message}" + (f" (from {origin})" if origin else ""))
+        problems.append(f"{_json_path(path)}: {message}" + (f" (from {origin})" if origin else ""))
     return problems
 
 
@@ -294,7 +290,7 @@ def operator_rules(job: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _label_problems(where: str, labels: Any) -> list[str]:
+def label_problems(where: str, labels: Any) -> list[str]:
     problems = []
     for key, value in (labels or {}).items():
         prefix, _, name = str(key).rpartition("/")
@@ -308,17 +304,24 @@ def _label_problems(where: str, labels: Any) -> list[str]:
     return problems
 
 
+def annotation_problems(where: str, annotations: Any) -> list[str]:
+    """Annotation keys follow the label-key rules; values are free text."""
+    problems = []
+    for key in (annotations or {}):
+        prefix, _, name = str(key).rpartition("/")
+        if (prefix and not DNS1123_SUBDOMAIN.match(prefix)) or len(name) > 63 or not LABEL_NAME.match(name):
+            problems.append(f"{where}: key {key!r} is not a valid annotation key")
+    return problems
+
+
 def metadata_problems(job: dict[str, Any]) -> list[str]:
     """Labels the API server (job) or the operator's pod creation (templates) would refuse."""
     meta = job.get("metadata") or {}
-    problems = _label_problems("metadata.labels", meta.get("labels"))
+    problems = label_problems("metadata.labels", meta.get("labels"))
     for rtype, rspec in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
         tmeta = ((rspec or {}).get("template") or {}).get("metadata") or {}
         if tmeta.get("labels") != meta.get("labels"):
-            problems += _label_problems(f"spec.pytorchReplicaSpecs.{rtype}.template.metadata.labels",
+            problems += label_problems(f"spec.pytorchReplicaSpecs.{rtype}.template.metadata.labels",
                                         tmeta.get("labels"))
-    for key in (meta.get("annotations") or {}):
-        prefix, _, name = str(key).rpartition("/")
-        if (prefix and not DNS1123_SUBDOMAIN.match(prefix)) or len(name) > 63 or not LABEL_NAME.match(name):
-            problems.append(f"metadata.annotations: key {key!r} is not a valid annotation key")
+    problems += annotation_problems("metadata.annotations", meta.get("annotations"))
     return [p + " (from kubernetes.labels / kubernetes.annotations)" for p in problems]

@@ -113,7 +113,7 @@ class KubernetesSpec(_Strict):
     """PyTorchJob fields; values go into the manifest through a YAML dumper, never pasted."""
 
     namespace: str | None = Field(None, description="default: the kubeconfig context's namespace")
-    image: str | None = None
+    image: str | None = Field(None, min_length=1)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     service_account: str | None = None
     checkpoint_pvc: str | None = Field(None, description="PVC mounted at the checkpoint dir")
@@ -127,6 +127,18 @@ class KubernetesSpec(_Strict):
     backoff_limit: int | None = Field(None, ge=0)
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     active_deadline_seconds: int | None = Field(None, ge=1)
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _metadata(cls, v: dict[str, str], info: Any) -> dict[str, str]:
+        # imported here: k8s_manifest imports this module
+        from .k8s_manifest import annotation_problems, label_problems
+
+        check = label_problems if info.field_name == "labels" else annotation_problems
+        problems = check(info.field_name, v)
+        if problems:
+            raise ValueError("; ".join(p.removeprefix(f"{info.field_name}: ") for p in problems))
+        return v
 
     @field_validator("resources")
     @classmethod

@@ -156,6 +156,8 @@ class SlurmLab:
     def up(self) -> bool:
         import subprocess
 
+        if not self.conf.exists():  # scontrol would retry reading it for a minute
+            return False
         env = {**os.environ, "SLURM_CONF": str(self.conf)}
         try:
             ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30, env=env)

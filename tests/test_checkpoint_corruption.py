@@ -155,3 +155,28 @@ def test_ckpt_ls_and_verify_run_without_importing_torch(run: Path) -> None:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "step-4" in result.stdout
+
+
+def test_a_grown_model_loads_non_strictly_keeping_its_new_parameters(run: Path) -> None:
+    import engine
+    import torch
+    from torch import nn
+
+    from tests.checkpoint_cases import CkptNet, ds_config, with_checkpoints
+
+    class Grown(CkptNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.adapter = nn.Linear(3, 3)
+
+    torch.manual_seed(3)
+    model = Grown()
+    fresh_adapter = model.adapter.weight.detach().clone()
+    eng = with_checkpoints(engine.initialize(model=model, config=ds_config(2, 1, "bf16"))[0])
+    with pytest.raises(CheckpointError, match=r"missing \['adapter.bias', 'adapter.weight'\]"):
+        eng.load_checkpoint(run, load_optimizer_states=False)
+    eng.load_checkpoint(run, load_module_strict=False, load_optimizer_states=False)
+    reference = build(2, "bf16", seed=7)
+    reference.load_checkpoint(run)
+    assert torch.equal(model.up.weight, reference.module.up.weight)
+    assert torch.equal(model.adapter.weight, fresh_adapter.to(model.adapter.weight.dtype))

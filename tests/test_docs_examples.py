@@ -221,6 +221,10 @@ def test_bash_example_runs(block: Block, workspace: Workspace):
                 continue
             if step.command is None:
                 continue
+            if step.command == "true":  # the quick-start job: its outcome is what this line shows
+                assert workspace.quickstart.returncode == 0, workspace.quickstart.stdout[-3000:]
+                ran += 1
+                continue
             result = workspace.run(substitute(step.command, workspace))
             assert result.returncode == 0, (f"{block.id}: `{step.command}` exited {result.returncode}\n"
                                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import jobs
-from orchestrator.backends.base import JobState
+from orchestrator.backends.base import JobRef, JobState
 from orchestrator.backends.kubernetes import KubernetesBackend
 from orchestrator.cli import app
 from orchestrator.errors import UserError
@@ -221,8 +221,8 @@ def test_a_name_already_taken_is_refused_and_recorded(k8s) -> None:
     assert failed[0].state is JobState.FAILED and "already exists" in failed[0].detail
     # the other job's objects are untouched, and orch will not cancel it under the wrong id
     with pytest.raises(UserError, match=f"is not job {failed[0].job_id}"):
-        KubernetesBackend().cancel(failed[0].ref.__class__(failed[0].job_id, "kubernetes",
-                                                           f"{k8s.namespace}/tiny-gpt-zero2", failed[0].run_dir))
+        KubernetesBackend().cancel(JobRef(failed[0].job_id, "kubernetes", f"{k8s.namespace}/tiny-gpt-zero2",
+                                          failed[0].run_dir))
     assert k8s.pytorchjob("tiny-gpt-zero2")["metadata"]["annotations"]["orch.dev/job-id"] == first
 
 

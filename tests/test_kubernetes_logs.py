@@ -71,6 +71,7 @@ def test_a_scheduled_pod_whose_container_waits_is_reported_as_waiting(k8s) -> No
     assert "master-0: pod tiny-gpt-zero2-master-0: container pytorch is ImagePullBackOff" in result.output
 
 
+@pytest.mark.timeout(120)
 def test_follow_waits_for_pods_and_stops_when_the_job_ends_without_any(k8s) -> None:
     job_id = submit()
     ref = Registry().get(job_id).ref
@@ -192,6 +193,7 @@ def test_logs_of_running_pods_are_prefixed_by_node(k8s, node) -> None:
     assert one.output.splitlines() == ["worker up"]
 
 
+@pytest.mark.timeout(120)
 def test_follow_streams_every_node_until_the_job_finishes(k8s, node) -> None:
     node_name, kubelet = node
     job_id = submit()

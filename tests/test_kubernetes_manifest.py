@@ -145,3 +145,58 @@ def test_user_env_follows_orchs_variables_sorted_and_may_replace_them() -> None:
                      "ORCH_CHECKPOINT_KEEP", "ALPHA", "ORCH_RUN_DIR", "ZED"]
     assert {e["name"]: e["value"] for e in env}["ORCH_RUN_DIR"] == "/mine"
     assert "CUDA_VISIBLE_DEVICES" not in names  # a CPU job just requests no GPU on Kubernetes
+
+
+def _mutations() -> list[tuple[str, dict]]:
+    """Valid jobs and jobs broken in each way the schema can object to."""
+    out = [(f"{ex} as rendered", _job(ex)) for ex in EXAMPLES]
+
+    def broken(label: str, change) -> None:
+        job = copy.deepcopy(_job())
+        change(job)
+        out.append((label, job))
+
+    pod = lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]  # noqa: E731
+    broken("unknown field", lambda j: pod(j).update(nodeSelecter={"a": "b"}))
+    broken("two unknown fields", lambda j: j["spec"]["runPolicy"].update(a=1, b=2))
+    broken("wrong type", lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"].update(replicas="3"))
+    broken("missing required", lambda j: pod(j)["containers"][0].pop("name"))
+    broken("pattern", lambda j: pod(j)["containers"][0]["resources"]["limits"].update(memory="lots"))
+    broken("int-or-string given a list", lambda j: pod(j)["volumes"][0]["emptyDir"].update(sizeLimit=[1]))
+    broken("item of wrong type", lambda j: pod(j)["containers"][0]["command"].append(7))
+    broken("map value of wrong type", lambda j: pod(j).update(nodeSelector={"a": 1}))
+    broken("boolean is not an integer", lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"].update(replicas=True))
+    return out
+
+
+@pytest.mark.parametrize("label,job", _mutations(), ids=lambda v: v if isinstance(v, str) else "")
+def test_the_built_in_schema_check_agrees_with_jsonschema(label: str, job: dict) -> None:
+    """orch checks the schema without the jsonschema package (it would slow `orch render` down);
+    on every case here both must find the same places wrong."""
+    import jsonschema
+
+    from orchestrator.crd_schema import pytorchjob_schema, schema_errors
+
+    ours = sorted({tuple(map(str, p)) for p, _ in schema_errors(job, pytorchjob_schema())})
+    theirs = sorted({tuple(map(str, e.absolute_path))
+                     for e in jsonschema.Draft7Validator(pytorchjob_schema()).iter_errors(job)})
+    assert ours == theirs
+    assert bool(ours) == ("rendered" not in label)
+
+
+def test_the_schema_check_refuses_keywords_it_does_not_implement() -> None:
+    from orchestrator.crd_schema import schema_errors
+
+    with pytest.raises(ValueError, match="oneOf"):
+        schema_errors({}, {"type": "object", "oneOf": [{}]})
+
+
+def test_dryrun_shows_the_manifest_and_the_configmap_files_without_a_cluster(tmp_path, monkeypatch) -> None:
+    from orchestrator.jobs import get_backend
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    spec = load_spec(REPO / "examples" / "tiny-gpt-elastic.yaml")
+    rendered = get_backend("kubernetes").dryrun(spec)
+    assert rendered.kind == "manifest" and rendered.text == render(spec, "kubernetes").text
+    assert set(rendered.files) == {"ds_config.json", "job.json"}
+    assert json.loads(rendered.files["job.json"])["nodes"] == "1:3"

@@ -115,7 +115,7 @@ def batch_log(run_dir: Path, native_id: str) -> str:
 @pytest.mark.timeout(300)
 def test_tiny_example_on_two_nodes_follow_logs_status_and_checkpoints(slurm, tmp_path) -> None:
     job_id = submit(EXAMPLES / "tiny-gpt-zero2.yaml", "procs_per_node=1", f"python={sys.executable}",
-                    "args=[--model, tiny, --steps, '12', --log-every, '1']", "checkpoint.every_steps=4")
+                    "args=[--model, tiny, --steps, '8', --log-every, '1']", "checkpoint.every_steps=4")
     record = Registry().get(job_id)
     run_dir = Path(record.run_dir)
     assert record.native_id.isdigit() and record.cluster == "slurm"
@@ -124,7 +124,7 @@ def test_tiny_example_on_two_nodes_follow_logs_status_and_checkpoints(slurm, tmp
 
     followed = runner.invoke(app, ["logs", job_id, "--follow"])  # returns when the job has ended
     assert followed.exit_code == 0, followed.output
-    assert re.search(r"^\[n\d\] step +12/12", followed.output, re.M), followed.output[-2000:]
+    assert re.search(r"^\[n\d\] step +8/8", followed.output, re.M), followed.output[-2000:]
 
     status = runner.invoke(app, ["status", job_id, "--history"])
     assert status.exit_code == 0 and "SUCCEEDED" in status.output, status.output
@@ -139,9 +139,9 @@ def test_tiny_example_on_two_nodes_follow_logs_status_and_checkpoints(slurm, tmp
     assert "rendezvous" in batch_log(run_dir, record.native_id)
 
     steps = metrics(run_dir)
-    assert [m["step"] for m in steps] == list(range(1, 13)) and {m["world_size"] for m in steps} == {2}
+    assert [m["step"] for m in steps] == list(range(1, 9)) and {m["world_size"] for m in steps} == {2}
     assert steps[-1]["loss"] < steps[0]["loss"]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-12"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-8"
 
 
 @pytest.mark.timeout(240)
@@ -164,7 +164,7 @@ def test_cancel_ends_a_running_job_and_leaves_no_process_on_any_node(slurm, tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_node_crash_requeues_a_fixed_size_job_that_resumes_from_its_checkpoint(slurm, tmp_path) -> None:
-    steps, every = 40, 5
+    steps, every = 24, 5
     job = jobs.submit(load_spec(write_job(tmp_path, steps=steps, every=every)), "slurm")
     run_dir = Path(job.run_dir)
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists() and len(metrics(run_dir)) > every + 1,
@@ -191,7 +191,7 @@ def test_node_crash_requeues_a_fixed_size_job_that_resumes_from_its_checkpoint(s
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_node_crash_shrinks_an_elastic_job_that_finishes_without_requeue(slurm, tmp_path) -> None:
-    steps, every = 30, 5
+    steps, every = 20, 5
     job = jobs.submit(load_spec(write_job(tmp_path, name="slurm-elastic", nodes="2:3", steps=steps,
                                           every=every, max_restarts=3)), "slurm")
     run_dir = Path(job.run_dir)
@@ -223,7 +223,7 @@ def test_pre_timeout_signal_checkpoints_then_requeues(slurm, tmp_path) -> None:
     """Slurm sends USR2 to the batch shell signal_before_timeout_s before the time limit; here it
     is sent at once (`scancel --signal=USR2 --batch` is how Slurm delivers it) instead of after
     minutes. No periodic checkpoints: the only checkpoint is the one the signal asked for."""
-    steps = 40
+    steps = 24
     job = jobs.submit(load_spec(write_job(tmp_path, steps=steps, every=0,
                                           slurm={"time": "30", "signal_before_timeout_s": 20})), "slurm")
     run_dir = Path(job.run_dir)

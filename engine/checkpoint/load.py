@@ -195,10 +195,14 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
     params = [(n, e.offset, e.numel) for n, e in zip(names.params, layout.params)]
     segments = [(s.canonical_start, s.canonical_end, s.local_start) for s in layout.segments(owner)]
     reads = plan_reads(target_pieces(params, segments), source_runs(manifest["params"]))
-    out = {"master": torch.cat([mp.detach().reshape(-1).float().cpu() for mp in opt.master_params])}
+    gaps = _uncovered(layout.partition_numel, reads)
+    out = {"master": torch.empty(layout.partition_numel, dtype=torch.float32)}
+    for lo, hi in gaps:                 # padding, and (non-strict) parameters the checkpoint lacks
+        out["master"][lo:hi] = _current_master(opt.master_params, layout, lo, hi)
     for key in keys:
-        dtype = _tensor_dtype(manifest, key)
-        out[key] = torch.zeros(layout.partition_numel, dtype=getattr(torch, dtype))
+        out[key] = torch.empty(layout.partition_numel, dtype=getattr(torch, _tensor_dtype(manifest, key)))
+        for lo, hi in gaps:
+            out[key][lo:hi] = 0
     with _Files(ckpt_dir) as files:
         for key, shard_kind in [("master", "master")] + [(k, "optimizer") for k in keys]:
             buf = out[key]
@@ -212,6 +216,28 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
                                           f"{buf.dtype}", ckpt_dir / name)
                 files.read(name, tensor["offset"] + r.src * item, raw[r.dst * item:(r.dst + r.length) * item])
     return out
+
+
+def _uncovered(size: int, reads: list[Any]) -> list[tuple[int, int]]:
+    """The ranges of ``[0, size)`` that no read fills."""
+    gaps, pos = [], 0
+    for lo, hi in sorted((r.dst, r.dst + r.length) for r in reads):
+        if lo > pos:
+            gaps.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < size:
+        gaps.append((pos, size))
+    return gaps
+
+
+def _current_master(master_params: list[torch.Tensor], layout: Any, lo: int, hi: int) -> torch.Tensor:
+    """Elements ``[lo, hi)`` of the engine's local master partition (spread over group slices)."""
+    parts = []
+    for g, mp in zip(layout.groups, master_params):
+        a, b = max(lo, g.local_offset), min(hi, g.local_offset + g.partition_numel)
+        if b > a:
+            parts.append(mp.detach().reshape(-1)[a - g.local_offset:b - g.local_offset].float().cpu())
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -26,8 +26,10 @@ checkpoint. It is written last, so a directory with a valid manifest is complete
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -135,17 +137,21 @@ def _check_params(data: Mapping[str, Any], path: Path) -> None:
 
 
 def sha256_file(path: Path) -> tuple[int, str]:
-    """(size in bytes, hex sha256) of a file, read in chunks (constant memory)."""
+    """(size in bytes, hex sha256) of a file, read in chunks (constant memory); reading and
+    hashing overlap (hashlib releases the GIL), so this runs at the speed of the slower of the two."""
     h = hashlib.sha256()
     size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
+    buffers = [memoryview(bytearray(_CHUNK)), memoryview(bytearray(_CHUNK))]
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
+        pending = None
+        for turn in itertools.count():
+            buf = buffers[turn % 2]      # read into one buffer while the other is being hashed
             n = f.readinto(buf)
+            if pending is not None:
+                pending.result()
             if not n:
                 break
-            h.update(view[:n])
+            pending = pool.submit(h.update, buf[:n])
             size += n
     return size, h.hexdigest()
 

@@ -131,7 +131,6 @@ def prepare(engine: Any, save_dir: Path, tag: Optional[str], client_state: dict[
     decision = group.broadcast(decision)
     if decision[1]:
         raise CheckpointError(decision[1], save_dir)
-    _check_tag(engine, proposed, decision[0])
     job = SaveJob(save_dir, decision[0], group.rank, group.world_size, save_latest=save_latest, keep=keep)
     opt = engine.optimizer
     names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
@@ -139,7 +138,8 @@ def prepare(engine: Any, save_dir: Path, tag: Optional[str], client_state: dict[
     copy_ = _snapshot if snapshot else _as_is
     job.files = _shard_files(opt, keys, group.rank, copy_)
     extras = [(n, t) for n, t in names.extras if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
-    per_rank = group.all_gather({"rng": capture_rng(), "dataloader": _dataloader_state(engine)})
+    per_rank = group.all_gather({"rng": capture_rng(), "dataloader": _dataloader_state(engine), "tag": proposed})
+    _check_tags(engine, [r["tag"] for r in per_rank], job.tag, group.rank)
     if group.rank == 0:
         if extras:
             job.files[EXTRA_FILE] = ("extra", [TensorEntry(n, _dtype(t), tuple(t.shape), [copy_(t)]) for n, t in extras])
@@ -165,15 +165,17 @@ def _make_tmp_dir(save_dir: Path, tag: str, client_state: Mapping[str, Any]) -> 
     return None
 
 
-def _check_tag(engine: Any, mine: str, agreed: str) -> None:
-    if mine == agreed:
+def _check_tags(engine: Any, tags: list[str], agreed: str, rank: int) -> None:
+    """DeepSpeed's ``checkpoint.tag_validation``: every rank should pass the same tag (rank 0's is used)."""
+    differing = {r: t for r, t in enumerate(tags) if t != agreed}
+    if not differing:
         return
     mode = str(getattr(getattr(engine.config, "checkpoint", None), "tag_validation", "Warn")).lower()
-    message = f"checkpoint tag {mine!r} on this rank differs from rank 0's {agreed!r}; rank 0's is used"
-    if mode == "fail":
+    message = f"checkpoint tags differ between ranks: rank 0 has {agreed!r}, others {differing}"
+    if mode == "fail":   # decided from gathered tags, so every rank raises together
         raise CheckpointError(message + " (checkpoint.tag_validation is Fail)")
-    if mode == "warn":
-        warnings.warn(message, stacklevel=3)
+    if mode == "warn" and rank == 0:
+        warnings.warn(message + "; rank 0's tag is used", stacklevel=3)
 
 
 def _snapshot(t: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,7 @@ def read_logs(core: Any, namespace: str, pods: list[Any], *, prefix: bool, timeo
 
 def follow_logs(core: Any, namespace: str, list_pods: Callable[[], list[Any]],
                 job_finished: Callable[[], bool], *, node: str | None, job: str,
-                poll_interval: float, timeout: float) -> Iterator[str]:
+                poll_interval: float) -> Iterator[str]:
     """Stream every container of the job as it runs, until the job finishes and the streams end.
 
     Pods are listed again every ``poll_interval`` so pods created later (elastic scale-up, a
@@ -133,8 +133,8 @@ def follow_logs(core: Any, namespace: str, list_pods: Callable[[], list[Any]],
                     continue
                 started.add(key)
                 tag = f"[{node_name(pod)}] " if node is None else ""
-                t = threading.Thread(target=_stream, args=(core, namespace, pod.metadata.name, tag, lines,
-                                                           stop, timeout), daemon=True)
+                t = threading.Thread(target=_stream, args=(core, namespace, pod.metadata.name, tag, lines, stop),
+                                     daemon=True)
                 t.start()
                 readers.append(t)
             if not started and not announced_wait:
@@ -169,13 +169,15 @@ def _restart_count(pod: Any) -> int:
 
 
 def _stream(core: Any, namespace: str, pod: str, tag: str, out: queue.Queue[str | None],
-            stop: threading.Event, timeout: float) -> None:
+            stop: threading.Event) -> None:
     """Copy one container's log, line by line, into ``out`` until it ends or ``stop`` is set."""
     from kubernetes.client.exceptions import ApiException
 
     try:
+        # no timeout: a training log may stay silent for a long time (loading, compiling); the
+        # stream ends when the container stops
         resp = core.read_namespaced_pod_log(pod, namespace, container=CONTAINER, follow=True,
-                                            _preload_content=False, _request_timeout=(timeout, None))
+                                            _preload_content=False)
     except ApiException as exc:
         out.put(f"{tag}[orch] cannot follow pod {pod}: {exc.reason} ({exc.status})")
         return

@@ -249,7 +249,7 @@ class KubernetesBackend:
                 return job_status(self._get_job(namespace, name)).state.finished
 
             return k8s_logs.follow_logs(core, namespace, list_pods, finished, node=node, job=ref.job_id,
-                                        poll_interval=self.poll_interval, timeout=self.timeout)
+                                        poll_interval=self.poll_interval)
         pods = list_pods()
         if not pods:
             st = job_status(obj)

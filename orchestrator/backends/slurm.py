@@ -73,10 +73,10 @@ class SlurmBackend:
         wanted = sorted({r.native_id for r in refs if r.native_id.isdigit()}, key=int)
         try:
             infos = query_jobs(wanted)
-            lost_nodes = node_states([n for i in infos.values() if _active(i) for n in i.nodes])
+            nodes = node_states([n for i in infos.values() if _active(i) for n in i.nodes])
         except sc.SlurmUnavailable as exc:
             return {r.job_id: JobStatus(JobState.UNKNOWN, f"cannot ask Slurm: {exc}") for r in refs}
-        return {r.job_id: _job_status(r, infos.get(r.native_id), lost_nodes) for r in refs}
+        return {r.job_id: _job_status(r, infos.get(r.native_id), nodes) for r in refs}
 
     # -- logs -------------------------------------------------------------------------------
     def logs(self, ref: JobRef, *, follow: bool = False, node: str | None = None) -> Iterator[str]:
@@ -187,8 +187,9 @@ def _job_status(ref: JobRef, info: SlurmJobInfo | None, nodes: dict[str, str]) -
         if state == JobState.RUNNING and not detail:
             detail = _running_detail(ref, info, [n for n, s in per_node.items() if s == "NODE_FAIL"])
     elif state in (JobState.PENDING, JobState.RESTARTING) and info.reason not in ("", "None"):
-        detail = f"{detail}; " if detail else ""
-        detail += f"waiting: {info.reason}" + _REASON_HINTS.get(info.reason.split(",")[0], "")
+        hint = _REASON_HINTS.get(info.reason.split(",")[0])
+        reason = info.reason + (f": {hint}" if hint else "")
+        detail = f"{detail} (Slurm: {reason})" if detail else f"waiting: {reason}"
     elif state in (JobState.FAILED, JobState.NODE_FAIL, JobState.TIMEOUT):
         code = _exit_code(info)
         detail = ", ".join(p for p in (detail, code, f"Slurm job {ref.native_id}; see `orch logs {ref.job_id}`") if p)
@@ -197,38 +198,43 @@ def _job_status(ref: JobRef, info: SlurmJobInfo | None, nodes: dict[str, str]) -
 
 # Pending reasons that never resolve by waiting, and what the user can change.
 _REASON_HINTS = {
-    "PartitionConfig": " (the job asks for more than the partition offers: check nodes, gpus_per_node, "
-                       "slurm.partition)",
-    "PartitionNodeLimit": " (more nodes than the partition allows: lower nodes or pick another partition)",
-    "PartitionTimeLimit": " (slurm.time exceeds the partition's limit: `sinfo -o '%P %l'`)",
-    "AssocGrpNodeLimit": " (your account's node limit is reached: wait, or use fewer nodes)",
-    "QOSMaxNodePerJobLimit": " (more nodes than slurm.qos allows per job)",
+    "PartitionConfig": "the job asks for more than the partition offers; check nodes, gpus_per_node, "
+                       "slurm.partition",
+    "PartitionNodeLimit": "more nodes than the partition allows; lower nodes or pick another partition",
+    "PartitionTimeLimit": "slurm.time exceeds the partition's limit (`sinfo -o '%P %l'`)",
+    "AssocGrpNodeLimit": "your account's node limit is reached; wait, or use fewer nodes",
+    "QOSMaxNodePerJobLimit": "more nodes than slurm.qos allows per job",
 }
 
 
 def _running_detail(ref: JobRef, info: SlurmJobInfo, lost: list[str]) -> str:
     """Where the job runs, and what a lost node means for it (elastic: it lives on)."""
-    low, high = _node_range(ref)
+    spec = _spec_record(ref)
+    nodes = spec.get("nodes") if isinstance(spec.get("nodes"), dict) else {}
+    high = nodes.get("max") or 0
+    elastic = nodes.get("min") != nodes.get("max")
     survivors = [n for n in info.nodes if n not in lost]
-    elastic = low != high
     if lost and elastic:
         return f"node {', '.join(lost)} lost; elastic job continuing on {', '.join(survivors) or 'no node'}"
-    if lost:
+    if lost and (spec.get("slurm") or {}).get("requeue", True):
         return f"node {', '.join(lost)} not responding; Slurm requeues the job once it declares the node down"
-    if elastic and high and len(info.nodes) < high:
+    if lost:
+        return (f"node {', '.join(lost)} not responding; the job fails once Slurm declares it down "
+                "(slurm.requeue is false)")
+    if elastic and len(info.nodes) < high:
         return f"Slurm job {ref.native_id} on {', '.join(info.nodes)} ({len(info.nodes)} of up to {high} nodes)"
     return f"Slurm job {ref.native_id} on {', '.join(info.nodes)}"
 
 
-def _node_range(ref: JobRef) -> tuple[int, int]:
-    """The spec's (min, max) nodes, from the job.json that jobs.py keeps in the run dir."""
+def _spec_record(ref: JobRef) -> dict:
+    """The spec as jobs.py keeps it in the run dir (job.json); {} if unreadable."""
     import json
 
     try:
-        nodes = json.loads((Path(ref.run_dir) / "job.json").read_text()).get("nodes", {})
-        return int(nodes["min"]), int(nodes["max"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0, 0
+        spec = json.loads((Path(ref.run_dir) / "job.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def _exit_code(info: SlurmJobInfo) -> str:

@@ -1,0 +1,292 @@
+"""ZeRO stage 3: parameters, gradients and optimizer states all partitioned (16Ψ/N per rank).
+
+What a rank keeps (Ψ parameters, N ranks, mixed precision; ZeRO paper, arXiv:1910.02054):
+
+===========================  =================  =================================================
+state                        bytes              where (offload.py)
+===========================  =================  =================================================
+low-precision params         2Ψ/N               ``partition`` (device; host with offload_param)
+gradients                    2Ψ/N               ``grad_partition`` (host with offload_optimizer)
+fp32 master + Adam m, v      12Ψ/N              ``master`` + optimizer state (host when offloaded)
+persistent small params      2 × their count    gathered all the time (stage3_params.py)
+gathered units, buckets      bounded            stage3_max_live_parameters, reduce_bucket_size
+===========================  =================  =================================================
+
+The partitions are exactly the ``FlatLayout`` slices stages 1-2 use (same groups, same ranges),
+so checkpoints, ``load_full`` and resharding between any stage and world size work unchanged.
+Under fp32 (and no offload split) the master partition *is* the parameter partition.
+
+Who does what: ``PartitionedParams`` (stage3_params.py) holds the partition and gathers/releases
+fetch units; ``ParamCoordinator`` (stage3_hooks.py) decides when, from module hooks, the fetch
+trace and the budgets; the ``GradientReducer`` (reduction.py) reduce-scatters every micro-step's
+gradients into ``grad_partition`` (accumulating across micro-steps: a full gradient never
+outlives its backward); the step is base.py's, after which the updated master is cast into the
+partition and the persistent parameters are gathered again.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..comm import Comm
+from ..optimizers import takes_scale_kwargs
+from ..precision import LossScaler
+from .base import PartitionedOptimizer
+from .offload import OffloadSettings, copy_between, host_zeros
+from .partition import FlatLayout
+from .reduction import GradientReducer
+from .stage12 import ZeroSettings
+from .stage3_hooks import ParamCoordinator
+from .stage3_init import full_from_shards, is_partitioned_at_init, release_init_shard
+from .stage3_params import PartitionedParams
+
+__all__ = ["Stage3Optimizer", "Stage3Settings"]
+
+NamedParams = Sequence[tuple[str, nn.Parameter]]
+
+
+@dataclass(frozen=True)
+class Stage3Settings(ZeroSettings):
+    """``zero_optimization``'s stage-3 knobs (DeepSpeed's names and defaults), in elements."""
+
+    stage: int = 3
+    overlap_comm: bool = True
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    model_persistence_threshold: int = 2**63 - 1
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    gather_16bit_weights_on_model_save: bool = False
+
+
+class Stage3Optimizer(PartitionedOptimizer):
+    """Stage 3 over ``module``'s parameters (groups as for ``ZeroOptimizer``; see the module docstring).
+
+    The engine calls ``begin_backward``/``end_backward`` around each backward and ``step`` at
+    accumulation boundaries; ``module`` gets the hooks that gather parameters for its submodules.
+    """
+
+    def __init__(self, groups: Sequence[tuple[Mapping[str, Any], NamedParams]],
+                 make_optimizer: Callable[[list[dict[str, Any]]], Optimizer], *, module: nn.Module,
+                 settings: Stage3Settings, comm: Comm, model_dtype: torch.dtype, loss_scaler: LossScaler,
+                 device: torch.device, offload: Optional[OffloadSettings] = None) -> None:
+        self.settings, self.comm, self.loss_scaler = settings, comm, loss_scaler
+        self.stage = 3
+        self.model_dtype, self.device = model_dtype, device
+        self.offload = offload or OffloadSettings()
+        self.layout = FlatLayout.build([list(named) for _, named in groups], partition_count=comm.world_size)
+        self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
+        self._rank = comm.rank
+        self._prescale = model_dtype == torch.float16
+
+        numel = self.layout.partition_numel
+        if self.offload.param:
+            self.partition = host_zeros(numel, model_dtype, self.offload)
+        else:
+            self.partition = torch.zeros(numel, dtype=model_dtype, device=device)
+        self.store = PartitionedParams(
+            self.layout, self.params, module, comm, rank=self._rank, dtype=model_dtype, device=device,
+            partition=self.partition, persistence_threshold=settings.param_persistence_threshold,
+            model_persistence_threshold=settings.model_persistence_threshold)
+        self.store.load_from_params(self._full_value)
+        _materialize_unmanaged(module, set(map(id, self.params)), comm, model_dtype, device)
+
+        if self.offload.optimizer:
+            self.grad_partition = host_zeros(numel, model_dtype, self.offload)
+        else:
+            self.grad_partition = torch.zeros(numel, dtype=model_dtype, device=device)
+        self.master_is_view = model_dtype == torch.float32 and self.offload.optimizer == self.offload.param
+        self.master: Optional[torch.Tensor] = None
+        self._masters = self._make_masters()
+        self.master_params = [nn.Parameter(m) for m in self._masters]
+        self.optimizer = make_optimizer([{**dict(hyper), "params": [mp]}
+                                         for (hyper, _), mp in zip(groups, self.master_params)])
+        self._fused_step = takes_scale_kwargs(self.optimizer)
+        self._lowp_grads = self._fused_step and not self.master_is_view and self._allow_lowp_grads()
+
+        self.reducer = GradientReducer(
+            self.layout, self.params, comm, bucket_numel=settings.reduce_bucket_size, rank=self._rank,
+            dtype=model_dtype, device=device, overlap=settings.overlap_comm, prescale=self._prescale,
+            grad_partition=self.grad_partition, accumulate=True)
+        self.coordinator = ParamCoordinator(
+            module, self.store, self.reducer, prefetch_numel=settings.prefetch_bucket_size,
+            max_live_numel=settings.max_live_parameters, max_reuse_distance=settings.max_reuse_distance)
+        for i, p in enumerate(self.params):   # lets GatheredParameters / register_external_parameter find us
+            p.__dict__["_zero3_owner"] = (weakref.ref(self), i)
+        self.global_grad_norm: Optional[float] = None
+        self.overflow = False
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _full_value(self, index: int) -> torch.Tensor:
+        """Parameter ``index``'s full value, identical on every rank (rank 0's, or the Init shards')."""
+        p = self.params[index]
+        if is_partitioned_at_init(p):
+            value = full_from_shards(p, self.comm).to(device=self.device, dtype=self.model_dtype)
+            release_init_shard(p)
+            return value
+        value = p.detach().to(device=self.device, dtype=self.model_dtype).contiguous()
+        self.comm.broadcast(value, src=0)        # every rank starts from rank 0's weights
+        return value
+
+    def _make_masters(self) -> list[torch.Tensor]:
+        if self.master_is_view:
+            return [self.partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+        numel = self.layout.partition_numel
+        if self.offload.optimizer:
+            self.master = host_zeros(numel, torch.float32, self.offload)
+        else:
+            self.master = torch.zeros(numel, dtype=torch.float32, device=self.device)
+        copy_between(self.master, self.partition)
+        return [self.master[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+
+    # -- backward -------------------------------------------------------------------------------
+    def begin_backward(self, boundary: bool) -> None:
+        """Called before each backward. Stage 3 reduce-scatters every micro-step's gradients."""
+        self.coordinator.begin_backward()
+
+    def end_backward(self) -> None:
+        """Called after each backward: finish the reduce-scatter and release every gathered unit."""
+        self.coordinator.finish_backward()
+
+    def reduce_gradients(self) -> None:
+        if self.reducer.active:
+            self.coordinator.finish_backward()
+
+    # -- the step (base.py) uses these -----------------------------------------------------------
+    def _own_grads(self) -> list[torch.Tensor]:
+        return [self.grad_partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+
+    def _lowp_targets(self) -> Optional[list[torch.Tensor]]:
+        if self.partition.device != self._masters[0].device:
+            return None
+        return [self.partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+
+    @torch.no_grad()
+    def _publish_params(self, local_copied: bool = False) -> None:
+        if not self.master_is_view and not local_copied:
+            copy_between(self.partition, self.master)
+        self.store.release_all()
+        self.store.refresh_persistent()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.grad_partition.zero_()
+        for p in self.params:
+            p.grad = None
+
+    # -- full parameters on demand ---------------------------------------------------------------
+    def gathered(self, indices: Optional[Sequence[int]] = None) -> "GatheredUnits":
+        """A context in which the given parameters (default: all) hold their full values."""
+        return GatheredUnits(self, indices)
+
+    @torch.no_grad()
+    def write_back(self, indices: Sequence[int], src: int) -> None:
+        """Rank ``src``'s current (gathered) values of these parameters become everyone's partitions
+        and fp32 masters (``GatheredParameters(..., modifier_rank=src)`` on exit)."""
+        for u in sorted({self.store.unit_of[i] for i in indices if self.store.unit_of[i] >= 0}):
+            unit = self.store.units[u]
+            self.comm.broadcast(unit.full, src=src)
+            for local, offset, length in unit.runs[self._rank]:
+                copy_between(self.partition[local:local + length], unit.full[offset:offset + length])
+                if not self.master_is_view:
+                    copy_between(self.master[local:local + length], unit.full[offset:offset + length])
+
+    def full_state_dict(self, module: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """``module.state_dict()`` with full (model-dtype) parameters, gathered unit by unit to the host.
+
+        Every rank must call it (each unit is a collective); with ``rank0_only`` other ranks get
+        an empty dict. Peak extra device memory is one unit.
+        """
+        from ..checkpoint.state_names import unwrap  # noqa: PLC0415 - only needed when saving
+
+        root = unwrap(module)
+        values: dict[int, torch.Tensor] = {}
+        keep = not rank0_only or self.comm.rank == 0
+        for unit in self.store.units:
+            with GatheredUnits(self, unit.params):
+                if keep:
+                    for i in unit.params:
+                        values[id(self.params[i])] = self.params[i].detach().to("cpu", copy=True)
+        if not keep:
+            return {}
+        out = {}
+        for key, value in root.state_dict(keep_vars=True).items():
+            out[key] = values[id(value)] if id(value) in values else value.detach().to("cpu", copy=True)
+        return out
+
+    # -- accounting -----------------------------------------------------------------------------
+    def model_state_bytes(self) -> dict[str, int]:
+        """Bytes of the model states this rank holds (see ``ZeroOptimizer.model_state_bytes``).
+
+        ``params`` is the partition plus the persistent parameters' full values; ``buffers`` the
+        reduce buckets plus the units gathered right now; ``live_peak`` the most gathered at once.
+        """
+        size = self._bytes
+        stray = sum(size(p.grad) for p in self.params if p.grad is not None)
+        out = {"params": size(self.partition) + self.store.persistent_bytes(),
+               "grads": size(self.grad_partition) + stray,
+               "master": 0 if self.master_is_view else size(self.master),
+               "optimizer_states": self._state_bytes(),
+               "buffers": self.reducer.pool_bytes() + self.store.live_bytes()}
+        offloaded = size(self.partition) if self.offload.param else 0
+        if self.offload.optimizer:
+            offloaded += out["master"] + out["optimizer_states"] + size(self.grad_partition)
+        out["offloaded"] = offloaded
+        out["device"] = sum(out[k] for k in ("params", "grads", "master", "optimizer_states", "buffers")) - offloaded
+        out["live_peak"] = self.store.peak_live_bytes
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Stage3Optimizer(partitions={self.layout.partition_count}, params={self.layout.numel}, "
+                f"units={len(self.store.units)}, persistent={self.store.persistent_numel()}, "
+                f"optimizer={type(self.optimizer).__name__}, offload_optimizer={self.offload.optimizer}, "
+                f"offload_param={self.offload.param})")
+
+
+class GatheredUnits:
+    """Gathers the units holding the given parameters on entry and releases them on exit."""
+
+    def __init__(self, opt: Stage3Optimizer, indices: Optional[Sequence[int]] = None) -> None:
+        store = opt.store
+        wanted = range(len(opt.params)) if indices is None else indices
+        self.store = store
+        self.units = sorted({store.unit_of[i] for i in wanted if store.unit_of[i] >= 0})
+        self._opened: list[int] = []
+
+    def __enter__(self) -> "GatheredUnits":
+        from .stage3_params import UnitState
+
+        for u in self.units:
+            unit = self.store.units[u]
+            if unit.state is UnitState.RELEASED:
+                self._opened.append(u)
+            self.store.fetch(unit)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for u in self._opened:
+            self.store.release(self.store.units[u])
+        self._opened.clear()
+
+
+def _materialize_unmanaged(module: nn.Module, managed: set[int], comm: Comm, dtype: torch.dtype,
+                           device: torch.device) -> None:
+    """Frozen parameters built partitioned by ``engine.zero.Init`` are kept whole on every rank."""
+    for p in _all_params(module):
+        if id(p) not in managed and is_partitioned_at_init(p):
+            full = full_from_shards(p, comm)
+            release_init_shard(p)
+            p.data = full.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
+
+
+def _all_params(module: nn.Module) -> Iterator[nn.Parameter]:
+    seen: set[int] = set()
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield p
