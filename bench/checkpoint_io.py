@@ -223,7 +223,8 @@ def run(quick: bool = False) -> list[dict]:
         gb = result["bytes"] / 1e9
         t = result["times"]
         print(f"machine: {machine()}")
-        print(f"2 gloo ranks, ZeRO-2 fp32, {layers} x Linear({WIDTH},{WIDTH}) = {layers * (WIDTH * WIDTH + WIDTH) / 1e6:.1f}M "
+        params = layers * (WIDTH * WIDTH + WIDTH) / 1e6
+        print(f"2 gloo ranks, ZeRO-2 fp32, {layers} x Linear({WIDTH},{WIDTH}) = {params:.1f}M "
               f"parameters; checkpoint shards {gb:.2f} GB (torch.save files {result['peer_bytes'] / 1e9:.2f} GB); "
               f"median of {rounds}; warm page cache for loads")
         save = Measurement("save_checkpoint (sha256, fsync, manifest)", t["save"])
@@ -259,7 +260,8 @@ def run(quick: bool = False) -> list[dict]:
 
         manifest = json.loads((Path(result["checkpoint"]) / "manifest.json").read_text())
         largest = max(f["bytes"] for f in manifest["files"].values())
-        print(f"\nconsolidation of {gb:.2f} GB ({'quick: below the 1 GB of the goal' if gb < 1 else 'goal >= 1 GB met'}); "
+        size_note = "quick: below the 1 GB of the goal" if gb < 1 else "goal >= 1 GB met"
+        print(f"\nconsolidation of {gb:.2f} GB ({size_note}); "
               f"largest shard {largest / 1e6:.0f} MB")
         peer = _consolidation_rss(result["checkpoint"], "naive", ".pt")
         for suffix in (".safetensors", ".pt"):
@@ -268,7 +270,8 @@ def run(quick: bool = False) -> list[dict]:
             print(f"  orch consolidate -> {suffix:<12} peak RSS {ours['peak'] / 1e6:6.0f} MB "
                   f"(at start {ours['base'] / 1e6:.0f} MB), {ours['seconds']:.1f} s; "
                   f"peak / largest shard {ratio:.2f} (goal < 2); vs load-all {ours['peak'] / peer['peak']:.2f}")
-            rows.append({"name": f"consolidate {gb:.2f} GB -> {suffix} peak RSS / largest shard", "rss_ratio": ratio,
+            rows.append({"name": f"consolidate {gb:.2f} GB -> {suffix}: peak RSS {ours['peak'] / 1e6:.0f} MB = "
+                                 f"{ratio:.2f} x largest shard (goal < 2)", "rss_ratio": ratio,
                          "ratio": ours["peak"] / peer["peak"], "peer": "load-all-shards peak RSS",
                          "peak_rss_mb": ours["peak"] / 1e6, "largest_shard_mb": largest / 1e6,
                          "median_s": ours["seconds"]})

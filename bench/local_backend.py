@@ -84,10 +84,12 @@ def recovery_seconds() -> float:
 
 
 def _records(path: Path) -> list[dict]:
+    """Training records of metrics.jsonl (not eval or trainer-start records)."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return []
+    return [r for r in records if r.get("kind", "train") == "train"]
 
 
 def _max_step(path: Path) -> int:

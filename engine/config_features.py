@@ -97,8 +97,8 @@ def ignored_features(cfg: "EngineConfig") -> list[IgnoredFeature]:
     def note(path: str, reason: str) -> None:
         found.append(IgnoredFeature(path, reason))
 
-    monitor = "not implemented; the trainer writes its own metrics log"
-    for key in ("tensorboard", "wandb", "csv_monitor", "comet"):
+    monitor = "not implemented; the trainer writes its own metrics log (and TensorBoard events)"
+    for key in ("wandb", "csv_monitor", "comet"):
         if getattr(cfg, key).enabled:
             note(f"{key}.enabled", monitor)
     if cfg.flops_profiler.enabled:

@@ -186,15 +186,22 @@ class Engine(nn.Module):
         return self.precision.name == "bf16"
 
     def model_state_bytes(self) -> dict[str, int]:
-        """Bytes of model states on this rank: params, grads, master, optimizer_states, buffers,
-        and how they split between the training device (``device``) and offloaded host memory
-        (``offloaded``); stage 3 adds ``live_peak``, the most parameter bytes gathered at once."""
+        """Bytes of model states on this rank: params, grads, master, optimizer_states, buffers."""
         out = self.optimizer.model_state_bytes()
-        managed = {id(p) for p in self.optimizer.params}
-        frozen = sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in managed)
-        out["params"] += frozen
-        out["device"] += frozen
+        out["params"] += self._unmanaged_param_bytes()
         return out
+
+    def model_state_split(self) -> dict[str, int]:
+        """Where this rank's model states live: ``device`` (the training device), ``offloaded``
+        (host memory, by ``offload_optimizer``/``offload_param``), and ``live_peak`` (stage 3: the
+        most parameter bytes gathered at once so far; 0 otherwise)."""
+        total = sum(self.model_state_bytes().values())
+        offloaded = self.optimizer.offloaded_bytes()
+        return {"device": total - offloaded, "offloaded": offloaded, "live_peak": self.optimizer.live_peak_bytes}
+
+    def _unmanaged_param_bytes(self) -> int:
+        managed = {id(p) for p in self.optimizer.params}
+        return sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in managed)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
                          exclude_frozen_parameters: bool = False) -> bool:

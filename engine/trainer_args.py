@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.models.presets import PRESETS
+from engine.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 
 
 class TrainerError(Exception):
@@ -38,7 +39,7 @@ class TrainerArgs:
     log_every: int | None = None  # None: the ds_config's steps_per_print
     eval_every: int = 0
     eval_iters: int = 4
-    watchdog_timeout: float = 600.0  # seconds without a completed step before ranks dump stacks; 0 = off
+    watchdog_timeout: float = DEFAULT_TIMEOUT_S  # no step for this long: ranks dump stacks, job fails; 0 = off
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,7 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
         save_every=save_every, save_keep=save_keep, log_every=ns.log_every,
         eval_every=ns.eval_every, eval_iters=ns.eval_iters,
         watchdog_timeout=(ns.watchdog_timeout if ns.watchdog_timeout is not None
-                          else _env_float("ORCH_WATCHDOG_TIMEOUT", 600.0)),
+                          else _env_float(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
     )
     _positive("--steps", args.steps)
     _positive("--seq-len", args.seq_len)

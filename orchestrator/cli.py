@@ -185,7 +185,7 @@ def status(job: JobArg,
         out.print(f"  node {node}: {node_state}")
     line = progress_line(Path(record.run_dir), with_metrics=metrics)
     if line:
-        out.print(f"  {line}")
+        out.print(f"  {line}", markup=False)  # plain text: trainer errors may hold [brackets]
     if history:
         import datetime as _dt
 

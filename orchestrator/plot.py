@@ -114,7 +114,8 @@ def _draw_run(ax: Any, run: RunSeries, key: str, colour: str) -> None:
     for i, segment in enumerate(run.segments):
         steps, values = segment.series(key)
         label = run.label if i == 0 else None
-        ax.plot(steps, values, color=colour, marker="." if len(steps) < 30 else None, label=label, gid=f"{key}:{run.label}")
+        ax.plot(steps, values, color=colour, marker="." if len(steps) < 30 else None, label=label,
+                gid=f"{key}:{run.label}")
         if key == "loss" and segment.evals:
             e_steps = [r["step"] for r in segment.evals]
             ax.plot(e_steps, [float(r["eval_loss"]) for r in segment.evals], color=colour, linestyle="--",

@@ -10,11 +10,19 @@ import yaml
 from tests.shared_env import REPO, pytorchjob_crd_path
 
 
+@pytest.fixture(scope="session")
+def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache (CPU peak probe, kernel autotune) for the whole session: measured once."""
+    return tmp_path_factory.mktemp("orch-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_orch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test reads or writes the real ~/.orch."""
+def _isolated_orch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                        _session_cache_dir: Path) -> Path:
+    """No test reads or writes the real ~/.orch or ~/.cache/orch."""
     home = tmp_path_factory.mktemp("orch-home")
     monkeypatch.setenv("ORCH_HOME", str(home))
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(_session_cache_dir))
     return home
 
 

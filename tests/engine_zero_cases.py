@@ -1,10 +1,16 @@
-"""A tiny language model, its data, and the runs the ZeRO tests compare (shared by test modules).
+"""Tiny language models, their data, and the runs the ZeRO tests compare (shared by test modules).
 
 ``reference_run`` trains in one process in plain fp32 with torch's AdamW on the whole global
 batch; ``engine_run`` trains the same model through ``engine.initialize`` on every rank of a
 process group (or alone), splitting the same global batch into micro-batches across ranks and
 accumulation steps. With the same seed both see the same data and start from the same weights,
 so their losses must agree step by step.
+
+Models (``MODELS``): ``tinylm`` (embedding, MLP, head), ``gpt`` (engine/models/gpt.py's GPT with
+its lm_head tied to the token embedding), ``gpt-ckpt`` (the same with activation checkpointing)
+and ``functional-tied`` (a head that uses the embedding's weight outside any module call, declared
+with ``engine.zero.register_external_parameter``). ``engine_run(..., init=True)`` builds the model
+inside ``engine.zero.Init`` (already partitioned).
 """
 from __future__ import annotations
 
@@ -42,6 +48,42 @@ def make_model(seed: int = 0, **kwargs: Any) -> TinyLM:
     return TinyLM(**kwargs)
 
 
+class FunctionalTiedLM(nn.Module):
+    """Embedding -> Linear -> GELU -> logits against the embedding matrix (``F.linear``, no module call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.fc = nn.Linear(DIM, DIM)
+        try:  # stage 3 must gather emb.weight for this module's own forward too
+            import engine
+
+            engine.zero.register_external_parameter(self, self.emb.weight)
+        except ImportError:
+            pass
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc(self.emb(x)))
+        return F.cross_entropy(F.linear(h, self.emb.weight).float().reshape(-1, VOCAB), y.reshape(-1))
+
+
+def make_gpt(seed: int = 0, checkpointing: bool = False) -> nn.Module:
+    """engine/models' GPT, 2 layers of width 32, lm_head tied to the token embedding."""
+    from engine.models import build_model
+
+    return build_model("tiny", seed=seed, n_layer=2, d_model=32, n_head=4, vocab_size=VOCAB, seq_len=SEQ,
+                       activation_checkpointing=checkpointing)
+
+
+def _functional_tied(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return FunctionalTiedLM()
+
+
+MODELS = {"tinylm": make_model, "gpt": make_gpt, "gpt-ckpt": lambda seed=0: make_gpt(seed, checkpointing=True),
+          "functional-tied": _functional_tied}
+
+
 def global_batch(step: int, size: int = GLOBAL_BATCH, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     tokens = torch.randint(0, vocab, (size, SEQ + 1), generator=g)
@@ -69,9 +111,10 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def reference_run(clip: float = 0.0, steps: int = STEPS, groups: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference_run(clip: float = 0.0, steps: int = STEPS, groups: bool = False,
+                  model_name: str = "tinylm") -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single-process fp32 training on the full global batch: the ground truth."""
-    model = make_model()
+    model = MODELS[model_name]()
     params = param_groups(model) if groups else model.parameters()
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
     losses = []
@@ -109,20 +152,39 @@ def train_steps(eng: Any, start: int, stop: int) -> list[float]:
     return losses
 
 
-def engine_run(config: dict[str, Any], steps: int = STEPS, groups: bool = False) -> dict[str, Any]:
+def build(model_name: str = "tinylm", init: bool = False, seed: int = 0) -> nn.Module:
+    """The named model, built whole or (``init``) inside ``engine.zero.Init``, already partitioned."""
+    if not init:
+        return MODELS[model_name](seed=seed)
+    import engine
+
+    with engine.zero.Init():
+        return MODELS[model_name](seed=seed)
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 value (gathered when ZeRO-3 holds only partitions)."""
+    import engine
+
+    params = list(model.parameters())
+    with engine.zero.GatheredParameters(params):
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def engine_run(config: dict[str, Any], steps: int = STEPS, groups: bool = False, model_name: str = "tinylm",
+               init: bool = False) -> dict[str, Any]:
     """Train through the engine on this rank; returns global mean losses and final weights."""
     import engine
 
-    model = make_model()
+    model = build(model_name, init)
     eng, _, _, _ = engine.initialize(model=model, model_parameters=param_groups(model) if groups else None,
                                      config=copy.deepcopy(config))
     losses = train_steps(eng, 0, steps)
     return {"losses": losses, "skipped": eng.skipped_steps, "global_steps": eng.global_steps,
-            "params": {n: p.detach().float().clone() for n, p in model.named_parameters()},
-            "memory": eng.model_state_bytes()}
+            "params": full_weights(model), "memory": eng.model_state_bytes(), "split": eng.model_state_split()}
 
 
-def reshard_run(stage_a: int, stage_b: int) -> dict[str, Any]:
+def reshard_run(stage_a: int, stage_b: int, zero: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train with ``stage_a``, rebuild the full state from every rank's partitions, load it into a
     fresh engine with ``stage_b`` (another partition layout), and train both on: what a
     checkpoint saved by one layout and resumed by another must do."""
@@ -130,7 +192,7 @@ def reshard_run(stage_a: int, stage_b: int) -> dict[str, Any]:
 
     import engine
 
-    cfg = ds_config(stage_a, clip=0.1, reduce_bucket_size=300)
+    cfg = ds_config(stage_a, clip=0.1, **{"reduce_bucket_size": 300, **(zero or {})})
     cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_type": "linear"}}
     a, zero_a, _, _ = engine.initialize(model=make_model(), config=copy.deepcopy(cfg))
     train_steps(a, 0, 5)
@@ -154,18 +216,21 @@ def reshard_run(stage_a: int, stage_b: int) -> dict[str, Any]:
             "global_steps": (a.global_steps, b.global_steps), "state_keys": sorted(states)}
 
 
-def memory_run(stage: int, hidden: int, bucket: int) -> dict[str, Any]:
+def memory_run(stage: int, hidden: int, bucket: int, zero: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One bf16 step of a wider model; returns Ψ and this rank's model-state bytes."""
     import engine
 
     model = make_model(hidden=hidden, vocab=VOCAB)
-    config = ds_config(stage, precision="bf16", reduce_bucket_size=bucket, overlap_comm=True)
+    psi = sum(p.numel() for p in model.parameters())
+    config = ds_config(stage, precision="bf16", reduce_bucket_size=bucket, overlap_comm=True, **(zero or {}))
     config["train_batch_size"] = 4 * _world()
     eng, _, _, _ = engine.initialize(model=model, config=config)
     x, y = global_batch(0, size=4)
     eng.backward(eng(x, y))
     eng.step()
-    return {"psi": sum(p.numel() for p in model.parameters()), "bytes": eng.model_state_bytes()}
+    threshold = (zero or {}).get("stage3_param_persistence_threshold", -1)
+    persistent = sum(p.numel() for p in model.parameters() if p.numel() <= threshold) if stage == 3 else 0
+    return {"psi": psi, "persistent": persistent, "bytes": eng.model_state_bytes(), "split": eng.model_state_split()}
 
 
 def _world() -> int:
@@ -174,15 +239,175 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def run_cases(cases: dict[str, tuple[dict[str, Any], bool]],
-              memory: Optional[dict[str, tuple[int, int, int]]] = None,
-              reshard: Optional[dict[str, tuple[int, int]]] = None) -> dict:
-    """On this rank: every training case ``name -> (ds_config, param groups?)``, every memory
-    case ``name -> (stage, hidden, bucket)`` and every reshard case ``name -> (stage_a, stage_b)``.
+def run_cases(cases: dict[str, tuple],
+              memory: Optional[dict[str, tuple]] = None,
+              reshard: Optional[dict[str, tuple]] = None,
+              extra: Optional[dict[str, tuple[Any, tuple]]] = None) -> dict:
+    """On this rank: every training case ``name -> (ds_config, param groups?[, model name[, Init?]])``,
+    every memory case ``name -> (stage, hidden, bucket[, zero keys])``, every reshard case
+    ``name -> (stage_a, stage_b[, zero keys])`` and every ``extra`` case ``name -> (function, args)``.
 
     One process launch runs them all: interpreter and torch start-up dominate the cost.
     """
-    out: dict[str, Any] = {name: engine_run(cfg, groups=groups) for name, (cfg, groups) in cases.items()}
+    out: dict[str, Any] = {}
+    for name, (cfg, groups, *how) in cases.items():
+        out[name] = engine_run(cfg, groups=groups, model_name=how[0] if how else "tinylm",
+                               init=bool(how[1]) if len(how) > 1 else False)
     out.update({name: memory_run(*args) for name, args in (memory or {}).items()})
     out.update({name: reshard_run(*args) for name, args in (reshard or {}).items()})
+    out.update({name: fn(*args) for name, (fn, args) in (extra or {}).items()})
     return out
+
+
+# -- stage 3 extras: a per-rank memory budget, save_16bit_model, resuming across world sizes ---------
+MODELS["gpt-deep"] = lambda seed=0: _deep_gpt(seed)
+
+
+def _deep_gpt(seed: int = 0) -> nn.Module:
+    """8 GPT blocks of width 32: many equal layers, so the largest one is a small part of the model."""
+    from engine.models import build_model
+
+    return build_model("tiny", seed=seed, n_layer=8, d_model=32, n_head=4, vocab_size=VOCAB, seq_len=SEQ)
+
+
+BUDGET_FRACTION = 0.6   # of the model's whole fp32 training state (16Ψ bytes)
+BUDGET_ZERO = {"stage3_param_persistence_threshold": 100, "stage3_prefetch_bucket_size": 3000,
+               "stage3_max_live_parameters": 3000, "stage3_max_reuse_distance": 0, "reduce_bucket_size": 2000}
+
+
+def budget_run(steps: int = 10) -> dict[str, Any]:
+    """Build ``gpt-deep`` inside ``engine.zero.Init`` and train it at stage 3 against a per-rank budget."""
+    import engine
+
+    with torch.device("meta"):
+        psi = sum(p.numel() for p in _deep_gpt().parameters())
+    budget = int(BUDGET_FRACTION * 16 * psi)
+    with engine.zero.Init() as init:
+        model = _deep_gpt()
+    whole = sum(p.numel() for p in model.parameters())   # Init leaves every parameter empty
+    shapes = [p._zero3_init.numel for p in model.parameters()]
+    eng, _, _, _ = engine.initialize(model=model, config=ds_config(3, 1, 0.1, **BUDGET_ZERO))
+    losses = train_steps(eng, 0, steps)
+    states = sum(eng.model_state_bytes().values())
+    return {"psi": psi, "budget": budget, "whole_after_init": whole, "largest_param": max(shapes),
+            "init_largest_whole": init.stats.largest_whole_bytes, "init_kept": init.stats.kept_bytes,
+            "peak": states + eng.model_state_split()["live_peak"], "losses": losses}
+
+
+def _shared_tmpdir() -> str:
+    """A directory rank 0 made, known to every rank."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    box = [tempfile.mkdtemp(prefix="zero3-") if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def save16_run() -> dict[str, Any]:
+    """``save_16bit_model`` at stage 3: refused without the config flag, the whole model with it."""
+    import os
+    import shutil
+    import warnings
+
+    import torch.distributed as dist
+
+    import engine
+
+    where = _shared_tmpdir()
+    base = ds_config(3, 1, 0.0, precision="bf16", stage3_param_persistence_threshold=0)
+    eng, _, _, _ = engine.initialize(model=make_gpt(), config=copy.deepcopy(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved_without = eng.save_16bit_model(where, "refused.bin")
+    base["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    model = make_gpt()
+    eng, _, _, _ = engine.initialize(model=model, config=base)
+    train_steps(eng, 0, 2)
+    saved = eng.save_16bit_model(where, "model.bin")
+    weights = full_weights(model)
+    out: dict[str, Any] = {"saved_without_flag": saved_without, "saved": saved,
+                           "file_without_flag": os.path.exists(os.path.join(where, "refused.bin"))}
+    state = torch.load(os.path.join(where, "model.bin"), weights_only=True)
+    plain = make_gpt()
+    out.update(keys=sorted(state), plain_keys=sorted(plain.state_dict()), dtype=str(state["wte.weight"].dtype),
+               max_diff=max((state[n].float() - w).abs().max().item() for n, w in weights.items()),
+               tied_same=bool(torch.equal(state["wte.weight"], state["lm_head.weight"])))
+    plain.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    if dist.is_initialized():
+        dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(where, ignore_errors=True)
+    return out
+
+
+RESUME_ZERO = {"stage3_param_persistence_threshold": 0, "reduce_bucket_size": 300}
+
+
+def _resume_config(stage: int) -> dict[str, Any]:
+    cfg = ds_config(stage, clip=0.1, **(RESUME_ZERO if stage == 3 else {"reduce_bucket_size": 300}))
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_type": "linear"}}
+    return cfg
+
+
+def save_full_state_run(stage: int, path: str) -> list[float]:
+    """Train 5 steps, write the full (canonical) state to ``path`` from rank 0, train 5 more."""
+    import torch.distributed as dist
+
+    import engine
+
+    eng, zero, _, _ = engine.initialize(model=make_model(), config=_resume_config(stage))
+    train_steps(eng, 0, 5)
+    world = _world()
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        parts = [t.clone() for _ in range(world)]
+        if world > 1:
+            dist.all_gather(parts, t.contiguous())
+        return zero.layout.unshard(parts if zero.layout.partition_count > 1 else parts[:1])
+
+    state = {"master": full(zero.master_partition()),
+             "states": {k: full(v) if v.dim() == 1 else v for k, v in zero.optimizer_state_partitions().items()},
+             "scheduler": eng.lr_scheduler.state_dict(), "counters": eng.counters.state_dict()}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(state, path)
+    return train_steps(eng, 5, 10)
+
+
+def load_full_state_run(stage: int, path: str) -> list[float]:
+    """A fresh engine (another seed, maybe another stage and world size) resumes from ``path``."""
+    import engine
+
+    eng, zero, _, _ = engine.initialize(model=make_model(seed=1), config=_resume_config(stage))
+    state = torch.load(path, weights_only=True)
+    zero.load_full(state["master"], state["states"])
+    eng.lr_scheduler.load_state_dict(state["scheduler"])
+    eng.counters.load_state_dict(state["counters"])
+    return train_steps(eng, 5, 10)
+
+
+def checkpoint_save_run(stage: int, directory: str) -> list[float]:
+    """Train 5 steps, ``save_checkpoint`` (every rank), train 5 more."""
+    import engine
+
+    eng, _, _, _ = engine.initialize(model=make_model(), config=_resume_config(stage))
+    train_steps(eng, 0, 5)
+    eng.save_checkpoint(directory)
+    return train_steps(eng, 5, 10)
+
+
+def checkpoint_load_run(stage: int, directory: str) -> list[float]:
+    """A fresh engine at ``stage`` (and this world size) loads the latest checkpoint and trains on."""
+    import engine
+
+    eng, _, _, _ = engine.initialize(model=make_model(seed=1), config=_resume_config(stage))
+    path, _ = eng.load_checkpoint(directory)
+    assert path is not None, f"no checkpoint found in {directory}"
+    return train_steps(eng, 5, 10)
+
+
+def run_all(calls: list[tuple[Any, tuple]]) -> list[Any]:
+    """Several of the runs above, one after another, in one launch."""
+    return [fn(*args) for fn, args in calls]

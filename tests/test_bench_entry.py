@@ -29,7 +29,8 @@ def test_the_summary_is_appended_with_date_machine_and_command(tmp_path):
     table = summary_table(rows)
     assert table[2] == ("| local_backend | orch submit --cluster local --wait | 31.2 s | 30.1-33.0 s | "
                         "ours/torchrun x2 by hand (same job) 1.04 |")
-    assert table[3] == "| optimizer_kernels | cpu_step: torch AdamW(fused=True) sequence | 0.012 s | - | this/ours 1.31 |"
+    assert table[3] == ("| optimizer_kernels | cpu_step: torch AdamW(fused=True) sequence | 0.012 s | - | "
+                        "this/ours 1.31 |")
     assert table[4] == "| collectives | (not run) | - | - | has no run(quick=...) entry point |"
 
     path = tmp_path / "BENCHMARKS.md"

@@ -50,8 +50,9 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_latest(tmp_path: Pat
     from tests.checkpoint_cases import build, saver
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "sympy", "triton", "engine.api", "engine.ops", "engine.checkpoint.save", "engine.checkpoint.load",
-                                "tests.checkpoint_cases"])
+    # Everything the saver imports, so a fork starts in milliseconds (engine.ops pulls in triton/sympy).
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "sympy", "triton", "engine.api", "engine.ops",
+                                "engine.checkpoint.save", "engine.checkpoint.load", "tests.checkpoint_cases"])
     rng = random.Random(1234)
     probe = build(2, "bf16", seed=5)
     phases: Counter[str] = Counter()

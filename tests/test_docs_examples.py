@@ -256,7 +256,8 @@ def _run_helm(words: list[str], ws: Workspace) -> str:
 
         with helm_python.Chart.load(str(chart)) as loaded:
             texts = loaded.render(given, name=release, namespace="default")
-        rendered = [d for path, text in texts.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+        rendered = [d for path, text in texts.items() if path.endswith(".yaml")
+                    for d in yaml.safe_load_all(text) if d]
     else:
         return "helm: values checked against the chart's schema; not rendered (no helm binary or helm-python-sdk)"
     job = next(d for d in rendered if d["kind"] == "PyTorchJob")
@@ -278,7 +279,8 @@ def _mentioned_commands() -> dict[tuple[str, ...], str]:
     for path in DOC_FILES:
         text = path.read_text()
         pieces = re.findall(r"`([^`\n]+)`", text)
-        pieces += [b.text for b in code_blocks(path) if b.lang not in ("bash", "sh", "shell", "python", "json", "yaml")]
+        pieces += [b.text for b in code_blocks(path)
+                   if b.lang not in ("bash", "sh", "shell", "python", "json", "yaml")]
         for piece in pieces:
             for first, second in pattern.findall(piece):
                 for name in first.split("|"):

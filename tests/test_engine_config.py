@@ -472,7 +472,8 @@ def test_bad_values_name_the_path_what_was_given_and_what_is_allowed(config, pat
 def test_accepted_but_unimplemented_sections_are_listed_not_rejected():
     cfg = load_config({
         "train_batch_size": 8, "amp": {"enabled": False, "opt_level": "O1"},
-        "tensorboard": {"enabled": True, "output_path": "tb/", "job_name": "run"},
+        "tensorboard": {"enabled": True, "output_path": "tb/", "job_name": "run"},  # implemented
+        "wandb": {"enabled": True},
         "flops_profiler": {"enabled": True, "profile_step": 5},
         "activation_checkpointing": {"partition_activations": True, "number_checkpoints": 4},
         "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}},
@@ -480,7 +481,7 @@ def test_accepted_but_unimplemented_sections_are_listed_not_rejected():
         "checkpoint": {"load_universal": True},
     })
     listed = {f.path: f.reason for f in cfg.ignored_features()}
-    assert set(listed) == {"tensorboard.enabled", "flops_profiler.enabled",
+    assert set(listed) == {"wandb.enabled", "flops_profiler.enabled",
                            "activation_checkpointing.partition_activations",
                            "activation_checkpointing.number_checkpoints", "zero_optimization.offload_param.device",
                            "autotuning.enabled", "aio", "checkpoint.load_universal"}

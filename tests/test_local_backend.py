@@ -36,7 +36,7 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         record = json.loads(line)
-        if "loss" in record and "step" in record:
+        if record.get("kind", "train") == "train" and "loss" in record and "step" in record:
             out[int(record["step"])] = float(record["loss"])
     return out
 
@@ -173,7 +173,7 @@ def test_elastic_job_survives_losing_a_node(tmp_path) -> None:
     assert read_state(run_dir)["nodes"]["2"]["state"] == "NODE_FAIL"
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    resumed = [m for m in metrics if m.get("world_size") == 2]
+    resumed = [m for m in metrics if m.get("kind", "train") == "train" and m.get("world_size") == 2]
     assert resumed, "no step ran on the 2 surviving nodes"
     first_resumed_step = min(m["step"] for m in resumed)
     assert killed_at - first_resumed_step < every, "more than every_steps steps were recomputed"

@@ -88,7 +88,8 @@ class AsyncWriter:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, job: Any, write: Callable[[Any], dict[str, Any]], finalize: Callable[[Any, dict[str, Any]], None]) -> None:
+    def start(self, job: Any, write: Callable[[Any], dict[str, Any]],
+              finalize: Callable[[Any, dict[str, Any]], None]) -> None:
         """Run ``write(job)`` on every rank and ``finalize(job, records)`` on rank 0, in a thread."""
         if self._thread is not None:
             raise RuntimeError("internal: wait() for the previous asynchronous save before starting another")

@@ -157,7 +157,8 @@ def _fsync_file(path: Path) -> None:
 class _Streamed:
     """Chunks of one tensor for the safetensors writer: filled into the shared buffer on demand."""
 
-    def __init__(self, t: OutTensor, reader: _Reader, buf: bytearray, progress: Optional[Callable[[str], None]]) -> None:
+    def __init__(self, t: OutTensor, reader: _Reader, buf: bytearray,
+                 progress: Optional[Callable[[str], None]]) -> None:
         self.t, self.reader, self.buf, self.progress = t, reader, buf, progress
 
     def __iter__(self) -> Any:

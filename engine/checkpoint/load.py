@@ -25,7 +25,7 @@ import torch
 
 from .collective import Group
 from .manifest import (EXTRA_FILE, OBJECTS_FILE, CheckpointError, file_problem, list_checkpoints, read_latest,
-                       read_manifest)
+                       read_manifest, validate_tag)
 from .reshard import plan_reads, source_runs, target_pieces
 from .rng import restore_rng
 from .async_save import AsyncWriter
@@ -83,6 +83,8 @@ def _candidates(load_dir: Path, tag: Optional[str], fallback: bool) -> list[str]
     """Rank 0: the tags to try in order, or an error message."""
     try:
         first = str(tag) if tag is not None else read_latest(load_dir)
+        if first is not None:
+            validate_tag(first)
         if not fallback:
             return [first] if first else []
         older = [e.name for e in list_checkpoints(load_dir, include_partial=False) if e.complete and e.name != first]
@@ -91,7 +93,8 @@ def _candidates(load_dir: Path, tag: Optional[str], fallback: bool) -> list[str]
         return str(exc)
 
 
-def _open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+def _open_verified(ckpt_dir: Path, group: Group,
+                   with_optimizer: bool) -> tuple[Optional[dict[str, Any]], Optional[str]]:
     """Collective: rank 0's manifest for everyone, and every needed file's checksum checked by some rank."""
     found: tuple[Optional[dict[str, Any]], Optional[str]] = (None, None)
     if group.rank == 0:
@@ -308,6 +311,9 @@ def _resolve(value: Any, objects: Mapping[str, Any]) -> Any:
 @torch.no_grad()
 def _apply_master(opt: Any, master: torch.Tensor) -> None:
     """New master partition in; model parameters rebuilt as a ZeRO step publishes them."""
+    if hasattr(opt, "load_master_partition"):   # the optimizer knows how it publishes (any stage)
+        opt.load_master_partition(master)
+        return
     layout = opt.layout
     owner = opt.comm.rank if layout.partition_count > 1 else 0
     for g, mp in zip(layout.groups, opt.master_params):

@@ -122,7 +122,13 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def _check_params(data: Mapping[str, Any], path: Path) -> None:
-    """Ranges must add up to each parameter and point into files the manifest lists."""
+    """Ranges must add up to each parameter and point into files the manifest lists; file names
+    must stay inside the checkpoint directory."""
+    names = list(data["files"]) + [n for kind in data["shards"].values() for n in kind if n]
+    outside = [n for n in names if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith(".")]
+    if outside:
+        raise CheckpointError(f"{path} names files outside the checkpoint ({outside[:3]}): the manifest is corrupt",
+                              path)
     shards = data["shards"].get("master", [])
     for p in data["params"]:
         try:

@@ -132,19 +132,36 @@ def prepare(engine: Any, save_dir: Path, tag: Optional[str], client_state: dict[
     if decision[1]:
         raise CheckpointError(decision[1], save_dir)
     job = SaveJob(save_dir, decision[0], group.rank, group.world_size, save_latest=save_latest, keep=keep)
+    mine: dict[str, Any] = {"tag": proposed, "error": None}
+    try:
+        _collect(engine, job, client_state, snapshot, exclude_frozen)
+        mine.update(rng=capture_rng(), dataloader=_dataloader_state(engine))
+    except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
+        mine["error"] = f"rank {group.rank}: {exc}"
+    per_rank = group.all_gather(mine)
+    errors = [r["error"] for r in per_rank if r["error"]]
+    if errors:
+        raise CheckpointError(f"checkpoint {job.tag!r} was not saved: {'; '.join(errors)}", job.tmp)
+    _check_tags(engine, [r["tag"] for r in per_rank], job.tag, group.rank)
+    if job.header is not None:
+        job.header["rng"] = [r["rng"] for r in per_rank]
+        job.header["dataloader"] = [r["dataloader"] for r in per_rank]
+    return job
+
+
+def _collect(engine: Any, job: SaveJob, client_state: dict[str, Any], snapshot: bool, exclude_frozen: bool) -> None:
+    """What this rank writes (copied to CPU when ``snapshot``), and on rank 0 the manifest draft."""
     opt = engine.optimizer
     names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
     keys, groups = _optimizer_state(opt)
     copy_ = _snapshot if snapshot else _as_is
-    job.files = _shard_files(opt, keys, group.rank, copy_)
-    extras = [(n, t) for n, t in names.extras if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
-    per_rank = group.all_gather({"rng": capture_rng(), "dataloader": _dataloader_state(engine), "tag": proposed})
-    _check_tags(engine, [r["tag"] for r in per_rank], job.tag, group.rank)
-    if group.rank == 0:
+    job.files = _shard_files(opt, keys, job.rank, copy_)
+    if job.rank == 0:
+        extras = [(n, t) for n, t in names.extras if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
         if extras:
-            job.files[EXTRA_FILE] = ("extra", [TensorEntry(n, _dtype(t), tuple(t.shape), [copy_(t)]) for n, t in extras])
-        job.header = _header(engine, job, names, extras, keys, groups, per_rank, client_state, snapshot)
-    return job
+            entries = [TensorEntry(n, _dtype(t), tuple(t.shape), [copy_(t)]) for n, t in extras]
+            job.files[EXTRA_FILE] = ("extra", entries)
+        job.header = _header(engine, job, names, extras, keys, groups, client_state, snapshot)
 
 
 def _make_tmp_dir(save_dir: Path, tag: str, client_state: Mapping[str, Any]) -> Optional[str]:
@@ -258,9 +275,8 @@ def _dataloader_state(engine: Any) -> Any:
 
 
 def _header(engine: Any, job: SaveJob, names: Any, extras: list[tuple[str, torch.Tensor]], keys: list[str],
-            groups: list[dict[str, Any]], per_rank: list[dict[str, Any]], client_state: dict[str, Any],
-            snapshot: bool) -> dict[str, Any]:
-    """Rank 0: the manifest, all but the file records (manifest.py documents every key)."""
+            groups: list[dict[str, Any]], client_state: dict[str, Any], snapshot: bool) -> dict[str, Any]:
+    """Rank 0: the manifest but the file records and per-rank RNG (manifest.py documents every key)."""
     opt = engine.optimizer
     layout = opt.layout
     count = layout.partition_count
@@ -296,8 +312,7 @@ def _header(engine: Any, job: SaveJob, names: Any, extras: list[tuple[str, torch
         "lr_scheduler": plain("lr_scheduler", scheduler.state_dict()) if hasattr(scheduler, "state_dict") else None,
         "counters": counters,
         "client_state": plain("client_state", client_state),
-        "rng": [r["rng"] for r in per_rank],
-        "dataloader": [r["dataloader"] for r in per_rank],
+        "rng": [], "dataloader": [],          # filled from every rank by prepare()
         "layout": layout.to_dict(),
         "torch_version": torch.__version__,
     }

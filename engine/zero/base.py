@@ -204,6 +204,11 @@ class PartitionedOptimizer:
         sd["state"] = state
         self.optimizer.load_state_dict(sd)
 
+    live_peak_bytes = 0   # stage 3 overrides: the most gathered parameter bytes at once
+
+    def offloaded_bytes(self) -> int:
+        return 0
+
     @staticmethod
     def _bytes(t: Optional[torch.Tensor]) -> int:
         return 0 if t is None else t.numel() * t.element_size()

@@ -236,25 +236,22 @@ class ZeroOptimizer(PartitionedOptimizer):
 
     # -- accounting -----------------------------------------------------------------------------
     def model_state_bytes(self) -> dict[str, int]:
-        """Bytes of the model states this rank holds, counted from the tensors themselves.
-
-        ``params``/``grads``/``master``/``optimizer_states``/``buffers`` wherever they live;
-        ``offloaded``: the part of those held in host memory by offload; ``device``: the rest.
-        """
+        """Bytes of the model states this rank holds (params, grads, master, optimizer_states,
+        buffers), counted from the tensors themselves, wherever they live."""
         size = self._bytes
         flat_grad = self.flat_grads if self.flat_grads is not None else self.grad_partition
         stray = sum(size(p.grad) for i, p in enumerate(self.params)
                     if p.grad is not None and not (self._grad_views and p.grad is self._grad_views[i]))
-        out = {"params": size(self.flat_params), "grads": size(flat_grad) + stray + size(self._host_grads),
-               "master": 0 if self.master_is_view else size(self.master),
-               "optimizer_states": self._state_bytes(), "buffers": self.reducer.pool_bytes()}
-        offloaded = 0
-        if self.offload.optimizer:
-            offloaded = out["master"] + out["optimizer_states"] + size(self._host_grads)
-            offloaded += size(self.grad_partition)
-        out["offloaded"] = offloaded
-        out["device"] = sum(out[k] for k in ("params", "grads", "master", "optimizer_states", "buffers")) - offloaded
-        return out
+        return {"params": size(self.flat_params), "grads": size(flat_grad) + stray + size(self._host_grads),
+                "master": 0 if self.master_is_view else size(self.master),
+                "optimizer_states": self._state_bytes(), "buffers": self.reducer.pool_bytes()}
+
+    def offloaded_bytes(self) -> int:
+        """The part of ``model_state_bytes`` that offload keeps in host memory instead of on the device."""
+        if not self.offload.optimizer:
+            return 0
+        size = self._bytes
+        return size(self.master) + self._state_bytes() + size(self._host_grads) + size(self.grad_partition)
 
     def __repr__(self) -> str:
         return (f"ZeroOptimizer(stage={self.stage}, partitions={self.layout.partition_count}, "

@@ -42,7 +42,7 @@ from .partition import FlatLayout
 from .reduction import GradientReducer
 from .stage12 import ZeroSettings
 from .stage3_hooks import ParamCoordinator
-from .stage3_init import full_from_shards, is_partitioned_at_init, release_init_shard
+from .stage3_init import full_from_shards, full_shape_view, is_partitioned_at_init, release_init_shard
 from .stage3_params import PartitionedParams
 
 __all__ = ["Stage3Optimizer", "Stage3Settings"]
@@ -79,7 +79,8 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.stage = 3
         self.model_dtype, self.device = model_dtype, device
         self.offload = offload or OffloadSettings()
-        self.layout = FlatLayout.build([list(named) for _, named in groups], partition_count=comm.world_size)
+        self.layout = FlatLayout.build([[(n, full_shape_view(p)) for n, p in named] for _, named in groups],
+                                       partition_count=comm.world_size)
         self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
         self._rank = comm.rank
         self._prescale = model_dtype == torch.float16
@@ -223,22 +224,28 @@ class Stage3Optimizer(PartitionedOptimizer):
         """Bytes of the model states this rank holds (see ``ZeroOptimizer.model_state_bytes``).
 
         ``params`` is the partition plus the persistent parameters' full values; ``buffers`` the
-        reduce buckets plus the units gathered right now; ``live_peak`` the most gathered at once.
+        reduce buckets plus the units gathered right now (none between steps).
         """
         size = self._bytes
         stray = sum(size(p.grad) for p in self.params if p.grad is not None)
-        out = {"params": size(self.partition) + self.store.persistent_bytes(),
-               "grads": size(self.grad_partition) + stray,
-               "master": 0 if self.master_is_view else size(self.master),
-               "optimizer_states": self._state_bytes(),
-               "buffers": self.reducer.pool_bytes() + self.store.live_bytes()}
-        offloaded = size(self.partition) if self.offload.param else 0
+        return {"params": size(self.partition) + self.store.persistent_bytes(),
+                "grads": size(self.grad_partition) + stray,
+                "master": 0 if self.master_is_view else size(self.master),
+                "optimizer_states": self._state_bytes(),
+                "buffers": self.reducer.pool_bytes() + self.store.live_bytes()}
+
+    def offloaded_bytes(self) -> int:
+        """The part of ``model_state_bytes`` that offload keeps in host memory instead of on the device."""
+        size = self._bytes
+        out = size(self.partition) if self.offload.param else 0
         if self.offload.optimizer:
-            offloaded += out["master"] + out["optimizer_states"] + size(self.grad_partition)
-        out["offloaded"] = offloaded
-        out["device"] = sum(out[k] for k in ("params", "grads", "master", "optimizer_states", "buffers")) - offloaded
-        out["live_peak"] = self.store.peak_live_bytes
+            out += (0 if self.master_is_view else size(self.master)) + self._state_bytes() + size(self.grad_partition)
         return out
+
+    @property
+    def live_peak_bytes(self) -> int:
+        """The most bytes of (non-persistent) parameters that were gathered at once so far."""
+        return self.store.peak_live_bytes
 
     def __repr__(self) -> str:
         return (f"Stage3Optimizer(partitions={self.layout.partition_count}, params={self.layout.numel}, "

@@ -64,6 +64,13 @@ def _shard(t: torch.Tensor) -> InitShard:
     return t.__dict__[_ATTR]
 
 
+def full_shape_view(p: torch.Tensor) -> torch.Tensor:
+    """``p`` itself, or for an ``Init``-partitioned parameter a zero-stride stand-in with its full shape."""
+    if not is_partitioned_at_init(p):
+        return p
+    return torch.empty((), dtype=p.dtype, device=p.device).expand(_shard(p).shape)
+
+
 def release_init_shard(p: torch.Tensor) -> None:
     p.__dict__.pop(_ATTR, None)
 
@@ -107,9 +114,12 @@ class InitStats:
     partitioned: int = 0
 
     def note(self, whole: int, kept: int) -> None:
-        self.largest_whole_bytes = max(self.largest_whole_bytes, whole)
+        self.saw_whole(whole)
         self.kept_bytes += kept
         self.partitioned += 1
+
+    def saw_whole(self, nbytes: int) -> None:
+        self.largest_whole_bytes = max(self.largest_whole_bytes, nbytes)
 
 
 class Init:
@@ -262,6 +272,7 @@ class _PartitionedTensorMode(TorchFunctionMode):
         comm = self.ctx.comm
         with torch.no_grad():
             wholes = [full_from_shards(t, comm) for t in parts]
+        self.ctx.stats.saw_whole(sum(w.numel() * w.element_size() for w in wholes))
         saved = [t.data for t in parts]
         for t, whole in zip(parts, wholes):
             t.data = whole
@@ -406,8 +417,7 @@ def _func_name(func: Any) -> str:
 
 
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
-    info = _shard(t)
-    return torch.empty((), dtype=t.dtype, device=t.device).expand(info.shape)
+    return full_shape_view(t)
 
 
 def _flatten(value: Any) -> Iterable[Any]:

@@ -94,10 +94,10 @@ class PartitionedParams:
     def _build_units(self, module: nn.Module, threshold: int, model_threshold: int) -> None:
         persistent: list[int] = []
         total = 0
-        for i, p in enumerate(self.params):
-            if 0 < p.numel() <= threshold and total + p.numel() <= model_threshold:
+        for i, entry in enumerate(self.layout.params):
+            if 0 < entry.numel <= threshold and total + entry.numel <= model_threshold:
                 persistent.append(i)
-                total += p.numel()
+                total += entry.numel
         taken = set(persistent)
         if persistent:
             self._add_unit("(persistent)", persistent, persistent=True)
