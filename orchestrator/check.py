@@ -1,15 +1,26 @@
 """``orch check``: validate a job before submitting it, and estimate its model-state memory.
 
-The estimate follows the ZeRO paper (arXiv:1910.02054, section 3): with mixed-precision Adam
-every parameter costs 2 bytes (fp16/bf16 weights) + 2 (gradients) + 12 (fp32 master, momentum,
-variance) = 16 bytes; stage 1 partitions the 12, stage 2 also the gradient, stage 3 everything
-across the N data-parallel ranks. fp32 training has 4 + 4 + 8. Offloading moves the optimizer
-states (and, at stage 3, the parameters) to CPU memory.
+Two estimates, both for model states only (activations, fragmentation and the framework's own
+memory come on top):
+
+* per stage, the ZeRO paper's figures (arXiv:1910.02054, section 3): with mixed-precision Adam
+  every parameter costs 2 bytes (fp16/bf16 weights) + 2 (gradients) + 12 (fp32 master, momentum,
+  variance) = 16 bytes; stage 1 partitions the 12, stage 2 also the gradient, stage 3 everything
+  across the N data-parallel ranks. fp32 training has 4 + 4 + 8. ``offload_optimizer`` moves
+  the master, the optimizer states and (stages 2-3) the gradient partition to CPU memory, as
+  orch's engine does (engine/zero/offload.py); ``offload_param`` (stage 3) the parameter partition.
+* per way of running it (``memory_options``), DeepSpeed's estimators, with their meaning, so the
+  numbers match what DeepSpeed users know: ``estimate_zero2_model_states_mem_needs`` and
+  ``estimate_zero3_model_states_mem_needs`` (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py).
+  They assume mixed precision, count the largest layer's gathered fp16 params and grads
+  (4 bytes x its parameters) on the GPU at stage 3, and multiply CPU figures by a 1.5 buffer
+  factor; CPU figures are per node (all of a node's ranks together). ``recommend`` then says which
+  is the least offloading that fits a given GPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from .errors import UserError
 from .spec import BUNDLED_TRAINER, JobSpec
@@ -22,6 +33,25 @@ class MemoryEstimate:
     cpu_bytes: float      # per rank, when offloaded
 
 
+@dataclass(frozen=True)
+class MemoryOption:
+    """One way to run the model (stage, offload, zero.Init) and its DeepSpeed-estimated needs."""
+
+    stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    zero_init: bool
+    gpu_bytes: float      # per GPU
+    cpu_bytes: float      # per node (DeepSpeed's estimators count a node's ranks together)
+
+    def describe(self) -> str:
+        parts = [f"ZeRO-{self.stage}", f"offload_optimizer={'cpu' if self.offload_optimizer else 'none'}"]
+        if self.stage == 3:
+            parts.append(f"offload_param={'cpu' if self.offload_param else 'none'}")
+            parts.append(f"zero.Init={'yes' if self.zero_init else 'no'}")
+        return ", ".join(parts)
+
+
 @dataclass
 class CheckReport:
     spec: JobSpec
@@ -31,6 +61,9 @@ class CheckReport:
     stage: int = 0
     num_parameters: int | None = None
     estimates: list[MemoryEstimate] = field(default_factory=list)
+    largest_layer_parameters: int | None = None
+    options: list[MemoryOption] = field(default_factory=list)   # DeepSpeed's estimator, every way to run
+    recommendation: str | None = None                            # with gpu_memory_bytes: what fits
     notes: list[str] = field(default_factory=list)
 
 
@@ -48,15 +81,97 @@ def estimate_model_states(num_parameters: int, world_size: int, stage: int, prec
     grads = g / n if stage >= 2 else g
     states = o / n if stage >= 1 else o
     gpu, cpu = weights + grads + states, 0.0
-    if offload_optimizer:
-        gpu, cpu = gpu - states, cpu + states
+    if offload_optimizer and stage >= 1:
+        moved = states + (grads if stage >= 2 else 0)   # the reduced gradient partition goes with them
+        gpu, cpu = gpu - moved, cpu + moved
     if offload_param and stage >= 3:
         gpu, cpu = gpu - weights, cpu + weights
     return MemoryEstimate(stage, gpu * num_parameters, cpu * num_parameters)
 
 
+def deepspeed_zero2_estimate(total_params: int, gpus_per_node: int = 1, nodes: int = 1,
+                             offload_optimizer: bool = False, buffer_factor: float = 1.5) -> tuple[float, float]:
+    """(CPU bytes per node, GPU bytes per GPU) as DeepSpeed's ``estimate_zero2_model_states_mem_needs``."""
+    total_gpus = max(1, nodes * gpus_per_node)
+    if offload_optimizer:
+        return total_params * max(4 * total_gpus, 16) * buffer_factor, 2.0 * total_params
+    return total_params * 4 * gpus_per_node * buffer_factor, 4.0 * total_params + 16.0 * total_params / total_gpus
+
+
+def deepspeed_zero3_estimate(total_params: int, largest_layer_params: int, gpus_per_node: int = 1, nodes: int = 1,
+                             offload_optimizer: bool = False, offload_param: bool = False, zero_init: bool = True,
+                             buffer_factor: float = 1.5) -> tuple[float, float]:
+    """(CPU bytes per node, GPU bytes per GPU) as DeepSpeed's ``estimate_zero3_model_states_mem_needs``.
+
+    The GPU always holds the largest layer gathered (fp16 params + grads: 4 bytes each). Without
+    ``zero.Init`` every rank of a node first builds the whole fp32 model in CPU memory.
+    """
+    total_gpus = max(1, nodes * gpus_per_node)
+    per_node = 1.0 / max(1, nodes)
+    largest = 4.0 * largest_layer_params
+    whole_fp32 = 4 * gpus_per_node
+    if offload_optimizer and offload_param:
+        gpu, host = largest, 18 * per_node
+    elif offload_optimizer:
+        gpu, host = largest + 2.0 * total_params / total_gpus, 16 * per_node
+    else:
+        gpu = largest + 18.0 * total_params / total_gpus
+        if zero_init:
+            return largest_layer_params * whole_fp32 * buffer_factor, gpu
+        return total_params * whole_fp32 * buffer_factor, gpu
+    factor = host if zero_init else max(whole_fp32, host)
+    return total_params * factor * buffer_factor, gpu
+
+
+def memory_options(total_params: int, largest_layer_params: int | None, gpus_per_node: int,
+                   nodes: int) -> list[MemoryOption]:
+    """Every way DeepSpeed's estimators cover, least offloading first (stage 2 options, then stage 3)."""
+    out = []
+    for offload in (False, True):
+        cpu, gpu = deepspeed_zero2_estimate(total_params, gpus_per_node, nodes, offload)
+        out.append(MemoryOption(2, offload, False, False, gpu, cpu))
+    if largest_layer_params is None:
+        return out
+    for offload_opt, offload_par in ((False, False), (True, False), (True, True)):
+        for init in (True, False):
+            cpu, gpu = deepspeed_zero3_estimate(total_params, largest_layer_params, gpus_per_node, nodes,
+                                                offload_opt, offload_par, init)
+            out.append(MemoryOption(3, offload_opt, offload_par, init, gpu, cpu))
+    return out
+
+
+def recommend(options: list[MemoryOption], gpu_memory_bytes: float, cpu_memory_bytes: Optional[float] = None,
+              headroom: float = 0.8) -> str:
+    """The first option (least offloading) whose model states fit ``headroom`` of the GPU (and the
+    node's CPU memory, when given): the rest is left for activations and fragmentation."""
+    for opt in options:
+        if opt.gpu_bytes <= headroom * gpu_memory_bytes and \
+                (cpu_memory_bytes is None or opt.cpu_bytes <= headroom * cpu_memory_bytes):
+            return (f"{opt.describe()} fits: {human_bytes(opt.gpu_bytes)} of model states per GPU "
+                    f"(<= {headroom:.0%} of {human_bytes(gpu_memory_bytes)}), {human_bytes(opt.cpu_bytes)} of CPU "
+                    "memory per node")
+    last = options[-1] if options else None
+    need = f" even {last.describe()} needs {human_bytes(last.gpu_bytes)} per GPU;" if last else ""
+    return (f"nothing fits {headroom:.0%} of {human_bytes(gpu_memory_bytes)} per GPU:{need} add GPUs (stage 3 divides "
+            "the states by their number) or use GPUs with more memory")
+
+
+def largest_layer_parameters(cfg: Any) -> int:
+    """The most parameters one module of a bundled GPT (engine/models/gpt.py) owns directly: what
+    stage 3 gathers at once (DeepSpeed's ``largest_layer_params``)."""
+    d, hidden, b = cfg.d_model, cfg.mlp_ratio * cfg.d_model, 1 if cfg.bias else 0
+    return max(cfg.vocab_size * d, cfg.seq_len * d, 3 * d * d + 3 * d * b, d * d + d * b,
+               d * hidden + hidden * b, hidden * d + d * b, 2 * d)
+
+
 def model_parameters_from_args(spec: JobSpec) -> int | None:
     """Parameter count of the bundled trainer's ``--model`` preset, without importing torch."""
+    found = _preset_from_args(spec)
+    return None if found is None else int(found.num_parameters())
+
+
+def _preset_from_args(spec: JobSpec) -> Any:
+    """The bundled trainer's ``--model`` preset config (torch-free), or None for other programs."""
     if spec.program != BUNDLED_TRAINER:
         return None
     args = list(spec.args)
@@ -67,17 +182,22 @@ def model_parameters_from_args(spec: JobSpec) -> int | None:
         elif a.startswith("--model="):
             name = a.split("=", 1)[1]
     try:
-        from engine.models.presets import preset_num_parameters
+        from engine.models.presets import get_preset
     except ImportError:
         return None
     try:
-        return int(preset_num_parameters(name))
+        return get_preset(name)
     except (KeyError, ValueError) as exc:
         raise UserError(f"args: --model {name!r}: {exc}") from None
 
 
-def check_job(spec: JobSpec, *, num_parameters: int | None = None) -> CheckReport:
-    """Validate the ds_config for the job's world size and estimate memory for every stage."""
+def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer: int | None = None,
+              gpu_memory_bytes: float | None = None) -> CheckReport:
+    """Validate the ds_config for the job's world size and estimate memory for every stage.
+
+    ``largest_layer`` (parameters of the biggest module) defaults to the bundled preset's;
+    ``gpu_memory_bytes`` adds a recommendation of the least offloading that fits.
+    """
     from engine.config import ConfigError, load_config
 
     report = CheckReport(spec=spec, world_size=spec.world_size)
@@ -103,12 +223,19 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None) -> CheckRepor
             report.notes.append(f"offload: optimizer={'cpu' if offload_opt else 'none'}, "
                                 f"param={'cpu' if offload_par else 'none'}")
     report.num_parameters = num_parameters or model_parameters_from_args(spec)
+    preset = _preset_from_args(spec)
+    report.largest_layer_parameters = largest_layer or (largest_layer_parameters(preset) if preset else None)
     if report.num_parameters:
         report.estimates = [
             estimate_model_states(report.num_parameters, spec.world_size, stage, report.precision,
                                   offload_opt, offload_par)
             for stage in range(4)
         ]
+        report.options = memory_options(report.num_parameters, report.largest_layer_parameters,
+                                        spec.procs_per_node, spec.nodes.max)
+        if gpu_memory_bytes:
+            report.recommendation = recommend(report.options, gpu_memory_bytes)
+            report.notes.append(f"memory: {report.recommendation}")
     if spec.kubernetes.checkpoint_pvc is None and spec.kubernetes.image:
         report.notes.append("kubernetes: no checkpoint_pvc, so checkpoints do not survive a pod restart")
     return report

@@ -176,10 +176,18 @@ def full_state(eng: Any) -> dict[str, Any]:
     per_name = {kind: {n: vec[e.offset:e.offset + e.numel].clone() for n, e in zip(names, layout.params)}
                 for kind, vec in vectors.items()}
     return {"vectors": per_name, "scalars": scalars,
-            "params": {n: p.detach().clone() for n, p in eng.module.state_dict().items()},
+            "params": _model_state(eng),
             "lr": eng.get_lr(), "global_steps": eng.global_steps,
             "scheduler": copy.deepcopy(eng.lr_scheduler.state_dict()) if eng.lr_scheduler else None,
             "loss_scaler": eng.loss_scaler.state_dict()}
+
+
+def _model_state(eng: Any) -> dict[str, torch.Tensor]:
+    """The module's full state_dict (stage 3 gathers its partitioned parameters; a collective)."""
+    gather = getattr(eng.optimizer, "full_state_dict", None)
+    if gather is not None:
+        return gather(eng.module, rank0_only=False)
+    return {n: p.detach().clone() for n, p in eng.module.state_dict().items()}
 
 
 def differences(saved: dict[str, Any], loaded: dict[str, Any]) -> list[str]:

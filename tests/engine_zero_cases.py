@@ -105,9 +105,14 @@ def ds_config(stage: int, gas: int = 1, clip: float = 0.0, precision: str = "fp3
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """The usual split: weight decay on matrices, none on biases, norms and embeddings."""
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("emb")]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith("emb"))]
+    """The usual split: weight decay on matrices, none on biases, norms and embeddings.
+
+    ``ds_shape`` is the shape of a parameter ZeRO-3 holds partitioned (as in DeepSpeed)."""
+    def matrix(n: str, p: torch.Tensor) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) == 2 and not n.startswith("emb")
+
+    decay = [p for n, p in model.named_parameters() if matrix(n, p)]
+    rest = [p for n, p in model.named_parameters() if not matrix(n, p)]
     return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
 
 

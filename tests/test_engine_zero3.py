@@ -58,9 +58,13 @@ CASES: dict[str, tuple[dict[str, Any], bool, str, bool]] = {
 LOW_PRECISION = {
     "bf16-z3": (ds_config(3, 2, CLIP, precision="bf16", **GATHER_ALL), False, "tinylm", False),
     "fp16-z3": (ds_config(3, 2, CLIP, precision="fp16", **SMALL_KEPT), False, "tinylm", False),
-    "bf16-z3-offload": (ds_config(3, 2, CLIP, precision="bf16", **SMALL_KEPT, **OFFLOAD_BOTH), False, "gpt", False),
+    "bf16-z3-offload-gpt": (ds_config(3, 2, CLIP, precision="bf16", **SMALL_KEPT, **OFFLOAD_BOTH), False, "gpt",
+                            False),
+    "bf16-z3-gpt": (ds_config(3, 2, CLIP, precision="bf16", **SMALL_KEPT), False, "gpt", False),
 }
-TOLERANCE = {"bf16": {"loss": 3e-3, "param": 0.1}, "fp16": {"loss": 5e-4, "param": 1e-2}}
+# bf16 keeps 8 mantissa bits, fp16 11; GPT in bf16 drifts further from fp32 (at stage 0 as well)
+TOLERANCE = {"bf16": {"loss": 3e-3, "param": 0.1}, "fp16": {"loss": 5e-4, "param": 1e-2},
+             "bf16-gpt": {"loss": 1.5e-2, "param": 0.1}}
 # name -> (stage, hidden width, reduce_bucket_size, zero keys): Ψ ≈ 44k, biases and norms persistent
 KEEP = {"stage3_param_persistence_threshold": 600}
 MEMORY = {
@@ -102,7 +106,7 @@ def test_fp32_training_equals_the_single_process_reference(world: int, case: str
         assert run["losses"][-1] < run["losses"][0] - 0.1, "the model did not learn"
     assert set(run["params"]) == set(ref_params)
     for name, ref in ref_params.items():
-        diff = (run["params"][name] - ref).abs().max().item()
+        diff = _param_diff(name, run["params"][name], ref)
         assert diff <= 1e-5, f"{name} differs from the reference by {diff:.2e}"
 
 
@@ -111,14 +115,33 @@ def test_fp32_training_equals_the_single_process_reference(world: int, case: str
 def test_mixed_precision_tracks_the_fp32_reference(world: int, case: str) -> None:
     config, groups, model, _ = LOW_PRECISION[case]
     run = results(world)[case]
-    tol = TOLERANCE[case.split("-")[0]]
+    tol = TOLERANCE[case.split("-")[0] + ("-gpt" if model == "gpt" else "")]
     ref_losses, ref_params = reference(CLIP, groups, model)
     assert run["skipped"] == 0
     worst = max(_rel(a, b) for a, b in zip(run["losses"], ref_losses))
     assert worst <= tol["loss"], f"{case}: losses differ by {worst:.2e} (relative)"
     for name, ref in ref_params.items():
-        diff = (run["params"][name] - ref).abs().max().item()
+        diff = _param_diff(name, run["params"][name], ref)
         assert diff <= tol["param"], f"{case}: {name} differs by {diff:.2e}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bf16_offload_changes_nothing_but_placement(world: int) -> None:
+    """Same precision, same model: offloading the optimizer and parameters gives the same run."""
+    ours, base = results(world)["bf16-z3-offload-gpt"], results(world)["bf16-z3-gpt"]
+    worst = max(_rel(a, b) for a, b in zip(ours["losses"], base["losses"]))
+    assert worst <= 1e-6, f"bf16 stage 3 with offload differs from it without by {worst:.2e}"
+    for name, value in base["params"].items():
+        assert (ours["params"][name] - value).abs().max().item() <= 1e-6, name
+
+
+def _param_diff(name: str, got: Any, ref: Any) -> float:
+    """Largest difference, leaving out attention's key bias: its gradient is zero in exact arithmetic
+    (it shifts every score of a query equally), so Adam turns rounding noise into its updates."""
+    if name.endswith("attn.qkv.bias"):
+        d = got.numel() // 3
+        return max((got[:d] - ref[:d]).abs().max().item(), (got[2 * d:] - ref[2 * d:]).abs().max().item())
+    return (got - ref).abs().max().item()
 
 
 def _states(got: dict[str, int]) -> int:

@@ -1,9 +1,11 @@
 """``Engine.save_checkpoint`` / ``Engine.load_checkpoint`` with DeepSpeed's signatures.
 
 A mixin so that engine.py stays about the training step: ``class Engine(CheckpointMethods,
-nn.Module)``. It reads the engine's ``optimizer`` (the ZeRO optimizer: ``layout``,
-``master_params``, the inner torch optimizer, ``loss_scaler``, ``flat_params``, ``comm``),
-``module``, ``lr_scheduler``, ``counters``, ``precision``, ``config`` and ``comm``.
+nn.Module)``. It uses the engine's ``optimizer`` (any ZeRO stage's ``PartitionedOptimizer``:
+``layout``, ``params``, ``master_params``, ``optimizer`` (the inner torch optimizer),
+``loss_scaler``, ``stage``, ``load_master_partition``), ``module``, ``lr_scheduler``,
+``counters``, ``precision``, ``config``, ``comm``, ``global_steps`` and, when it has
+``state_dict``, ``training_dataloader``.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@
    complete checkpoint is tried instead of failing.
 3. Reshard: each rank computes (reshard.py) which runs of which saved rank's flat tensors hold
    the elements of its own new partition, and reads exactly those byte ranges with ``pread``,
-   for the master weights and every optimizer state. Then the model parameters are rebuilt
-   the way a ZeRO step publishes them: each rank casts its master partition into its slice of
-   the flat parameters and the slices are all-gathered.
+   for the master weights and every optimizer state. The optimizer then publishes the new
+   master partition to the model as after a step (``load_master_partition``: cast into the
+   rank's slice of the parameters, then all-gathered at stages 1-2, kept partitioned at 3).
 4. Everything else: loss scaler, LR schedule, step counters, buffers, RNG states (rank r gets
    the state saved by rank r, or by rank r mod N when the world grew), client_state.
 """
@@ -131,7 +131,7 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
     error = group.first_error(error)
     if error:
         raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {error}", ckpt_dir)
-    _apply_master(opt, buffers.pop("master"))
+    opt.load_master_partition(buffers.pop("master"))   # and publishes it to the model, as a step does
     _apply_extras(engine.module, extras)
     if optimizer:
         _apply_optimizer(opt, manifest, buffers, names)
@@ -309,27 +309,8 @@ def _resolve(value: Any, objects: Mapping[str, Any]) -> Any:
 
 
 @torch.no_grad()
-def _apply_master(opt: Any, master: torch.Tensor) -> None:
-    """New master partition in; model parameters rebuilt as a ZeRO step publishes them."""
-    if hasattr(opt, "load_master_partition"):   # the optimizer knows how it publishes (any stage)
-        opt.load_master_partition(master)
-        return
-    layout = opt.layout
-    owner = opt.comm.rank if layout.partition_count > 1 else 0
-    for g, mp in zip(layout.groups, opt.master_params):
-        mp.copy_(master[g.local_offset:g.local_offset + g.partition_numel].to(mp.device))
-    for g, mp in zip(layout.groups, opt.master_params):
-        lo, hi = g.partition_range(owner)
-        if not opt.master_is_view:
-            opt.flat_params[lo:hi].copy_(mp)
-        if layout.partition_count > 1:
-            flat = opt.flat_params[g.buffer_offset:g.buffer_offset + g.padded_numel]
-            opt.comm.all_gather_partitions(flat, g.partition_numel, opt.settings.allgather_bucket_size)
-
-
-@torch.no_grad()
 def _apply_extras(module: torch.nn.Module, extras: Mapping[str, torch.Tensor]) -> None:
-    """Buffers and frozen parameters (names and shapes were checked by ``_check_compatible``)."""
+    """Buffers and frozen parameters (names and shapes were checked by ``_check_extras``)."""
     state = unwrap(module).state_dict(keep_vars=True)
     for name, value in extras.items():
         if name in state:
@@ -357,10 +338,17 @@ def _apply_optimizer(opt: Any, manifest: Mapping[str, Any], buffers: Mapping[str
                 st[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"])) if s["tensor"] else s["value"]
             state[pg["params"][0]] = st
         for key, value in old["hyper"].items():
-            if key in pg:
+            if key in pg and _numeric(value):   # lr, betas, eps, weight_decay...: not impl switches
                 pg[key] = _like(pg[key], value)
     sd["state"] = state
     inner.load_state_dict(sd)
+
+
+def _numeric(value: Any) -> bool:
+    """A hyperparameter value (number or list of numbers), as opposed to an implementation switch
+    (``fused``, ``foreach``, ``impl``) that belongs to the machine loading the checkpoint."""
+    items = value if isinstance(value, list) else [value]
+    return bool(items) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
 
 
 def _like(current: Any, value: Any) -> Any:

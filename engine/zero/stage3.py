@@ -42,7 +42,8 @@ from .partition import FlatLayout
 from .reduction import GradientReducer
 from .stage12 import ZeroSettings
 from .stage3_hooks import ParamCoordinator
-from .stage3_init import full_from_shards, full_shape_view, is_partitioned_at_init, release_init_shard
+from .stage3_init import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
+                          release_init_shard)
 from .stage3_params import PartitionedParams
 
 __all__ = ["Stage3Optimizer", "Stage3Settings"]
@@ -119,6 +120,7 @@ class Stage3Optimizer(PartitionedOptimizer):
             max_live_numel=settings.max_live_parameters, max_reuse_distance=settings.max_reuse_distance)
         for i, p in enumerate(self.params):   # lets GatheredParameters / register_external_parameter find us
             p.__dict__["_zero3_owner"] = (weakref.ref(self), i)
+            mark_partitioned(p, self.layout.params[i].shape)
         self.global_grad_norm: Optional[float] = None
         self.overflow = False
 

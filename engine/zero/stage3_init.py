@@ -10,6 +10,10 @@ broadcast from rank 0 (so every rank agrees), cut into ``world_size`` equal piec
 keeps its piece (``remote_device="cpu"`` keeps it in host memory); the parameter's data becomes an
 empty tensor. At most one module's parameters are ever whole at once.
 
+Partitioned parameters carry DeepSpeed's ``ds_shape`` and ``ds_numel``: outside the context their
+``shape`` is ``(0,)``, so code that sizes them afterwards (parameter counts, weight-decay groups by
+``dim()``) should read those, as with DeepSpeed.
+
 Unlike DeepSpeed, initialisation code that runs *after* a submodule was built and touches its
 parameters (a parent's ``reset_parameters`` drawing GPT-2's init, ``p.dim()`` checks,
 ``nn.init.normal_(p, generator=g)``) keeps working without ``GatheredParameters``: inside the
@@ -71,6 +75,13 @@ def full_shape_view(p: torch.Tensor) -> torch.Tensor:
     return torch.empty((), dtype=p.dtype, device=p.device).expand(_shard(p).shape)
 
 
+def mark_partitioned(p: torch.Tensor, shape: torch.Size) -> None:
+    """DeepSpeed's attributes for code that sizes partitioned parameters: ``p.ds_shape``, ``p.ds_numel``
+    (``p.shape`` is ``(0,)`` while the parameter is not gathered)."""
+    p.__dict__["ds_shape"] = torch.Size(shape)
+    p.__dict__["ds_numel"] = math.prod(shape)
+
+
 def release_init_shard(p: torch.Tensor) -> None:
     p.__dict__.pop(_ATTR, None)
 
@@ -102,6 +113,7 @@ def _partition(p: torch.Tensor, comm: Comm, remote: Optional[torch.device], dtyp
         piece[:hi - lo].copy_(flat[lo:hi])
         stats.note(full.numel() * full.element_size(), piece.numel() * piece.element_size())
         p.__dict__[_ATTR] = InitShard(full.shape, full.numel(), piece, world, comm.rank)
+        mark_partitioned(p, full.shape)
         p.data = torch.empty(0, dtype=target, device=full.device)
 
 

@@ -70,12 +70,11 @@ class SlurmBackend:
 
     # -- status -----------------------------------------------------------------------------
     def status(self, refs: list[JobRef]) -> dict[str, JobStatus]:
+        """One squeue call for all jobs (sacct for those it forgot, sinfo for their nodes'
+        health). Slurm unreachable raises SlurmUnavailable: a record keeps its last known state."""
         wanted = sorted({r.native_id for r in refs if r.native_id.isdigit()}, key=int)
-        try:
-            infos = query_jobs(wanted)
-            nodes = node_states([n for i in infos.values() if _active(i) for n in i.nodes])
-        except sc.SlurmUnavailable as exc:
-            return {r.job_id: JobStatus(JobState.UNKNOWN, f"cannot ask Slurm: {exc}") for r in refs}
+        infos = query_jobs(wanted)
+        nodes = node_states([n for i in infos.values() if _active(i) for n in i.nodes])
         return {r.job_id: _job_status(r, infos.get(r.native_id), nodes) for r in refs}
 
     # -- logs -------------------------------------------------------------------------------
@@ -85,7 +84,10 @@ class SlurmBackend:
         def still_running() -> bool:  # ask Slurm at most every 2 s while following
             if time.monotonic() - checked["at"] >= 2.0:
                 checked["at"] = time.monotonic()
-                st = self.status([ref])[ref.job_id]
+                try:
+                    st = self.status([ref])[ref.job_id]
+                except sc.SlurmUnavailable:
+                    return True  # a controller hiccup does not end `orch logs -f`
                 checked["running"] = not st.state.finished and st.state != JobState.UNKNOWN
             return checked["running"]
 

@@ -44,6 +44,10 @@ def follow(run_dir: Path, native_id: str, node: str | None, *, keep_going: Calla
     nodes' files) until it returns False, then read what was written last and stop."""
     offsets: dict[Path, int] = {}
     streams = select(log_files(run_dir, native_id), node, must_exist=keep_going is None)
+    if keep_going is None and not any(p.exists() for p in streams.values()):
+        raise UserError(f"no logs in {run_dir} yet",
+                        hint="they appear when the job starts (`orch status`); if it has run, the run "
+                             "directory must be on a filesystem the nodes share (ORCH_RUN_ROOT)")
     prefixed = node is None
     while True:
         if node is None:
