@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from .checkpoint.engine_methods import CheckpointMethods
 from .comm import Comm, get_local_rank
 from .config_batch import BatchSizes
 from .precision import PrecisionPolicy
@@ -49,7 +50,7 @@ def _counter(name: str) -> property:
                     lambda self, value: setattr(self.counters, name, int(value)))
 
 
-class Engine(nn.Module):
+class Engine(CheckpointMethods, nn.Module):
     """What ``engine.initialize`` returns first: the model wrapped for ZeRO training."""
 
     global_steps = _counter("global_steps")

@@ -8,15 +8,10 @@ own state (step, data position) travels in ``client_state`` through objects with
 """
 from __future__ import annotations
 
-import re
-import shutil
-import warnings
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
 
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
@@ -37,6 +32,9 @@ class Checkpointer:
     keep: int = 3
     control_dir: Path | None = None
     is_rank0: bool = True
+    # None: the ds_config's checkpoint.async_save decides; the job spec's checkpoint.async_save
+    # reaches the trainer as ORCH_CHECKPOINT_ASYNC=1.
+    async_save: bool | None = field(default_factory=lambda: True if os.environ.get("ORCH_CHECKPOINT_ASYNC") == "1" else None)
     last_saved_step: int | None = field(default=None, init=False)
     _answered: str | None = field(default=None, init=False)
 
@@ -44,12 +42,7 @@ class Checkpointer:
         """Load ``<save_dir>/latest`` if it exists; returns the step to continue from (0 if none)."""
         if not (self.save_dir / "latest").exists():
             return 0
-        load = getattr(engine, "load_checkpoint", None)
-        if load is None:
-            warnings.warn(f"{self.save_dir}/latest exists but this engine cannot load checkpoints; "
-                          "starting from step 0", stacklevel=2)
-            return 0
-        _path, client_state = load(str(self.save_dir))
+        _path, client_state = engine.load_checkpoint(str(self.save_dir))
         client_state = client_state or {}
         for name, obj in state.items():
             if name in client_state:
@@ -80,33 +73,16 @@ class Checkpointer:
             return None
 
     def save(self, engine: Any, step: int, state: dict[str, Stateful]) -> bool:
-        """Every rank calls this together. Returns False when the engine cannot save yet."""
-        save = getattr(engine, "save_checkpoint", None)
-        if save is None:
-            if self.last_saved_step is None and self.is_rank0:
-                warnings.warn("this engine has no save_checkpoint yet; not saving", stacklevel=2)
-            self.last_saved_step = step
-            return False
+        """Every rank calls this together; the engine keeps the newest ``keep`` checkpoints."""
         client_state = {"step": step, **{name: obj.state_dict() for name, obj in state.items()}}
-        save(str(self.save_dir), client_state=client_state)
+        engine.save_checkpoint(str(self.save_dir), client_state=client_state, keep=self.keep,
+                               async_save=self.async_save)
         self.last_saved_step = step
-        if self.is_rank0:
-            self._prune()
-            request = self._request()
-            if request is not None and request != self._answered:
-                assert self.control_dir is not None
-                (self.control_dir / "checkpoint-done").write_text(f"{step}\n")
-                self._answered = request
+        request = self._request()
+        if request is not None and request != self._answered:
+            # the launcher requeues as soon as it reads checkpoint-done: the files must be complete
+            engine.wait_for_checkpoint()
+            assert self.control_dir is not None
+            (self.control_dir / "checkpoint-done").write_text(f"{step}\n")
+            self._answered = request
         return True
-
-    def _prune(self) -> None:
-        """Delete all but the newest ``keep`` ``step-<N>`` directories (never the one ``latest`` names)."""
-        latest_file = self.save_dir / "latest"
-        latest = latest_file.read_text().strip() if latest_file.is_file() else None
-        steps = sorted(
-            (int(m.group(1)), p) for p in self.save_dir.iterdir()
-            if p.is_dir() and (m := _STEP_DIR.match(p.name))
-        )
-        for _, path in steps[: max(0, len(steps) - self.keep)]:
-            if path.name != latest:
-                shutil.rmtree(path, ignore_errors=True)

@@ -125,19 +125,24 @@ def deepspeed_zero3_estimate(total_params: int, largest_layer_params: int, gpus_
 
 def memory_options(total_params: int, largest_layer_params: int | None, gpus_per_node: int,
                    nodes: int) -> list[MemoryOption]:
-    """Every way DeepSpeed's estimators cover, least offloading first (stage 2 options, then stage 3)."""
-    out = []
-    for offload in (False, True):
-        cpu, gpu = deepspeed_zero2_estimate(total_params, gpus_per_node, nodes, offload)
-        out.append(MemoryOption(2, offload, False, False, gpu, cpu))
-    if largest_layer_params is None:
-        return out
-    for offload_opt, offload_par in ((False, False), (True, False), (True, True)):
+    """Every way DeepSpeed's estimators cover, in order of preference: less offloading first (CPU
+    offload costs step time), and at equal offloading stage 2 (less communication) before stage 3."""
+    z2 = {offload: deepspeed_zero2_estimate(total_params, gpus_per_node, nodes, offload) for offload in (False, True)}
+    out = [MemoryOption(2, False, False, False, z2[False][1], z2[False][0])]
+
+    def z3(offload_opt: bool, offload_par: bool) -> list[MemoryOption]:
+        if largest_layer_params is None:
+            return []
+        found = []
         for init in (True, False):
             cpu, gpu = deepspeed_zero3_estimate(total_params, largest_layer_params, gpus_per_node, nodes,
                                                 offload_opt, offload_par, init)
-            out.append(MemoryOption(3, offload_opt, offload_par, init, gpu, cpu))
-    return out
+            found.append(MemoryOption(3, offload_opt, offload_par, init, gpu, cpu))
+        return found
+
+    out += z3(False, False)
+    out.append(MemoryOption(2, True, False, False, z2[True][1], z2[True][0]))
+    return out + z3(True, False) + z3(True, True)
 
 
 def recommend(options: list[MemoryOption], gpu_memory_bytes: float, cpu_memory_bytes: Optional[float] = None,
@@ -150,7 +155,7 @@ def recommend(options: list[MemoryOption], gpu_memory_bytes: float, cpu_memory_b
             return (f"{opt.describe()} fits: {human_bytes(opt.gpu_bytes)} of model states per GPU "
                     f"(<= {headroom:.0%} of {human_bytes(gpu_memory_bytes)}), {human_bytes(opt.cpu_bytes)} of CPU "
                     "memory per node")
-    last = options[-1] if options else None
+    last = min(options, key=lambda o: (o.gpu_bytes, not o.zero_init)) if options else None
     need = f" even {last.describe()} needs {human_bytes(last.gpu_bytes)} per GPU;" if last else ""
     return (f"nothing fits {headroom:.0%} of {human_bytes(gpu_memory_bytes)} per GPU:{need} add GPUs (stage 3 divides "
             "the states by their number) or use GPUs with more memory")

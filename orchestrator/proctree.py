@@ -48,8 +48,9 @@ def descendants(pid: int) -> list[int]:
 
 
 def signal_tree(root: int, sig: int, *, include_root: bool = True) -> list[int]:
-    """Send ``sig`` to ``root`` and all its descendants; returns the pids signalled."""
-    pids = descendants(root) + ([root] if include_root else [])
+    """Send ``sig`` to ``root`` and all its descendants (root first, so a parent cannot react to
+    its children's deaths: like a node losing power); returns the pids signalled."""
+    pids = ([root] if include_root else []) + descendants(root)
     for pid in pids:
         try:
             os.kill(pid, sig)

@@ -176,7 +176,10 @@ def local_node_commands(spec: JobSpec, placement: Placement, rdzv_port: int) -> 
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv_port}", f"--rdzv-id={rdzv_id}",
                 "--rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10",
                 *program_argv(spec, placement)]
-        env = {"ORCH_NODE_RANK": str(rank)}
+        # torch caches a non-rank-0 node's view of the workers' bootstrap store across rendezvous
+        # rounds; after a node loss changes the membership, that view can be stale and the new
+        # worker group never forms. Rebuilding it every round avoids that.
+        env = {"ORCH_NODE_RANK": str(rank), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         if spec.gpus_per_node:
             first = rank * spec.gpus_per_node
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(first, first + spec.gpus_per_node))

@@ -291,12 +291,15 @@ def budget_run(steps: int = 10) -> dict[str, Any]:
         model = _deep_gpt()
     whole = sum(p.numel() for p in model.parameters())   # Init leaves every parameter empty
     shapes = [p._zero3_init.numel for p in model.parameters()]
-    eng, _, _, _ = engine.initialize(model=model, config=ds_config(3, 1, 0.1, **BUDGET_ZERO))
+    eng, opt, _, _ = engine.initialize(model=model, config=ds_config(3, 1, 0.1, **BUDGET_ZERO))
     losses = train_steps(eng, 0, steps)
     states = sum(eng.model_state_bytes().values())
+    live_peak = eng.model_state_split()["live_peak"]
     return {"psi": psi, "budget": budget, "whole_after_init": whole, "largest_param": max(shapes),
             "init_largest_whole": init.stats.largest_whole_bytes, "init_kept": init.stats.kept_bytes,
-            "peak": states + eng.model_state_split()["live_peak"], "losses": losses}
+            "peak": states + live_peak, "live_peak": live_peak, "losses": losses,
+            "largest_unit": max(u.nbytes for u in opt.store.units if not u.persistent),
+            "max_live_bytes": BUDGET_ZERO["stage3_max_live_parameters"] * 4}
 
 
 def _shared_tmpdir() -> str:

@@ -194,6 +194,8 @@ def test_a_model_over_the_per_rank_budget_trains_when_built_partitioned(world: i
     assert run["init_largest_whole"] == 4 * run["largest_param"], "Init held more than one parameter whole at once"
     assert run["init_kept"] <= 4 * psi / world * 1.05
     assert run["peak"] <= budget, f"peak model-state bytes {run['peak']} exceed the budget {budget}"
+    # stage3_max_live_parameters bounds what is gathered at once (plus the units a module needs now)
+    assert run["live_peak"] <= run["max_live_bytes"] + 2 * run["largest_unit"], run
     ref_losses, _ = reference_run(0.1, steps=len(run["losses"]), model_name="gpt-deep")
     worst = max(_rel(a, b) for a, b in zip(run["losses"], ref_losses))
     assert worst <= 1e-5, f"the partitioned build trained differently from the whole model: {worst:.2e}"

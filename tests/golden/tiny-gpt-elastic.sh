@@ -12,11 +12,11 @@ export CUDA_VISIBLE_DEVICES=''
 export ORCH_RESTART_COUNT=0
 
 # node 0 (log: /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/logs/node-0.log)
-ORCH_NODE_RANK=0 /opt/venv/bin/python -m torch.distributed.run --nnodes=1:3 --nproc-per-node=1 --max-restarts=5 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-elastic --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json --model tiny --steps 120 &
+ORCH_NODE_RANK=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=1:3 --nproc-per-node=1 --max-restarts=5 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-elastic --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json --model tiny --steps 120 &
 
 # node 1 (log: /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/logs/node-1.log)
-ORCH_NODE_RANK=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=1:3 --nproc-per-node=1 --max-restarts=5 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-elastic --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json --model tiny --steps 120 &
+ORCH_NODE_RANK=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=1:3 --nproc-per-node=1 --max-restarts=5 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-elastic --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json --model tiny --steps 120 &
 
 # node 2 (log: /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/logs/node-2.log)
-ORCH_NODE_RANK=2 /opt/venv/bin/python -m torch.distributed.run --nnodes=1:3 --nproc-per-node=1 --max-restarts=5 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-elastic --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json --model tiny --steps 120 &
+ORCH_NODE_RANK=2 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=1:3 --nproc-per-node=1 --max-restarts=5 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-elastic --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json --model tiny --steps 120 &
 wait

@@ -1,0 +1,216 @@
+"""orch's ZeRO-3 beside FSDP2 and DeepSpeed ZeRO-3 (and CPU offload beside DeepSpeed's), 2 gloo ranks.
+
+Workload: ``bench-27m`` (6 layers, d_model 512, 8 heads, seq 256, vocab 8192, untied head), fp32,
+micro-batch 8, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1), gradient clipping 1.0: the
+"compute" workload of bench/engine_vs_peers.py. Candidates:
+
+* ``fsdp2``: ``fully_shard`` per block and the root, torch AdamW ``fused=True``;
+* ``deepspeed-z3`` / ``orch-z3``: ``initialize`` from the same ds_config, ZeRO stage 3 with
+  DeepSpeed's defaults for every stage-3 knob (prefetch bucket, persistence threshold, live and
+  reuse limits);
+* ``deepspeed-z3-offload`` / ``orch-z3-offload``: the same with ``offload_optimizer: {device: cpu}``
+  (DeepSpeedCPUAdam there, torch's fused CPU AdamW here).
+
+Goals (issue 8): orch ZeRO-3 step time <= 1.0x FSDP2 and <= 0.95x DeepSpeed ZeRO-3; peak RSS
+<= 0.8x DeepSpeed ZeRO-3. On a CPU-only machine "offload" moves nothing across a bus, so the
+offload rows measure the bookkeeping and the host optimizer, not transfer overlap.
+
+Method (shared with bench/engine_vs_peers.py, whose worker loop, ``Launch``/``Result`` and
+tables this reuses): each candidate runs in its own ``torchrun`` launch (peak RSS is its own), one
+compute thread per rank, ``warmup`` steps then ``steps`` timed steps bracketed by barriers (a
+step's time is the slowest rank's); rounds interleave the candidates in a rotated order; figures
+are medians over rounds with the range of the round medians.
+
+    python -m bench.zero3_vs_peers [--rounds 3] [--steps 5] [--record]
+    python -m bench.zero3_vs_peers --quick           # 2 layers, seq 64, 1 round: a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from bench import engine_vs_peers as peers
+from bench.common import REPO, append_benchmarks_md, load_average, machine
+
+CANDIDATES = ("fsdp2", "deepspeed-z3", "orch-z3", "deepspeed-z3-offload", "orch-z3-offload")
+WORKLOAD = peers.Workload("zero3", "bench-27m", 8, "orch ZeRO-3 <= 1.0x FSDP2 and <= 0.95x DeepSpeed ZeRO-3 step "
+                          "time; peak RSS <= 0.8x DeepSpeed ZeRO-3")
+QUICK = {"n_layer": 2, "seq_len": 64}
+_peer_trainer = peers._make_trainer   # DDP/FSDP2/ZeRO-1/2 trainers, before worker() installs ours
+
+
+def ds_config(micro_batch: int, offload: bool) -> dict[str, Any]:
+    """engine_vs_peers' ds_config at stage 3 (DeepSpeed's defaults otherwise), optionally offloading."""
+    cfg = peers.ds_config(3, micro_batch)
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return cfg
+
+
+def make_trainer(candidate: str, model: Any, micro_batch: int) -> peers.Trainer:
+    """The trainer for one of ``CANDIDATES`` (FSDP2 comes from engine_vs_peers)."""
+    if candidate == "fsdp2":
+        return _peer_trainer(candidate, model, micro_batch)
+    library, _, rest = candidate.partition("-z3")
+    if library == "deepspeed":
+        import deepspeed as lib
+    else:
+        import engine as lib
+    eng, _, _, _ = lib.initialize(model=model, config=ds_config(micro_batch, offload=rest == "-offload"))
+    return peers.Trainer(lambda x, y: eng(x, y), eng.backward, eng.step)
+
+
+def worker(candidate: str, workload: peers.Workload, steps: int, warmup: int, out: Path) -> None:
+    """One rank: engine_vs_peers' timing loop with this benchmark's trainers."""
+    peers._make_trainer = make_trainer   # the loop looks its trainer factory up by this name
+    peers.worker(candidate, workload, steps, warmup, out, profile=False)
+
+
+def launch(candidate: str, workload: peers.Workload, steps: int, warmup: int, timeout: float = 1800) -> peers.Launch:
+    """``candidate`` on ``workload`` in a fresh ``torchrun --nproc_per_node 2`` (as engine_vs_peers.launch)."""
+    with tempfile.TemporaryDirectory(prefix="bench-zero3-") as tmp:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={peers.WORLD}",
+                "-m", "bench.zero3_vs_peers", "--worker", candidate, json.dumps({"workload": workload.__dict__}),
+                "--steps", str(steps), "--warmup", str(warmup), "--out", tmp]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        load = load_average()
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+            raise RuntimeError(f"{candidate} failed (exit {proc.returncode}):\n{tail}")
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(peers.WORLD)]
+    zero = ranks[0]
+    cpu = [sum(r["phases"]["cpu"][i] for r in ranks) for i in range(len(zero["phases"]["cpu"]))]
+    return peers.Launch(step_s=statistics.median(zero["phases"]["total"]), cpu_s=statistics.median(cpu),
+                        phases_s={k: statistics.median(v) for k, v in zero["phases"].items()
+                                  if k not in ("total", "cpu")},
+                        peak_rss_mb=max(r["peak_rss_mb"] for r in ranks),
+                        rss_after_model_mb=max(r["rss_after_model_mb"] for r in ranks),
+                        final_loss=zero["losses"][-1], load=load)
+
+
+def measure(workload: peers.Workload, candidates: Sequence[str], rounds: int, steps: int,
+            warmup: int) -> dict[str, peers.Result]:
+    """Interleaved rounds, the order rotated each round."""
+    results = {c: peers.Result(c, []) for c in candidates}
+    for r in range(rounds):
+        order = list(candidates[r % len(candidates):]) + list(candidates[:r % len(candidates)])
+        for c in order:
+            one = launch(c, workload, steps, warmup)
+            results[c].launches.append(one)
+            print(f"  round {r + 1}/{rounds} {c:<21} step {one.step_s:7.3f} s  cpu {one.cpu_s:7.3f} s  "
+                  f"rss {one.peak_rss_mb:7.0f} MiB  loss {one.final_loss:.4f}  load {one.load:.1f}", flush=True)
+    return results
+
+
+def table(results: dict[str, peers.Result]) -> list[str]:
+    """Markdown rows: step time, range, CPU time, phases, peak RSS, and orch's ratios to each peer."""
+    fsdp = results.get("fsdp2")
+    lines = ["| candidate | step s (median) | range of round medians | CPU s/step, 2 ranks | fwd / bwd / step s "
+             "(rank 0) | peak RSS MiB/rank (before wrapping) | loss, last step | time / FSDP2 "
+             "| orch / DeepSpeed same config: time, CPU, RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        if not res.launches:
+            continue
+        lo, hi = res.step_range
+        peer = results.get(name.replace("orch", "deepspeed")) if name.startswith("orch") else None
+        vs_peer = [peers._ratio(res, peer, f) for f in (lambda r: r.step_s, lambda r: r.cpu_s, lambda r: r.rss_mb)]
+        phases = " / ".join(f"{res.phase(p):.3f}" for p in ("forward", "backward", "step"))
+        lines.append(f"| {name} | {res.step_s:.3f} | {lo:.3f}-{hi:.3f} | {res.cpu_s:.3f} | {phases} "
+                     f"| {res.rss_mb:.0f} ({res.rss_before_mb:.0f}) "
+                     f"| {statistics.median(x.final_loss for x in res.launches):.4f} "
+                     f"| {peers._fmt(peers._ratio(res, fsdp, lambda r: r.step_s))} "
+                     f"| {', '.join(peers._fmt(r) for r in vs_peer) if peer and peer.launches else ''} |")
+    return lines
+
+
+def verdicts(results: dict[str, peers.Result]) -> list[str]:
+    """The issue's goals, checked against this run's medians."""
+    ours, fsdp, ds = results.get("orch-z3"), results.get("fsdp2"), results.get("deepspeed-z3")
+    out = []
+    if ours and ours.launches and fsdp and fsdp.launches:
+        t = ours.step_s / fsdp.step_s
+        out.append(f"orch ZeRO-3 / FSDP2 step time = {t:.2f} (goal <= 1.00): {'met' if t <= 1.0 else 'MISSED'}")
+    if ours and ours.launches and ds and ds.launches:
+        t, m = ours.step_s / ds.step_s, ours.rss_mb / ds.rss_mb
+        out.append(f"orch ZeRO-3 / DeepSpeed ZeRO-3 step time = {t:.2f} (goal <= 0.95): {'met' if t <= 0.95 else 'MISSED'}")
+        out.append(f"orch ZeRO-3 / DeepSpeed ZeRO-3 peak RSS = {m:.2f} (goal <= 0.80): {'met' if m <= 0.8 else 'MISSED'}")
+    ours, ds = results.get("orch-z3-offload"), results.get("deepspeed-z3-offload")
+    if ours and ours.launches and ds and ds.launches:
+        out.append(f"offload: orch / DeepSpeed step time = {ours.step_s / ds.step_s:.2f}, "
+                   f"peak RSS = {ours.rss_mb / ds.rss_mb:.2f}")
+    return out
+
+
+def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] = None,
+        candidates: Sequence[str] = CANDIDATES, record: bool = False) -> list[dict]:
+    """Measure, print the table and verdicts, return one row per candidate (``python -m bench`` rows)."""
+    rounds = rounds or (1 if quick else 3)
+    steps = steps or (3 if quick else 5)
+    warmup = 1 if quick else 2
+    workload = peers.Workload(WORKLOAD.name, WORKLOAD.preset, WORKLOAD.micro_batch, WORKLOAD.goal,
+                              QUICK if quick else {})
+    names = list(candidates)
+    skipped = ""
+    if not peers.deepspeed_available():
+        names = [c for c in names if not c.startswith("deepspeed")]
+        skipped = "deepspeed is not installed, so its candidates were skipped (see bench/engine_vs_peers.py)"
+        print(f"note: {skipped}")
+    print(f"machine: {machine()}\n{peers.WORLD} gloo ranks x 1 thread; {rounds} interleaved round(s) of {warmup} "
+          f"warm-up + {steps} timed steps per launch{' (quick: reduced shapes)' if quick else ''}")
+    results = measure(workload, names, rounds, steps, warmup)
+    lines, checks = table(results), verdicts(results)
+    print(f"\n{workload.describe()}\ngoal: {workload.goal}\n" + "\n".join(lines))
+    for line in checks + [peers.noise(results)]:
+        print(f"  {line}")
+    if record:
+        md = [f"Code: {peers._revision()}. Machine: {machine()}. Command: `python -m bench.zero3_vs_peers"
+              f"{' --quick' if quick else ''} --rounds {rounds} --steps {steps}`. {peers.WORLD} gloo ranks x 1 "
+              f"thread, each candidate a fresh torchrun launch per round; step = median of {steps} steps after "
+              f"{warmup} warm-up, then the median over {rounds} interleaved rounds. ZeRO-3 knobs at DeepSpeed's "
+              f"defaults for both libraries.", *([f"Note: {skipped}."] if skipped else []), "",
+              f"**{workload.describe()}**. Goal: {workload.goal}.", "", *lines, "",
+              *(f"- {c}" for c in checks), f"- {peers.noise(results)}"]
+        append_benchmarks_md("ZeRO-3 and offload vs FSDP2 / DeepSpeed ZeRO-3 (bench/zero3_vs_peers.py)", md)
+        print("\nappended to BENCHMARKS.md")
+    rows = []
+    for name, r in results.items():
+        if not r.launches:
+            continue
+        peer = results.get(name.replace("orch", "deepspeed")) if name.startswith("orch") else None
+        rows.append({"benchmark": "zero3_vs_peers", "workload": workload.name, "name": name, "median_s": r.step_s,
+                     "range_s": f"{r.step_range[0]:.3g}-{r.step_range[1]:.3g}", "cpu_s": r.cpu_s,
+                     "peak_rss_mb": r.rss_mb, "peer": peer.candidate if peer and peer.launches else None,
+                     "ratio": peers._ratio(r, peer, lambda x: x.step_s),
+                     "rss_ratio": peers._ratio(r, peer, lambda x: x.rss_mb)})
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced shapes, 1 round (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per launch (default 5)")
+    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
+    parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
+    parser.add_argument("--worker", nargs=2, metavar=("CANDIDATE", "WORKLOAD_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        candidate, spec = args.worker
+        worker(candidate, peers.Workload(**json.loads(spec)["workload"]), args.steps, args.warmup, args.out)
+        return
+    run(args.quick, args.rounds, args.steps, args.candidates, args.record)
+
+
+if __name__ == "__main__":
+    main()
