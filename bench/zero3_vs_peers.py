@@ -141,8 +141,10 @@ def verdicts(results: dict[str, peers.Result]) -> list[str]:
         out.append(f"orch ZeRO-3 / FSDP2 step time = {t:.2f} (goal <= 1.00): {'met' if t <= 1.0 else 'MISSED'}")
     if ours and ours.launches and ds and ds.launches:
         t, m = ours.step_s / ds.step_s, ours.rss_mb / ds.rss_mb
-        out.append(f"orch ZeRO-3 / DeepSpeed ZeRO-3 step time = {t:.2f} (goal <= 0.95): {'met' if t <= 0.95 else 'MISSED'}")
-        out.append(f"orch ZeRO-3 / DeepSpeed ZeRO-3 peak RSS = {m:.2f} (goal <= 0.80): {'met' if m <= 0.8 else 'MISSED'}")
+        out.append(f"orch ZeRO-3 / DeepSpeed ZeRO-3 step time = {t:.2f} (goal <= 0.95): "
+                   f"{'met' if t <= 0.95 else 'MISSED'}")
+        out.append(f"orch ZeRO-3 / DeepSpeed ZeRO-3 peak RSS = {m:.2f} (goal <= 0.80): "
+                   f"{'met' if m <= 0.8 else 'MISSED'}")
     ours, ds = results.get("orch-z3-offload"), results.get("deepspeed-z3-offload")
     if ours and ours.launches and ds and ds.launches:
         out.append(f"offload: orch / DeepSpeed step time = {ours.step_s / ds.step_s:.2f}, "

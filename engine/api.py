@@ -24,7 +24,7 @@ from .schedulers import build_scheduler
 from .zero.offload import OffloadSettings
 from .zero.stage12 import ZeroOptimizer, ZeroSettings
 from .zero.stage3 import Stage3Optimizer, Stage3Settings
-from .zero.stage3_init import materialize
+from .zero.stage3_shards import materialize
 
 __all__ = ["add_config_arguments", "init_distributed", "initialize"]
 

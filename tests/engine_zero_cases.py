@@ -419,3 +419,44 @@ def checkpoint_load_run(stage: int, directory: str) -> list[float]:
 def run_all(calls: list[tuple[Any, tuple]]) -> list[Any]:
     """Several of the runs above, one after another, in one launch."""
     return [fn(*args) for fn, args in calls]
+
+
+def example_config_run(name: str, steps: int = 3) -> dict[str, Any]:
+    """Train TinyLM a few steps with ``examples/ds_configs/<name>`` as a user's script would: the
+    file as it is (the script passes a torch AdamW when the file has no optimizer section)."""
+    import json
+    from pathlib import Path
+
+    import engine
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "examples" / "ds_configs" / name).read_text())
+    if "train_batch_size" not in cfg and "train_micro_batch_size_per_gpu" not in cfg:
+        cfg["train_micro_batch_size_per_gpu"] = 2
+    model = make_model()
+    optimizer = None if "optimizer" in cfg else torch.optim.AdamW(model.parameters(), lr=LR)
+    eng, _, _, _ = engine.initialize(model=model, optimizer=optimizer, config=cfg)
+    world, micro, gas = eng.world_size, eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
+    losses = []
+    for step in range(steps):
+        x, y = global_batch(step, size=micro * gas * world)
+        for m in range(gas):
+            rows = slice((m * world + eng.global_rank) * micro, (m * world + eng.global_rank + 1) * micro)
+            loss = eng(x[rows], y[rows])
+            eng.backward(loss)
+            eng.step()
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "global_steps": eng.global_steps, "stage": eng.zero_optimization_stage(),
+            "offloaded": eng.model_state_split()["offloaded"]}
+
+
+def nccl_plan_run(config: dict[str, Any], model_name: str = "tinylm") -> dict[str, Any]:
+    """``engine_run`` with the collectives the NCCL plan uses (``reduce`` to each owner, equal-piece
+    ``all_gather_into_tensor``) carried out by gloo: the GPU code paths, checked on CPU."""
+    from engine import comm
+
+    saved = comm.PLANS["gloo"]
+    comm.PLANS["gloo"] = comm.PLANS["nccl"]
+    try:
+        return engine_run(config, model_name=model_name)
+    finally:
+        comm.PLANS["gloo"] = saved

@@ -215,14 +215,14 @@ def test_the_comparison_exercises_what_it_claims(runs: dict[str, dict[str, Any]]
 
 def test_benchmark_launches_train_the_same_model_to_the_same_loss() -> None:
     """`python -m bench.engine_vs_peers` keeps working: each candidate in its own torchrun launch
-    trains the same model on the same data, so DDP, DeepSpeed ZeRO-2 and orch ZeRO-2 end on the
-    same loss, and each reports a step time and its peak memory."""
+    trains the same model on the same data, so DeepSpeed ZeRO-2 and orch ZeRO-2 end on the same
+    loss, and each reports a step time and its peak memory."""
     from bench.engine_vs_peers import Workload, launch
 
     smoke = Workload("smoke", "tiny", 2, "harness check")
-    runs = {c: launch(c, smoke, steps=2, warmup=1, timeout=300) for c in ("ddp", "deepspeed-z2", "orch-z2")}
+    runs = {c: launch(c, smoke, steps=2, warmup=0, timeout=300) for c in ("deepspeed-z2", "orch-z2")}
     losses = {c: r.final_loss for c, r in runs.items()}
-    assert max(losses.values()) - min(losses.values()) <= 1e-4 * losses["ddp"], losses
+    assert abs(losses["orch-z2"] - losses["deepspeed-z2"]) <= 1e-5 * losses["deepspeed-z2"], losses
     for c, r in runs.items():
         assert r.step_s > 0 and r.cpu_s > 0, c
         assert r.peak_rss_mb >= r.rss_after_model_mb > 50, (c, r)

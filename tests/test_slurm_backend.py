@@ -27,8 +27,10 @@ from tests.shared_env import REPO, SlurmLab
 pytestmark = pytest.mark.slurm
 runner = CliRunner()
 EXAMPLES = REPO / "examples"
-# A global batch that divides over 2 and 3 ranks (elastic jobs keep it by changing accumulation).
-DS_CONFIG = {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 1000,
+# A global batch that divides over 2 and 3 ranks: elastic jobs keep it by changing accumulation.
+# Fixed-size jobs take it in one micro-batch per rank (fewer collectives: faster on 2 CPU cores).
+ELASTIC_MICRO, FIXED_MICRO = 2, 6
+DS_CONFIG = {"train_batch_size": 12, "train_micro_batch_size_per_gpu": FIXED_MICRO, "steps_per_print": 1000,
              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
 
 
@@ -45,7 +47,8 @@ def slurm(slurm_cluster: SlurmLab):
 def write_job(tmp_path: Path, *, name: str = "slurm-tiny", nodes: int | str = 2, steps: int = 20,
               every: int = 5, **extra) -> Path:
     """A job spec like a user's: the bundled trainer, tiny GPT, this venv's python on the nodes."""
-    (tmp_path / "ds_config.json").write_text(json.dumps(DS_CONFIG))
+    micro = ELASTIC_MICRO if isinstance(nodes, str) else FIXED_MICRO
+    (tmp_path / "ds_config.json").write_text(json.dumps({**DS_CONFIG, "train_micro_batch_size_per_gpu": micro}))
     spec = {"name": name, "nodes": nodes, "procs_per_node": 1, "python": sys.executable,
             "args": ["--model", "tiny", "--steps", str(steps), "--log-every", "1"],
             "ds_config": "ds_config.json", "checkpoint": {"every_steps": every, "keep": 2}, **extra}
@@ -164,7 +167,7 @@ def test_cancel_ends_a_running_job_and_leaves_no_process_on_any_node(slurm, tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_node_crash_requeues_a_fixed_size_job_that_resumes_from_its_checkpoint(slurm, tmp_path) -> None:
-    steps, every = 24, 5
+    steps, every = 16, 5
     job = jobs.submit(load_spec(write_job(tmp_path, steps=steps, every=every)), "slurm")
     run_dir = Path(job.run_dir)
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists() and len(metrics(run_dir)) > every + 1,
@@ -191,7 +194,7 @@ def test_node_crash_requeues_a_fixed_size_job_that_resumes_from_its_checkpoint(s
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_node_crash_shrinks_an_elastic_job_that_finishes_without_requeue(slurm, tmp_path) -> None:
-    steps, every = 20, 5
+    steps, every = 14, 5
     job = jobs.submit(load_spec(write_job(tmp_path, name="slurm-elastic", nodes="2:3", steps=steps,
                                           every=every, max_restarts=3)), "slurm")
     run_dir = Path(job.run_dir)
@@ -223,7 +226,7 @@ def test_pre_timeout_signal_checkpoints_then_requeues(slurm, tmp_path) -> None:
     """Slurm sends USR2 to the batch shell signal_before_timeout_s before the time limit; here it
     is sent at once (`scancel --signal=USR2 --batch` is how Slurm delivers it) instead of after
     minutes. No periodic checkpoints: the only checkpoint is the one the signal asked for."""
-    steps = 24
+    steps = 30  # enough that the job is still training when the signal arrives
     job = jobs.submit(load_spec(write_job(tmp_path, steps=steps, every=0,
                                           slurm={"time": "30", "signal_before_timeout_s": 20})), "slurm")
     run_dir = Path(job.run_dir)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,8 +42,8 @@ from .partition import FlatLayout
 from .reduction import GradientReducer
 from .stage12 import ZeroSettings
 from .stage3_hooks import ParamCoordinator
-from .stage3_init import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
-                          release_init_shard)
+from .stage3_shards import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
+                            release_init_shard, unique_params)
 from .stage3_params import PartitionedParams
 
 __all__ = ["Stage3Optimizer", "Stage3Settings"]
@@ -285,17 +285,8 @@ class GatheredUnits:
 def _materialize_unmanaged(module: nn.Module, managed: set[int], comm: Comm, dtype: torch.dtype,
                            device: torch.device) -> None:
     """Frozen parameters built partitioned by ``engine.zero.Init`` are kept whole on every rank."""
-    for p in _all_params(module):
+    for p in unique_params(module):
         if id(p) not in managed and is_partitioned_at_init(p):
             full = full_from_shards(p, comm)
             release_init_shard(p)
             p.data = full.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
-
-
-def _all_params(module: nn.Module) -> Iterator[nn.Parameter]:
-    seen: set[int] = set()
-    for sub in module.modules():
-        for p in sub._parameters.values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                yield p

@@ -23,18 +23,12 @@ parameter, runs the operation, and (for in-place operations) keeps rank 0's resu
 again. The result equals building the model whole and partitioning it afterwards.
 
 ``initialize`` with ZeRO stage 3 assembles each module's parameters from the pieces (one unit at
-a time) into its own ``FlatLayout`` partitions; with stages 0-2 they are materialised whole.
-
-``GatheredParameters(params, modifier_rank=None)`` gathers parameters for a block of code, before
-or after ``initialize``; with ``modifier_rank`` the values that rank leaves are written back.
-``register_external_parameter(module, param)`` tells stage 3 that ``module``'s forward uses a
-parameter some other module owns (so it is gathered for it too).
+a time) into its own ``FlatLayout`` partitions; with stages 0-2 they are materialised whole
+(stage3_shards.py holds the pieces; stage3_gather.py has ``GatheredParameters``).
 """
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -42,96 +36,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..comm import Comm
+from .stage3_shards import (InitStats, full_from_shards, full_shape_view, is_partitioned_at_init, keep_piece,
+                            partition_param, shard_of)
 
-__all__ = ["GatheredParameters", "Init", "full_from_shards", "is_partitioned_at_init", "materialize",
-           "register_external_parameter", "release_init_shard"]
-
-_ATTR = "_zero3_init"
-
-
-@dataclass
-class InitShard:
-    """What ``Init`` keeps of a parameter: its shape and this rank's equal piece (zero-padded)."""
-
-    shape: torch.Size
-    numel: int
-    piece: torch.Tensor
-    world: int
-    rank: int
-
-
-def is_partitioned_at_init(t: torch.Tensor) -> bool:
-    return _ATTR in getattr(t, "__dict__", {})
-
-
-def _shard(t: torch.Tensor) -> InitShard:
-    return t.__dict__[_ATTR]
-
-
-def full_shape_view(p: torch.Tensor) -> torch.Tensor:
-    """``p`` itself, or for an ``Init``-partitioned parameter a zero-stride stand-in with its full shape."""
-    if not is_partitioned_at_init(p):
-        return p
-    return torch.empty((), dtype=p.dtype, device=p.device).expand(_shard(p).shape)
-
-
-def mark_partitioned(p: torch.Tensor, shape: torch.Size) -> None:
-    """DeepSpeed's attributes for code that sizes partitioned parameters: ``p.ds_shape``, ``p.ds_numel``
-    (``p.shape`` is ``(0,)`` while the parameter is not gathered)."""
-    p.__dict__["ds_shape"] = torch.Size(shape)
-    p.__dict__["ds_numel"] = math.prod(shape)
-
-
-def release_init_shard(p: torch.Tensor) -> None:
-    p.__dict__.pop(_ATTR, None)
-
-
-def full_from_shards(p: torch.Tensor, comm: Comm) -> torch.Tensor:
-    """All ranks' pieces put together: the parameter's full value (a collective), on ``p``'s device."""
-    info = _shard(p)
-    if info.world != comm.world_size:
-        raise RuntimeError(f"a parameter was partitioned by engine.zero.Init over {info.world} ranks but the "
-                           f"process group has {comm.world_size}; build the model in the same process group")
-    piece = info.piece.to(p.device)
-    out = torch.empty(piece.numel() * info.world, dtype=piece.dtype, device=p.device)
-    comm.all_gather_into(out, piece)
-    return out[:info.numel].view(info.shape)
-
-
-def _partition(p: torch.Tensor, comm: Comm, remote: Optional[torch.device], dtype: Optional[torch.dtype],
-               stats: "InitStats") -> None:
-    """Keep this rank's piece of ``p`` (rank 0's values) and empty its data."""
-    with torch.no_grad():
-        full = p.data.contiguous()
-        comm.broadcast(full, src=0)
-        world = comm.world_size
-        size = math.ceil(full.numel() / world) if full.numel() else 0
-        flat = full.reshape(-1)
-        lo, hi = min(full.numel(), comm.rank * size), min(full.numel(), (comm.rank + 1) * size)
-        target = dtype if dtype is not None and full.is_floating_point() else full.dtype
-        piece = torch.zeros(size, dtype=target, device=remote or full.device)
-        piece[:hi - lo].copy_(flat[lo:hi])
-        stats.note(full.numel() * full.element_size(), piece.numel() * piece.element_size())
-        p.__dict__[_ATTR] = InitShard(full.shape, full.numel(), piece, world, comm.rank)
-        mark_partitioned(p, full.shape)
-        p.data = torch.empty(0, dtype=target, device=full.device)
-
-
-@dataclass
-class InitStats:
-    """What ``Init`` allocated: the largest parameter ever whole, and the pieces kept."""
-
-    largest_whole_bytes: int = 0
-    kept_bytes: int = 0
-    partitioned: int = 0
-
-    def note(self, whole: int, kept: int) -> None:
-        self.saw_whole(whole)
-        self.kept_bytes += kept
-        self.partitioned += 1
-
-    def saw_whole(self, nbytes: int) -> None:
-        self.largest_whole_bytes = max(self.largest_whole_bytes, nbytes)
+__all__ = ["Init"]
 
 
 class Init:
@@ -230,7 +138,7 @@ class Init:
     def _partition_module(self, module: nn.Module) -> None:
         for p in module.__dict__.get("_parameters", {}).values():
             if p is not None and not is_partitioned_at_init(p) and p.numel() > 0:
-                _partition(p, self.comm, self.remote, self.dtype, self.stats)
+                partition_param(p, self.comm, self.remote, self.dtype, self.stats)
 
 
 class _PartitionedTensorMode(TorchFunctionMode):
@@ -258,14 +166,14 @@ class _PartitionedTensorMode(TorchFunctionMode):
         if name in self._PASS:
             return func(*args, **kwargs)
         if name in self._SHAPE:
-            stand_ins = {id(t): _stand_in(t) for t in parts}
+            stand_ins = {id(t): full_shape_view(t) for t in parts}
             return func(*_replace((args, kwargs), stand_ins)[0], **_replace((args, kwargs), stand_ins)[1])
         if name in self._CONVERT and args and args[0] is parts[0] and len(parts) == 1:
             return self._convert(parts[0], name, args[1:], kwargs)
         return self._on_whole(func, name, parts, args, kwargs)
 
     def _convert(self, p: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
-        info = _shard(p)
+        info = shard_of(p)
         if name == "to":
             device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         else:
@@ -294,110 +202,10 @@ class _PartitionedTensorMode(TorchFunctionMode):
         finally:
             in_place = name.endswith("_") and not name.endswith("__") or name == "__setitem__"
             for t, whole, empty in zip(parts, wholes, saved):
-                if in_place:
-                    self._keep_piece(t, whole)
+                if in_place:   # rank 0's result, in case ranks drew different random numbers
+                    keep_piece(t, whole, comm, src=0)
                 t.data = empty
         return out
-
-    def _keep_piece(self, t: torch.Tensor, whole: torch.Tensor) -> None:
-        info = _shard(t)
-        with torch.no_grad():
-            whole = whole.contiguous()
-            self.ctx.comm.broadcast(whole, src=0)
-            size = info.piece.numel()
-            flat = whole.reshape(-1)
-            lo, hi = min(info.numel, info.rank * size), min(info.numel, (info.rank + 1) * size)
-            info.piece[:hi - lo].copy_(flat[lo:hi])
-
-
-def materialize(module: nn.Module, comm: Optional[Comm] = None) -> int:
-    """Make every ``Init``-partitioned parameter of ``module`` whole again (stages 0-2); returns how many."""
-    comm = comm or Comm()
-    count = 0
-    for p in _unique_params(module):
-        if is_partitioned_at_init(p):
-            with torch.no_grad():
-                whole = full_from_shards(p, comm)
-            release_init_shard(p)
-            p.data = whole
-            count += 1
-    return count
-
-
-class GatheredParameters:
-    """Gather ``params`` (a parameter or an iterable) for a block; with ``modifier_rank`` keep that
-    rank's changes. Works on ``Init``-partitioned parameters and on a stage-3 engine's parameters;
-    for anything else it does nothing, as DeepSpeed's does."""
-
-    def __init__(self, params: Any, modifier_rank: Optional[int] = None, fwd_module: Any = None,
-                 enabled: bool = True) -> None:
-        self.params = [params] if isinstance(params, torch.Tensor) else list(params or [])
-        self.modifier_rank = modifier_rank
-        self.enabled = enabled
-        self._init_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._engine_ctx: list[Any] = []
-
-    def __enter__(self) -> "GatheredParameters":
-        if not self.enabled:
-            return self
-        comm = Comm()
-        owners: dict[int, tuple[Any, list[int]]] = {}
-        for p in self.params:
-            if is_partitioned_at_init(p):
-                with torch.no_grad():
-                    whole = full_from_shards(p, comm)
-                self._init_parts.append((p, p.data))
-                p.data = whole
-            elif _owner(p) is not None:
-                opt, index = _owner(p)
-                owners.setdefault(id(opt), (opt, []))[1].append(index)
-        for opt, indices in owners.values():
-            ctx = opt.gathered(indices)
-            ctx.__enter__()
-            self._engine_ctx.append((opt, indices, ctx))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.enabled:
-            return
-        comm = Comm()
-        for p, empty in self._init_parts:
-            if self.modifier_rank is not None:
-                info = _shard(p)
-                with torch.no_grad():
-                    whole = p.data.contiguous()
-                    comm.broadcast(whole, src=self.modifier_rank)
-                    size = info.piece.numel()
-                    lo, hi = min(info.numel, info.rank * size), min(info.numel, (info.rank + 1) * size)
-                    info.piece[:hi - lo].copy_(whole.reshape(-1)[lo:hi])
-            p.data = empty
-        self._init_parts.clear()
-        for opt, indices, ctx in self._engine_ctx:
-            if self.modifier_rank is not None:
-                opt.write_back(indices, self.modifier_rank)
-            ctx.__exit__(*exc)
-        self._engine_ctx.clear()
-
-
-def register_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:
-    """``module``'s forward uses ``parameter`` although another module owns it (DeepSpeed's API).
-
-    Call it before ``engine.initialize`` or after: stage 3 then gathers ``parameter`` for ``module``.
-    """
-    module.__dict__.setdefault("_zero3_external_params", []).append(parameter)
-    owner = _owner(parameter)
-    if owner is not None:
-        owner[0].coordinator.add_external(module, [parameter])
-
-
-def _owner(p: torch.Tensor) -> Optional[tuple[Any, int]]:
-    """The stage-3 optimizer managing ``p`` and its index there, if any."""
-    found = getattr(p, "__dict__", {}).get("_zero3_owner")
-    if found is None:
-        return None
-    ref, index = found
-    opt = ref()
-    return None if opt is None else (opt, index)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -412,24 +220,11 @@ def _subclasses(cls: type) -> Iterator[type]:
             stack.extend(sub.__subclasses__())
 
 
-def _unique_params(module: nn.Module) -> Iterator[nn.Parameter]:
-    seen: set[int] = set()
-    for sub in module.modules():
-        for p in sub._parameters.values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                yield p
-
-
 def _func_name(func: Any) -> str:
     owner = getattr(func, "__self__", None)
     if type(owner).__name__ == "getset_descriptor":
         return owner.__name__
     return getattr(func, "__name__", "")
-
-
-def _stand_in(t: torch.Tensor) -> torch.Tensor:
-    return full_shape_view(t)
 
 
 def _flatten(value: Any) -> Iterable[Any]:

@@ -1,0 +1,144 @@
+"""Parameters partitioned by ``engine.zero.Init``: each rank's equal piece, and how to get the whole back.
+
+Before ``engine.initialize`` there is no ``FlatLayout`` yet (the optimizer's parameter groups are
+not known), so ``Init`` cuts every parameter on its own into ``world_size`` equal, zero-padded
+pieces (DeepSpeed's ``ds_tensor``). The piece lives in the parameter's ``__dict__``; the
+parameter's data is an empty tensor and it carries DeepSpeed's ``ds_shape``/``ds_numel`` so that
+code can still size it. Stage 3 later gathers each parameter from these pieces (one at a time)
+and cuts its own layout's partitions out of it; stages 0-2 ``materialize`` the whole model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..comm import Comm
+
+__all__ = ["InitShard", "InitStats", "full_from_shards", "full_shape_view", "is_partitioned_at_init",
+           "keep_piece", "mark_partitioned", "materialize", "partition_param", "release_init_shard", "shard_of"]
+
+_ATTR = "_zero3_init"
+
+
+@dataclass
+class InitShard:
+    """What ``Init`` keeps of a parameter: its shape and this rank's equal piece (zero-padded)."""
+
+    shape: torch.Size
+    numel: int
+    piece: torch.Tensor
+    world: int
+    rank: int
+
+
+@dataclass
+class InitStats:
+    """What ``Init`` allocated: the largest parameter ever whole, and the pieces kept."""
+
+    largest_whole_bytes: int = 0
+    kept_bytes: int = 0
+    partitioned: int = 0
+
+    def note(self, whole: int, kept: int) -> None:
+        self.saw_whole(whole)
+        self.kept_bytes += kept
+        self.partitioned += 1
+
+    def saw_whole(self, nbytes: int) -> None:
+        self.largest_whole_bytes = max(self.largest_whole_bytes, nbytes)
+
+
+def is_partitioned_at_init(t: torch.Tensor) -> bool:
+    return _ATTR in getattr(t, "__dict__", {})
+
+
+def shard_of(t: torch.Tensor) -> InitShard:
+    return t.__dict__[_ATTR]
+
+
+def full_shape_view(p: torch.Tensor) -> torch.Tensor:
+    """``p`` itself, or for an ``Init``-partitioned parameter a zero-stride stand-in with its full shape."""
+    if not is_partitioned_at_init(p):
+        return p
+    return torch.empty((), dtype=p.dtype, device=p.device).expand(shard_of(p).shape)
+
+
+def mark_partitioned(p: torch.Tensor, shape: torch.Size) -> None:
+    """DeepSpeed's attributes for code that sizes partitioned parameters: ``p.ds_shape``, ``p.ds_numel``
+    (``p.shape`` is ``(0,)`` while the parameter is not gathered)."""
+    p.__dict__["ds_shape"] = torch.Size(shape)
+    p.__dict__["ds_numel"] = math.prod(shape)
+
+
+def release_init_shard(p: torch.Tensor) -> None:
+    p.__dict__.pop(_ATTR, None)
+
+
+def full_from_shards(p: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """All ranks' pieces put together: the parameter's full value (a collective), on ``p``'s device."""
+    info = shard_of(p)
+    if info.world != comm.world_size:
+        raise RuntimeError(f"a parameter was partitioned by engine.zero.Init over {info.world} ranks but the "
+                           f"process group has {comm.world_size}; build the model in the same process group")
+    piece = info.piece.to(p.device)
+    out = torch.empty(piece.numel() * info.world, dtype=piece.dtype, device=p.device)
+    comm.all_gather_into(out, piece)
+    return out[:info.numel].view(info.shape)
+
+
+@torch.no_grad()
+def partition_param(p: torch.Tensor, comm: Comm, remote: Optional[torch.device], dtype: Optional[torch.dtype],
+                    stats: InitStats) -> None:
+    """Keep this rank's piece of ``p`` (rank 0's values) and empty its data."""
+    full = p.data.contiguous()
+    comm.broadcast(full, src=0)
+    size = math.ceil(full.numel() / comm.world_size) if full.numel() else 0
+    target = dtype if dtype is not None and full.is_floating_point() else full.dtype
+    piece = torch.zeros(size, dtype=target, device=remote or full.device)
+    p.__dict__[_ATTR] = InitShard(full.shape, full.numel(), piece, comm.world_size, comm.rank)
+    _cut(p, full)
+    stats.note(full.numel() * full.element_size(), piece.numel() * piece.element_size())
+    mark_partitioned(p, full.shape)
+    p.data = torch.empty(0, dtype=target, device=full.device)
+
+
+@torch.no_grad()
+def keep_piece(p: torch.Tensor, whole: torch.Tensor, comm: Comm, src: int = 0) -> None:
+    """Rank ``src``'s ``whole`` value of ``p`` becomes everyone's pieces (after an in-place change)."""
+    whole = whole.contiguous()
+    comm.broadcast(whole, src=src)
+    _cut(p, whole)
+
+
+def _cut(p: torch.Tensor, whole: torch.Tensor) -> None:
+    info = shard_of(p)
+    size = info.piece.numel()
+    lo, hi = min(info.numel, info.rank * size), min(info.numel, (info.rank + 1) * size)
+    info.piece[:hi - lo].copy_(whole.reshape(-1)[lo:hi])
+
+
+def materialize(module: nn.Module, comm: Optional[Comm] = None) -> int:
+    """Make every ``Init``-partitioned parameter of ``module`` whole again (stages 0-2); returns how many."""
+    comm = comm or Comm()
+    count = 0
+    for p in unique_params(module):
+        if is_partitioned_at_init(p):
+            with torch.no_grad():
+                whole = full_from_shards(p, comm)
+            release_init_shard(p)
+            p.data = whole
+            count += 1
+    return count
+
+
+def unique_params(module: nn.Module) -> Iterator[nn.Parameter]:
+    seen: set[int] = set()
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield p
