@@ -75,7 +75,8 @@ class Workload:
 
 WORKLOADS: dict[str, Workload] = {
     "compute": Workload("compute", "bench-27m", 8, "orch ZeRO-1/2 within 3 % of DDP"),
-    "comm": Workload("comm", "bench-100m", 1, "orch ZeRO-2 <= 0.8x DeepSpeed ZeRO-2 step time; peak RSS <= DeepSpeed's"),
+    "comm": Workload("comm", "bench-100m", 1,
+                     "orch ZeRO-2 <= 0.8x DeepSpeed ZeRO-2 step time; peak RSS <= DeepSpeed's"),
 }
 # --quick: the same code paths on shapes that take seconds, to check the benchmark still runs.
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -329,9 +330,9 @@ def table(workload: Workload, results: dict[str, Result]) -> list[str]:
     wall time, so they are shown beside it as a second opinion.
     """
     ddp = results.get("ddp")
-    lines = ["| candidate | step s (median) | range of round medians | fastest step s | CPU s/step, 2 ranks | fwd / bwd / step s "
-             "(rank 0) | peak RSS MiB/rank (before wrapping) | loss, last step | time / DDP | CPU / DDP "
-             "| orch / DeepSpeed same stage: time, CPU, RSS |",
+    lines = ["| candidate | step s (median) | range of round medians | fastest step s | CPU s/step, 2 ranks "
+             "| fwd / bwd / step s (rank 0) | peak RSS MiB/rank (before wrapping) | loss, last step "
+             "| time / DDP | CPU / DDP | orch / DeepSpeed same stage: time, CPU, RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         if not res.launches:
@@ -341,10 +342,12 @@ def table(workload: Workload, results: dict[str, Result]) -> list[str]:
         vs_peer = [_ratio(res, peer, f) for f in (lambda r: r.step_s, lambda r: r.cpu_s, lambda r: r.rss_mb)]
         vs_ddp = [_ratio(res, ddp, f) for f in (lambda r: r.step_s, lambda r: r.cpu_s)]
         phases = " / ".join(f"{res.phase(p):.3f}" for p in ("forward", "backward", "step"))
-        lines.append(f"| {name} | {res.step_s:.3f} | {lo:.3f}-{hi:.3f} | {res.fastest_s:.3f} | {res.cpu_s:.3f} | {phases} "
+        lines.append(f"| {name} | {res.step_s:.3f} | {lo:.3f}-{hi:.3f} | {res.fastest_s:.3f} | {res.cpu_s:.3f} "
+                     f"| {phases} "
                      f"| {res.rss_mb:.0f} ({res.rss_before_mb:.0f}) "
                      f"| {statistics.median(x.final_loss for x in res.launches):.4f} "
-                     f"| {_fmt(vs_ddp[0])} | {_fmt(vs_ddp[1])} | {', '.join(_fmt(r) for r in vs_peer) if peer else ''} |")
+                     f"| {_fmt(vs_ddp[0])} | {_fmt(vs_ddp[1])} "
+                     f"| {', '.join(_fmt(r) for r in vs_peer) if peer else ''} |")
     return lines
 
 
@@ -361,7 +364,8 @@ def verdicts(workload: Workload, results: dict[str, Result]) -> list[str]:
         for name, ours in results.items():
             if name.startswith("orch") and ours.launches:
                 ratio = ours.step_s / ddp.step_s
-                out.append(f"{name} / DDP step time = {ratio:.3f} (goal <= 1.03): {'met' if ratio <= 1.03 else 'MISSED'}"
+                out.append(f"{name} / DDP step time = {ratio:.3f} (goal <= 1.03): "
+                           f"{'met' if ratio <= 1.03 else 'MISSED'}"
                            f"; fastest-step ratio {ours.fastest_s / ddp.fastest_s:.3f}, "
                            f"CPU time ratio {ours.cpu_s / ddp.cpu_s:.3f}")
     if workload.name == "comm":
@@ -442,7 +446,8 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
             peer = res.get(name.replace("orch", "deepspeed")) if name.startswith("orch") else None
             rows.append({"benchmark": "engine_vs_peers", "workload": w.name, "name": name,
                          "median_s": r.step_s, "range_s": f"{r.step_range[0]:.3g}-{r.step_range[1]:.3g}",
-                         "cpu_s": r.cpu_s, "peak_rss_mb": r.rss_mb, "phases_s": {p: r.phase(p) for p in ("forward", "backward", "step")},
+                         "cpu_s": r.cpu_s, "peak_rss_mb": r.rss_mb,
+                         "phases_s": {p: r.phase(p) for p in ("forward", "backward", "step")},
                          "ratio_vs_ddp": _ratio(r, ddp, lambda x: x.step_s),
                          "peer": peer.candidate if peer and peer.launches else None,
                          "ratio": _ratio(r, peer, lambda x: x.step_s),

@@ -169,7 +169,19 @@ def _cluster_ready() -> str | None:
     return None
 
 
+def _lab_lock() -> object:
+    """The lock the slurm tests take (tests/shared_env.py): they and this benchmark crash nodes."""
+    import fcntl
+
+    LAB.mkdir(parents=True, exist_ok=True)
+    handle = open(LAB / "orch-users.lock", "w")  # noqa: SIM115 - held until the process ends
+    print(f"waiting for {LAB}/orch-users.lock (a test session may be using the cluster)...", flush=True)
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
+    _lock = _lab_lock() if CLUSTER_SH.exists() else None  # noqa: F841 - held for the whole run
     why = _cluster_ready()
     if why:
         print(f"skipped: {why}")

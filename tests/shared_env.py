@@ -197,6 +197,26 @@ class SlurmLab:
         subprocess.run(["bash", str(self.script), *argv], check=True, capture_output=True, timeout=60, env=env)
 
 
+def lab_lock(timeout_s: float = 1200) -> object | None:
+    """An exclusive lock on the lab cluster for this process (tests crash its nodes: two test
+    sessions or a benchmark at once would crash each other's jobs); None if not had in time."""
+    import fcntl
+    import time
+
+    SLURM_LAB.mkdir(parents=True, exist_ok=True)
+    handle = open(SLURM_LAB / "orch-users.lock", "w")  # noqa: SIM115 - held until the process ends
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                return None
+            time.sleep(2)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmLab]:
     """A running Slurm cluster with SLURM_CONF pointing at it for the whole session: the one named
@@ -207,6 +227,7 @@ def slurm_cluster() -> Iterator[SlurmLab]:
 
     given = os.environ.get("ORCH_TEST_SLURM_CONF")
     started: Path | None = None
+    lock = None
     if given:
         lab = SlurmLab(Path(given), None)
         if not lab.conf.exists() or not lab.up():
@@ -218,6 +239,10 @@ def slurm_cluster() -> Iterator[SlurmLab]:
             pytest.skip(f"no Slurm cluster for the slurm tier: {SLURM_ENABLE}")
         if not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch")):
             pytest.skip(f"Slurm is not installed: run `{script} install` (or .ci/slurm-up.sh); {SLURM_ENABLE}")
+        lock = lab_lock()
+        if lock is None:
+            pytest.skip(f"the lab Slurm cluster in {SLURM_LAB} stayed busy for 20 min (another test session or "
+                        "benchmark holds orch-users.lock)")
         lab = SlurmLab(SLURM_LAB / "etc" / "slurm.conf", script)
         if not lab.up():
             env = {**os.environ, "SLURM_LAB": str(SLURM_LAB), "SLURM_CONF": str(lab.conf)}
@@ -236,3 +261,5 @@ def slurm_cluster() -> Iterator[SlurmLab]:
             if started is not None:
                 env = {**os.environ, "SLURM_LAB": str(SLURM_LAB)}
                 subprocess.run(["bash", str(started), "stop"], capture_output=True, timeout=120, env=env)
+            if lock is not None:
+                lock.close()  # type: ignore[attr-defined]

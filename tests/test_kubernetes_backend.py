@@ -239,7 +239,7 @@ def test_a_manifest_the_server_rejects_is_reported_with_the_field(k8s) -> None:
 def test_labels_kubernetes_would_refuse_are_caught_before_anything_is_sent(k8s) -> None:
     result = orch("submit", str(EXAMPLES / "tiny-gpt-zero2.yaml"), "--cluster", "kubernetes",
                   "--set", "kubernetes.labels.team=ml research")
-    assert result.exit_code == 2 and "metadata.labels.team" in result.output and "kubernetes.labels" in result.output
+    assert result.exit_code == 2 and "kubernetes.labels" in result.output and "labels.team" in result.output
     assert k8s.custom.list_namespaced_custom_object("kubeflow.org", "v1", k8s.namespace, "pytorchjobs")["items"] == []
 
 

@@ -98,6 +98,9 @@ class LocalBackend:
             return JobStatus(JobState.PENDING, "starting", restarts)
         nodes = {f"node-{k}": v["state"] for k, v in state["nodes"].items()}
         job_state = JobState(state["state"])
+        if job_state.finished and alive(state["supervisor_pid"]):
+            # finished means nothing of the job is left running; the supervisor is cleaning up
+            return JobStatus(JobState.RUNNING, f"{job_state.value.lower()}, cleaning up", restarts, nodes)
         if not job_state.finished and not alive(state["supervisor_pid"]):
             return JobStatus(JobState.FAILED, "the local supervisor died; processes may need cleanup",
                              restarts, nodes)
