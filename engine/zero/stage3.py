@@ -112,7 +112,7 @@ class Stage3Optimizer(PartitionedOptimizer):
         self._lowp_grads = self._fused_step and not self.master_is_view and self._allow_lowp_grads()
 
         self.reducer = GradientReducer(
-            self.layout, self.params, comm, bucket_numel=settings.reduce_bucket_size, rank=self._rank,
+            self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
             dtype=model_dtype, device=device, overlap=settings.overlap_comm, prescale=self._prescale,
             grad_partition=self.grad_partition, accumulate=True)
         self.coordinator = ParamCoordinator(
@@ -135,6 +135,17 @@ class Stage3Optimizer(PartitionedOptimizer):
         value = p.detach().to(device=self.device, dtype=self.model_dtype).contiguous()
         self.comm.broadcast(value, src=0)        # every rank starts from rank 0's weights
         return value
+
+    def _reduce_bucket_numel(self) -> int:
+        """``reduce_bucket_size``, but no more than two of the largest fetch units.
+
+        A bucket is reduced once all its gradients are in, and its staging buffer holds them until
+        then; with DeepSpeed's default (5e8 elements) a whole small model's gradient would sit in
+        one buffer until the end of backward, which stage 3 exists to avoid. Smaller buckets honour
+        the setting (it is an upper bound) and let each reduce-scatter start as its layers finish.
+        """
+        largest = max((u.numel for u in self.store.units if not u.persistent), default=1)
+        return max(1, min(int(self.settings.reduce_bucket_size), 2 * largest))
 
     def _make_masters(self) -> list[torch.Tensor]:
         if self.master_is_view:

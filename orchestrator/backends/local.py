@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
+from ..logtail import new_lines
 from ..proctree import alive, stop_tree
 from ..render import Placement, Rendered, local_node_commands, render
 from ..spec import JobSpec
@@ -121,12 +122,12 @@ class LocalBackend:
         while True:
             files = sorted(logs_dir.glob("node-*.log")) if wanted is None else [logs_dir / wanted]
             for path in files:
-                yield from _new_lines(path, offsets, prefix=None if wanted else f"[{path.stem}] ")
+                yield from new_lines(path, offsets, "" if wanted else f"[{path.stem}] ")
             if not follow:
                 return
             if self._status(ref).state.finished:
                 for path in files:  # whatever was written after our last read
-                    yield from _new_lines(path, offsets, prefix=None if wanted else f"[{path.stem}] ")
+                    yield from new_lines(path, offsets, "" if wanted else f"[{path.stem}] ", final=True)
                 return
             time.sleep(0.5)
 
@@ -143,19 +144,6 @@ class LocalBackend:
             for node in state["nodes"].values():
                 if alive(node["pid"]):
                     stop_tree(node["pid"], grace_s=5.0)
-
-
-def _new_lines(path: Path, offsets: dict[Path, int], prefix: str | None) -> Iterator[str]:
-    try:
-        with path.open("rb") as f:
-            f.seek(offsets.get(path, 0))
-            data = f.read()
-    except FileNotFoundError:
-        return
-    complete = data[: data.rfind(b"\n") + 1]  # a partial last line waits for its newline
-    offsets[path] = offsets.get(path, 0) + len(complete)
-    for line in complete.decode(errors="replace").splitlines():
-        yield f"{prefix}{line}" if prefix else line
 
 
 def _restart_count(run: Path) -> int:
