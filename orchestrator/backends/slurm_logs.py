@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import UserError
+from ..logtail import new_lines
 
 BATCH = "batch"
 
@@ -53,25 +54,11 @@ def follow(run_dir: Path, native_id: str, node: str | None, *, keep_going: Calla
         if node is None:
             streams = log_files(run_dir, native_id)  # a requeued job may land on new nodes
         for name, path in streams.items():
-            yield from _new_lines(path, offsets, f"[{name}] " if prefixed else "")
+            yield from new_lines(path, offsets, f"[{name}] " if prefixed else "")
         if keep_going is None:
             return
         if not keep_going():
             for name, path in streams.items():
-                yield from _new_lines(path, offsets, f"[{name}] " if prefixed else "", final=True)
+                yield from new_lines(path, offsets, f"[{name}] " if prefixed else "", final=True)
             return
         time.sleep(poll_s)
-
-
-def _new_lines(path: Path, offsets: dict[Path, int], prefix: str, final: bool = False) -> Iterator[str]:
-    """Complete lines appended since the last call (a partial last line waits, unless ``final``)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offsets.get(path, 0))
-            data = f.read()
-    except FileNotFoundError:
-        return
-    end = len(data) if final else data.rfind(b"\n") + 1
-    offsets[path] = offsets.get(path, 0) + end
-    for line in data[:end].decode(errors="replace").splitlines():
-        yield prefix + line
