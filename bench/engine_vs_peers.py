@@ -21,10 +21,14 @@ rank. A launch takes ``warmup`` steps, then times ``steps`` steps, each brackete
 interleave the candidates (in a rotated order each round) so load drifting on a shared machine
 hits every candidate alike; the reported figure is the median over rounds, with the range of
 the round medians, and the 1-minute load average seen before each launch says how busy it was.
+Two figures beside it are less disturbed by other work on a shared machine: the fastest step
+seen, and the CPU seconds per step of both ranks (gloo's threads included; it does not show
+time spent waiting, so it cannot show the benefit of overlapping communication).
 
     python -m bench.engine_vs_peers [--rounds 3] [--steps 5] [--workload compute comm] [--record]
     python -m bench.engine_vs_peers --quick          # small shapes, 1 round: a smoke run
     python -m bench.engine_vs_peers --profile orch-z2 --workload comm   # where orch's step goes
+    python -m bench.engine_vs_peers --workload compute --candidates ddp orch-z1 orch-z1-overlap
 
 DeepSpeed candidates are skipped (with a note) when ``deepspeed`` is not importable; install it
 with ``DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8``.
@@ -384,6 +388,8 @@ def noise(results: dict[str, Result]) -> str:
     spreads = [(hi - lo) / r.step_s for r in results.values() if r.launches for lo, hi in [r.step_range]]
     loads = [x.load for r in results.values() for x in r.launches if x.load >= 0]
     load_txt = f"1-min load average {min(loads):.1f}-{max(loads):.1f}" if loads else "load unknown"
+    if max(len(r.launches) for r in results.values()) < 2:
+        return f"noise: one round only, so no spread to report; {load_txt} on {os.cpu_count()} cores"
     return (f"noise: round medians spread by at most {100 * max(spreads):.0f} % of their median "
             f"(typical {100 * statistics.median(spreads):.0f} %); {load_txt} on {os.cpu_count()} cores")
 

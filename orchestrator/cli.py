@@ -160,6 +160,8 @@ def _wait(job_id: str, *, live: bool) -> NoReturn:
         final = wait_for_job(job_id, console=out, live=live)
     except UserError as exc:
         _fail(exc)
+    if live:
+        out.print()  # the live view leaves the cursor after its progress bar
     colour = "green" if final.state.value == "SUCCEEDED" else "red"
     out.print(f"job {final.job_id}: [{colour}]{final.state.value}[/] {final.detail}", markup=True)
     raise typer.Exit(0 if final.state.value == "SUCCEEDED" else 1)
