@@ -87,7 +87,8 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
     try:
         job = load_spec(spec, set_)
         render_spec(job, _cluster(cluster))  # rendering is part of the check (templates, quoting)
-        report = check_job(job, num_parameters=int(params) if params else None)
+        report = check_job(job, num_parameters=int(params) if params else None,
+                           gpu_memory_bytes=gpu_memory_gb * 1e9 if gpu_memory_gb else None)
     except UserError as exc:
         _fail(exc)
     out.print(f"[bold green]OK[/] {spec}: job {job.name!r}, {job.nodes} node(s) x {job.procs_per_node} "

@@ -149,6 +149,7 @@ def test_model_state_bytes_counts_every_owned_tensor() -> None:
 @pytest.mark.parametrize("mistake, expected", [
     ("both optimizers", "optimizer"),
     ("no optimizer", "no optimizer"),
+    ("offload_param below stage 3", "offload_param"),
     ("no config", "ds_config"),
 ])
 def test_mistakes_get_a_clear_error(mistake: str, expected: str) -> None:
@@ -157,6 +158,8 @@ def test_mistakes_get_a_clear_error(mistake: str, expected: str) -> None:
         kwargs["optimizer"] = torch.optim.SGD(model.parameters(), lr=0.1)
     elif mistake == "no optimizer":
         del config["optimizer"]
+    elif mistake == "offload_param below stage 3":
+        config["zero_optimization"].update(stage=2, offload_param={"device": "cpu"})
     else:
         config = None
     with pytest.raises((ConfigError, ValueError)) as info:
