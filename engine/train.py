@@ -118,7 +118,7 @@ def setup(args: TrainerArgs) -> Run:
                                 control_dir=run_dir / "control", is_rank0=rank == 0)
     micro, accum = model_engine.train_micro_batch_size_per_gpu(), model_engine.gradient_accumulation_steps()
     log_every = args.log_every or model_engine.steps_per_print() or 10
-    monitor.metrics.info(f"model {args.model} ({model.num_parameters() / 1e6:.2f}M params), world size {world}, "
+    monitor.metrics.info(f"model {args.model} ({model_cfg.num_parameters() / 1e6:.2f}M params), world size {world}, "
                          f"micro-batch {micro} x accumulation {accum} -> global batch {micro * accum * world}, "
                          f"run dir {run_dir}")
     return Run(args, model_engine, source, GlobalBatchSampler(micro * accum * world), checkpointer,
