@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .check import human_bytes
 from .errors import BackendNotBuilt, UserError
 
 app = typer.Typer(
@@ -80,7 +81,7 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
           gpu_memory_gb: Annotated[Optional[float], typer.Option(
               "--gpu-memory-gb", help="GPU memory to compare the estimate against (e.g. 80).")] = None) -> None:
     """Validate the spec and its ds_config for the job's world size; estimate memory per ZeRO stage."""
-    from .check import check_job, human_bytes
+    from .check import check_job
     from .render import render as render_spec
     from .spec import load_spec
 
@@ -280,7 +281,7 @@ def ckpt_ls(directory: Annotated[Path, typer.Argument(help="Checkpoint directory
     for col in ("tag", "step", "world size", "ZeRO stage", "size", "status", "latest"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.tag, _dash(r.step), _dash(r.world_size), _dash(r.zero_stage), _human_bytes(r.size_bytes),
+        table.add_row(r.tag, _dash(r.step), _dash(r.world_size), _dash(r.zero_stage), human_bytes(r.size_bytes),
                       r.status, "<- latest" if r.latest else "")
     out.print(table)
     for r in rows:
@@ -299,7 +300,7 @@ def ckpt_verify(directory: Annotated[Path, typer.Argument(help="Checkpoint direc
         _fail(exc)
     for r in reports:
         if r.ok:
-            out.print(f"[green]ok[/]       {r.checkpoint}  ({r.files} files, {_human_bytes(r.bytes)})", markup=True)
+            out.print(f"[green]ok[/]       {r.checkpoint}  ({r.files} files, {human_bytes(r.bytes)})", markup=True)
         else:
             out.print(f"[bold red]CORRUPT[/]  {r.checkpoint}", markup=True)
             for problem in r.problems:
@@ -317,7 +318,7 @@ def ckpt_consolidate(directory: Annotated[Path, typer.Argument(help="Checkpoint 
         result = _checkpoint_call(consolidate, directory, output)
     except UserError as exc:
         _fail(exc)
-    out.print(f"wrote {result.output} ({result.tensors} tensors, {_human_bytes(result.bytes)}) from "
+    out.print(f"wrote {result.output} ({result.tensors} tensors, {human_bytes(result.bytes)}) from "
               f"{result.checkpoint}; load it with model.load_state_dict(..., strict=True)")
 
 
@@ -333,15 +334,6 @@ def _checkpoint_call(fn, *args):  # type: ignore[no-untyped-def]
 
 def _dash(value: object) -> str:
     return "-" if value is None else str(value)
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from orchestrator.errors import UserError
 from orchestrator.proctree import alive, descendants, signal_tree
 from orchestrator.registry import Registry
 from orchestrator.spec import load_spec
+from tests.polling import wait_until
 from tests.shared_env import REPO
 
 pytestmark = pytest.mark.slow
@@ -56,16 +56,6 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
         if record.get("kind", "train") == "train" and "loss" in record and "step" in record:
             out[int(record["step"])] = float(record["loss"])
     return out
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_finished(job_id: str, timeout: float = 240) -> JobState:
@@ -124,7 +114,7 @@ def test_cancel_leaves_no_process_behind_and_runs_never_clobber(tmp_path) -> Non
     second = jobs.submit(spec, "local")
     assert first.run_dir != second.run_dir and first.job_id != second.job_id
     run_dir = Path(first.run_dir)
-    wait_until(lambda: (run_dir / "status.json").exists(), 120, "the trainer to start")
+    wait_until(lambda: (run_dir / "status.json").exists(), 120, "the trainer to start", poll=0.25)
     pids = job_processes(run_dir)
     assert len(pids) >= 1 + 2 + 4  # supervisor, 2 agents, 4 workers
 
@@ -177,7 +167,8 @@ def test_elastic_job_survives_losing_a_node(tmp_path) -> None:
     job = jobs.submit(spec, "local")
     run_dir = Path(job.run_dir)
 
-    wait_until(lambda: max(losses_by_step(run_dir), default=0) >= every + 3, 240, "training past a checkpoint")
+    wait_until(lambda: max(losses_by_step(run_dir), default=0) >= every + 3, 240, "training past a checkpoint",
+               poll=0.25)
     victim = read_state(run_dir)["nodes"]["2"]["pid"]
     killed_at = max(losses_by_step(run_dir))
     signal_tree(victim, signal.SIGKILL)

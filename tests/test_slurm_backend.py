@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from orchestrator.backends.slurm import query_jobs, query_sacct
 from orchestrator.cli import app
 from orchestrator.registry import Registry
 from orchestrator.spec import load_spec
+from tests.polling import wait_until
 from tests.shared_env import REPO, SlurmLab
 
 pytestmark = pytest.mark.slurm
@@ -70,16 +70,6 @@ def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [m for m in map(json.loads, lines) if m.get("kind") == "train"]
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def follow_states(job_id: str, timeout: float) -> list[JobState]:
