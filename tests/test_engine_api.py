@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -146,6 +147,19 @@ def test_model_state_bytes_counts_every_owned_tensor() -> None:
     assert got["optimizer_states"] >= psi * 8
 
 
+def test_stage_2_never_stages_the_whole_gradient_at_deepspeeds_default_bucket_size() -> None:
+    """DeepSpeed's default reduce_bucket_size (5e8) exceeds most models. Stage 2 stages gradients
+    in bucket buffers on top of its gradient partition; a whole-model buffer would make it hold
+    more gradient memory than stage 1. A bucket is at most a quarter of the model (or its largest
+    parameter, which is never split)."""
+    eng, _, _, _ = engine.initialize(model=make_model(), config=ds_config(2, reduce_bucket_size=500_000_000))
+    train_steps(eng, 0, 2)
+    sizes = [p.numel() for p in eng.module.parameters()]
+    psi, bucket = sum(sizes), max(max(sizes), -(-sum(sizes) // 4))
+    staging = eng.model_state_bytes()["buffers"]
+    assert 0 < staging < 4 * psi, f"staging buffers {staging} B: a whole model's fp32 gradient (Ψ={psi})"
+    assert staging <= 2 * 4 * bucket
+
 @pytest.mark.parametrize("mistake, expected", [
     ("both optimizers", "optimizer"),
     ("no optimizer", "no optimizer"),
@@ -186,12 +200,15 @@ def test_activation_checkpointing_helper_matches_plain_backward() -> None:
         engine.checkpointing.reset()
 
 
-def test_hugging_face_gpt2_trains_under_the_engine() -> None:
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional dependency)")
+def _train_hf_gpt2(stage: int, **zero: Any) -> tuple[list[float], Any]:
+    """A 2-layer GPT2 built from its config (no download), 10 steps of 2 micro-batches."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional "
+                                       "dependency: pip install -e '.[hf]')")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=16)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(config)
-    eng, _, _, _ = engine.initialize(model=model, config=ds_config(2, gas=2, reduce_bucket_size=2000))
+    eng, _, _, _ = engine.initialize(model=model, config=ds_config(stage, gas=2, reduce_bucket_size=2000, **zero))
     ids = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(10):
@@ -200,8 +217,21 @@ def test_hugging_face_gpt2_trains_under_the_engine() -> None:
             eng.backward(out.loss)
             eng.step()
         losses.append(out.loss.item())
+    return losses, model
+
+
+def test_hugging_face_gpt2_trains_under_the_engine() -> None:
+    losses, model = _train_hf_gpt2(2)
     assert losses[-1] < losses[0] - 0.5
     assert model.lm_head.weight is model.transformer.wte.weight  # tied weights stay tied
+
+
+def test_hugging_face_gpt2_at_stage_3_matches_stage_2() -> None:
+    """Stage 3's hooks on HF's own modules (Conv1D, the tied wte/lm_head) change nothing."""
+    reference, _ = _train_hf_gpt2(2)
+    losses, model = _train_hf_gpt2(3, stage3_param_persistence_threshold=0)
+    assert losses == pytest.approx(reference, rel=1e-5)
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_tiny_model_is_what_the_tests_claim() -> None:
