@@ -19,34 +19,24 @@ Settings, with what they do here:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
+from .config_sections import ActivationCheckpointingConfig
+
 __all__ = ["checkpoint", "configure", "is_configured", "non_reentrant_checkpoint", "reset", "settings"]
 
 
-@dataclass
-class CheckpointSettings:
-    """The ``activation_checkpointing`` section's fields (DeepSpeed's names)."""
-
-    partition_activations: bool = False
-    cpu_checkpointing: bool = False
-    contiguous_memory_optimization: bool = False
-    number_checkpoints: Optional[int] = None
-    synchronize_checkpoint_boundary: bool = False
-    profile: bool = False
-
-
-_settings = CheckpointSettings()
+# The settings in effect: the ds_config's ``activation_checkpointing`` section (DeepSpeed's names).
+_settings = ActivationCheckpointingConfig()
 _configured = False
 
 
-def settings() -> CheckpointSettings:
+def settings() -> ActivationCheckpointingConfig:
     """The settings in effect (a copy)."""
-    return CheckpointSettings(**{f.name: getattr(_settings, f.name) for f in fields(CheckpointSettings)})
+    return _settings.model_copy()
 
 
 def configure(mpu_: Any = None, deepspeed_config: Any = None, partition_activations: Optional[bool] = None,
@@ -59,22 +49,18 @@ def configure(mpu_: Any = None, deepspeed_config: Any = None, partition_activati
     ``activation_checkpointing`` section is read first, then explicit arguments override it.
     ``mpu_`` (Megatron's model-parallel unit) is accepted and unused.
     """
-    global _configured
+    global _settings, _configured
     if deepspeed_config is not None:
-        section = _section(deepspeed_config)
-        for f in fields(CheckpointSettings):
-            setattr(_settings, f.name, getattr(section, f.name))
+        _settings = _section(deepspeed_config)
     overrides = {"partition_activations": partition_activations,
                  "contiguous_memory_optimization": contiguous_checkpointing,
                  "number_checkpoints": num_checkpoints, "cpu_checkpointing": checkpoint_in_cpu,
                  "synchronize_checkpoint_boundary": synchronize, "profile": profile}
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(_settings, name, value)
+    _settings = _settings.model_copy(update={name: value for name, value in overrides.items() if value is not None})
     _configured = True
 
 
-def _section(config: Any) -> Any:
+def _section(config: Any) -> ActivationCheckpointingConfig:
     from .config import EngineConfig, load_config
 
     cfg = config if isinstance(config, EngineConfig) else load_config(config)
@@ -89,7 +75,7 @@ def is_configured() -> bool:
 def reset() -> None:
     """Back to defaults (DeepSpeed's ``reset`` clears its buffers; here, the settings)."""
     global _settings, _configured
-    _settings = CheckpointSettings()
+    _settings = ActivationCheckpointingConfig()
     _configured = False
 
 

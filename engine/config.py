@@ -18,10 +18,10 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError
 
 from .config_batch import BatchSizes, batch_for_world_size, resolve_batch
-from .config_errors import ConfigError, ConfigProblem, problems_error, translate
+from .config_errors import ConfigError, ConfigProblem, Problem, translate
 from .config_features import IgnoredFeature, ignored_features, unsupported_problems
 from .config_optim import OptimizerConfig, SchedulerConfig
 from .config_sections import (ActivationCheckpointingConfig, AmpConfig, BF16Config, CheckpointConfig, CometConfig,
@@ -117,12 +117,8 @@ class EngineConfig(Section):
     _auto_derived: frozenset[str] = PrivateAttr(default_factory=frozenset)
     _batch: Optional[BatchSizes] = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _reject_result_changing_features(self) -> "EngineConfig":
-        problems = unsupported_problems(self)
-        if problems:
-            raise problems_error(problems)
-        return self
+    def _check(self) -> list[Problem]:
+        return unsupported_problems(self)  # features that would silently change the training result
 
     # -- what the engine reads --------------------------------------------------------------
     @property

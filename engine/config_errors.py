@@ -19,6 +19,8 @@ from pydantic_core import PydanticCustomError
 PROBLEMS_ERROR = "orch_problems"
 # Error type used by our scalar validators; the message is already user-facing.
 VALUE_ERROR = "orch_value"
+# One problem as a model validator reports it: (key path below the model, message, how to fix it).
+Problem = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
-def problems_error(problems: Sequence[tuple[str, str, str]]) -> PydanticCustomError:
+def problems_error(problems: Sequence[Problem]) -> PydanticCustomError:
     """An error a model validator raises to report several problems at sub-paths of itself.
 
     Each problem is ``(sub_path, message, hint)``; ``sub_path`` is relative to the model

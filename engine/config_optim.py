@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 
-from .config_errors import describe, problems_error, suggest, translate
+from .config_errors import Problem, describe, suggest, translate
 from .config_types import Betas, Bool, Float, Int, NonNegFloat, PosInt, Section, Str, choice
 
 class _Params(Section):
@@ -33,15 +33,12 @@ class AdamParams(_Params):
     fp32_optimizer_states: Bool = True
     set_grad_none: Bool = True
 
-    @model_validator(mode="after")
-    def _check(self) -> "AdamParams":
+    def _check(self) -> list[Problem]:
         problems = _beta_problems(self.betas)
         if self.amsgrad:
             problems.append(("amsgrad", "AMSGrad is not supported (DeepSpeed's FusedAdam rejects it too)",
                              "remove amsgrad"))
-        if problems:
-            raise problems_error(problems)
-        return self
+        return problems
 
 
 class SGDParams(_Params):
@@ -53,13 +50,12 @@ class SGDParams(_Params):
     weight_decay: NonNegFloat = 0.0
     nesterov: Bool = False
 
-    @model_validator(mode="after")
-    def _check(self) -> "SGDParams":
+    def _check(self) -> list[Problem]:
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise problems_error([("nesterov", "Nesterov momentum needs momentum > 0 and dampening 0, got "
-                                   f"momentum {self.momentum!r}, dampening {self.dampening!r}",
-                                   "set momentum > 0 and dampening 0, or nesterov false")])
-        return self
+            return [("nesterov", "Nesterov momentum needs momentum > 0 and dampening 0, got "
+                     f"momentum {self.momentum!r}, dampening {self.dampening!r}",
+                     "set momentum > 0 and dampening 0, or nesterov false")]
+        return []
 
 
 class LionParams(_Params):
@@ -70,15 +66,11 @@ class LionParams(_Params):
     weight_decay: NonNegFloat = 0.0
     set_grad_none: Bool = True
 
-    @model_validator(mode="after")
-    def _check(self) -> "LionParams":
-        problems = _beta_problems(self.betas)
-        if problems:
-            raise problems_error(problems)
-        return self
+    def _check(self) -> list[Problem]:
+        return _beta_problems(self.betas)
 
 
-def _beta_problems(betas: tuple[float, float]) -> list[tuple[str, str, str]]:
+def _beta_problems(betas: tuple[float, float]) -> list[Problem]:
     return [(f"betas[{i}]", f"must be in [0, 1), got {b!r}", "") for i, b in enumerate(betas) if not 0.0 <= b < 1.0]
 
 
@@ -105,19 +97,18 @@ class OptimizerConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict)
     legacy_fusion: Bool = False
 
-    @model_validator(mode="after")
-    def _validate_type_and_params(self) -> "OptimizerConfig":
+    def _check(self) -> list[Problem]:
         canon = {name.lower(): name for name in SUPPORTED_OPTIMIZERS}
         name = canon.get(self.type.lower())
         if name is None:
-            raise problems_error([_unsupported("type", self.type, list(SUPPORTED_OPTIMIZERS),
-                                               KNOWN_UNSUPPORTED_OPTIMIZERS, "optimizer")])
+            return [_unsupported("type", self.type, list(SUPPORTED_OPTIMIZERS), KNOWN_UNSUPPORTED_OPTIMIZERS,
+                                 "optimizer")]
         self.type = name
         if "max_grad_norm" in self.params:
-            raise problems_error([("params.max_grad_norm", "is not an optimizer parameter in DeepSpeed",
-                                   "use the top-level \"gradient_clipping\" instead")])
-        self.params = _validate_params(SUPPORTED_OPTIMIZERS[name], self.params)
-        return self
+            return [("params.max_grad_norm", "is not an optimizer parameter in DeepSpeed",
+                     "use the top-level \"gradient_clipping\" instead")]
+        self.params, problems = _validated_params(SUPPORTED_OPTIMIZERS[name], self.params)
+        return problems
 
     def resolved_kind(self) -> str:
         """"adamw" | "adam_l2" | "sgd" | "lion": the update rule that will actually run.
@@ -206,30 +197,28 @@ class SchedulerConfig(Section):
     type: Str
     params: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _validate_type_and_params(self) -> "SchedulerConfig":
+    def _check(self) -> list[Problem]:
         if self.type not in SUPPORTED_SCHEDULERS:
-            raise problems_error([_unsupported("type", self.type, list(SUPPORTED_SCHEDULERS),
-                                               KNOWN_UNSUPPORTED_SCHEDULERS, "scheduler")])
-        self.params = _validate_params(SUPPORTED_SCHEDULERS[self.type], self.params)
-        return self
+            return [_unsupported("type", self.type, list(SUPPORTED_SCHEDULERS), KNOWN_UNSUPPORTED_SCHEDULERS,
+                                 "scheduler")]
+        self.params, problems = _validated_params(SUPPORTED_SCHEDULERS[self.type], self.params)
+        return problems
 
 
-def _validate_params(model: type[_Params], params: dict[str, Any]) -> dict[str, Any]:
+def _validated_params(model: type[_Params], params: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """``params`` checked by the type's model, with defaults filled in; or as given, and what is wrong."""
     try:
         checked = model.model_validate(params)
     except ValidationError as exc:
-        found = translate(exc, "params", model)
-        raise problems_error([(p.path, p.message, p.hint) for p in found]) from None
+        return params, [(p.path, p.message, p.hint) for p in translate(exc, "params", model)]
     out = checked.model_dump()
     for key in ("betas",):
         if key in out:
             out[key] = list(out[key])
-    return out
+    return out, []
 
 
-def _unsupported(path: str, given: str, supported: list[str], known: tuple[str, ...],
-                 what: str) -> tuple[str, str, str]:
+def _unsupported(path: str, given: str, supported: list[str], known: tuple[str, ...], what: str) -> Problem:
     names = ", ".join(supported)
     if given in known or given.lower() in {k.lower() for k in known}:
         return (path, f"{what} type {given!r} is accepted by DeepSpeed but not implemented by orch's engine",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .config_errors import problems_error
+from .config_errors import Problem
 from .config_types import Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, Str, choice
 
 OffloadDevice = choice("none", "cpu", "nvme", case_insensitive=False)
@@ -31,15 +31,12 @@ class FP16Config(Section):
     min_loss_scale: NonNegInt = 1
     fp16_master_weights_and_grads: Bool = False
 
-    @model_validator(mode="after")
-    def _dynamic_scaler_needs_positive_window(self) -> "FP16Config":
+    def _check(self) -> list[Problem]:
         # As in DeepSpeed: these only matter (and must be > 0) when dynamic scaling runs.
-        if self.enabled and self.loss_scale == 0:
-            bad = [(k, f"must be > 0 when dynamic loss scaling is on (loss_scale 0), got 0", "")
-                   for k in ("loss_scale_window", "min_loss_scale", "hysteresis") if getattr(self, k) == 0]
-            if bad:
-                raise problems_error(bad)
-        return self
+        if not (self.enabled and self.loss_scale == 0):
+            return []
+        return [(k, "must be > 0 when dynamic loss scaling is on (loss_scale 0), got 0", "")
+                for k in ("loss_scale_window", "min_loss_scale", "hysteresis") if getattr(self, k) == 0]
 
     @property
     def dynamic_loss_scale(self) -> bool:
@@ -153,11 +150,10 @@ class ZeroConfig(Section):
     leaf_module: Optional[dict[str, Any]] = None
     zenflow: Optional[dict[str, Any]] = None
 
-    @model_validator(mode="after")
-    def _check(self) -> "ZeroConfig":
+    def _check(self) -> list[Problem]:
         if self.overlap_comm is None:
             self.overlap_comm = self.stage == 3
-        problems = []
+        problems: list[Problem] = []
         if self.offload_param.device != "none" and self.stage != 3:
             problems.append(("offload_param.device",
                              f"offload_param works only with ZeRO stage 3, but stage is {self.stage}",
@@ -173,9 +169,7 @@ class ZeroConfig(Section):
             if section.device == "nvme" and not section.nvme_path:
                 problems.append((f"{key}.nvme_path", "device is \"nvme\" but nvme_path is not set",
                                  "set nvme_path to a directory on the NVMe drive, or use device \"cpu\""))
-        if problems:
-            raise problems_error(problems)
-        return self
+        return problems
 
 
 class ActivationCheckpointingConfig(Section):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
-from .config_errors import describe, value_error
+from .config_errors import Problem, describe, problems_error, value_error
 
 
 def _as_int(value: Any) -> Any:
@@ -82,9 +82,25 @@ DType = choice("fp32", "fp16", "bf16")
 
 
 class Section(BaseModel):
-    """Base of every ds_config section: unknown keys are errors, field names are DeepSpeed's keys."""
+    """Base of every ds_config section: unknown keys are errors, field names are DeepSpeed's keys.
+
+    A section with rules that span its fields (or that fills a dynamic default) overrides
+    ``_check``; every problem it returns is reported at once, under its key path, with its fix.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_default=False, protected_namespaces=())
+
+    def _check(self) -> list[Problem]:
+        """``(key below this section, what is wrong, how to fix it)`` for each mistake; runs after
+        every field validated, and may normalise values (canonical names, dynamic defaults)."""
+        return []
+
+    @model_validator(mode="after")
+    def _report_problems(self) -> "Section":
+        problems = self._check()
+        if problems:
+            raise problems_error(problems)
+        return self
 
 
 class Opaque(BaseModel):

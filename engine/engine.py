@@ -201,7 +201,9 @@ class Engine(CheckpointMethods, nn.Module):
         return {"device": total - offloaded, "offloaded": offloaded, "live_peak": self.optimizer.live_peak_bytes}
 
     def _unmanaged_param_bytes(self) -> int:
-        managed = {id(p) for p in self.optimizer.params}
+        """Parameters no optimizer partition holds (frozen ones below stage 3), counted whole."""
+        held = list(self.optimizer.params) + list(getattr(self.optimizer, "frozen_params", ()))
+        managed = {id(p) for p in held}
         return sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in managed)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",

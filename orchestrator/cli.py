@@ -273,10 +273,7 @@ def ckpt_ls(directory: Annotated[Path, typer.Argument(help="Checkpoint directory
     """List checkpoints: step, world size, ZeRO stage, size, complete or not."""
     from engine.checkpoint.inspect import list_dir
 
-    try:
-        rows = _checkpoint_call(list_dir, directory)
-    except UserError as exc:
-        _fail(exc)
+    rows = _checkpoint_call(list_dir, directory)
     table = Table(title=f"checkpoints in {directory}")
     for col in ("tag", "step", "world size", "ZeRO stage", "size", "status", "latest"):
         table.add_column(col)
@@ -294,10 +291,7 @@ def ckpt_verify(directory: Annotated[Path, typer.Argument(help="Checkpoint direc
     """Verify every shard's checksum against the manifest."""
     from engine.checkpoint.inspect import verify
 
-    try:
-        reports = _checkpoint_call(verify, directory)
-    except UserError as exc:
-        _fail(exc)
+    reports = _checkpoint_call(verify, directory)
     for r in reports:
         if r.ok:
             out.print(f"[green]ok[/]       {r.checkpoint}  ({r.files} files, {human_bytes(r.bytes)})", markup=True)
@@ -314,22 +308,19 @@ def ckpt_consolidate(directory: Annotated[Path, typer.Argument(help="Checkpoint 
     """Write one fp32 state_dict loadable into the plain model, streaming parameter by parameter."""
     from engine.checkpoint.consolidate import consolidate
 
-    try:
-        result = _checkpoint_call(consolidate, directory, output)
-    except UserError as exc:
-        _fail(exc)
+    result = _checkpoint_call(consolidate, directory, output)
     out.print(f"wrote {result.output} ({result.tensors} tensors, {human_bytes(result.bytes)}) from "
               f"{result.checkpoint}; load it with model.load_state_dict(..., strict=True)")
 
 
 def _checkpoint_call(fn, *args):  # type: ignore[no-untyped-def]
-    """Run an engine.checkpoint function, turning its CheckpointError into a UserError."""
+    """Run an engine.checkpoint function; its CheckpointError ends the command as a user error."""
     from engine.checkpoint.manifest import CheckpointError
 
     try:
         return fn(*args)
     except CheckpointError as exc:
-        raise UserError(str(exc)) from None
+        _fail(UserError(str(exc)))
 
 
 def _dash(value: object) -> str:

@@ -30,6 +30,9 @@ API_VERSION = "kubeflow.org/v1"
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER_NAME = "pytorch"        # the training operator looks the container up by this name
 PORT_NAME = "pytorchjob-port"     # ... and reads the rendezvous port from this container port
+# the rendezvous port in the pod when the spec names none: each pod has its own network namespace, so
+# jobs never share it (charts/orch-job/values.yaml has the same default)
+MASTER_PORT = 29500
 DEFAULT_IMAGE = "ghcr.io/orch-dev/orch:latest"
 JOB_FILE = "job.json"             # the job spec, beside ds_config.json in the ConfigMap
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -103,7 +106,7 @@ def pod_values(spec: JobSpec, placement: Any, program_argv: list[str],
         "image": k.image or DEFAULT_IMAGE,
         "command": container_command(spec, placement, program_argv),
         "container_env": container_env(spec, job_env),
-        "ports": [{"name": PORT_NAME, "containerPort": spec.rdzv_port, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "containerPort": spec.rdzv_port or MASTER_PORT, "protocol": "TCP"}],
         "resources": resources,
         "volume_mounts": mounts,
         "volumes": volumes,
@@ -135,6 +138,7 @@ def chart_values(spec: JobSpec) -> dict[str, Any]:
     """
     data = spec.model_dump(mode="json", exclude={"slurm", "local", "ds_config", "nodes"}, exclude_none=True)
     data["nodes"] = spec.nodes.max if not spec.nodes.elastic else str(spec.nodes)
+    data["rdzv_port"] = spec.rdzv_port or MASTER_PORT  # what the pods use; the chart's default too
     ds = spec.ds_config_dict()
     if ds is not None:
         data["ds_config"] = ds

@@ -166,6 +166,16 @@ class NodeCommand:
     env: dict[str, str]
 
 
+# What `orch render --cluster local` shows when the spec fixes no port: the local backend picks a
+# free one at submit (and writes the plan it runs, with that port, to the run directory).
+PREVIEW_RDZV_PORT = 29500
+
+
+def local_rdzv_port(spec: JobSpec) -> int | None:
+    """The rendezvous port a local job must use (``local.rdzv_port``, else ``rdzv_port``); None: any free one."""
+    return spec.local.rdzv_port or spec.rdzv_port
+
+
 def local_node_commands(spec: JobSpec, placement: Placement, rdzv_port: int) -> list[NodeCommand]:
     """The torchrun agents of a local job. The rendezvous store is hosted by orch's supervisor
     (``is_host=false`` on every agent), so any simulated node can die without taking it along."""
@@ -266,7 +276,9 @@ def render(spec: JobSpec, cluster: Cluster, placement: Placement | None = None) 
         text = env.get_template("kubernetes/pytorchjob.yaml.j2").render(context)
         validate_manifest_text(text, spec)
         return Rendered(cluster, "manifest", text, files)
-    context["rdzv_port"] = spec.local.rdzv_port or spec.rdzv_port
+    port = local_rdzv_port(spec)
+    context["rdzv_port"] = port or PREVIEW_RDZV_PORT
+    context["port_chosen_at_submit"] = port is None
     context["nodes"] = local_node_commands(spec, placement, context["rdzv_port"])
     text = env.get_template("local/plan.sh.j2").render(context)
     return Rendered(cluster, "plan", text, files)

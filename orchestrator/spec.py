@@ -167,7 +167,9 @@ class JobSpec(_Strict):
     ds_config: str | dict[str, Any] | None = Field(None, description="path to ds_config.json or inline")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_restarts: int = Field(3, ge=0)
-    rdzv_port: int = Field(29500, ge=1024, le=65535)
+    rdzv_port: int | None = Field(None, ge=1024, le=65535,
+                                  description="default: chosen per job (local: a free port; Slurm: from the job id; "
+                                              "Kubernetes: 29500 in the pod)")
     python: str | None = Field(None, description="interpreter on the nodes; default per backend")
     env: dict[str, str] = Field(default_factory=dict)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)

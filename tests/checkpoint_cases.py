@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.dist_utils import train_global_batches
+
 VOCAB, DIM, HIDDEN, SEQ = 40, 12, 21, 5
 GLOBAL_BATCH = 8
 
@@ -129,24 +131,7 @@ class Sampler:
 
 def train(eng: Any, sampler: Sampler, steps: int) -> list[float]:
     """``steps`` optimizer steps on the global batch stream; mean loss over all ranks per step."""
-    import torch.distributed as dist
-
-    rank, world = eng.global_rank, eng.world_size
-    micro, gas = eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
-    losses = []
-    for _ in range(steps):
-        x, y = sampler.next_batch()
-        total = torch.zeros(())
-        for m in range(gas):
-            rows = slice((m * world + rank) * micro, (m * world + rank + 1) * micro)
-            loss = eng(x[rows], y[rows])
-            eng.backward(loss)
-            eng.step()
-            total += loss.detach().float()
-        if dist.is_initialized() and world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / (gas * world))
-    return losses
+    return list(train_global_batches(eng, (sampler.next_batch() for _ in range(steps))))
 
 
 def full_state(eng: Any) -> dict[str, Any]:

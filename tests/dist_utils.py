@@ -20,6 +20,9 @@ Results come back per rank, in rank order. They travel pickled by value, so tens
 fine. A rank that raises makes ``run_distributed`` raise ``RankError`` with that rank's
 traceback; ranks that have not answered within ``timeout`` seconds are killed and
 ``TimeoutError`` names them. No process outlives the call.
+
+``train_global_batches`` is the data-parallel training loop those functions share (the ZeRO,
+checkpoint and DeepSpeed peer tests): the same global batches split the same way on any world size.
 """
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ import queue as queue_mod
 import socket
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable, Optional
 
-__all__ = ["RankError", "free_port", "run_distributed"]
+__all__ = ["RankError", "free_port", "run_distributed", "train_global_batches"]
 
 
 class RankError(RuntimeError):
@@ -107,3 +111,30 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, tim
                 p.kill()
                 p.join()
     return [answers[r] for r in range(world_size)]
+
+
+def train_global_batches(eng: Any, batches: Iterable[tuple[Any, Any]]) -> Iterator[float]:
+    """One optimizer step per global batch ``(x, y)``, as a data-parallel job takes it; after each
+    step, yields the mean loss over every micro-batch of every rank.
+
+    Rank ``r`` takes rows ``[(m*world + r)*micro, +micro)`` at accumulation step ``m``, so runs that
+    differ only in world size, accumulation or library see the same samples per step and must
+    report the same losses. ``eng`` comes from ``engine.initialize`` or ``deepspeed.initialize``
+    (both have ``global_rank``, ``world_size`` and DeepSpeed's batch getters).
+    """
+    import torch
+    import torch.distributed as dist
+
+    rank, world = eng.global_rank, eng.world_size
+    micro, gas = eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
+    for x, y in batches:
+        total = torch.zeros(())
+        for m in range(gas):
+            rows = slice((m * world + rank) * micro, (m * world + rank + 1) * micro)
+            loss = eng(x[rows], y[rows])
+            eng.backward(loss)
+            eng.step()
+            total += loss.detach().float()
+        if world > 1:
+            dist.all_reduce(total)
+        yield total.item() / (gas * world)

@@ -7,7 +7,7 @@ environment variable that points them at a real resource instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared"))
 
 
+def shared_path(relative: str, env_var: str) -> Path:
+    """Where a file of ../shared is: the path in ``env_var`` if set, else ``SHARED/relative`` (may not exist)."""
+    override = os.environ.get(env_var)
+    return Path(override) if override else SHARED / relative
+
+
 def shared_file(relative: str, env_var: str, what: str) -> Path:
     """A file from ../shared (or the path in ``env_var``), or skip the test saying how to get it."""
-    override = os.environ.get(env_var)
-    path = Path(override) if override else SHARED / relative
+    path = shared_path(relative, env_var)
     if not path.exists():
         pytest.skip(f"{what} not found at {path}: set {env_var}=/path/to/it "
                     f"(or ORCH_SHARED_DIR to a checkout of the shared test tools)")
@@ -37,6 +42,21 @@ def slurm_cluster_script() -> Path:
 
 def apiserver_script() -> Path:
     return shared_file("k8s/apiserver.sh", "ORCH_K8S_APISERVER_SH", "the test kube-apiserver script")
+
+
+def start_or_skip(argv: list[str], ready: Callable[[], bool], enable: str, timeout: float,
+                  env: dict[str, str] | None = None) -> None:
+    """Run a test-cluster script's start command (``bash SCRIPT start ...``); unless it succeeds and
+    ``ready()`` then holds, skip the test with the script's last output and how to enable the tier."""
+    import subprocess
+
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"{' '.join(argv[1:])} did not finish in {timeout / 60:.0f} min; {enable}")
+    if result.returncode != 0 or not ready():
+        pytest.skip(f"{argv[1]} start failed (exit {result.returncode}): "
+                    f"{(result.stderr or result.stdout)[-800:]}; {enable}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,20 +123,13 @@ def kube_apiserver() -> Iterator[Path]:
         if not _api_reachable(kubeconfig):
             pytest.skip(f"ORCH_TEST_KUBECONFIG={given}: no API server answers with that kubeconfig")
     else:
-        override = os.environ.get("ORCH_K8S_APISERVER_SH")
-        candidate = Path(override) if override else SHARED / "k8s" / "apiserver.sh"
+        candidate = shared_path("k8s/apiserver.sh", "ORCH_K8S_APISERVER_SH")
         if not candidate.exists():
             pytest.skip(f"no Kubernetes API server for the kubernetes tier: {K8S_ENABLE}")
         kubeconfig = K8S_DIR / "kubeconfig"
         if not _api_reachable(kubeconfig):
-            try:
-                result = subprocess.run(["bash", str(candidate), "start", str(K8S_DIR)], capture_output=True,
-                                        text=True, timeout=1800)
-            except subprocess.TimeoutExpired:
-                pytest.skip(f"{candidate} start {K8S_DIR} did not finish in 30 min; {K8S_ENABLE}")
-            if result.returncode != 0 or not _api_reachable(kubeconfig):
-                pytest.skip(f"{candidate} start failed (exit {result.returncode}): "
-                            f"{(result.stderr or result.stdout)[-800:]}; {K8S_ENABLE}")
+            start_or_skip(["bash", str(candidate), "start", str(K8S_DIR)], lambda: _api_reachable(kubeconfig),
+                          K8S_ENABLE, timeout=1800)
             script = candidate
     install_pytorchjob_crd(kubeconfig)
     try:
@@ -233,8 +246,7 @@ def slurm_cluster() -> Iterator[SlurmLab]:
         if not lab.conf.exists() or not lab.up():
             pytest.skip(f"ORCH_TEST_SLURM_CONF={given}: no Slurm controller answers with that slurm.conf")
     else:
-        override = os.environ.get("ORCH_SLURM_CLUSTER_SH")
-        script = Path(override) if override else SHARED / "slurm" / "cluster.sh"
+        script = shared_path("slurm/cluster.sh", "ORCH_SLURM_CLUSTER_SH")
         if not script.exists():
             pytest.skip(f"no Slurm cluster for the slurm tier: {SLURM_ENABLE}")
         if not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch")):
@@ -246,11 +258,7 @@ def slurm_cluster() -> Iterator[SlurmLab]:
         lab = SlurmLab(SLURM_LAB / "etc" / "slurm.conf", script)
         if not lab.up():
             env = {**os.environ, "SLURM_LAB": str(SLURM_LAB), "SLURM_CONF": str(lab.conf)}
-            result = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True,
-                                    timeout=300, env=env)
-            if result.returncode != 0 or not lab.up():
-                pytest.skip(f"{script} start failed (exit {result.returncode}): "
-                            f"{(result.stderr or result.stdout)[-800:]}; {SLURM_ENABLE}")
+            start_or_skip(["bash", str(script), "start"], lab.up, SLURM_ENABLE, timeout=300, env=env)
             started = script
         lab.restore_nodes()  # a node an interrupted earlier session left crashed
     with pytest.MonkeyPatch.context() as mp:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from engine.checkpoint.manifest import CheckpointError
 from orchestrator.cli import app
 from tests.checkpoint_cases import Sampler, build, train
+from tests.cli_process import run_orch
 
 runner = CliRunner()
 
@@ -144,15 +145,8 @@ def test_no_latest_returns_none_and_bad_tags_are_refused(tmp_path: Path) -> None
 
 
 def test_ckpt_ls_and_verify_run_without_importing_torch(run: Path) -> None:
-    import subprocess
-    import sys
-
     for command in ("ls", "verify"):
-        code = (f"import sys; sys.argv=['orch','ckpt',{command!r},{str(run)!r}]\n"
-                "from orchestrator.cli import app\n"
-                "try: app()\nexcept SystemExit as e: assert not e.code, e.code\n"
-                "assert 'torch' not in sys.modules\n")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        result = run_orch("ckpt", command, str(run))
         assert result.returncode == 0, result.stderr
         assert "step-4" in result.stdout
 

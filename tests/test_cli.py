@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from tests.cli_process import run_orch
 from tests.shared_env import REPO
 
 runner = CliRunner()
@@ -22,12 +22,7 @@ def test_help_lists_every_command() -> None:
 
 
 def test_orch_help_runs_as_a_real_process_without_importing_torch() -> None:
-    code = ("import sys; sys.argv=['orch','--help']\n"
-            "from orchestrator.cli import app\n"
-            "try: app()\nexcept SystemExit: pass\n"
-            "bad = [m for m in ('torch', 'kubernetes') if m in sys.modules]\n"
-            "assert not bad, bad\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = run_orch("--help")
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout
     installed = subprocess.run(["orch", "--help"], capture_output=True, text=True, timeout=60)
@@ -35,12 +30,7 @@ def test_orch_help_runs_as_a_real_process_without_importing_torch() -> None:
 
 
 def test_render_does_not_import_torch_or_kubernetes() -> None:
-    code = ("import sys; sys.argv=['orch','render',%r,'--cluster','kubernetes']\n"
-            "from orchestrator.cli import app\n"
-            "try: app()\nexcept SystemExit as e: assert not e.code, e.code\n"
-            "bad = [m for m in ('torch', 'kubernetes') if m in sys.modules]\n"
-            "assert not bad, bad\n") % EXAMPLE
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = run_orch("render", EXAMPLE, "--cluster", "kubernetes")
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["kind"] == "PyTorchJob"
 

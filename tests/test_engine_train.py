@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine.metrics import TRAIN_FIELDS
+from tests import trainer_runs
+from tests.trainer_runs import clean_env, run_trainer
 
 STEPS, LOG_EVERY = 40, 10
 
@@ -53,47 +52,12 @@ needs_checkpoints = pytest.mark.skipif(
     not _engine_can_checkpoint(), reason="Engine.save_checkpoint/load_checkpoint not implemented yet")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "SLURM_", "TORCHELASTIC_"))}
-    # Two cores shared by everything: one intra-op thread per process avoids spin-waiting.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_trainer(*args: str, ranks: int = 1, timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "engine.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
-               "-m", "engine.train", *args]
-    # Own session, so a hung run is killed with all its workers, not just the torchrun parent.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(**env), start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"trainer did not finish in {timeout}s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def write_config(directory: Path, config: dict | None = None) -> Path:
-    path = directory / "ds_config.json"
-    path.write_text(json.dumps(config or DS_CONFIG))
-    return path
+    return trainer_runs.write_config(directory, config or DS_CONFIG)
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+    return trainer_runs.records(run_dir, kind)
 
 
 def losses(records: list[dict]) -> dict[int, float]:
@@ -230,7 +194,7 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, args, message):
     if args and args[0] != "--deepspeed_config":
         args = ["--deepspeed_config", str(write_config(tmp_path)), *args]
     result = subprocess.run([sys.executable, "-m", "engine.train", *args], capture_output=True,
-                            text=True, timeout=60, cwd=tmp_path, env=_env())
+                            text=True, timeout=60, cwd=tmp_path, env=clean_env())
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

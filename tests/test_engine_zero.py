@@ -15,7 +15,8 @@ import functools
 import pytest
 
 from tests.dist_utils import run_distributed
-from tests.engine_zero_cases import ds_config, reference_run, run_cases
+from tests.engine_zero_cases import (cached_reference, check_against_reference, check_resumed_in_another_layout,
+                                     ds_config, run_cases)
 
 pytestmark = pytest.mark.slow
 
@@ -49,28 +50,15 @@ def results(world: int) -> dict:
     return run_distributed(run_cases, world, {**CASES, **LOW_PRECISION}, MEMORY, RESHARD, timeout=400)[0]
 
 
-@functools.lru_cache(maxsize=None)
-def reference(clip: float, groups: bool) -> tuple:
-    return reference_run(clip, groups=groups)
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
-
-
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fp32_training_equals_the_single_process_reference(world: int, case: str) -> None:
     config, groups = CASES[case]
     run = results(world)[case]
-    ref_losses, ref_params = reference(config["gradient_clipping"], groups)
     assert run["skipped"] == 0 and run["global_steps"] == 20
-    worst = max(_rel(a, b) for a, b in zip(run["losses"], ref_losses))
-    assert worst <= 1e-5, f"losses differ from the reference by {worst:.2e} (relative)"
+    reference = cached_reference(config["gradient_clipping"], groups)
+    check_against_reference(run, reference, loss_tol=1e-5, param_tol=1e-5)
     assert run["losses"][-1] < run["losses"][0] - 0.1, "the model did not learn"
-    for name, ref in ref_params.items():
-        diff = (run["params"][name] - ref).abs().max().item()
-        assert diff <= 1e-5, f"{name} differs from the reference by {diff:.2e}"
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -78,13 +66,9 @@ def test_fp32_training_equals_the_single_process_reference(world: int, case: str
 def test_mixed_precision_tracks_the_fp32_reference(world: int, case: str) -> None:
     run = results(world)[case]
     tol = TOLERANCE[case.split("-")[0]]
-    ref_losses, ref_params = reference(CLIP, False)
     assert run["skipped"] == 0  # fp16 starts at 2**12 here: no overflow, so steps line up
-    worst = max(_rel(a, b) for a, b in zip(run["losses"], ref_losses))
-    assert worst <= tol["loss"], f"{case}: losses differ by {worst:.2e} (relative)"
-    for name, ref in ref_params.items():
-        diff = (run["params"][name] - ref).abs().max().item()
-        assert diff <= tol["param"], f"{case}: {name} differs by {diff:.2e}"
+    check_against_reference(run, cached_reference(CLIP, False), loss_tol=tol["loss"], param_tol=tol["param"],
+                            label=f"{case}: ")
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -105,9 +89,4 @@ def test_model_state_memory_matches_the_zero_paper(world: int, stage: int) -> No
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", sorted(RESHARD))
 def test_full_state_from_one_layout_resumes_in_another(world: int, case: str) -> None:
-    run = results(world)[case]
-    assert {"exp_avg", "exp_avg_sq", "step"} <= set(run["state_keys"])
-    assert run["global_steps"] == (10, 10)
-    assert run["lr"][0] == run["lr"][1]
-    worst = max(_rel(a, b) for a, b in zip(run["a"], run["b"]))
-    assert worst <= 1e-6, f"resumed run differs by {worst:.2e}"
+    check_resumed_in_another_layout(results(world)[case])

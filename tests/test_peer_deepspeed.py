@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, train_global_batches
 
 DS_INSTALL = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8"
 
@@ -146,33 +146,22 @@ def _build(model: str) -> Any:
 
 
 def _train(library: Any, case: dict[str, Any]) -> dict[str, Any]:
-    """Train one case through ``library.initialize``; what the user would look at afterwards."""
-    import torch
-    import torch.distributed as dist
-
+    """Train one case through ``library.initialize``; what the user would look at afterwards. The
+    final weights are gathered with the library's own ``zero.GatheredParameters`` (a no-op below
+    stage 3, where every rank holds them whole)."""
     from tests.engine_zero_cases import global_batch, param_groups
 
     model = _build(case["model"])
     groups = param_groups(model) if case["model"] == "tinylm" else None
     eng, _, _, _ = library.initialize(model=model, model_parameters=groups, config=copy.deepcopy(case["config"]))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    micro, gas = eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
     losses, lrs, norms = [], [], []
-    for step in range(STEPS):
-        x, y = global_batch(step)
-        total = torch.zeros(())
-        for m in range(gas):
-            rows = slice((m * world + rank) * micro, (m * world + rank + 1) * micro)
-            loss = eng(x[rows], y[rows])
-            eng.backward(loss)
-            eng.step()
-            total += loss.detach().float()
-        dist.all_reduce(total)
-        losses.append(total.item() / (gas * world))
+    for loss in train_global_batches(eng, map(global_batch, range(STEPS))):
+        losses.append(loss)
         lrs.append([float(lr) for lr in eng.get_lr()])
         norms.append(float(eng.get_global_grad_norm()))
-    return {"losses": losses, "lrs": lrs, "norms": norms, "global_steps": eng.global_steps,
-            "params": {n: p.detach().float().clone() for n, p in model.named_parameters()}}
+    with library.zero.GatheredParameters(list(model.parameters())):
+        params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    return {"losses": losses, "lrs": lrs, "norms": norms, "global_steps": eng.global_steps, "params": params}
 
 
 def _both_libraries(cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -186,13 +175,17 @@ def _both_libraries(cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             for name, case in cases.items()}
 
 
-@pytest.fixture(scope="module")
-def runs() -> dict[str, dict[str, Any]]:
-    """All cases in one 2-rank launch: DeepSpeed's import and op loading are paid once."""
+def run_both_libraries(cases: dict[str, dict[str, Any]], timeout: float = 540) -> dict[str, dict[str, Any]]:
+    """Rank 0's results of every case through both libraries, all in one 2-rank launch: DeepSpeed's
+    import and op loading are paid once."""
     # The first run on a machine JIT-compiles DeepSpeed's CPU ops (about 2 minutes); 540 s keeps this
     # clearer timeout ahead of pytest-timeout's 600.
-    return run_distributed(_both_libraries, 2, CASES, init=False, timeout=540,
-                           env={"DS_ACCELERATOR": "cpu"})[0]
+    return run_distributed(_both_libraries, 2, cases, init=False, timeout=timeout, env={"DS_ACCELERATOR": "cpu"})[0]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict[str, Any]]:
+    return run_both_libraries(CASES)
 
 
 def _rel(a: float, b: float) -> float:
@@ -201,7 +194,11 @@ def _rel(a: float, b: float) -> float:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_losses_and_weights_equal_deepspeed(runs: dict[str, dict[str, Any]], name: str) -> None:
-    ds, ours, tol = runs[name]["deepspeed"], runs[name]["orch"], CASES[name]["tolerance"]
+    assert_matches_deepspeed(runs[name]["orch"], runs[name]["deepspeed"], CASES[name]["tolerance"])
+
+
+def assert_matches_deepspeed(ours: dict[str, Any], ds: dict[str, Any], tol: Tolerance) -> None:
+    """orch's run agrees with DeepSpeed's step by step (loss, LR, gradient norm) and in every final weight."""
     assert ours["global_steps"] == ds["global_steps"] == STEPS
     for step, (a, b) in enumerate(zip(ours["losses"], ds["losses"])):
         assert _rel(a, b) <= tol.loss, (f"step {step}: orch loss {a!r} vs DeepSpeed {b!r}\n"
@@ -211,8 +208,10 @@ def test_losses_and_weights_equal_deepspeed(runs: dict[str, dict[str, Any]], nam
         f"learning rates differ:\norch {ours['lrs']}\nDeepSpeed {ds['lrs']}")
     for step, (a, b) in enumerate(zip(ours["norms"], ds["norms"])):
         assert _rel(a, b) <= tol.norm, f"step {step}: orch grad norm {a!r} vs DeepSpeed {b!r}"
+    assert set(ours["params"]) == set(ds["params"])
     for pname, p in ds["params"].items():
         mine = ours["params"][pname]
+        assert mine.shape == p.shape and p.numel() > 0, f"{pname} was not gathered"
         noise_only = _key_bias(pname, p)
         if noise_only is not None:
             assert max(mine[noise_only].abs().max().item(), p[noise_only].abs().max().item()) < 1e-3

@@ -12,7 +12,9 @@
    master partition to the model as after a step (``load_master_partition``: cast into the
    rank's slice of the parameters, then all-gathered at stages 1-2, kept partitioned at 3).
 4. Everything else: loss scaler, LR schedule, step counters, buffers, RNG states (rank r gets
-   the state saved by rank r, or by rank r mod N when the world grew), client_state.
+   the state saved by rank r, or by rank r mod N when the world grew), client_state. Frozen
+   parameters are whole tensors among the extras; a stage-3 engine, which partitions them,
+   reads only the byte ranges of its own share of each (``_read_frozen_pieces``).
 """
 from __future__ import annotations
 
@@ -121,10 +123,13 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
     _check_compatible(manifest, names, opt, strict=strict, optimizer=optimizer, ckpt_dir=ckpt_dir)
     _check_extras(manifest, names, strict=strict, ckpt_dir=ckpt_dir)
     keys = list(manifest["optimizer"]["state_keys"]) if optimizer else []
+    frozen = getattr(opt, "frozen_shares", None)      # stage 3: frozen parameters are partitioned
+    owned = frozen.owned() if frozen is not None else {}
     error = None
     try:
         buffers = read_partition(ckpt_dir, manifest, opt, names, group.rank, keys)
-        extras = _read_extras(ckpt_dir, manifest)
+        extras = _read_extras(ckpt_dir, manifest, skip={n for n, t in names.extras if id(t) in owned})
+        pieces = _read_frozen_pieces(ckpt_dir, manifest, names, owned)
         objects = _read_objects(ckpt_dir, manifest)
     except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
         error = f"rank {group.rank}: {exc}"
@@ -133,6 +138,8 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
         raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {error}", ckpt_dir)
     opt.load_master_partition(buffers.pop("master"))   # and publishes it to the model, as a step does
     _apply_extras(engine.module, extras)
+    if frozen is not None:
+        frozen.load(pieces)          # a collective: every rank, pieces or not
     if optimizer:
         _apply_optimizer(opt, manifest, buffers, names)
         if manifest["dtype_policy"]["name"] == engine.precision.name:
@@ -174,8 +181,9 @@ def _check_compatible(manifest: Mapping[str, Any], names: ModelNames, opt: Any, 
 def _check_extras(manifest: Mapping[str, Any], names: ModelNames, *, strict: bool, ckpt_dir: Path) -> None:
     saved = {e["name"]: e for e in manifest.get("extras", [])}
     mine = {n: t for n, t in names.extras}
-    wrong = [f"{n} (checkpoint {saved[n]['shape']}, model {list(t.shape)})" for n, t in mine.items()
-             if n in saved and list(saved[n]["shape"]) != list(t.shape)]
+    shape = {n: list(getattr(t, "ds_shape", t.shape)) for n, t in mine.items()}   # ds_shape: partitioned (stage 3)
+    wrong = [f"{n} (checkpoint {saved[n]['shape']}, model {shape[n]})" for n in mine
+             if n in saved and list(saved[n]["shape"]) != shape[n]]
     if wrong:
         raise CheckpointError(f"{ckpt_dir}: buffer shapes differ: {', '.join(wrong[:5])}", ckpt_dir)
     missing = sorted(n for n, t in mine.items() if n not in saved and not isinstance(t, torch.nn.Parameter))
@@ -282,17 +290,42 @@ class _Files:
             os.close(fd)
 
 
-def _read_extras(ckpt_dir: Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _read_extras(ckpt_dir: Path, manifest: Mapping[str, Any], skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     if not manifest.get("extras"):
         return {}
     tensors = manifest["files"][EXTRA_FILE]["tensors"]
     out = {}
     with _Files(ckpt_dir) as files:
         for name, t in tensors.items():
+            if name in skip:
+                continue
             value = torch.empty(t["shape"], dtype=getattr(torch, t["dtype"]))
             if value.numel():
                 files.read(EXTRA_FILE, t["offset"], _bytes_of(value))
             out[name] = value
+    return out
+
+
+def _read_frozen_pieces(ckpt_dir: Path, manifest: Mapping[str, Any], names: ModelNames,
+                        owned: Mapping[int, list[tuple[int, int, int]]]) -> dict[int, list[tuple[int, torch.Tensor]]]:
+    """This rank's share of each partitioned frozen parameter (``owned``: ``id(param) -> [(offset in the
+    partition, offset in the parameter, length)]``), read from the whole tensor in the extras file;
+    values in the saved dtype, keyed like ``owned``. Parameters the checkpoint lacks are left out."""
+    if not owned or not manifest.get("extras"):
+        return {}
+    tensors = manifest["files"][EXTRA_FILE]["tensors"]
+    out: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    with _Files(ckpt_dir) as files:
+        for name, param in names.extras:
+            runs, saved = owned.get(id(param)), tensors.get(name)
+            if runs is None or saved is None:
+                continue
+            item = ITEMSIZE[saved["dtype"]]
+            out[id(param)] = []
+            for local, start, length in runs:
+                value = torch.empty(length, dtype=getattr(torch, saved["dtype"]))
+                files.read(EXTRA_FILE, saved["offset"] + start * item, _bytes_of(value))
+                out[id(param)].append((local, value))
     return out
 
 

@@ -6,7 +6,8 @@ The protocol, and why it survives a SIGKILL at any moment:
 2. every rank writes its files there (hashing the bytes as they go out) and fsyncs them: the
    fp32 master partition and the optimizer-state partition of the slice it owns (at stage 0
    the state is replicated, so only rank 0 writes it); rank 0 also writes buffers/frozen
-   parameters and, if needed, ``objects.pt``;
+   parameters (stage 3 gathers its partitioned frozen parameters for that first, one unit at a
+   time) and, if needed, ``objects.pt``;
 3. rank 0 collects every rank's file sizes and sha256, writes ``manifest.json``, fsyncs it
    and the directory, and renames ``<tag>.tmp`` to ``<tag>`` (an atomic step);
 4. rank 0 replaces ``latest`` by writing a temp file, fsyncing it and renaming it over
@@ -153,15 +154,26 @@ def _collect(engine: Any, job: SaveJob, client_state: dict[str, Any], snapshot: 
     """What this rank writes (copied to CPU when ``snapshot``), and on rank 0 the manifest draft."""
     opt = engine.optimizer
     names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
+    whole = _gather_partitioned_frozen(opt, exclude_frozen)   # first: a collective on every rank
     keys, groups = _optimizer_state(opt)
     copy_ = _snapshot if snapshot else _as_is
     job.files = _shard_files(opt, keys, job.rank, copy_)
     if job.rank == 0:
-        extras = [(n, t) for n, t in names.extras if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
+        extras = [(n, whole.get(id(t), t)) for n, t in names.extras
+                  if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
         if extras:
             entries = [TensorEntry(n, _dtype(t), tuple(t.shape), [copy_(t)]) for n, t in extras]
             job.files[EXTRA_FILE] = ("extra", entries)
         job.header = _header(engine, job, names, extras, keys, groups, client_state, snapshot)
+
+
+def _gather_partitioned_frozen(opt: Any, exclude_frozen: bool) -> dict[int, torch.Tensor]:
+    """Stage 3 partitions frozen parameters; rank 0 gets them whole (``id(param) -> host tensor``)
+    to write among the extras, as every other stage does. Every rank must call it."""
+    frozen = getattr(opt, "frozen_shares", None)
+    if frozen is None or exclude_frozen:
+        return {}
+    return frozen.gather(rank0_only=True)
 
 
 def _make_tmp_dir(save_dir: Path, tag: str, client_state: Mapping[str, Any]) -> Optional[str]:

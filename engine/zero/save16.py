@@ -6,6 +6,8 @@ into the plain model (``load_state_dict(torch.load(path))``) for inference or ex
 host, and only when ``stage3_gather_16bit_weights_on_model_save`` allows it (gathering a large
 model is expensive; DeepSpeed then writes nothing, warns and returns False, and so do we).
 Names are the plain model's (no ``module.`` prefix), tied weights appear under each of their names.
+Frozen parameters are included (stage 3 gathers them like the trainable ones) unless
+``exclude_frozen_parameters``.
 """
 from __future__ import annotations
 
@@ -31,12 +33,12 @@ def save_16bit_model(engine: Any, save_dir: str | os.PathLike[str], save_filenam
                           "so the stage-3 weights were not gathered and nothing was saved; set it to true, or use "
                           "save_checkpoint() and `orch ckpt consolidate`", stacklevel=3)
             return False
-        state = opt.full_state_dict(engine.module, rank0_only=True)
+        state = opt.full_state_dict(engine.module, rank0_only=True, frozen=not exclude_frozen_parameters)
     else:
         state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(engine.module).state_dict().items()} \
             if engine.global_rank == 0 else {}
     if exclude_frozen_parameters and state:
-        frozen = {n for n, p in unwrap(engine.module).named_parameters() if not p.requires_grad}
+        frozen = {n for n, p in unwrap(engine.module).named_parameters(remove_duplicate=False) if not p.requires_grad}
         state = {k: v for k, v in state.items() if k not in frozen}
     if engine.global_rank == 0:
         path = Path(save_dir) / save_filename

@@ -6,6 +6,7 @@ What a rank keeps (Ψ parameters, N ranks, mixed precision; ZeRO paper, arXiv:19
 state                        bytes              where (offload.py)
 ===========================  =================  =================================================
 low-precision params         2Ψ/N               ``partition`` (device; host with offload_param)
+frozen params                2Φ/N               the store's partition, after ``partition``
 gradients                    2Ψ/N               ``grad_partition`` (host with offload_optimizer)
 fp32 master + Adam m, v      12Ψ/N              ``master`` + optimizer state (host when offloaded)
 persistent small params      2 × their count    gathered all the time (stage3_params.py)
@@ -15,6 +16,13 @@ gathered units, buckets      bounded            stage3_max_live_parameters, redu
 The partitions are exactly the ``FlatLayout`` slices stages 1-2 use (same groups, same ranges),
 so checkpoints, ``load_full`` and resharding between any stage and world size work unchanged.
 Under fp32 (and no offload split) the master partition *is* the parameter partition.
+
+Frozen parameters (``requires_grad=False``, Φ elements: a frozen base model under adapters) are
+partitioned as well, in the model dtype, and never get masters, optimizer state or gradients:
+the store's layout (``store.layout``) is the optimizer's groups plus one group of them, so
+``partition`` (what the optimizer, the reducer and checkpoints see) is the head of
+``store.partition`` and the frozen share its tail (stage3_frozen.py). Checkpoints keep writing
+them whole from rank 0 as the other stages do, gathered one unit at a time.
 
 Who does what: ``PartitionedParams`` (stage3_params.py) holds the partition and gathers/releases
 fetch units; ``ParamCoordinator`` (stage3_hooks.py) decides when, from module hooks, the fetch
@@ -41,10 +49,11 @@ from .offload import OffloadSettings, copy_between, host_zeros
 from .partition import FlatLayout
 from .reduction import GradientReducer
 from .stage12 import ZeroSettings
+from .stage3_frozen import FrozenShares, frozen_params, materialize_leftovers
 from .stage3_hooks import ParamCoordinator
-from .stage3_shards import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
-                            release_init_shard, unique_params)
 from .stage3_params import PartitionedParams
+from .stage3_shards import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
+                            release_init_shard)
 
 __all__ = ["Stage3Optimizer", "Stage3Settings"]
 
@@ -80,24 +89,30 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.stage = 3
         self.model_dtype, self.device = model_dtype, device
         self.offload = offload or OffloadSettings()
-        self.layout = FlatLayout.build([[(n, full_shape_view(p)) for n, p in named] for _, named in groups],
-                                       partition_count=comm.world_size)
+        trainable = [[(n, full_shape_view(p)) for n, p in named] for _, named in groups]
+        self.layout = FlatLayout.build(trainable, partition_count=comm.world_size)
         self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
+        frozen = frozen_params(module, set(map(id, self.params)), model_dtype)
+        self.frozen_params: list[nn.Parameter] = [p for _, p in frozen]
+        frozen_group = [[(n, full_shape_view(p)) for n, p in frozen]] if frozen else []
+        store_layout = FlatLayout.build(trainable + frozen_group, partition_count=comm.world_size)
         self._rank = comm.rank
         self._prescale = model_dtype == torch.float16
 
-        numel = self.layout.partition_numel
         if self.offload.param:
-            self.partition = host_zeros(numel, model_dtype, self.offload)
+            whole = host_zeros(store_layout.partition_numel, model_dtype, self.offload)
         else:
-            self.partition = torch.zeros(numel, dtype=model_dtype, device=device)
+            whole = torch.zeros(store_layout.partition_numel, dtype=model_dtype, device=device)
+        self.partition = whole[:self.layout.partition_numel]   # the trainable groups' slices
         self.store = PartitionedParams(
-            self.layout, self.params, module, comm, rank=self._rank, dtype=model_dtype, device=device,
-            partition=self.partition, persistence_threshold=settings.param_persistence_threshold,
-            model_persistence_threshold=settings.model_persistence_threshold)
+            store_layout, self.params + self.frozen_params, module, comm, rank=self._rank, dtype=model_dtype,
+            device=device, partition=whole, persistence_threshold=settings.param_persistence_threshold,
+            model_persistence_threshold=settings.model_persistence_threshold, trainable=len(self.params))
         self.store.load_from_params(self._full_value)
-        _materialize_unmanaged(module, set(map(id, self.params)), comm, model_dtype, device)
+        materialize_leftovers(module, set(map(id, self.store.params)), comm, model_dtype, device)
+        self.frozen_shares = FrozenShares(self.store, comm)   # the checkpoint code's way to the frozen ones
 
+        numel = self.layout.partition_numel
         if self.offload.optimizer:
             self.grad_partition = host_zeros(numel, model_dtype, self.offload)
         else:
@@ -118,16 +133,16 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.coordinator = ParamCoordinator(
             module, self.store, self.reducer, prefetch_numel=settings.prefetch_bucket_size,
             max_live_numel=settings.max_live_parameters, max_reuse_distance=settings.max_reuse_distance)
-        for i, p in enumerate(self.params):   # lets GatheredParameters / register_external_parameter find us
+        for i, p in enumerate(self.store.params):   # lets GatheredParameters / register_external_parameter find us
             p.__dict__["_zero3_owner"] = (weakref.ref(self), i)
-            mark_partitioned(p, self.layout.params[i].shape)
+            mark_partitioned(p, self.store.layout.params[i].shape)
         self.global_grad_norm: Optional[float] = None
         self.overflow = False
 
     # -- set-up -------------------------------------------------------------------------------
     def _full_value(self, index: int) -> torch.Tensor:
         """Parameter ``index``'s full value, identical on every rank (rank 0's, or the Init shards')."""
-        p = self.params[index]
+        p = self.store.params[index]
         if is_partitioned_at_init(p):
             value = full_from_shards(p, self.comm).to(device=self.device, dtype=self.model_dtype)
             release_init_shard(p)
@@ -144,7 +159,7 @@ class Stage3Optimizer(PartitionedOptimizer):
         one buffer until the end of backward, which stage 3 exists to avoid. Smaller buckets honour
         the setting (it is an upper bound) and let each reduce-scatter start as its layers finish.
         """
-        largest = max((u.numel for u in self.store.units if not u.persistent), default=1)
+        largest = max((u.numel for u in self.store.units if not u.persistent and not u.frozen), default=1)
         return max(1, min(int(self.settings.reduce_bucket_size), 2 * largest))
 
     def _make_masters(self) -> list[torch.Tensor]:
@@ -199,21 +214,24 @@ class Stage3Optimizer(PartitionedOptimizer):
 
     @torch.no_grad()
     def write_back(self, indices: Sequence[int], src: int) -> None:
-        """Rank ``src``'s current (gathered) values of these parameters become everyone's partitions
-        and fp32 masters (``GatheredParameters(..., modifier_rank=src)`` on exit)."""
+        """Rank ``src``'s current (gathered) values of these parameters (indices into ``store.params``)
+        become everyone's partitions and, for trainable ones, fp32 masters
+        (``GatheredParameters(..., modifier_rank=src)`` on exit)."""
         for u in sorted({self.store.unit_of[i] for i in indices if self.store.unit_of[i] >= 0}):
             unit = self.store.units[u]
             self.comm.broadcast(unit.full, src=src)
             for local, offset, length in unit.runs[self._rank]:
-                copy_between(self.partition[local:local + length], unit.full[offset:offset + length])
-                if not self.master_is_view:
+                copy_between(self.store.partition[local:local + length], unit.full[offset:offset + length])
+                if not self.master_is_view and not unit.frozen:
                     copy_between(self.master[local:local + length], unit.full[offset:offset + length])
 
-    def full_state_dict(self, module: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, module: nn.Module, rank0_only: bool = True,
+                        frozen: bool = True) -> dict[str, torch.Tensor]:
         """``module.state_dict()`` with full (model-dtype) parameters, gathered unit by unit to the host.
 
         Every rank must call it (each unit is a collective); with ``rank0_only`` other ranks get
-        an empty dict. Peak extra device memory is one unit.
+        an empty dict. Peak extra device memory is one unit. ``frozen=False`` leaves the frozen
+        parameters out (without gathering them).
         """
         from ..checkpoint.state_names import unwrap  # noqa: PLC0415 - only needed when saving
 
@@ -221,27 +239,33 @@ class Stage3Optimizer(PartitionedOptimizer):
         values: dict[int, torch.Tensor] = {}
         keep = not rank0_only or self.comm.rank == 0
         for unit in self.store.units:
+            if unit.frozen and not frozen:
+                continue
             with GatheredUnits(self, unit.params):
                 if keep:
                     for i in unit.params:
-                        values[id(self.params[i])] = self.params[i].detach().to("cpu", copy=True)
+                        p = self.store.params[i]
+                        values[id(p)] = p.detach().to("cpu", copy=True)
         if not keep:
             return {}
+        skipped = set() if frozen else set(map(id, self.frozen_params))
         out = {}
         for key, value in root.state_dict(keep_vars=True).items():
-            out[key] = values[id(value)] if id(value) in values else value.detach().to("cpu", copy=True)
+            if id(value) not in skipped:
+                out[key] = values[id(value)] if id(value) in values else value.detach().to("cpu", copy=True)
         return out
 
     # -- accounting -----------------------------------------------------------------------------
     def model_state_bytes(self) -> dict[str, int]:
         """Bytes of the model states this rank holds (see ``ZeroOptimizer.model_state_bytes``).
 
-        ``params`` is the partition plus the persistent parameters' full values; ``buffers`` the
-        reduce buckets plus the units gathered right now (none between steps).
+        ``params`` is the partition (frozen parameters' share included) plus the persistent
+        parameters' full values, trainable and frozen; ``buffers`` the reduce buckets plus the units
+        gathered right now (none between steps).
         """
         size = self._bytes
         stray = sum(size(p.grad) for p in self.params if p.grad is not None)
-        return {"params": size(self.partition) + self.store.persistent_bytes(),
+        return {"params": size(self.store.partition) + self.store.persistent_bytes(),
                 "grads": size(self.grad_partition) + stray,
                 "master": 0 if self.master_is_view else size(self.master),
                 "optimizer_states": self._state_bytes(),
@@ -250,7 +274,7 @@ class Stage3Optimizer(PartitionedOptimizer):
     def offloaded_bytes(self) -> int:
         """The part of ``model_state_bytes`` that offload keeps in host memory instead of on the device."""
         size = self._bytes
-        out = size(self.partition) if self.offload.param else 0
+        out = size(self.store.partition) if self.offload.param else 0
         if self.offload.optimizer:
             out += (0 if self.master_is_view else size(self.master)) + self._state_bytes() + size(self.grad_partition)
         return out
@@ -262,6 +286,7 @@ class Stage3Optimizer(PartitionedOptimizer):
 
     def __repr__(self) -> str:
         return (f"Stage3Optimizer(partitions={self.layout.partition_count}, params={self.layout.numel}, "
+                f"frozen={self.store.layout.numel - self.layout.numel}, "
                 f"units={len(self.store.units)}, persistent={self.store.persistent_numel()}, "
                 f"optimizer={type(self.optimizer).__name__}, offload_optimizer={self.offload.optimizer}, "
                 f"offload_param={self.offload.param})")
@@ -272,7 +297,7 @@ class GatheredUnits:
 
     def __init__(self, opt: Stage3Optimizer, indices: Optional[Sequence[int]] = None) -> None:
         store = opt.store
-        wanted = range(len(opt.params)) if indices is None else indices
+        wanted = range(len(store.params)) if indices is None else indices
         self.store = store
         self.units = sorted({store.unit_of[i] for i in wanted if store.unit_of[i] >= 0})
         self._opened: list[int] = []
@@ -292,12 +317,3 @@ class GatheredUnits:
             self.store.release(self.store.units[u])
         self._opened.clear()
 
-
-def _materialize_unmanaged(module: nn.Module, managed: set[int], comm: Comm, dtype: torch.dtype,
-                           device: torch.device) -> None:
-    """Frozen parameters built partitioned by ``engine.zero.Init`` are kept whole on every rank."""
-    for p in unique_params(module):
-        if id(p) not in managed and is_partitioned_at_init(p):
-            full = full_from_shards(p, comm)
-            release_init_shard(p)
-            p.data = full.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)

@@ -7,8 +7,19 @@ Hooks (registered on every module that owns parameters in a non-persistent fetch
   (``stage3_max_reuse_distance``) and the live budget allows; and register a gradient hook on the
   module's outputs (``register_multi_grad_hook``, "any") that gathers the units again just
   before autograd runs the module's backward;
-* post-accumulate-grad hook on every parameter: hand the gradient to the reducer (reduce-scatter
-  to its owner) and, once a unit's last gradient is in, release the unit.
+* post-accumulate-grad hook on every trainable parameter: hand the gradient to the reducer
+  (reduce-scatter to its owner) and, once a unit's last gradient is in, release the unit;
+* frozen units (no gradients to wait for) are released once the module's backward is done: the
+  forward hook registers a multi-grad hook ("all") on the call's inputs that require grad and
+  have a ``grad_fn``. Autograd's ready queue runs the most recently created ready node first, so a
+  node runs only when no node of this backward created after it is still to run (on one device);
+  every node of the module's forward was created after its inputs, so when the inputs' gradient
+  functions run, nothing of this call's backward (which reads the gathered weights,
+  saved by autograd as views of ``unit.full``) is left. A unit used by several calls (a module
+  applied twice, a tied weight) waits for all of them (``backward_calls``); a call without such
+  an input (its inputs are leaves or need no gradient, but its output does) keeps the unit until
+  the end of backward (``pinned``). Activation checkpointing's recomputation (inside backward)
+  gathers the units again and the original call's hook releases them.
 
 Inside backward the forward hooks still gather (activation checkpointing recomputes modules
 there) but never release: the recomputed tensors are about to be used by backward.
@@ -30,7 +41,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -67,13 +78,14 @@ class ParamCoordinator:
         self._prefetched: dict[int, int] = {}      # unit -> numel, gathered ahead and not yet used
         self.prefetch_hits = 0                     # fetches that found their unit prefetched
         self._hooked: set[int] = set()
+        self._backward_end_handles: list[Any] = []   # frozen units' end-of-backward hooks, this micro-step
         self._handles = [module.register_forward_pre_hook(self._root_pre_forward)]
         for sub in module.modules():
             extra = getattr(sub, "_zero3_external_params", ())
             if extra:
                 store.note_module_params(sub, extra)
             self._hook(sub)
-        for i, p in enumerate(store.params):
+        for i, p in enumerate(store.params[:store.trainable]):
             self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i)))
         module.__dict__["_zero3_coordinator"] = self
 
@@ -82,7 +94,7 @@ class ParamCoordinator:
             return
         self._hooked.add(id(sub))
         self._handles.append(sub.register_forward_pre_hook(self._pre_forward))
-        self._handles.append(sub.register_forward_hook(self._post_forward))
+        self._handles.append(sub.register_forward_hook(self._post_forward, with_kwargs=True))
 
     def add_external(self, sub: nn.Module, params: list[torch.Tensor]) -> None:
         """``sub``'s forward also uses ``params`` (owned by other modules): gather them for it too."""
@@ -106,7 +118,7 @@ class ParamCoordinator:
         for unit in self.store.units:
             if not unit.persistent and unit.users == 0:
                 self.store.release(unit)
-            unit.grads_left = len(unit.params)
+        self._reset_backward_state()
         self._prefetched.clear()
         self.recording = []
         self.cursor = 0
@@ -115,7 +127,7 @@ class ParamCoordinator:
 
     def begin_backward(self) -> None:
         for unit in self.store.units:
-            unit.grads_left = len(unit.params)
+            unit.grads_left = 0 if unit.frozen else len(unit.params)
         if not self.reducer.active:
             self.reducer.begin_pass()
 
@@ -125,11 +137,20 @@ class ParamCoordinator:
         for unit in self.store.units:
             unit.users = 0
         self.store.release_all()
+        self._reset_backward_state()
         self._prefetched.clear()
         if self.recording and (self.trace is None or not self.on_trace or self.cursor != len(self.trace)):
             self._adopt_trace(self.recording)
         self.recording = []
         self.on_trace = False
+
+    def _reset_backward_state(self) -> None:
+        for unit in self.store.units:
+            unit.grads_left = 0 if unit.frozen else len(unit.params)
+            unit.backward_calls, unit.pinned = 0, False
+        for handle in self._backward_end_handles:
+            handle.remove()
+        self._backward_end_handles.clear()
 
     def _adopt_trace(self, trace: list[int]) -> None:
         self.trace = list(trace)
@@ -146,7 +167,7 @@ class ParamCoordinator:
             self.store.units[u].users += 1   # in use: never evicted to make room for the next
         self._prefetch()
 
-    def _post_forward(self, sub: nn.Module, args: Any, output: Any) -> None:
+    def _post_forward(self, sub: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         units = self.store.module_units[id(sub)]
         for u in units:
             unit = self.store.units[u]
@@ -155,6 +176,8 @@ class ParamCoordinator:
             tensors = [t for t in _tensors(output) if t.requires_grad]
             if tensors:
                 register_multi_grad_hook(tensors, functools.partial(self._pre_backward, sub), mode="any")
+                if not in_backward():
+                    self._watch_backward_end(units, (args, kwargs))
         if not in_backward():
             for u in units:
                 if self.store.units[u].users == 0:
@@ -164,6 +187,28 @@ class ParamCoordinator:
         for u in self.store.module_units[id(sub)]:
             self._use(u)
         self._prefetch()
+
+    def _watch_backward_end(self, units: Sequence[int], inputs: Any) -> None:
+        """Release this call's frozen units when its backward is done (see the module docstring)."""
+        frozen = [u for u in units if self.store.units[u].frozen and not self.store.units[u].persistent]
+        if not frozen:
+            return
+        watched = list({id(t): t for t in _tensors(inputs) if t.requires_grad and t.grad_fn is not None}.values())
+        for u in frozen:
+            if watched:
+                self.store.units[u].backward_calls += 1
+            else:
+                self.store.units[u].pinned = True
+        if watched:
+            self._backward_end_handles.append(
+                register_multi_grad_hook(watched, functools.partial(self._backward_done, frozen), mode="all"))
+
+    def _backward_done(self, units: Sequence[int], grads: Any) -> None:
+        for u in units:
+            unit = self.store.units[u]
+            unit.backward_calls = max(0, unit.backward_calls - 1)
+            if unit.backward_calls == 0 and not unit.pinned and unit.users == 0:
+                self.store.release(unit)
 
     def _grad_ready(self, index: int, param: nn.Parameter) -> None:
         self.reducer.grad_ready(index, param)

@@ -23,6 +23,14 @@ Small parameters (``stage3_param_persistence_threshold`` elements or fewer, whil
 under ``stage3_model_persistence_threshold``) are **persistent**: one unit kept gathered all the
 time and refreshed after every optimizer step, since gathering them per module would cost more
 in latency than their memory is worth.
+
+**Frozen** parameters (``requires_grad=False``: a frozen base model under adapters, a frozen
+embedding) are partitioned too, as DeepSpeed does: ``layout`` is the optimizer's groups followed
+by one group of the frozen parameters, so the trainable groups keep the offsets stages 1-2 use
+and the partition's tail holds this rank's share of the frozen ones. A module's frozen
+parameters form a unit of their own (``FetchUnit.frozen``), apart from its trainable ones: a
+trainable unit is released once its gradients are in, a frozen one once the module's backward is
+done (stage3_hooks.py), and neither waits for the other.
 """
 from __future__ import annotations
 
@@ -65,6 +73,9 @@ class FetchUnit:
     handle: Optional[Handle] = None
     staging: Optional[torch.Tensor] = None   # all_gather plan: the received pieces until unpacked
     grads_left: int = 0               # backward: gradients still to come before it may be released
+    frozen: bool = False              # requires_grad=False parameters: no gradients, values never change
+    backward_calls: int = 0           # frozen: forward calls whose backward has not finished yet
+    pinned: bool = False              # frozen: a call whose backward end cannot be seen (kept to the end)
 
     @property
     def nbytes(self) -> int:
@@ -72,12 +83,18 @@ class FetchUnit:
 
 
 class PartitionedParams:
-    """This rank's parameter partition and the fetch units built over ``module``'s parameters."""
+    """This rank's parameter partition and the fetch units built over ``module``'s parameters.
+
+    ``params[:trainable]`` are the optimizer's parameters (``layout``'s first groups), the rest are
+    frozen (its last group); ``trainable`` defaults to all of them.
+    """
 
     def __init__(self, layout: FlatLayout, params: Sequence[nn.Parameter], module: nn.Module, comm: Comm, *,
                  rank: int, dtype: torch.dtype, device: torch.device, partition: torch.Tensor,
-                 persistence_threshold: int, model_persistence_threshold: int) -> None:
+                 persistence_threshold: int, model_persistence_threshold: int,
+                 trainable: Optional[int] = None) -> None:
         self.layout, self.params, self.comm = layout, list(params), comm
+        self.trainable = len(self.params) if trainable is None else int(trainable)
         self.rank, self.dtype, self.device = rank, dtype, device
         self.partition = partition
         self.world = layout.partition_count
@@ -99,8 +116,7 @@ class PartitionedParams:
                 persistent.append(i)
                 total += entry.numel
         taken = set(persistent)
-        if persistent:
-            self._add_unit("(persistent)", persistent, persistent=True)
+        self._add_units("(persistent)", persistent, persistent=True)
         for name, sub in module.named_modules(remove_duplicate=True):
             mine = []
             for p in sub._parameters.values():
@@ -108,11 +124,10 @@ class PartitionedParams:
                 if i is not None and i not in taken and self.layout.params[i].numel > 0:
                     mine.append(i)
                     taken.add(i)
-            if mine:
-                self._add_unit(name or "(root)", mine)
+            self._add_units(name or "(root)", mine)
         for i, entry in enumerate(self.layout.params):   # parameters no submodule owns
             if i not in taken and entry.numel > 0:
-                self._add_unit(entry.name, [i])
+                self._add_units(entry.name, [i])
         for name, sub in module.named_modules(remove_duplicate=True):
             self.note_module_params(sub, [p for p in sub._parameters.values() if p is not None])
 
@@ -130,33 +145,50 @@ class PartitionedParams:
             del self.module_units[id(sub)]
         return needed
 
-    def _add_unit(self, name: str, indices: list[int], persistent: bool = False) -> None:
+    def is_frozen(self, index: int) -> bool:
+        return index >= self.trainable
+
+    def _add_units(self, name: str, indices: list[int], persistent: bool = False) -> None:
+        """One unit for the trainable parameters among ``indices``, another for the frozen ones."""
+        trainable = [i for i in indices if not self.is_frozen(i)]
+        frozen = [i for i in indices if self.is_frozen(i)]
+        if trainable:
+            self._add_unit(name, trainable, persistent)
+        if frozen:
+            self._add_unit(f"{name} (frozen)", frozen, persistent, frozen=True)
+
+    def _add_unit(self, name: str, indices: list[int], persistent: bool = False, frozen: bool = False) -> None:
         offsets, numel = [], 0
         for i in indices:
             offsets.append(numel)
             numel += self.layout.params[i].numel
         runs = [self._runs(indices, offsets, r) for r in range(self.world)]
         full = torch.empty(numel, dtype=self.dtype, device=self.device)
-        unit = FetchUnit(len(self.units), name, indices, offsets, numel, runs, full, persistent=persistent)
+        unit = FetchUnit(len(self.units), name, indices, offsets, numel, runs, full, persistent=persistent,
+                         frozen=frozen)
         _free_storage(full)
         for i in indices:
             self.unit_of[i] = unit.index
         self.units.append(unit)
 
+    def param_runs(self, index: int, rank: int) -> list[Run]:
+        """Parameter ``index``'s elements that ``rank`` owns: ``(offset in its partition, offset in
+        the parameter, length)``, at most one run (a group's slice of a rank is contiguous)."""
+        entry = self.layout.params[index]
+        group = self.layout.groups[entry.group]
+        lo, hi = group.partition_range(rank)
+        a, b = max(entry.buffer_offset, lo), min(entry.buffer_offset + entry.numel, hi)
+        return [(group.local_offset + a - lo, a - entry.buffer_offset, b - a)] if b > a else []
+
     def _runs(self, indices: list[int], offsets: list[int], rank: int) -> list[Run]:
         out: list[Run] = []
         for i, unit_offset in zip(indices, offsets):
-            entry = self.layout.params[i]
-            group = self.layout.groups[entry.group]
-            lo, hi = group.partition_range(rank)
-            a, b = max(entry.buffer_offset, lo), min(entry.buffer_offset + entry.numel, hi)
-            if b <= a:
-                continue
-            run = (group.local_offset + a - lo, unit_offset + a - entry.buffer_offset, b - a)
-            if out and out[-1][0] + out[-1][2] == run[0] and out[-1][1] + out[-1][2] == run[1]:
-                last = out.pop()
-                run = (last[0], last[1], last[2] + run[2])
-            out.append(run)
+            for local, start, length in self.param_runs(i, rank):
+                run = (local, unit_offset + start, length)
+                if out and out[-1][0] + out[-1][2] == run[0] and out[-1][1] + out[-1][2] == run[1]:
+                    last = out.pop()
+                    run = (last[0], last[1], last[2] + run[2])
+                out.append(run)
         return out
 
     # -- gather / release ---------------------------------------------------------------------
@@ -233,10 +265,11 @@ class PartitionedParams:
             if not (keep_persistent and unit.persistent):
                 self.release(unit)
 
-    def refresh_persistent(self) -> None:
-        """After a step: the persistent unit's full values are gathered from the new partition."""
+    def refresh_persistent(self, frozen: bool = False) -> None:
+        """After a step (trainable) or a load (``frozen``): the persistent units of that kind are
+        gathered again from the partition."""
         for unit in self.units:
-            if unit.persistent:
+            if unit.persistent and unit.frozen == frozen:
                 self.release(unit)
                 self.gather(unit, async_op=False)
 
@@ -272,6 +305,7 @@ class PartitionedParams:
 
     # -- accounting -----------------------------------------------------------------------------
     def persistent_bytes(self) -> int:
+        """Full values of the persistent units, trainable and frozen."""
         return sum(u.nbytes for u in self.units if u.persistent and u.state is not UnitState.RELEASED)
 
     def live_bytes(self) -> int:

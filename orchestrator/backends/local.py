@@ -8,7 +8,6 @@ detached supervisor (local_supervisor.py). The CLI can exit while the job runs; 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..logtail import new_lines
 from ..proctree import alive, stop_tree
-from ..render import Placement, Rendered, local_node_commands, render
+from ..render import Placement, Rendered, local_node_commands, local_rdzv_port, render
 from ..spec import JobSpec
 from .base import JobRef, JobState, JobStatus
 from .local_supervisor import read_state
@@ -52,11 +51,13 @@ class LocalBackend:
 
         run = Path(run_dir)
         placement = placement_for(spec, run_dir, job_token=job_id.rsplit("-", 1)[-1])
+        port = local_rdzv_port(spec) or free_port()
+        # the plan written beside the job shows the port it really uses
+        spec = spec.model_copy(update={"local": spec.local.model_copy(update={"rdzv_port": port})})
         rendered = render(spec, "local", placement)
         for name, text in rendered.files.items():
             (run / name).write_text(text)
         (run / "plan.sh").write_text(rendered.text)
-        port = spec.local.rdzv_port or free_port()
         nodes = local_node_commands(spec, placement, port)
         (run / "local").mkdir(exist_ok=True)
         env = {**job_environment(spec, placement), "ORCH_RESTART_COUNT": "0"}
