@@ -464,20 +464,28 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def round_parser(description: str, candidates: Sequence[str], default: Sequence[str]) -> argparse.ArgumentParser:
+    """The options every interleaved-rounds benchmark takes (this one and bench/zero3_vs_peers.py),
+    including the hidden ones a parent passes to its torchrun workers."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="reduced shapes, 1 round (a smoke run)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per launch (default 5)")
-    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
-    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES + EXTRA_CANDIDATES, default=list(CANDIDATES),
-                        help=f"default: all but {', '.join(EXTRA_CANDIDATES)}")
+    left_out = [c for c in candidates if c not in default]
+    parser.add_argument("--candidates", nargs="+", choices=list(candidates), default=list(default),
+                        help=f"default: all but {', '.join(left_out)}" if left_out else "default: all")
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
-    parser.add_argument("--profile", choices=CANDIDATES + EXTRA_CANDIDATES, default=None,
-                        help="run one launch of this candidate under torch.profiler and print its top ops")
     parser.add_argument("--worker", nargs=2, metavar=("CANDIDATE", "WORKLOAD_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = round_parser(__doc__.splitlines()[0], CANDIDATES + EXTRA_CANDIDATES, CANDIDATES)
+    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--profile", choices=CANDIDATES + EXTRA_CANDIDATES, default=None,
+                        help="run one launch of this candidate under torch.profiler and print its top ops")
     parser.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -26,7 +26,6 @@ are medians over rounds with the range of the round medians.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -200,16 +199,7 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced shapes, 1 round (a smoke run)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per launch (default 5)")
-    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
-    parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
-    parser.add_argument("--worker", nargs=2, metavar=("CANDIDATE", "WORKLOAD_JSON"), help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = peers.round_parser(__doc__.splitlines()[0], CANDIDATES, CANDIDATES).parse_args(argv)
     if args.worker:
         candidate, spec = args.worker
         worker(candidate, peers.Workload(**json.loads(spec)["workload"]), args.steps, args.warmup, args.out)

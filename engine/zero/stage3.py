@@ -42,7 +42,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..comm import Comm
-from ..optimizers import takes_scale_kwargs
 from ..precision import LossScaler
 from .base import PartitionedOptimizer
 from .offload import OffloadSettings, copy_between, host_zeros
@@ -120,11 +119,7 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.master_is_view = model_dtype == torch.float32 and self.offload.optimizer == self.offload.param
         self.master: Optional[torch.Tensor] = None
         self._masters = self._make_masters()
-        self.master_params = [nn.Parameter(m) for m in self._masters]
-        self.optimizer = make_optimizer([{**dict(hyper), "params": [mp]}
-                                         for (hyper, _), mp in zip(groups, self.master_params)])
-        self._fused_step = takes_scale_kwargs(self.optimizer)
-        self._lowp_grads = self._fused_step and not self.master_is_view and self._allow_lowp_grads()
+        self._build_inner_optimizer(groups, make_optimizer)
 
         self.reducer = GradientReducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
