@@ -87,6 +87,71 @@ MODELS = {"tinylm": make_model, "gpt": make_gpt, "gpt-ckpt": lambda seed=0: make
           "functional-tied": _functional_tied}
 
 
+# -- models with frozen parameters (stage 3 partitions them too; test_engine_zero3_frozen.py) ------
+LORA_RANK = 4
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + b(a(x))``: a frozen Linear and a trainable low-rank update (LoRA)."""
+
+    def __init__(self, base: nn.Linear, rank: int = LORA_RANK) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.a = nn.Linear(base.in_features, rank, bias=False)
+        self.b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.b.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.b(self.a(x))
+
+
+def make_lora_gpt(seed: int = 0, checkpointing: bool = False) -> nn.Module:
+    """The tiny GPT, every weight frozen, LoRA adapters on each block's four Linears."""
+    model = make_gpt(seed, checkpointing).requires_grad_(False)
+    torch.manual_seed(seed + 7)
+    for block in model.blocks:
+        for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc"), (block.mlp, "proj")):
+            setattr(owner, name, LoRALinear(getattr(owner, name)))
+    return model
+
+
+def make_half_frozen_gpt(seed: int = 0) -> nn.Module:
+    """The tiny GPT with its embeddings (tied to lm_head) and first block frozen, and one LayerNorm
+    of the second block half frozen (weight frozen, bias trained: a module with both kinds whose
+    input needs no gradient)."""
+    model = make_gpt(seed)
+    for p in (model.wte.weight, model.wpe.weight, model.blocks[1].ln1.weight, *model.blocks[0].parameters()):
+        p.requires_grad_(False)
+    return model
+
+
+class FrozenTwiceLM(nn.Module):
+    """A frozen Linear applied twice in a row (weight sharing across layers, as ALBERT does): the
+    first call's backward runs after the second's has finished with the same gathered weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.mid = nn.Linear(DIM, DIM)
+        self.shared = nn.Linear(DIM, DIM).requires_grad_(False)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.shared(self.shared(F.gelu(self.mid(self.emb(x)))))
+        return F.cross_entropy(self.head(h).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def make_frozen_twice(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return FrozenTwiceLM()
+
+
+MODELS["frozen-twice"] = make_frozen_twice
+MODELS["lora-gpt"] = make_lora_gpt
+MODELS["lora-gpt-ckpt"] = functools.partial(make_lora_gpt, checkpointing=True)
+MODELS["half-frozen-gpt"] = make_half_frozen_gpt
+
+
 def global_batch(step: int, size: int = GLOBAL_BATCH, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     tokens = torch.randint(0, vocab, (size, SEQ + 1), generator=g)

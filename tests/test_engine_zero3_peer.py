@@ -5,7 +5,7 @@ train the same model from the same seed on the same micro-batches with the same 
 must agree step by step on the loss, the learning rate and the global gradient norm, and at the
 end on every parameter (gathered with each library's own ``zero.GatheredParameters``). The cases
 gather every module (persistence threshold 0) with small reduce buckets, accumulation and
-clipping, and the GPT with its tied embedding/lm_head. Tolerances and the attention key-bias
+clipping, the GPT with its tied embedding/lm_head, and LoRA adapters on a frozen GPT. Tolerances and the attention key-bias
 exception are the stage-0-2 test's (fp32: 1e-5).
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ CASES: dict[str, dict[str, Any]] = {
                                                      stage3_param_persistence_threshold=0),
     "zero3-gpt-tied-prefetch": _case("gpt", 3, gas=1, clip=0.05, optimizer="AdamW",
                                      stage3_param_persistence_threshold=100, stage3_prefetch_bucket_size=20_000),
+    # LoRA adapters on a frozen GPT: both libraries partition the frozen base and leave it unchanged.
+    "zero3-lora-frozen-base": _case("lora-gpt", 3, gas=2, clip=0.1, optimizer="AdamW", reduce_bucket_size=300,
+                                    stage3_param_persistence_threshold=0),
 }
 
 
