@@ -175,7 +175,7 @@ def status(job: JobArg,
            history: Annotated[bool, typer.Option(help="Show every recorded state change.")] = False) -> None:
     """Show a job's state, restarts and progress."""
     from . import jobs
-    from .live import progress_line
+    from .live import missing_metrics_note, progress_line
     from .registry import Registry
 
     try:
@@ -190,6 +190,8 @@ def status(job: JobArg,
     line = progress_line(Path(record.run_dir), with_metrics=metrics)
     if line:
         out.print(f"  {line}", markup=False)  # plain text: trainer errors may hold [brackets]
+    elif metrics:
+        out.print(f"  {missing_metrics_note(record.cluster, record.job_id, Path(record.run_dir))}", markup=False)
     if history:
         import datetime as _dt
 

@@ -70,6 +70,14 @@ def progress_line(run_dir: Path, *, with_metrics: bool = True) -> str:
     return line
 
 
+def missing_metrics_note(cluster: str, job_id: str, run_dir: Path) -> str:
+    """Why ``orch status --metrics`` has no trainer line to show, and where to look instead."""
+    if cluster == "kubernetes":
+        return (f"no trainer metrics here: a Kubernetes run writes them inside its pods; "
+                f"`orch logs {job_id}` shows the trainer's step lines (loss, tokens/s, MFU)")
+    return f"no trainer metrics recorded yet in {run_dir}"
+
+
 def _view(record: JobRecord, nodes: dict[str, str], progress: Progress, task: Any) -> Group:
     run_dir = Path(record.run_dir)
     status, metrics = read_status(run_dir), last_metrics(run_dir)

@@ -169,6 +169,8 @@ def test_status_shows_each_pod_and_its_restarts(k8s) -> None:
     result = orch("status", job_id)
     assert "RUNNING  restarts 2" in result.output, result.output
     assert "node master-0: Running" in result.output and "node worker-0: Running, 2 restarts" in result.output
+    metrics = orch("status", job_id, "--metrics")
+    assert metrics.exit_code == 0 and f"orch logs {job_id}" in metrics.output, metrics.output
 
 
 def operator_pod(job: str, uid: str, rtype: str, index: int, *, node: str | None = None) -> dict:
