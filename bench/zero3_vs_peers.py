@@ -1,8 +1,9 @@
 """orch's ZeRO-3 beside FSDP2 and DeepSpeed ZeRO-3 (and CPU offload beside DeepSpeed's), 2 gloo ranks.
 
-Workload: ``bench-27m`` (6 layers, d_model 512, 8 heads, seq 256, vocab 8192, untied head), fp32,
-micro-batch 8, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1), gradient clipping 1.0: the
-"compute" workload of bench/engine_vs_peers.py. Candidates:
+Workloads: bench/engine_vs_peers.py's two, fp32, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1),
+gradient clipping 1.0: ``compute`` (``bench-27m``: 6 layers, d_model 512, 8 heads, seq 256, vocab
+8192, micro-batch 8; the matmuls dominate) and ``comm`` (``bench-100m``: 105.6M parameters, seq 64,
+micro-batch 1; gathering parameters, reducing gradients and the optimizer dominate). Candidates:
 
 * ``fsdp2``: ``fully_shard`` per block and the root, torch AdamW ``fused=True``;
 * ``deepspeed-z3`` / ``orch-z3``: ``initialize`` from the same ds_config, ZeRO stage 3 with
@@ -21,8 +22,8 @@ compute thread per rank, ``warmup`` steps then ``steps`` timed steps bracketed b
 step's time is the slowest rank's); rounds interleave the candidates in a rotated order; figures
 are medians over rounds with the range of the round medians.
 
-    python -m bench.zero3_vs_peers [--rounds 3] [--steps 5] [--record]
-    python -m bench.zero3_vs_peers --quick           # 2 layers, seq 64, 1 round: a smoke run
+    python -m bench.zero3_vs_peers [--workload compute comm] [--rounds 3] [--steps 5] [--record]
+    python -m bench.zero3_vs_peers --quick           # reduced shapes, 1 round: a smoke run
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ from bench import engine_vs_peers as peers
 from bench.common import REPO, append_benchmarks_md, load_average, machine
 
 CANDIDATES = ("fsdp2", "deepspeed-z3", "orch-z3", "deepspeed-z3-offload", "orch-z3-offload")
-WORKLOAD = peers.Workload("zero3", "bench-27m", 8, "orch ZeRO-3 <= 1.0x FSDP2 and <= 0.95x DeepSpeed ZeRO-3 step "
-                          "time; peak RSS <= 0.8x DeepSpeed ZeRO-3")
-QUICK = {"n_layer": 2, "seq_len": 64}
+GOAL = "orch ZeRO-3 <= 1.0x FSDP2 and <= 0.95x DeepSpeed ZeRO-3 step time; peak RSS <= 0.8x DeepSpeed ZeRO-3"
+# engine_vs_peers' two workloads (same presets and micro-batches), with issue 8's goals.
+WORKLOADS: dict[str, peers.Workload] = {
+    name: peers.Workload(name, w.preset, w.micro_batch, GOAL) for name, w in peers.WORKLOADS.items()}
 _peer_trainer = peers._make_trainer   # DDP/FSDP2/ZeRO-1/2 trainers, before worker() installs ours
 
 
@@ -155,13 +157,24 @@ def verdicts(results: dict[str, peers.Result]) -> list[str]:
 
 
 def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] = None,
-        candidates: Sequence[str] = CANDIDATES, record: bool = False) -> list[dict]:
+        candidates: Sequence[str] = CANDIDATES, record: bool = False,
+        workloads: Sequence[str] = tuple(WORKLOADS)) -> list[dict]:
+    """Each workload in turn (see ``run_workload``); the rows of all of them."""
+    rows: list[dict] = []
+    for name in workloads:
+        w = WORKLOADS[name]
+        workload = peers.Workload(w.name, w.preset, w.micro_batch, w.goal,
+                                  peers.QUICK_OVERRIDES[name] if quick else {})
+        rows += run_workload(workload, quick, rounds, steps, candidates, record)
+    return rows
+
+
+def run_workload(workload: peers.Workload, quick: bool, rounds: Optional[int], steps: Optional[int],
+                 candidates: Sequence[str], record: bool) -> list[dict]:
     """Measure, print the table and verdicts, return one row per candidate (``python -m bench`` rows)."""
     rounds = rounds or (1 if quick else 3)
     steps = steps or (3 if quick else 5)
     warmup = 1 if quick else 2
-    workload = peers.Workload(WORKLOAD.name, WORKLOAD.preset, WORKLOAD.micro_batch, WORKLOAD.goal,
-                              QUICK if quick else {})
     names = list(candidates)
     skipped = ""
     if not peers.deepspeed_available():
@@ -177,7 +190,7 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
         print(f"  {line}")
     if record:
         md = [f"Code: {peers._revision()}. Machine: {machine()}. Command: `python -m bench.zero3_vs_peers"
-              f"{' --quick' if quick else ''} --rounds {rounds} --steps {steps}`. {peers.WORLD} gloo ranks x 1 "
+              f"{' --quick' if quick else ''} --workload {workload.name} --rounds {rounds} --steps {steps}`. {peers.WORLD} gloo ranks x 1 "
               f"thread, each candidate a fresh torchrun launch per round; step = median of {steps} steps after "
               f"{warmup} warm-up, then the median over {rounds} interleaved rounds. ZeRO-3 knobs at DeepSpeed's "
               f"defaults for both libraries.", *([f"Note: {skipped}."] if skipped else []), "",
@@ -199,12 +212,14 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = peers.round_parser(__doc__.splitlines()[0], CANDIDATES, CANDIDATES).parse_args(argv)
+    parser = peers.round_parser(__doc__.splitlines()[0], CANDIDATES, CANDIDATES)
+    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    args = parser.parse_args(argv)
     if args.worker:
         candidate, spec = args.worker
         worker(candidate, peers.Workload(**json.loads(spec)["workload"]), args.steps, args.warmup, args.out)
         return
-    run(args.quick, args.rounds, args.steps, args.candidates, args.record)
+    run(args.quick, args.rounds, args.steps, args.candidates, args.record, args.workload)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from orchestrator.k8s_manifest import chart_values, config_map
 from orchestrator.render import render
 from orchestrator.spec import JobSpec, load_spec, spec_from_dict
 from tests.shared_env import REPO
+from tests.test_injection import nasty_text  # the injection tests' metacharacters (UTF-8-writable text)
 
 CHART = REPO / "charts" / "orch-job"
 EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.yaml"))
@@ -200,10 +201,6 @@ def test_chart_refuses_bad_values_naming_them(helm: Helm, values: dict, message:
     assert message in str(err.value)
 
 
-NASTY = ["; touch /tmp/orch-pwned", "$(id)", "`id`", "'", '"', "\n", "a\nb: c", ": {}", "- x", "#", "${HOME}",
-         "\\", "{{ 7*7 }}", "\t", "\u2028", "]", "<script>&", "--set x=1"]
-nasty_text = st.lists(st.sampled_from(NASTY) | st.text(st.characters(blacklist_characters="\x00"), max_size=6),
-                      min_size=1, max_size=4).map("".join)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

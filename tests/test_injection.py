@@ -16,7 +16,8 @@ from orchestrator.render import Placement, render
 from orchestrator.spec import CONTROL_CHARS, spec_from_dict
 
 NASTY = ["; touch /tmp/orch-pwned", "$(touch /tmp/orch-pwned)", "`touch /tmp/orch-pwned`", "'", '"',
-         "\n", "a\nb: c", ": {}", "- x", "#", "${HOME}", "\\", "&&", "|", "*", "{{ 7*7 }}", "\t", "\u2028", "]"]
+         "\n", "a\nb: c", ": {}", "- x", "#", "${HOME}", "\\", "&&", "|", "*", "{{ 7*7 }}", "\t", "\u2028", "]",
+         "<script>&", "--set x=1"]
 # NUL cannot travel in argv or the environment at all; the spec refuses it (tested below).
 # Lone surrogates cannot be written to a UTF-8 file, so no spec can hold them.
 nasty_text = st.lists(st.sampled_from(NASTY) | st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8),
