@@ -67,14 +67,17 @@ class Workload:
     micro_batch: int
     goal: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int = 0   # > 0: the whole model frozen, LoRA adapters of this rank on every block's Linears
 
     def describe(self) -> str:
         from engine.models import get_preset
 
         cfg = get_preset(self.preset, **self.overrides)
         millions = cfg.num_parameters() / 1e6
+        lora = f", frozen, LoRA rank {self.lora_rank} on each block's 4 Linears" if self.lora_rank else ""
         return (f"{self.preset} ({millions:.1f}M params: {cfg.n_layer} layers, d_model {cfg.d_model}, "
-                f"{cfg.n_head} heads, seq {cfg.seq_len}, vocab {cfg.vocab_size}), micro-batch {self.micro_batch}, fp32")
+                f"{cfg.n_head} heads, seq {cfg.seq_len}, vocab {cfg.vocab_size}){lora}, "
+                f"micro-batch {self.micro_batch}, fp32")
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -184,6 +187,8 @@ def worker(candidate: str, workload: Workload, steps: int, warmup: int, out: Pat
     rank = dist.get_rank()
     cfg = get_preset(workload.preset, **workload.overrides)
     model = build_model(workload.preset, seed=0, **workload.overrides)
+    if workload.lora_rank:
+        add_lora_adapters(model, workload.lora_rank)
     rss_model = peak_rss_mb()
     trainer = _make_trainer(candidate, model, workload.micro_batch)
     gen = torch.Generator().manual_seed(1000 + rank)
@@ -219,6 +224,30 @@ def worker(candidate: str, workload: Workload, steps: int, warmup: int, out: Pat
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def add_lora_adapters(model: Any, rank: int) -> None:
+    """Freeze ``model`` and give each block's four Linears a trainable low-rank update (LoRA):
+    ``base(x) + B(A(x))``, B initialised to zero as in the LoRA paper (arXiv:2106.09685)."""
+    import torch
+    from torch import nn
+
+    class LoRALinear(nn.Module):
+        def __init__(self, base: nn.Linear) -> None:
+            super().__init__()
+            self.base = base
+            self.a = nn.Linear(base.in_features, rank, bias=False)
+            self.b = nn.Linear(rank, base.out_features, bias=False)
+            nn.init.zeros_(self.b.weight)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + self.b(self.a(x))
+
+    model.requires_grad_(False)
+    torch.manual_seed(7)
+    for block in model.blocks:
+        for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc"), (block.mlp, "proj")):
+            setattr(owner, name, LoRALinear(getattr(owner, name)))
 
 
 def _profiler() -> Any:
