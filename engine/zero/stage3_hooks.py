@@ -50,7 +50,7 @@ from torch.autograd.graph import register_multi_grad_hook
 from .reduction import GradientReducer
 from .stage3_params import FetchUnit, PartitionedParams, UnitState
 
-__all__ = ["ParamCoordinator", "in_backward"]
+__all__ = ["ParamCoordinator", "in_backward", "tensors_in"]
 
 _LOOKAHEAD = 64   # trace entries scanned per prefetch decision
 
@@ -127,7 +127,7 @@ class ParamCoordinator:
 
     def begin_backward(self) -> None:
         for unit in self.store.units:
-            unit.grads_left = 0 if unit.frozen else len(unit.params)
+            unit.grads_left = unit.expected_grads
         if not self.reducer.active:
             self.reducer.begin_pass()
 
@@ -146,7 +146,7 @@ class ParamCoordinator:
 
     def _reset_backward_state(self) -> None:
         for unit in self.store.units:
-            unit.grads_left = 0 if unit.frozen else len(unit.params)
+            unit.grads_left = unit.expected_grads
             unit.backward_calls, unit.pinned = 0, False
         for handle in self._backward_end_handles:
             handle.remove()
@@ -173,7 +173,7 @@ class ParamCoordinator:
             unit = self.store.units[u]
             unit.users = max(0, unit.users - 1)
         if torch.is_grad_enabled():
-            tensors = [t for t in _tensors(output) if t.requires_grad]
+            tensors = [t for t in tensors_in(output) if t.requires_grad]
             if tensors:
                 register_multi_grad_hook(tensors, functools.partial(self._pre_backward, sub), mode="any")
                 if not in_backward():
@@ -193,7 +193,7 @@ class ParamCoordinator:
         frozen = [u for u in units if self.store.units[u].frozen and not self.store.units[u].persistent]
         if not frozen:
             return
-        watched = list({id(t): t for t in _tensors(inputs) if t.requires_grad and t.grad_fn is not None}.values())
+        watched = list({id(t): t for t in tensors_in(inputs) if t.requires_grad and t.grad_fn is not None}.values())
         for u in frozen:
             if watched:
                 self.store.units[u].backward_calls += 1
@@ -280,12 +280,13 @@ class ParamCoordinator:
             self.store.release(unit)
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``value`` and the lists, tuples and dicts nested in it (a module's args or output)."""
     if torch.is_tensor(value):
         yield value
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)

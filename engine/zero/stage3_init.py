@@ -29,13 +29,14 @@ a time) into its own ``FlatLayout`` partitions; with stages 0-2 they are materia
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..comm import Comm
+from .stage3_hooks import tensors_in
 from .stage3_shards import (InitStats, full_from_shards, full_shape_view, is_partitioned_at_init, keep_piece,
                             partition_param, shard_of)
 
@@ -159,7 +160,7 @@ class _PartitionedTensorMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        parts = [t for t in _flatten((args, kwargs)) if isinstance(t, torch.Tensor) and is_partitioned_at_init(t)]
+        parts = [t for t in tensors_in((args, kwargs)) if is_partitioned_at_init(t)]
         if not parts:
             return func(*args, **kwargs)
         name = _func_name(func)
@@ -225,17 +226,6 @@ def _func_name(func: Any) -> str:
     if type(owner).__name__ == "getset_descriptor":
         return owner.__name__
     return getattr(func, "__name__", "")
-
-
-def _flatten(value: Any) -> Iterable[Any]:
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flatten(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _flatten(v)
-    else:
-        yield value
 
 
 def _replace(value: Any, table: dict[int, torch.Tensor]) -> Any:

@@ -78,6 +78,11 @@ class FetchUnit:
     pinned: bool = False              # frozen: a call whose backward end cannot be seen (kept to the end)
 
     @property
+    def expected_grads(self) -> int:
+        """Gradients one backward delivers to this unit (none for frozen parameters)."""
+        return 0 if self.frozen else len(self.params)
+
+    @property
     def nbytes(self) -> int:
         return self.numel * self.full.element_size()
 
