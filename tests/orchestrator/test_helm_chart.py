@@ -22,7 +22,7 @@ from orchestrator.k8s_manifest import chart_values, config_map
 from orchestrator.render import render
 from orchestrator.spec import JobSpec, load_spec, spec_from_dict
 from tests.shared_env import REPO
-from tests.test_injection import nasty_text  # the injection tests' metacharacters (UTF-8-writable text)
+from tests.orchestrator.test_injection import nasty_text  # the injection tests' metacharacters (UTF-8-writable text)
 
 CHART = REPO / "charts" / "orch-job"
 EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.yaml"))

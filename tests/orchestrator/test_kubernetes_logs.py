@@ -14,7 +14,7 @@ from orchestrator.cli import app
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from tests.shared_env import REPO
-from tests.test_kubernetes_backend import T0, cond, operator_pod
+from tests.orchestrator.test_kubernetes_backend import T0, cond, operator_pod
 
 pytestmark = pytest.mark.kubernetes
 runner = CliRunner()

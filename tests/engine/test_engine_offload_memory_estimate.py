@@ -19,7 +19,7 @@ from orchestrator.check import (check_job, deepspeed_zero2_estimate, deepspeed_z
                                 estimate_model_states, largest_layer_parameters, memory_options, recommend)
 from orchestrator.spec import load_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GiB = 2**30
 T5_3B, T5_LARGEST = 2_851_598_336, 32_899_072   # t5-3b, as in DeepSpeed's docs example
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_peer_deepspeed import _case, _missing, assert_matches_deepspeed, run_both_libraries
+from tests.engine.test_peer_deepspeed import _case, _missing, assert_matches_deepspeed, run_both_libraries
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow, pytest.mark.skipif(bool(_missing()), reason=_missing())]
 

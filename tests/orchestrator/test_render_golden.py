@@ -1,7 +1,7 @@
 """Golden-file tests of generated sbatch scripts and PyTorchJob manifests (as submitit does for
 sbatch text): a change to generated text shows up as a reviewable diff.
 
-Regenerate after an intended change with: ORCH_UPDATE_GOLDEN=1 pytest tests/test_render_golden.py
+Regenerate after an intended change with: ORCH_UPDATE_GOLDEN=1 pytest tests/orchestrator/test_render_golden.py
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from orchestrator.render import Placement, render
 from orchestrator.spec import load_spec
 from tests.shared_env import REPO
 
-GOLDEN = REPO / "tests" / "golden"
+GOLDEN = REPO / "tests" / "orchestrator" / "golden"
 EXAMPLES = ["tiny-gpt-zero2", "tiny-gpt-elastic", "gpt-1b-gpu"]
 
 
