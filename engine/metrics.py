@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.run_contract import RunPaths
+
 # Fields every training record carries (tests and `orch status` rely on these names).
 TRAIN_FIELDS = (
     "step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "step_time_s", "samples",
@@ -54,13 +56,14 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | os.PathLike[str], *, enabled: bool, console: bool = True) -> None:
         self.run_dir, self.enabled = Path(run_dir), enabled
+        self.paths = RunPaths(run_dir)
         self._console = None
         self._file = None
         self.tensorboard: Any = None  # a TensorBoardSink, attached by the trainer when configured
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._file = self.paths.metrics.open("a", buffering=1)
         if console:
             from rich.console import Console
 
@@ -87,7 +90,7 @@ class MetricsWriter:
     def status(self, state: str, **fields: Any) -> None:
         """Replace status.json: ``state`` is running | finished | failed."""
         if self.enabled:
-            write_json_atomic(self.run_dir / "status.json", {"state": state, **fields, "time": time.time()})
+            write_json_atomic(self.paths.status, {"state": state, **fields, "time": time.time()})
 
     def close(self) -> None:
         if self._file is not None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.run_contract import ENV_PEAK_TFLOPS, cache_dir
+
 # Dense bf16 tensor-core peaks per GPU, FLOP/s, from NVIDIA's data sheets. The first name
 # fragment found in the device name wins, so the more specific names come first
 # ("NVIDIA H100 PCIe" must not match the SXM figure; "NVIDIA GH200 480GB" is an H200-class die).
@@ -36,7 +38,7 @@ GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312e12),   # SXM4 and PCIe alike
 )
 
-PEAK_ENV = "ORCH_PEAK_TFLOPS"
+PEAK_ENV = ENV_PEAK_TFLOPS
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,6 @@ def device_peak(device: Any, dtype: Any) -> Peak | None:
 
 
 # --- the CPU probe ------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    explicit = os.environ.get("ORCH_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "orch"
-
 
 def _cpu_model() -> str:
     try:

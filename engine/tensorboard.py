@@ -12,12 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.run_contract import RunPaths
+
 # Fields that are bookkeeping, not curves.
 _SKIP = frozenset({"kind", "step", "total_steps", "time", "world_size", "restart_count", "samples"})
 
 
 def tensorboard_dir(section: Any, run_dir: Path) -> Path:
-    base = Path(section.output_path).expanduser() if section.output_path else run_dir / "tensorboard"
+    base = Path(section.output_path).expanduser() if section.output_path else RunPaths(run_dir).tensorboard
     return base / (section.job_name or "DeepSpeedJobName")
 
 

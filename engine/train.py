@@ -20,7 +20,8 @@ from typing import Any
 from engine.data import DataError, GlobalBatchSampler, TokenSource, open_source
 from engine.metrics import MetricsWriter, peak_memory_bytes
 from engine.models.presets import UnknownPreset, get_preset
-from engine.trainer_args import TrainerArgs, TrainerError, parse_args, restart_count
+from engine.run_contract import RunPaths, restart_count
+from engine.trainer_args import TrainerArgs, TrainerError, parse_args
 from engine.trainer_checkpoint import Checkpointer
 from engine.trainer_monitor import Monitor, build_monitor, prepare_distributed
 from engine.watchdog import stall_if_requested
@@ -113,9 +114,10 @@ def setup(args: TrainerArgs) -> Run:
     if model_engine.activation_checkpointing_enabled:  # ds_config section or gradient_checkpointing
         model.set_activation_checkpointing(True)
     monitor = build_monitor(args, run_dir, rank, world, model_engine, model_cfg.flops_per_token())
-    save_dir = Path(args.save_dir) if args.save_dir else run_dir / "checkpoints"
+    paths = RunPaths(run_dir)
+    save_dir = Path(args.save_dir) if args.save_dir else paths.checkpoints
     checkpointer = Checkpointer(save_dir, every=args.save_every, keep=args.save_keep,
-                                control_dir=run_dir / "control", is_rank0=rank == 0)
+                                control_dir=paths.control, is_rank0=rank == 0)
     micro, accum = model_engine.train_micro_batch_size_per_gpu(), model_engine.gradient_accumulation_steps()
     log_every = args.log_every or model_engine.steps_per_print() or 10
     monitor.metrics.info(f"model {args.model} ({model_cfg.num_parameters() / 1e6:.2f}M params), world size {world}, "

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.models.presets import PRESETS
-from engine.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
+from engine import run_contract as contract
+from engine.run_contract import DEFAULT_WATCHDOG_TIMEOUT_S
 
 
 class TrainerError(Exception):
@@ -35,11 +36,11 @@ class TrainerArgs:
     run_dir: str | None = None  # None: resolved at start (needs the rank, see train.resolve_run_dir)
     save_dir: str | None = None  # None: <run_dir>/checkpoints
     save_every: int = 0
-    save_keep: int = 3
+    save_keep: int = contract.DEFAULT_CHECKPOINT_KEEP
     log_every: int | None = None  # None: the ds_config's steps_per_print
     eval_every: int = 0
     eval_iters: int = 4
-    watchdog_timeout: float = DEFAULT_TIMEOUT_S  # no step for this long: ranks dump stacks, job fails; 0 = off
+    watchdog_timeout: float = DEFAULT_WATCHDOG_TIMEOUT_S  # no step for this long: ranks dump stacks, job fails; 0 = off
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flags("save_every"), type=int,
                    help="checkpoint every N steps (default $ORCH_CHECKPOINT_EVERY or 0 = never)")
     p.add_argument(*_flags("save_keep"), type=int,
-                   help="keep the newest K checkpoints (default $ORCH_CHECKPOINT_KEEP or 3)")
+                   help=f"keep the newest K checkpoints (default ${contract.ENV_CHECKPOINT_KEEP} or {contract.DEFAULT_CHECKPOINT_KEEP})")
     p.add_argument(*_flags("log_every"), type=int, help="log every N steps (default: ds_config steps_per_print)")
     p.add_argument(*_flags("eval_every"), type=int, default=0, help="evaluate every N steps (0 = never)")
     p.add_argument(*_flags("eval_iters"), type=int, default=4, help="micro-batches per rank in one evaluation")
@@ -122,17 +123,17 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
     ns = build_parser().parse_args(argv)
     if not ns.deepspeed_config:
         raise TrainerError("--deepspeed_config PATH is required (a DeepSpeed ds_config.json)")
-    save_every = ns.save_every if ns.save_every is not None else _env_int("ORCH_CHECKPOINT_EVERY", 0)
-    save_keep = ns.save_keep if ns.save_keep is not None else _env_int("ORCH_CHECKPOINT_KEEP", 3)
+    save_every = ns.save_every if ns.save_every is not None else _env_int(contract.ENV_CHECKPOINT_EVERY, contract.DEFAULT_CHECKPOINT_EVERY)
+    save_keep = ns.save_keep if ns.save_keep is not None else _env_int(contract.ENV_CHECKPOINT_KEEP, contract.DEFAULT_CHECKPOINT_KEEP)
     args = TrainerArgs(
         deepspeed_config=ns.deepspeed_config, model=ns.model, steps=ns.steps, seq_len=ns.seq_len,
         data=ns.data, data_dtype=ns.data_dtype, seed=ns.seed, lr=ns.lr,
-        run_dir=ns.run_dir or os.environ.get("ORCH_RUN_DIR") or None,
-        save_dir=ns.save_dir or os.environ.get("ORCH_CHECKPOINT_DIR") or None,
+        run_dir=ns.run_dir or os.environ.get(contract.ENV_RUN_DIR) or None,
+        save_dir=ns.save_dir or os.environ.get(contract.ENV_CHECKPOINT_DIR) or None,
         save_every=save_every, save_keep=save_keep, log_every=ns.log_every,
         eval_every=ns.eval_every, eval_iters=ns.eval_iters,
         watchdog_timeout=(ns.watchdog_timeout if ns.watchdog_timeout is not None
-                          else _env_float(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+                          else _env_float(contract.ENV_WATCHDOG_TIMEOUT, DEFAULT_WATCHDOG_TIMEOUT_S)),
     )
     _positive("--steps", args.steps)
     _positive("--seq-len", args.seq_len)
@@ -148,16 +149,3 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
     if not os.path.isfile(args.deepspeed_config):
         raise TrainerError(f"ds_config file {args.deepspeed_config!r} does not exist (--deepspeed_config)")
     return args
-
-
-def restart_count() -> int:
-    """Restarts so far: the job's (orch / Slurm requeue) plus torchrun's worker restarts in it."""
-
-    def read(name: str) -> int | None:
-        raw = os.environ.get(name, "").strip()
-        return int(raw) if raw.isdigit() else None
-
-    job = read("ORCH_RESTART_COUNT")
-    if job is None:
-        job = read("SLURM_RESTART_COUNT") or 0
-    return job + (read("TORCHELASTIC_RESTART_COUNT") or 0)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine.run_contract import CHECKPOINT_DONE, CHECKPOINT_REQUEST, DEFAULT_CHECKPOINT_KEEP, ENV_CHECKPOINT_ASYNC
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -29,12 +32,12 @@ class Checkpointer:
 
     save_dir: Path
     every: int = 0
-    keep: int = 3
+    keep: int = DEFAULT_CHECKPOINT_KEEP
     control_dir: Path | None = None
     is_rank0: bool = True
     # None: the ds_config's checkpoint.async_save decides; the job spec's checkpoint.async_save
     # reaches the trainer as ORCH_CHECKPOINT_ASYNC=1.
-    async_save: bool | None = field(default_factory=lambda: True if os.environ.get("ORCH_CHECKPOINT_ASYNC") == "1" else None)
+    async_save: bool | None = field(default_factory=lambda: True if os.environ.get(ENV_CHECKPOINT_ASYNC) == "1" else None)
     last_saved_step: int | None = field(default=None, init=False)
     _answered: str | None = field(default=None, init=False)
 
@@ -68,7 +71,7 @@ class Checkpointer:
         if not self.is_rank0 or self.control_dir is None:
             return None
         try:
-            return (self.control_dir / "checkpoint-request").read_text()
+            return (self.control_dir / CHECKPOINT_REQUEST).read_text()
         except OSError:
             return None
 
@@ -83,6 +86,6 @@ class Checkpointer:
             # the launcher requeues as soon as it reads checkpoint-done: the files must be complete
             engine.wait_for_checkpoint()
             assert self.control_dir is not None
-            (self.control_dir / "checkpoint-done").write_text(f"{step}\n")
+            (self.control_dir / CHECKPOINT_DONE).write_text(f"{step}\n")
             self._answered = request
         return True

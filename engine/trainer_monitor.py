@@ -14,7 +14,8 @@ from typing import Any
 from engine.metrics import MetricsWriter
 from engine.mfu import Peak, achieved_flops, device_peak, mfu
 from engine.step_timer import StepTimer
-from engine.trainer_args import TrainerArgs, TrainerError, restart_count
+from engine.run_contract import restart_count
+from engine.trainer_args import TrainerArgs, TrainerError
 from engine.watchdog import Watchdog, enable_flight_recorder
 
 

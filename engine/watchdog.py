@@ -34,12 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.run_contract import ENV_TEST_STALL, ENV_WATCHDOG_TIMEOUT, RunPaths
 from engine.step_timer import Position
 
 HANG_EXIT_CODE = 124  # as GNU timeout: "the command timed out"
-DEFAULT_TIMEOUT_S = 600.0
-TIMEOUT_ENV = "ORCH_WATCHDOG_TIMEOUT"
-STALL_ENV = "ORCH_TEST_STALL"
 FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 LAST_COLLECTIVES = 8
 
@@ -53,7 +51,7 @@ class Watchdog:
         if timeout_s <= 0:
             raise ValueError(f"watchdog timeout must be > 0 seconds, got {timeout_s}")
         self.timeout_s, self.run_dir, self.rank, self.world_size = timeout_s, Path(run_dir), rank, world_size
-        self.hang_dir = self.run_dir / "hang"
+        self.hang_dir = RunPaths(self.run_dir).hang
         self._position, self._on_hang = position, on_hang
         self._poll_s = min(1.0, timeout_s / 10)
         self._grace_s = grace_s if grace_s is not None else min(30.0, max(5.0, timeout_s / 2))
@@ -118,7 +116,7 @@ class Watchdog:
                 f"{where}). Python stacks of every thread and the last collectives are in "
                 f"{self.dump_path} (every rank writes its own file in {self.hang_dir}/); exiting with "
                 f"status {HANG_EXIT_CODE}. If steps legitimately take longer, raise --watchdog-timeout "
-                f"(or {TIMEOUT_ENV}); 0 turns the watchdog off.")
+                f"(or {ENV_WATCHDOG_TIMEOUT}); 0 turns the watchdog off.")
 
     def dump(self, position: Position | None) -> Path:
         self.hang_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +216,7 @@ def enable_flight_recorder(entries: int = 2000) -> None:
 
 def stall_if_requested(rank: int, step: int) -> None:
     """Tests only: ``ORCH_TEST_STALL=1@3`` makes rank 1 sleep inside step 3, as a stuck rank would."""
-    raw = os.environ.get(STALL_ENV, "")
+    raw = os.environ.get(ENV_TEST_STALL, "")
     if not raw:
         return
     want_rank, _, want_step = raw.partition("@")

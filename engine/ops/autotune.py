@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from engine.run_contract import cache_dir
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -43,8 +45,7 @@ _lock = threading.Lock()
 
 
 def cache_path() -> Path:
-    root = os.environ.get("ORCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "orch")
-    return Path(root) / "triton-autotune.json"
+    return cache_dir() / "triton-autotune.json"
 
 
 def forced_config() -> KernelConfig | None:

@@ -155,7 +155,8 @@ def test_a_deepspeed_config_without_optimizer_trains_with_the_default_adamw(tmp_
 
 
 def test_flag_spellings_and_orch_environment_defaults(tmp_path, monkeypatch):
-    from engine.trainer_args import parse_args, restart_count
+    from engine.run_contract import restart_count
+    from engine.trainer_args import parse_args
 
     config = str(write_config(tmp_path))
     for flag in ("--deepspeed_config", "--deepspeed-config", "--config", "--engine_config", "--engine-config"):
