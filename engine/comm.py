@@ -27,9 +27,11 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .comm_ledger import CommLedger, ledger
+
 __all__ = [
-    "CollectivePlan", "Comm", "DistributedSetupError", "Handle", "PLANS", "default_backend",
-    "get_local_rank", "get_rank", "get_world_size", "init_distributed",
+    "CollectivePlan", "Comm", "CommLedger", "DistributedSetupError", "Handle", "PLANS", "default_backend",
+    "get_local_rank", "get_rank", "get_world_size", "init_distributed", "ledger",
 ]
 
 ReduceKind = Literal["all_reduce", "reduce_to_owner"]
@@ -63,6 +65,7 @@ _FALLBACK_PLAN = CollectivePlan(reduce="all_reduce", gather="all_gather")
 
 # torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def default_backend() -> str:
@@ -148,10 +151,12 @@ class Comm:
     """The data-parallel group's collectives, implemented as the backend's plan says.
 
     Sums only: gloo has no AVG reduction, and the engine folds the 1/world factor into the
-    single multiplier it applies to the gradient before the optimizer step anyway.
+    single multiplier it applies to the gradient before the optimizer step anyway. Every call
+    is recorded in the communication ledger (comm_ledger.py).
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, plan: Optional[CollectivePlan] = None) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, plan: Optional[CollectivePlan] = None,
+                 book: Optional[CommLedger] = None) -> None:
         self.group = group
         self.enabled = _initialized()
         self.rank = dist.get_rank(group) if self.enabled else 0
@@ -159,21 +164,42 @@ class Comm:
         self.backend = str(dist.get_backend(group)) if self.enabled else "none"
         self.plan = plan or PLANS.get(self.backend, _FALLBACK_PLAN)
         self.active = self.enabled and self.world_size > 1
+        self.ledger = book or ledger
+
+    def _note(self, op: str, tensor: torch.Tensor, peer: int = 0) -> None:
+        self.ledger.record(op, tensor, self.world_size, self.rank, peer=peer)
 
     def all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> Handle:
         if not self.active:
             return Handle()
+        self._note("all_reduce", tensor)
         return Handle([dist.all_reduce(tensor, group=self.group, async_op=async_op)])
 
     def all_gather_into(self, output: torch.Tensor, local: torch.Tensor, async_op: bool = False) -> Handle:
-        """``output`` (``world_size × local.numel()`` elements) receives every rank's ``local``, rank-major."""
+        """``output`` (``world_size × local.numel()`` elements) receives every rank's ``local``, rank-major.
+
+        ``local`` may be ``output``'s own slice for this rank (the in-place form NCCL supports).
+        """
         if not self.active:
-            output[:local.numel()].copy_(local.reshape(-1))
+            if output.data_ptr() != local.data_ptr():
+                output.reshape(-1)[:local.numel()].copy_(local.reshape(-1))
             return Handle()
+        self._note("all_gather", output)
         return Handle([_all_gather_single(output, local, group=self.group, async_op=async_op)])
+
+    def reduce_scatter_into(self, output: torch.Tensor, data: torch.Tensor, async_op: bool = False) -> Handle:
+        """``output`` (``data.numel() / world_size`` elements) receives the sum of every rank's slice
+        ``rank`` of ``data`` (rank-major). ``output`` may be ``data``'s own slice (in place)."""
+        if not self.active:
+            if output.data_ptr() != data.data_ptr():
+                output.copy_(data.reshape(-1)[:output.numel()].view_as(output))
+            return Handle()
+        self._note("reduce_scatter", data)
+        return Handle([_reduce_scatter_single(output, data, group=self.group, async_op=async_op)])
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         if self.active:
+            self._note("broadcast", tensor, peer=src)
             dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src,
                            group=self.group)
 
@@ -192,14 +218,18 @@ class Comm:
         for owner, start, end in pieces:
             if end > start:
                 dst = dist.get_global_rank(self.group, owner) if self.group else owner
+                self._note("reduce", buffer[start:end], peer=owner)
                 works.append(dist.reduce(buffer[start:end], dst=dst, group=self.group, async_op=async_op))
         return Handle(works)
 
     def all_gather_partitions(self, flat: torch.Tensor, partition_numel: int, bucket_numel: int) -> None:
         """Fill every rank's partition of ``flat`` (rank-major, equal partitions) from its owner.
 
-        The local partition ``flat[rank*P:(rank+1)*P]`` is the input. Work is split into
-        chunks of at most ``bucket_numel`` elements per rank (``allgather_bucket_size``).
+        The local partition ``flat[rank*P:(rank+1)*P]`` is the input. ``bucket_numel``
+        (``allgather_bucket_size``, DeepSpeed's meaning: elements gathered at a time) bounds the
+        transient memory: when the whole gather is larger, it goes in chunks of
+        ``bucket_numel / world`` elements per rank, one in flight at a time, through one
+        staging buffer reused for every chunk.
         """
         if not self.active:
             return
@@ -207,18 +237,18 @@ class Comm:
         if self.plan.gather == "all_reduce":
             flat[: rank * size].zero_()
             flat[(rank + 1) * size:].zero_()
-            step = max(1, bucket_numel) * world
-            handles = [self.all_reduce(flat[i:i + step], async_op=True) for i in range(0, flat.numel(), step)]
-            for handle in handles:
-                handle.wait()
+            step = max(1, bucket_numel // world) * world
+            Handle([h for i in range(0, flat.numel(), step)
+                    for h in self.all_reduce(flat[i:i + step], async_op=True)._works]).wait()
             return
-        chunk = max(1, min(bucket_numel, size))
+        chunk = max(1, min(bucket_numel // world, size))
         if chunk >= size:
-            _all_gather_single(flat, flat[rank * size:(rank + 1) * size], group=self.group)
+            self.all_gather_into(flat[:world * size], flat[rank * size:(rank + 1) * size])
             return
-        works = []
+        staging = torch.empty(world * chunk, dtype=flat.dtype, device=flat.device)
+        by_rank = flat[:world * size].view(world, size)
         for lo in range(0, size, chunk):
             hi = min(size, lo + chunk)
-            outputs = [flat[r * size + lo:r * size + hi] for r in range(world)]
-            works.append(dist.all_gather(outputs, outputs[rank].clone(), group=self.group, async_op=True))
-        Handle(works).wait()
+            out = staging[:world * (hi - lo)]
+            self.all_gather_into(out, by_rank[rank, lo:hi])
+            by_rank[:, lo:hi].copy_(out.view(world, hi - lo))
