@@ -311,7 +311,7 @@ def _header(engine: Any, job: SaveJob, names: Any, extras: list[tuple[str, torch
         "dtype_policy": {"name": precision.name, "model_dtype": _dtype_name(precision.model_dtype),
                          "master_dtype": _dtype_name(precision.master_dtype)},
         "params": [{"name": name, "shape": list(e.shape), "dtype": e.dtype, "numel": e.numel, "group": e.group,
-                    "ranges": _ranges(layout, e)} for name, e in zip(names.params, layout.params)],
+                    "ranges": _ranges(layout, i)} for i, (name, e) in enumerate(zip(names.params, layout.params))],
         "aliases": names.aliases,
         "extras": [{"name": n, "shape": list(t.shape), "dtype": _dtype(t)} for n, t in extras],
         "state_dict_keys": [k for k in names.keys if k in set(names.params) | set(names.aliases)
@@ -331,19 +331,9 @@ def _header(engine: Any, job: SaveJob, names: Any, extras: list[tuple[str, torch
     return header
 
 
-def _ranges(layout: Any, entry: Any) -> list[list[int]]:
-    """``[rank, local offset, length]`` runs holding ``entry``'s elements, in element order."""
-    group = layout.groups[entry.group]
-    size = group.partition_numel
-    lo = entry.offset - group.canonical_offset
-    hi = lo + entry.numel
-    out = []
-    rank = lo // size
-    while rank * size < hi:
-        a, b = max(lo, rank * size), min(hi, (rank + 1) * size)
-        out.append([rank, group.local_offset + a - rank * size, b - a])
-        rank += 1
-    return out
+def _ranges(layout: Any, index: int) -> list[list[int]]:
+    """``[rank, local offset, length]`` runs holding parameter ``index``'s elements, in element order."""
+    return [[rank, local, length] for rank, local, _, length in layout.param_runs(index)]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

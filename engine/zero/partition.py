@@ -6,6 +6,13 @@ rejects lists of different sizes and NCCL's fast paths need them, so each group 
 its end up to ``partition_count × partition_numel`` (``partition_numel`` rounded up to
 ``alignment`` elements so that every slice starts on a vector-friendly boundary).
 
+Stage 3 shards finer (DESIGN "Scale rules"): each **span** (a run of consecutive parameters of one
+group that one fetch unit holds) is split evenly over the ranks on its own, so gathering a unit
+is one all-gather of ``N × P_span`` elements straight into its buffer and reducing its gradient
+one reduce-scatter, instead of moving the whole group's slice of every rank. ``FlatLayout.build``
+takes ``span_keys`` for that; without them a group is one span (stages 1-2: the classic layout
+above). A group's partition for a rank is then the concatenation of its piece of every span.
+
 Two coordinate systems are used:
 
 * **buffer** coordinates: offsets into the engine's padded flat buffer, all groups one after
@@ -22,11 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["ALIGNMENT", "Bucket", "FlatLayout", "GroupLayout", "ParamEntry", "Segment"]
+__all__ = ["ALIGNMENT", "Bucket", "FlatLayout", "GroupLayout", "ParamEntry", "Segment", "Span"]
 
 ALIGNMENT = 16  # elements; 64 bytes of fp32, a cache line / vector width
 
@@ -61,9 +68,28 @@ class GroupLayout:
         return self.partition_numel * self.partition_count
 
     def partition_range(self, rank: int) -> tuple[int, int]:
-        """Rank's slice of this group, in buffer coordinates."""
+        """Rank's slice of this group, in buffer coordinates (a one-span group: the classic layout)."""
         start = self.buffer_offset + rank * self.partition_numel
         return start, start + self.partition_numel
+
+
+@dataclass(frozen=True)
+class Span:
+    """Consecutive parameters of one group split evenly over the ranks: rank ``r`` holds elements
+    ``[r·P, (r+1)·P)`` of the span (zero padding past ``numel``) at ``local_offset`` of its partition."""
+
+    index: int
+    group: int
+    numel: int             # real elements
+    partition_numel: int   # P: elements per rank, padding included
+    canonical_offset: int
+    buffer_offset: int     # start of the span's N·P elements in buffer coordinates
+    local_offset: int      # where rank r's piece of it starts in r's local partition
+    first_param: int       # index into FlatLayout.params
+    param_count: int
+
+    def padded_numel(self, world: int) -> int:
+        return self.partition_numel * world
 
 
 @dataclass(frozen=True)
@@ -110,32 +136,71 @@ class FlatLayout:
     groups: tuple[GroupLayout, ...]
     partition_count: int
     alignment: int = ALIGNMENT
+    spans: tuple[Span, ...] = ()   # empty: one span per group (the classic layout)
+
+    def __post_init__(self) -> None:
+        if not self.spans:
+            object.__setattr__(self, "spans", tuple(_group_spans(self.groups, self.params)))
+        span_of = [0] * len(self.params)
+        for span in self.spans:
+            span_of[span.first_param:span.first_param + span.param_count] = [span.index] * span.param_count
+        object.__setattr__(self, "_span_of", span_of)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
     def build(cls, groups: Sequence[Sequence[tuple[str, torch.Tensor]]], partition_count: int,
-              alignment: int = ALIGNMENT) -> "FlatLayout":
-        """Lay out ``groups`` (each a list of ``(name, tensor)``) over ``partition_count`` ranks."""
+              alignment: int = ALIGNMENT, span_keys: Optional[Sequence[Sequence[Hashable]]] = None) -> "FlatLayout":
+        """Lay out ``groups`` (each a list of ``(name, tensor)``) over ``partition_count`` ranks.
+
+        ``span_keys`` (per group, per parameter): consecutive parameters with equal keys form a
+        span sharded on its own (stage 3's fetch units); None: each group is one span.
+        """
         if partition_count < 1:
             raise ValueError(f"partition_count must be >= 1, got {partition_count}")
         entries: list[ParamEntry] = []
         layouts: list[GroupLayout] = []
+        spans: list[Span] = []
         canonical = buffer = local = 0
         for g, named in enumerate(groups):
-            numel = sum(t.numel() for _, t in named)
-            per_rank = math.ceil(numel / partition_count)
-            per_rank = math.ceil(per_rank / alignment) * alignment
-            group = GroupLayout(g, numel, per_rank, partition_count, canonical, buffer, local)
-            inner = 0
-            for name, tensor in named:
-                entries.append(ParamEntry(name, tuple(tensor.shape), tensor.numel(), _dtype_name(tensor.dtype),
-                                          g, canonical + inner, buffer + inner))
-                inner += tensor.numel()
-            layouts.append(group)
-            canonical += numel
-            buffer += group.padded_numel
-            local += per_rank
-        return cls(tuple(entries), tuple(layouts), partition_count, alignment)
+            keys = list(span_keys[g]) if span_keys is not None else [None] * len(named)
+            group_start = (canonical, buffer, local)
+            for run in _runs_of_equal(keys):
+                sizes = [named[i][1].numel() for i in run]
+                numel = sum(sizes)
+                per_rank = math.ceil(math.ceil(numel / partition_count) / alignment) * alignment
+                spans.append(Span(len(spans), g, numel, per_rank, canonical, buffer, local, len(entries), len(run)))
+                inner = 0
+                for i, size in zip(run, sizes):
+                    name, tensor = named[i]
+                    entries.append(ParamEntry(name, tuple(tensor.shape), size, _dtype_name(tensor.dtype),
+                                              g, canonical + inner, buffer + inner))
+                    inner += size
+                canonical += numel
+                buffer += per_rank * partition_count
+                local += per_rank
+            layouts.append(GroupLayout(g, canonical - group_start[0], local - group_start[2], partition_count,
+                                       *group_start))
+        return cls(tuple(entries), tuple(layouts), partition_count, alignment, tuple(spans))
+
+    def span_of(self, param_index: int) -> Span:
+        """The span holding ``params[param_index]``."""
+        return self.spans[self._span_of[param_index]]  # type: ignore[attr-defined]
+
+    def param_runs(self, param_index: int) -> list[tuple[int, int, int, int]]:
+        """``(rank, offset in rank's local partition, offset in the parameter, length)`` runs holding
+        the parameter's elements, in element order."""
+        entry = self.params[param_index]
+        span = self.span_of(param_index)
+        size = span.partition_numel
+        lo = entry.offset - span.canonical_offset
+        hi = lo + entry.numel
+        out = []
+        rank = lo // size if size else 0
+        while size and rank * size < hi:
+            a, b = max(lo, rank * size), min(hi, (rank + 1) * size)
+            out.append((rank, span.local_offset + a - rank * size, a - lo, b - a))
+            rank += 1
+        return out
 
     # -- sizes --------------------------------------------------------------------------
     @property
@@ -157,12 +222,17 @@ class FlatLayout:
     def segments(self, rank: int) -> list[Segment]:
         """The real elements rank ``rank`` owns, as canonical ranges with their local offsets."""
         out = []
-        for g in self.groups:
-            lo = min(g.numel, rank * g.partition_numel)
-            hi = min(g.numel, (rank + 1) * g.partition_numel)
+        for s in self.spans:
+            lo = min(s.numel, rank * s.partition_numel)
+            hi = min(s.numel, (rank + 1) * s.partition_numel)
             if hi > lo:
-                out.append(Segment(g.index, g.canonical_offset + lo, g.canonical_offset + hi, g.local_offset))
+                out.append(Segment(s.group, s.canonical_offset + lo, s.canonical_offset + hi, s.local_offset))
         return out
+
+    @property
+    def single_span_groups(self) -> bool:
+        """Whether every group is one span (the classic layout ``partition_range``/``buckets`` need)."""
+        return len({s.group for s in self.spans}) == len(self.spans)
 
     def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
         """Rank's local partition (padding zero) cut from a canonical vector of length Ψ."""
@@ -223,17 +293,42 @@ class FlatLayout:
     def to_dict(self) -> dict[str, Any]:
         return {"partition_count": self.partition_count, "alignment": self.alignment,
                 "groups": [asdict(g) for g in self.groups],
-                "params": [asdict(p) | {"shape": list(p.shape)} for p in self.params]}
+                "params": [asdict(p) | {"shape": list(p.shape)} for p in self.params],
+                "spans": [asdict(s) for s in self.spans]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FlatLayout":
+        """From ``to_dict``'s output; layouts saved before spans existed are one span per group."""
         params = tuple(ParamEntry(**(dict(p) | {"shape": tuple(p["shape"])})) for p in data["params"])
         groups = tuple(GroupLayout(**g) for g in data["groups"])
-        return cls(params, groups, int(data["partition_count"]), int(data["alignment"]))
+        spans = tuple(Span(**s) for s in data.get("spans", ()))
+        return cls(params, groups, int(data["partition_count"]), int(data["alignment"]), spans)
 
     def _check_full(self, full: torch.Tensor) -> None:
         if full.dim() != 1 or full.numel() != self.numel:
             raise ValueError(f"expected a flat vector of {self.numel} elements, got shape {tuple(full.shape)}")
+
+
+def _runs_of_equal(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices grouped into runs of consecutive equal keys."""
+    runs: list[list[int]] = []
+    for i, key in enumerate(keys):
+        if runs and keys[runs[-1][-1]] == key:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _group_spans(groups: Sequence[GroupLayout], params: Sequence[ParamEntry]) -> list[Span]:
+    """The classic layout's spans: each group whole (also what a layout saved without spans meant)."""
+    out, first = [], 0
+    for g in groups:
+        count = sum(1 for p in params if p.group == g.index)
+        out.append(Span(g.index, g.index, g.numel, g.partition_numel, g.canonical_offset, g.buffer_offset,
+                        g.local_offset, first, count))
+        first += count
+    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
