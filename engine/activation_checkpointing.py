@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
-from .config_sections import ActivationCheckpointingConfig
+from .config.sections import ActivationCheckpointingConfig
 
 __all__ = ["checkpoint", "configure", "is_configured", "non_reentrant_checkpoint", "reset", "settings"]
 

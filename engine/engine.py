@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint.engine_methods import CheckpointMethods
 from .comm import Comm, get_local_rank
-from .config_batch import BatchSizes
+from .config.batch import BatchSizes
 from .precision import PrecisionPolicy
 from .zero.base import PartitionedOptimizer
 

@@ -530,7 +530,10 @@ def test_inline_json_text_and_the_written_dict_round_trip(tmp_path: Path):
 
 
 def test_importing_the_config_does_not_import_torch():
-    code = "import sys, engine.config, engine; engine.load_config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    # every module of the engine.config package, not only what its __init__ pulls in
+    code = ("import sys, pkgutil, importlib, engine.config, engine; engine.load_config\n"
+            "for m in pkgutil.iter_modules(engine.config.__path__): importlib.import_module('engine.config.' + m.name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.config import ConfigError, EngineConfig, load_config
-from engine.config_optim import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
+from engine.config.optim import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
 
 # A valid config that exercises most sections and nesting depths. Python types matter: a float
 # here marks a float key (0.0, not 0), an int an integer key.

@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 from pydantic import Field, ValidationError
 
-from .config_errors import Problem, describe, suggest, translate
-from .config_types import Betas, Bool, Float, Int, NonNegFloat, PosInt, Section, Str, choice
+from .errors import Problem, describe, suggest, translate
+from .types import Betas, Bool, Float, Int, NonNegFloat, PosInt, Section, Str, choice
 
 class _Params(Section):
     """Base of the per-type params models (strict: unknown params are errors)."""

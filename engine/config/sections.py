@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from .config_errors import Problem
-from .config_types import Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, Str, choice
+from .errors import Problem
+from .types import Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, Str, choice
 
 OffloadDevice = choice("none", "cpu", "nvme", case_insensitive=False)
 TagValidation = choice("Warn", "Ignore", "Fail")   # DeepSpeed upper-cases it, so any case works

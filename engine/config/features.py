@@ -10,12 +10,13 @@ Two kinds, decided by what would happen if we silently went ahead:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config_types import any_enabled
+from .types import any_enabled
 
-if TYPE_CHECKING:
-    from .config import EngineConfig
+# An EngineConfig (model.py). The model calls these checks while it validates, so this module
+# reads it by DeepSpeed key names instead of importing it: no cycle between the two.
+Config = Any
 
 PRECISION_HINT = 'use "bf16": {"enabled": true} or "fp16": {"enabled": true}'
 
@@ -31,7 +32,7 @@ class IgnoredFeature:
         return f"{self.path}: {self.reason}"
 
 
-def unsupported_problems(cfg: "EngineConfig") -> list[tuple[str, str, str]]:
+def unsupported_problems(cfg: Config) -> list[tuple[str, str, str]]:
     """(path, message, hint) for every enabled feature that would silently change results."""
     out: list[tuple[str, str, str]] = []
 
@@ -90,7 +91,7 @@ def unsupported_problems(cfg: "EngineConfig") -> list[tuple[str, str, str]]:
 
 
 # (path, predicate on the value, reason) for keys that only affect speed, memory or tooling.
-def ignored_features(cfg: "EngineConfig") -> list[IgnoredFeature]:
+def ignored_features(cfg: Config) -> list[IgnoredFeature]:
     """Keys the config sets (to non-default values) that the engine accepts but does not act on."""
     found: list[IgnoredFeature] = []
 
@@ -143,7 +144,7 @@ def ignored_features(cfg: "EngineConfig") -> list[IgnoredFeature]:
     return found
 
 
-def _sections(cfg: "EngineConfig") -> list[IgnoredFeature]:
+def _sections(cfg: Config) -> list[IgnoredFeature]:
     reasons = {
         "autotuning": "the autotuner is not implemented",
         "eigenvalue": "eigenvalue computation is not implemented",
@@ -165,7 +166,7 @@ def _sections(cfg: "EngineConfig") -> list[IgnoredFeature]:
     return out
 
 
-def _activation_checkpointing(cfg: "EngineConfig") -> list[IgnoredFeature]:
+def _activation_checkpointing(cfg: Config) -> list[IgnoredFeature]:
     ac = cfg.activation_checkpointing
     # cpu_checkpointing and synchronize_checkpoint_boundary are implemented (engine/activation_checkpointing.py)
     reasons = {
@@ -200,7 +201,7 @@ _ZERO_KNOBS: tuple[tuple[str, Any, str], ...] = (
 )
 
 
-def _zero(cfg: "EngineConfig") -> list[IgnoredFeature]:
+def _zero(cfg: Config) -> list[IgnoredFeature]:
     zero = cfg.zero_optimization
     out = [IgnoredFeature(f"zero_optimization.{k}", reason)
            for k, default, reason in _ZERO_KNOBS if getattr(zero, k) != default]

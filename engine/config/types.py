@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
-from .config_errors import Problem, describe, problems_error, value_error
+from .errors import Problem, describe, problems_error, value_error
 
 
 def _as_int(value: Any) -> Any:
@@ -67,7 +67,7 @@ def choice(*allowed: str, case_insensitive: bool = True) -> Any:
             raise value_error(f"expected one of {', '.join(repr(a) for a in allowed)}, got {describe(value)}")
         key = value.lower() if case_insensitive else value
         if key not in canon:
-            from .config_errors import suggest
+            from .errors import suggest
 
             near = suggest(value, allowed)
             raise value_error(f"got {describe(value)}, allowed: {', '.join(repr(a) for a in allowed)}",

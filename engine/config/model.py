@@ -1,11 +1,10 @@
 """The ds_config model: DeepSpeed's keys with DeepSpeed's meaning, validated strictly.
 
-``load_config`` reads a ds_config (path, JSON text or dict), migrates deprecated keys, fills
-``"auto"`` values, validates every key and value, and raises one ``ConfigError`` listing every
-problem (unknown keys come with the nearest valid key). Field names are DeepSpeed's key names,
-so code reads ``cfg.zero_optimization.stage`` or ``cfg.fp16.initial_scale_power``.
+``EngineConfig`` is the validated top level of a ds_config (load.py builds it); field names are
+DeepSpeed's key names, so code reads ``cfg.zero_optimization.stage`` or
+``cfg.fp16.initial_scale_power``. The sections live in sections.py and optim.py.
 
-This module must stay cheap to import: ``orch check`` uses it, so it never imports torch.
+This package must stay cheap to import: ``orch check`` uses it, so it never imports torch.
 
 Defaults are DeepSpeed's (deepspeed/runtime/constants.py and the section configs). Two are
 worth knowing: ``gradient_clipping`` defaults to 1.0 (DeepSpeed changed it from 0.0, i.e. off,
@@ -14,30 +13,20 @@ periodic progress report; DeepSpeed's docs still say 10, its code says None).
 """
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
 from typing import Any, Optional
 
-from pydantic import Field, PrivateAttr, ValidationError
+from pydantic import Field, PrivateAttr
 
-from .config_batch import BatchSizes, batch_for_world_size, resolve_batch
-from .config_errors import ConfigError, ConfigProblem, Problem, translate
-from .config_features import IgnoredFeature, ignored_features, unsupported_problems
-from .config_optim import OptimizerConfig, SchedulerConfig
-from .config_sections import (ActivationCheckpointingConfig, AmpConfig, BF16Config, CheckpointConfig, CometConfig,
+from .batch import BatchSizes, batch_for_world_size, resolve_batch
+from .errors import Problem
+from .features import IgnoredFeature, ignored_features, unsupported_problems
+from .optim import OptimizerConfig, SchedulerConfig
+from .sections import (ActivationCheckpointingConfig, AmpConfig, BF16Config, CheckpointConfig, CometConfig,
                               CommsLoggerConfig, CSVMonitorConfig, DataTypesConfig, FlopsProfilerConfig, FP16Config,
                               TensorBoardConfig, TorchAutocastConfig, WandbConfig, ZeroConfig)
-from .config_source import (BATCH_KEYS, ConfigDeprecationWarning, migrate, read_source,
-                            resolve_auto)
-from .config_types import Bool, DType, NonNegFloat, Opaque, PosFloat, PosInt, Section, Str, choice
+from .types import Bool, DType, NonNegFloat, Opaque, PosFloat, PosInt, Section, Str, choice
 
 AllreduceOp = choice("mean", "sum")
-
-__all__ = [
-    "BatchSizes", "ConfigDeprecationWarning", "ConfigError", "ConfigProblem", "EngineConfig", "IgnoredFeature",
-    "load_config",
-]
-
 
 class EngineConfig(Section):
     """A validated ds_config. Build it with ``load_config``; field names are DeepSpeed's keys.
@@ -47,7 +36,7 @@ class EngineConfig(Section):
     ``load_config`` was given a world size.
     """
 
-    # batch size (see config_batch for the rule)
+    # batch size (see batch.py for the rule)
     train_batch_size: Optional[PosInt] = None
     train_micro_batch_size_per_gpu: Optional[PosInt] = None
     gradient_accumulation_steps: Optional[PosInt] = None
@@ -89,7 +78,7 @@ class EngineConfig(Section):
     csv_monitor: CSVMonitorConfig = Field(default_factory=CSVMonitorConfig)
     comet: CometConfig = Field(default_factory=CometConfig)
     comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
-    # DeepSpeed features accepted so configs load; see config_features for what each does here
+    # DeepSpeed features accepted so configs load; see features.py for what each does here
     vocabulary_size: Optional[PosInt] = None
     graph_harvesting: Bool = False
     use_data_before_expert_parallelism: Bool = False
@@ -176,69 +165,3 @@ class EngineConfig(Section):
                         "train_micro_batch_size_per_gpu": self._batch.micro,
                         "gradient_accumulation_steps": self._batch.gradient_accumulation_steps})
         return out
-
-
-def load_config(source: Any, *, world_size: int | None = None,
-                auto_values: Mapping[str, Any] | None = None) -> EngineConfig:
-    """Read, migrate, resolve and validate a ds_config.
-
-    source: a path (str or os.PathLike) to a JSON file, JSON text starting with "{", or a dict.
-    world_size: data-parallel ranks; when given, the batch rule is checked now and the result
-        is kept in ``cfg.batch``.
-    auto_values: values for ``"auto"`` entries, keyed by full dotted path
-        (``"optimizer.params.lr"``) or, when unambiguous, the last key (``"lr"``). Batch keys
-        found here also fill a config that sets neither ``train_batch_size`` nor
-        ``train_micro_batch_size_per_gpu``.
-
-    Raises ConfigError (a ValueError) listing every problem; never a pydantic error.
-    """
-    raw, label = read_source(source)
-    if auto_values is not None and not isinstance(auto_values, Mapping):
-        raise ConfigError([ConfigProblem("auto_values", f"must be a mapping, got {type(auto_values).__name__}")],
-                          label)
-    notes, deprecations, problems = migrate(raw)
-    for message in deprecations:
-        warnings.warn(message, ConfigDeprecationWarning, stacklevel=2)
-    _fill_absent_batch(raw, auto_values or {})
-    filled, derived, auto_problems = resolve_auto(raw, auto_values)
-    problems += auto_problems
-    cfg: EngineConfig | None = None
-    try:
-        cfg = EngineConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems += [_explain(p, filled) for p in translate(exc, "", EngineConfig)]
-    if problems or cfg is None:
-        raise ConfigError(problems, label)
-    cfg._migrations = notes
-    cfg._auto_derived = derived
-    if world_size is not None:
-        try:
-            cfg._batch = cfg.resolve_batch(world_size)
-        except ConfigError as exc:
-            raise ConfigError(exc.problems, label) from None
-    return cfg
-
-
-def _fill_absent_batch(raw: dict[str, Any], auto_values: Mapping[str, Any]) -> None:
-    """A config with no batch size takes the job's (DeepSpeed would refuse to start)."""
-    if isinstance(auto_values, Mapping) and not any(k in raw for k in BATCH_KEYS[:2]):
-        for key in BATCH_KEYS:
-            if key not in raw and key in auto_values:
-                raw[key] = auto_values[key]
-
-
-def _explain(problem: ConfigProblem, filled: dict[str, str]) -> ConfigProblem:
-    """Say where a bad value came from when it was an "auto" filled from auto_values."""
-    source = next((key for path, key in filled.items()
-                   if problem.path == path or problem.path.startswith((path + ".", path + "["))), None)
-    if source is not None:
-        return ConfigProblem(problem.path, f"{problem.message} (the value of auto_values[{source!r}] for \"auto\")",
-                             problem.hint)
-    if '"auto" (a string)' in problem.message and not problem.hint:
-        return ConfigProblem(problem.path, problem.message, AUTO_HINT)
-    return problem
-
-
-AUTO_HINT = ('"auto" is accepted only where the HF Trainer fills values (batch sizes, gradient_clipping, '
-             "fp16/bf16.enabled, optimizer lr/betas/eps/weight_decay, scheduler warmup and total steps, "
-             "ZeRO bucket sizes); write a value here")

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config_errors import ConfigError, ConfigProblem, describe
+from .errors import ConfigError, ConfigProblem, describe
 
 
 class ConfigDeprecationWarning(DeprecationWarning):
