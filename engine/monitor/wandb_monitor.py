@@ -1,0 +1,81 @@
+"""``wandb``: a Weights & Biases run per job, resumed (not restarted) by elastic restarts.
+
+DeepSpeed's section keys keep their meaning (``project``, ``group``, ``team`` = W&B entity).
+Events are logged with their step (the samples seen, as DeepSpeed does), one ``wandb.log``
+per batch of events. The run's id is kept in the run directory (``monitor/wandb.json``), so
+a restarted trainer calls ``wandb.init(id=<same id>, resume="allow")`` and the curves continue
+in the same run; steps already logged before the restart are skipped (base.StepMark), since
+W&B refuses, or would double, a step it has seen. ``WANDB_RUN_ID`` still wins when set.
+
+Only rank 0 opens a run. A missing package, missing credentials or an unreachable server give
+one warning and training goes on: a dashboard outage must not cost a training run.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import Event, Sink, job_name, load_state, save_state, warn_once
+from .clients import missing_client_message
+
+CREDENTIALS_HINT = ("run `wandb login` or set WANDB_API_KEY; set WANDB_MODE=offline to keep the run "
+                    "on disk and `wandb sync` it later")
+
+
+class WandbMonitor(Sink):
+    name = "wandb"
+
+    def __init__(self, run: Any, state_dir: Path | None) -> None:
+        super().__init__(state_dir)
+        self.run = run
+
+    def emit(self, events: Sequence[Event]) -> None:
+        # One row per step: W&B needs steps in increasing order, and one call per step is cheapest.
+        row: dict[str, Any] = {}
+        step = events[0][2]
+        for name, value, event_step in events:
+            if event_step != step:
+                self.run.log(row, step=step)
+                row, step = {}, event_step
+            row[name] = value
+        self.run.log(row, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def open_wandb(section: Any, run_dir: Path | None, state_dir: Path | None,
+               run_config: Mapping[str, Any]) -> WandbMonitor | None:
+    """The monitor, or None after one warning saying why there is none."""
+    try:
+        import wandb
+    except ImportError:
+        warn_once("wandb-missing", missing_client_message("wandb"))
+        return None
+    run_id = _run_id(state_dir, wandb)
+    kwargs: dict[str, Any] = {
+        "project": section.project, "group": section.group, "entity": section.team,
+        "id": run_id, "resume": "allow", "config": dict(run_config), "name": job_name(),
+    }
+    if run_dir is not None and not os.environ.get("WANDB_DIR"):
+        kwargs["dir"] = str(run_dir)
+    try:
+        run = wandb.init(**kwargs)
+    except Exception as exc:  # no credentials, no network, a bad entity: W&B's own message says which
+        warn_once("wandb-init", f"wandb.enabled is set but W&B could not start a run ({exc}); "
+                  f"{CREDENTIALS_HINT}. Training goes on without W&B.")
+        return None
+    save_state(state_dir, "wandb", {"run_id": run.id, "project": section.project})
+    return WandbMonitor(run, state_dir)
+
+
+def _run_id(state_dir: Path | None, wandb: Any) -> str | None:
+    explicit = os.environ.get("WANDB_RUN_ID")
+    if explicit:
+        return explicit
+    if state_dir is None:
+        return None  # W&B picks one; no run directory to remember it in (DeepSpeed's behaviour)
+    saved = load_state(state_dir, "wandb").get("run_id")
+    return str(saved) if saved else wandb.util.generate_id()
