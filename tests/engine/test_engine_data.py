@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.data import DataError, GlobalBatchSampler, SyntheticTokens, TokenFile, infer_token_dtype, open_source
+from engine.trainer.data import DataError, GlobalBatchSampler, SyntheticTokens, TokenFile, infer_token_dtype, open_source
 
 
 def global_batch(sampler: GlobalBatchSampler, source, world: int, micro: int, accum: int) -> np.ndarray:

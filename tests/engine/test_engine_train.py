@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.metrics import TRAIN_FIELDS
+from engine.trainer.metrics import TRAIN_FIELDS
 from tests import trainer_runs
 from tests.trainer_runs import clean_env, run_trainer
 
@@ -120,7 +120,7 @@ def test_two_ranks_under_torchrun_follow_the_single_process_curve(single_run, tm
 
 @needs_engine
 def test_trains_from_a_token_file_with_eval_and_orch_environment(tmp_path):
-    from engine.data import SyntheticTokens
+    from engine.trainer.data import SyntheticTokens
 
     tokens = SyntheticTokens(512, 64, seed=9).samples(range(64)).astype("uint16")
     tokens.tofile(tmp_path / "train.bin")
@@ -156,7 +156,7 @@ def test_a_deepspeed_config_without_optimizer_trains_with_the_default_adamw(tmp_
 
 def test_flag_spellings_and_orch_environment_defaults(tmp_path, monkeypatch):
     from engine.run_contract import restart_count
-    from engine.trainer_args import parse_args
+    from engine.trainer.args import parse_args
 
     config = str(write_config(tmp_path))
     for flag in ("--deepspeed_config", "--deepspeed-config", "--config", "--engine_config", "--engine-config"):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.mfu import (GPU_PEAK_BF16_FLOPS, PEAK_ENV, achieved_flops, cpu_peak, cpu_probe_key, device_peak,
+from engine.trainer.mfu import (GPU_PEAK_BF16_FLOPS, PEAK_ENV, achieved_flops, cpu_peak, cpu_probe_key, device_peak,
                         gpu_peak, measure_matmul_flops, mfu)
 from engine.models.presets import get_preset
 

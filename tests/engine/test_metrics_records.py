@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from engine.metrics import START_FIELDS, TRAIN_FIELDS
+from engine.trainer.metrics import START_FIELDS, TRAIN_FIELDS
 from engine.models.presets import get_preset
-from engine.step_timer import BREAKDOWN_PHASES
+from engine.trainer.step_timer import BREAKDOWN_PHASES
 from orchestrator.live import progress_line
 from tests.trainer_runs import records, run_trainer, write_config
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.hang_report import read_dump, verdict
-from engine.step_timer import Position
-from engine.watchdog import HANG_EXIT_CODE, Watchdog
+from engine.trainer.hang_report import read_dump, verdict
+from engine.trainer.step_timer import Position
+from engine.trainer.watchdog import HANG_EXIT_CODE, Watchdog
 from tests.trainer_runs import TINY_CONFIG, clean_env
 
 TIMEOUT_S = 8

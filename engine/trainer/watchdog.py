@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.run_contract import ENV_TEST_STALL, ENV_WATCHDOG_TIMEOUT, RunPaths
-from engine.step_timer import Position
+from engine.trainer.step_timer import Position
 
 HANG_EXIT_CODE = 124  # as GNU timeout: "the command timed out"
 FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
@@ -189,7 +189,7 @@ def _modified_after(path: Path, when: float) -> bool:
 
 
 def _print_summary(hang_dir: Path, world_size: int) -> None:
-    from engine.hang_report import write_summary
+    from engine.trainer.hang_report import write_summary
 
     try:
         path, verdict = write_summary(hang_dir, world_size)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.metrics import MetricsWriter
-from engine.mfu import Peak, achieved_flops, device_peak, mfu
-from engine.step_timer import StepTimer
 from engine.run_contract import restart_count
-from engine.trainer_args import TrainerArgs, TrainerError
-from engine.watchdog import Watchdog, enable_flight_recorder
+from engine.trainer.args import TrainerArgs, TrainerError
+from engine.trainer.metrics import MetricsWriter
+from engine.trainer.mfu import Peak, achieved_flops, device_peak, mfu
+from engine.trainer.step_timer import StepTimer
+from engine.trainer.watchdog import Watchdog, enable_flight_recorder
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def _peak(device: Any, dtype: Any) -> Peak | None:
 
 
 def _attach_tensorboard(metrics: MetricsWriter, section: Any, run_dir: Path) -> None:
-    from engine.tensorboard import open_tensorboard, tensorboard_dir
+    from engine.trainer.tensorboard import open_tensorboard, tensorboard_dir
 
     sink, message = open_tensorboard(tensorboard_dir(section, run_dir))
     metrics.tensorboard = sink

@@ -2,7 +2,7 @@
 
 In a collective hang, most ranks wait inside collective #N while one rank never got there;
 its stack, not theirs, shows the cause. Each ``hang/rank-<r>.txt`` (written by
-engine/watchdog.py) names the phase and the last collective that rank entered; rank 0 reads
+watchdog.py) names the phase and the last collective that rank entered; rank 0 reads
 them all after the dumps and writes ``hang/summary.txt`` with one verdict line first.
 """
 from __future__ import annotations

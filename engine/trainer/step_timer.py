@@ -6,7 +6,7 @@ The trainer runs every piece of a step inside ``timer.phase(name, step)``. Two r
   milliseconds per step in each phase, averaged over the steps since the last log record. On a
   GPU each phase boundary synchronises the device (as DeepSpeed's timers do), which is why it
   is off by default;
-* the hang watchdog (engine/watchdog.py), which reports the phase a stuck rank was in. That
+* the hang watchdog (watchdog.py), which reports the phase a stuck rank was in. That
   costs one attribute assignment per phase, so it is always on.
 
 The trainer times around the engine's public calls (``engine(batch)``, ``engine.backward``,

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.models.presets import PRESETS
 from engine import run_contract as contract
+from engine.models.presets import PRESETS
 from engine.run_contract import DEFAULT_WATCHDOG_TIMEOUT_S
 
 
@@ -33,7 +33,7 @@ class TrainerArgs:
     data_dtype: str | None = None
     seed: int = 1234
     lr: float = 3e-4
-    run_dir: str | None = None  # None: resolved at start (needs the rank, see train.resolve_run_dir)
+    run_dir: str | None = None  # None: resolved at start (needs the rank, see loop.resolve_run_dir)
     save_dir: str | None = None  # None: <run_dir>/checkpoints
     save_every: int = 0
     save_keep: int = contract.DEFAULT_CHECKPOINT_KEEP

@@ -1,0 +1,304 @@
+"""The bundled trainer's run: what ``python -m engine.train`` (engine/train.py) executes.
+
+A GPT preset, a token source, ``engine.initialize`` with the user's ds_config, and the loop:
+forward / backward / step per micro-batch, a log line every ``--log-every`` steps, a checkpoint
+every ``--save-every`` steps, and resume from ``<save-dir>/latest`` on start, so that every kind
+of restart (torchrun, Slurm requeue, pod restart, resubmission) continues the same run.
+Every piece of a step runs inside a named phase of the Monitor (monitor.py): the
+wall-clock breakdown times them and the hang watchdog reports the phase a stuck rank was in.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.models.presets import UnknownPreset, get_preset
+from engine.run_contract import RunPaths, restart_count
+from engine.trainer.args import TrainerArgs, TrainerError, parse_args
+from engine.trainer.checkpointer import Checkpointer
+from engine.trainer.data import DataError, GlobalBatchSampler, TokenSource, open_source
+from engine.trainer.metrics import MetricsWriter, peak_memory_bytes
+from engine.trainer.monitor import Monitor, build_monitor, prepare_distributed
+from engine.trainer.watchdog import stall_if_requested
+
+
+@dataclass
+class Run:
+    """What the loop needs, assembled once at start."""
+
+    args: TrainerArgs
+    engine: Any
+    source: TokenSource
+    sampler: GlobalBatchSampler
+    checkpointer: Checkpointer
+    monitor: Monitor
+    rank: int
+    world_size: int
+    device: Any
+    micro_batch: int
+    grad_accum: int
+    log_every: int
+
+    @property
+    def metrics(self) -> MetricsWriter:
+        return self.monitor.metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return train(parse_args(argv))
+    except _user_errors() as exc:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}engine.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from engine.config import ConfigError
+
+    errors: list[type[BaseException]] = [TrainerError, DataError, UnknownPreset, ConfigError]
+    if "torch" in sys.modules:  # a launcher environment problem, found once torch is up
+        from engine.comm import DistributedSetupError
+
+        errors.append(DistributedSetupError)
+    return tuple(errors)
+
+
+def train(args: TrainerArgs) -> int:
+    run = setup(args)
+    start = run.checkpointer.resume(run.engine, {"sampler": run.sampler})
+    total = args.steps
+    run.monitor.started(start, total, args.model, run.checkpointer.save_dir if start else None)
+    try:
+        loop(run, start)
+    except BaseException as exc:
+        run.metrics.status("failed", step=getattr(run.engine, "global_steps", None), total_steps=total,
+                           error=repr(exc))
+        raise
+    finally:
+        run.monitor.close()
+    run.metrics.status("finished", step=total, total_steps=total, world_size=run.world_size,
+                       restart_count=restart_count())
+    return 0
+
+
+def setup(args: TrainerArgs) -> Run:
+    # Mistakes in the model name or data file are reported before torch is even imported.
+    model_cfg = get_preset(args.model, seq_len=args.seq_len)
+    source = open_source(args.data, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len,
+                         seed=args.seed, dtype=args.data_dtype)
+    import torch
+
+    import engine
+
+    prepare_distributed(args)
+    engine.init_distributed()
+    rank, world = _rank_and_world()
+    run_dir = resolve_run_dir(args.run_dir, rank, world)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    from engine.models import build_model
+
+    # Validated before the model is built: a bad ds_config fails in a second, not after a 3B init.
+    ds_config = engine.load_config(args.deepspeed_config, world_size=world)
+    model = build_model(args.model, seed=args.seed, device=device, seq_len=args.seq_len)
+    model_engine, _, _, _ = engine.initialize(
+        model=model, model_parameters=model.parameters(), config=args.deepspeed_config,
+        optimizer=None if ds_config.optimizer is not None else _default_optimizer(args.lr))
+    if model_engine.activation_checkpointing_enabled:  # ds_config section or gradient_checkpointing
+        model.set_activation_checkpointing(True)
+    monitor = build_monitor(args, run_dir, rank, world, model_engine, model_cfg.flops_per_token())
+    paths = RunPaths(run_dir)
+    save_dir = Path(args.save_dir) if args.save_dir else paths.checkpoints
+    checkpointer = Checkpointer(save_dir, every=args.save_every, keep=args.save_keep,
+                                control_dir=paths.control, is_rank0=rank == 0)
+    micro, accum = model_engine.train_micro_batch_size_per_gpu(), model_engine.gradient_accumulation_steps()
+    log_every = args.log_every or model_engine.steps_per_print() or 10
+    monitor.metrics.info(f"model {args.model} ({model_cfg.num_parameters() / 1e6:.2f}M params), world size {world}, "
+                         f"micro-batch {micro} x accumulation {accum} -> global batch {micro * accum * world}, "
+                         f"run dir {run_dir}")
+    return Run(args, model_engine, source, GlobalBatchSampler(micro * accum * world), checkpointer,
+               monitor, rank, world, model_engine.device, micro, accum, log_every)
+
+
+@dataclass
+class _Window:
+    """Steps since the last log record: their summed loss and the wall time they took."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    loss_sum: Any = None
+
+    def add(self, loss: Any) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps += 1
+
+
+def loop(run: Run, start: int) -> None:
+    args, state = run.args, {"sampler": run.sampler}
+    window = _Window()
+    for step in range(start + 1, args.steps + 1):
+        window.add(train_step(run, step))
+        paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
+        if args.eval_every and step % args.eval_every == 0:
+            # Before the step's train record, so the last line of metrics.jsonl is a train record.
+            with run.monitor.phase("eval", step):
+                run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
+        _maybe_checkpoint(run, step, state)
+        window.start += time.perf_counter() - paused
+        if step % run.log_every == 0 or step == args.steps:
+            log_train(run, step, window)
+            window = _Window()
+        run.monitor.beat(step)
+    if run.checkpointer.every and run.checkpointer.last_saved_step != args.steps:
+        with run.monitor.phase("checkpoint", args.steps):
+            run.checkpointer.save(run.engine, args.steps, state)
+
+
+def _maybe_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
+    with run.monitor.phase("checkpoint-request", step):  # a collective: rank 0 spreads a launcher's request
+        due = run.checkpointer.due(step) or _any_rank(run.checkpointer.requested(), run.world_size)
+    if due:
+        with run.monitor.phase("checkpoint", step):
+            run.checkpointer.save(run.engine, step, state)
+
+
+def train_step(run: Run, step: int) -> Any:
+    """One optimizer step: ``grad_accum`` micro-batches; returns this rank's mean loss (a tensor)."""
+    total, phase, accum = None, run.monitor.phase, run.grad_accum
+    for micro_step in range(accum):
+        with phase("data", step, micro_step, accum):
+            x, y = _batch(run, run.sampler.micro_batch_indices(micro_step, run.rank, run.world_size,
+                                                               run.micro_batch))
+        with phase("forward", step, micro_step, accum):
+            loss = run.engine(x, y)
+        with phase("backward", step, micro_step, accum):
+            stall_if_requested(run.rank, step)
+            run.engine.backward(loss)
+        with phase("optimizer", step, micro_step, accum):
+            run.engine.step()
+        total = loss.detach() if total is None else total + loss.detach()
+    run.sampler.advance()
+    return total / accum
+
+
+def evaluate(run: Run) -> float:
+    """Mean loss over a fixed set of samples (the same ones at every evaluation).
+
+    Their indices lie far beyond any training position, so synthetic eval samples are never
+    trained on; for a token file they are windows of the same file (a fixed probe, not a split).
+    """
+    import torch
+
+    base = 1 << 62  # indices far past any training position: never trained on (synthetic data)
+    run.engine.eval()
+    with torch.no_grad():
+        losses = []
+        for i in range(run.args.eval_iters):
+            first = base + (i * run.world_size + run.rank) * run.micro_batch
+            x, y = _batch(run, range(first, first + run.micro_batch))
+            losses.append(run.engine(x, y).float())
+    run.engine.train()
+    return _mean_across_ranks(torch.stack(losses).mean(), run.world_size)
+
+
+def log_train(run: Run, step: int, window: _Window) -> None:
+    with run.monitor.phase("metrics", step):  # a collective: the loss averaged over ranks
+        loss = _mean_across_ranks(window.loss_sum / window.steps, run.world_size)
+    elapsed = time.perf_counter() - window.start
+    tokens_per_s = run.sampler.global_batch_size * run.source.seq_len * window.steps / elapsed
+    engine_ = run.engine
+    mem, mem_kind = peak_memory_bytes()
+    record = {
+        "kind": "train", "step": step, "total_steps": run.args.steps, "loss": loss,
+        "lr": engine_.get_lr()[0], "grad_norm": engine_.get_global_grad_norm(),
+        "loss_scale": _loss_scale(engine_), "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window.steps,
+        **run.monitor.throughput_fields(tokens_per_s, window.steps),
+        "samples": run.sampler.consumed_samples, "world_size": run.world_size,
+        "restart_count": restart_count(), "mem": mem, "mem_kind": mem_kind, "time": time.time(),
+    }
+    run.metrics.log(record)
+    run.metrics.status("running", step=step, total_steps=run.args.steps, loss=loss,
+                       world_size=run.world_size, restart_count=record["restart_count"])
+
+
+def resolve_run_dir(run_dir: str | None, rank: int, world: int) -> Path:
+    """The run directory; the default (./runs/<id>) is chosen by rank 0 and shared with all ranks.
+
+    Under torchrun the id is the rendezvous run id, which survives worker restarts, so a
+    restarted worker finds the same directory and resumes from its checkpoints.
+    """
+    if run_dir:
+        return Path(run_dir)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    name = run_id if run_id and run_id != "none" else time.strftime("%Y%m%d-%H%M%S")
+    chosen = [str(Path("runs") / name)]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _batch(run: Run, indices: range) -> tuple[Any, Any]:
+    import torch
+
+    tokens = torch.from_numpy(run.source.samples(indices))
+    if run.device.type == "cuda":
+        tokens = tokens.pin_memory().to(run.device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_across_ranks(value: Any, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True on every rank if it is true on any (a collective: every rank must call it)."""
+    if world == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _default_optimizer(lr: float) -> Any:
+    """AdamW for ds_configs without an ``optimizer`` section (DeepSpeed scripts pass their own)."""
+    import torch
+
+    return lambda groups: torch.optim.AdamW(groups, lr=lr)
+
+
+def _loss_scale(engine_: Any) -> float | None:
+    """The fp16 loss scale; None in bf16/fp32, which train without one."""
+    return float(engine_.loss_scale) if engine_.precision.name == "fp16" else None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
