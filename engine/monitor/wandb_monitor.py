@@ -13,6 +13,8 @@ one warning and training goes on: a dashboard outage must not cost a training ru
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def open_wandb(section: Any, run_dir: Path | None, state_dir: Path | None,
     except ImportError:
         warn_once("wandb-missing", missing_client_message("wandb"))
         return None
-    run_id = _run_id(state_dir, wandb)
+    run_id = _run_id(state_dir)
     kwargs: dict[str, Any] = {
         "project": section.project, "group": section.group, "entity": section.team,
         "id": run_id, "resume": "allow", "config": dict(run_config), "name": job_name(),
@@ -71,11 +73,17 @@ def open_wandb(section: Any, run_dir: Path | None, state_dir: Path | None,
     return WandbMonitor(run, state_dir)
 
 
-def _run_id(state_dir: Path | None, wandb: Any) -> str | None:
+def _run_id(state_dir: Path | None) -> str | None:
     explicit = os.environ.get("WANDB_RUN_ID")
     if explicit:
         return explicit
     if state_dir is None:
         return None  # W&B picks one; no run directory to remember it in (DeepSpeed's behaviour)
     saved = load_state(state_dir, "wandb").get("run_id")
-    return str(saved) if saved else wandb.util.generate_id()
+    return str(saved) if saved else new_run_id()
+
+
+def new_run_id() -> str:
+    """An id of W&B's shape (8 lowercase letters and digits); chosen here so it can be saved first."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))

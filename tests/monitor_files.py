@@ -1,0 +1,95 @@
+"""Reading what the monitoring clients leave on disk: W&B offline runs and Comet offline archives.
+
+W&B 0.31 writes ``wandb/offline-run-<time>-<id>/run-<id>.wandb``: a LevelDB-style log (7-byte
+file header ``:W&B`` + magic + version, 32 KiB blocks, records with a 7-byte header: CRC32,
+length, type FULL/FIRST/MIDDLE/LAST) of protobuf ``Record`` messages. The SDK no longer ships a
+reader, so tests read it here (the format is W&B's ``datastore``); a truncated tail, as a
+killed run leaves, ends the scan.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+@dataclass
+class WandbRun:
+    """One offline run directory: its id, config and history rows (``_step`` -> keys)."""
+
+    path: Path
+    run_id: str = ""
+    resumed: bool = False
+    config: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(r["_step"]) for r in self.rows]
+
+
+def _records(data: bytes) -> list[bytes]:
+    pos, out, partial = HEADER, [], b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        pos += HEADER
+        if kind == 0 and length == 0:
+            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
+            continue
+        chunk = data[pos:pos + length]
+        if len(chunk) < length:
+            break
+        pos += length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            partial = chunk
+        elif kind == 3:
+            partial += chunk
+        elif kind == 4:
+            out.append(partial + chunk)
+    return out
+
+
+def read_wandb_run(run_path: Path) -> WandbRun:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run = WandbRun(run_path)
+    for raw in _records(next(run_path.glob("run-*.wandb")).read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.run_id, run.resumed = record.run.run_id, record.run.resumed
+            run.config.update({c.key: json.loads(c.value_json) for c in record.run.config.update})
+        elif kind == "config":
+            run.config.update({c.key: json.loads(c.value_json) for c in record.config.update})
+        elif kind == "history":
+            run.rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    return run
+
+
+def wandb_runs(wandb_dir: Path) -> list[WandbRun]:
+    """Every offline run under ``wandb_dir``, oldest first."""
+    return [read_wandb_run(p) for p in sorted(wandb_dir.glob("offline-run-*"))]
+
+
+def comet_metrics(offline_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Metric name -> [(step, value)] over every Comet offline archive in ``offline_dir``."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for archive in sorted(offline_dir.glob("*.zip")):
+        with zipfile.ZipFile(archive) as z:
+            for line in z.read("messages.json").decode().splitlines():
+                metric = json.loads(line).get("payload", {}).get("metric")
+                if metric and metric.get("step") is not None:
+                    out.setdefault(metric["metricName"], []).append((int(metric["step"]), float(metric["metricValue"])))
+    return out
