@@ -271,3 +271,148 @@ def slurm_cluster() -> Iterator[SlurmLab]:
                 subprocess.run(["bash", str(started), "stop"], capture_output=True, timeout=120, env=env)
             if lock is not None:
                 lock.close()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------
+# Three bare machines reachable over real OpenSSH (the `ssh` tier)
+# --------------------------------------------------------------------------------------------
+
+SSH_LAB = Path(os.environ.get("ORCH_SSH_LAB", "/tmp/orch-ssh"))  # where .ci/ssh-up.sh starts them too
+SSH_HOSTS_SH = REPO / "tests" / "clusters" / "ssh_hosts.sh"
+SSH_ENABLE = ("run the tests as root (tests/clusters/ssh_hosts.sh makes 3 hosts as network namespaces with "
+              "their own sshd; it installs Debian's openssh-server if missing), or start them once with "
+              "`sudo tests/clusters/ssh_hosts.sh start` and make $ORCH_SSH_LAB readable")
+
+
+class SshLab:
+    """The project's 3 ssh hosts: names, the client's ssh options, and crashing/reviving a host."""
+
+    hosts = ("orch-h1", "orch-h2", "orch-h3")
+
+    def __init__(self, lab: Path) -> None:
+        self.lab = lab
+
+    @property
+    def ssh_options(self) -> list[str]:
+        return ["-F", str(self.lab / "ssh_config")]
+
+    def _script(self, *argv: str, check: bool = True) -> str:
+        import subprocess
+
+        env = {**os.environ, "ORCH_SSH_LAB": str(self.lab)}
+        result = subprocess.run(["bash", str(SSH_HOSTS_SH), *argv], capture_output=True, text=True,
+                                timeout=300, env=env)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"ssh_hosts.sh {' '.join(argv)} failed: {result.stderr[-800:]}")
+        return result.stdout
+
+    def up(self) -> bool:
+        if not (self.lab / "ssh_config").exists():
+            return False
+        lines = self._script("status", check=False).splitlines()
+        return len(lines) == len(self.hosts) and all(line.endswith(" up") for line in lines)
+
+    def kill(self, host: str) -> None:
+        """The machine dies: every process on it is SIGKILLed and its network link goes down."""
+        self._script("kill", host)
+
+    def revive(self, host: str) -> None:
+        self._script("revive", host)
+
+    def pids(self, host: str) -> set[int]:
+        """The processes running on ``host`` now (its sshd included)."""
+        return {int(p) for p in self._script("pids", host).split()}
+
+    def run(self, host: str, command: str) -> str:
+        """Run a shell command on ``host`` over ssh; its stdout."""
+        import subprocess
+
+        return subprocess.run(["ssh", *self.ssh_options, host, command], capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+
+
+def _lab_lock(lab: Path, timeout_s: float = 1200) -> object | None:
+    import fcntl
+    import time
+
+    lab.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(f"{lab}.lock", "w")  # noqa: SIM115 - held until the session ends
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                return None
+            time.sleep(2)
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts() -> Iterator[SshLab]:
+    """3 running ssh hosts (tests/clusters/ssh_hosts.sh), started here unless already up (and then
+    stopped at the end of the session); killed hosts are revived after each use of ``kill``."""
+    lab = SshLab(SSH_LAB)
+    if os.geteuid() != 0 and not lab.up():
+        pytest.skip(f"no ssh hosts for the ssh tier: {SSH_ENABLE}")
+    lock = _lab_lock(SSH_LAB)
+    if lock is None:
+        pytest.skip(f"the ssh hosts in {SSH_LAB} stayed busy for 20 min (another test session holds {SSH_LAB}.lock)")
+    started = False
+    try:
+        if not lab.up():
+            for host in lab.hosts:  # a host an interrupted session left dead
+                lab._script("revive", host, check=False)
+        if not lab.up():
+            lab._script("stop", check=False)
+            start_or_skip(["bash", str(SSH_HOSTS_SH), "start"], lab.up, SSH_ENABLE, timeout=600,
+                          env={**os.environ, "ORCH_SSH_LAB": str(SSH_LAB)})
+            started = True
+        yield lab
+    finally:
+        if started:
+            lab._script("stop", check=False)
+        lock.close()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------
+# A real Kubernetes node (kubelet + containerd) that runs orch's pods (the `kubernetes` + `slow` tier)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def k8s_node() -> Iterator[object]:
+    """A node that runs pods: the project's own (tests/clusters/k8s_node.sh, with the PyTorchJob
+    operator double running beside it for the session), or the cluster of ORCH_TEST_NODE_KUBECONFIG
+    (which must run the real Kubeflow training operator). The local node is started here when it is
+    built but not running, and stopped at the end only if this session started it; the orch image
+    is refreshed from the working tree first (a no-op when nothing changed)."""
+    from tests.clusters import k8s_node as node
+
+    given = os.environ.get("ORCH_TEST_NODE_KUBECONFIG")
+    if given:
+        if not _api_reachable(Path(given)):
+            pytest.skip(f"ORCH_TEST_NODE_KUBECONFIG={given}: no API server answers with that kubeconfig")
+        yield node.K8sNode(Path(given), os.environ.get("ORCH_TEST_NODE_IMAGE", node.IMAGE), local=False)
+        return
+    if os.geteuid() != 0:
+        pytest.skip(f"the test Kubernetes node needs root; {node.ENABLE}")
+    if not node.cache_ready():
+        pytest.skip(f"the test Kubernetes node is not built; {node.ENABLE}")
+    images = node.script("images", timeout=1200)
+    if images.returncode != 0:
+        pytest.skip(f"k8s_node.sh images failed: {images.stderr[-800:]}; {node.ENABLE}")
+    started = False
+    if not node.node_ready():
+        start_or_skip(["bash", str(node.SCRIPT), "start"], node.node_ready, node.ENABLE, timeout=600)
+        started = True
+    kubeconfig = node.NODE_DIR / "kubeconfig"
+    install_pytorchjob_crd(kubeconfig)
+    running = node.K8sNode(kubeconfig, node.IMAGE, local=True)
+    running.start_operator()
+    try:
+        yield running
+    finally:
+        running.stop_operator()
+        if started:
+            node.script("stop", timeout=300)
