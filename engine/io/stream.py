@@ -1,0 +1,194 @@
+"""Streams through the pool: write a file from many sources while hashing it, hash a file back.
+
+``StreamWriter`` packs whatever it is given (byte views, CPU or GPU tensors) into page-aligned
+staging blocks; every full block goes to an I/O thread that hashes it and writes it with
+O_DIRECT, while the caller fills the next block (``buffers`` blocks in flight bound the memory).
+The last block is padded to the page size for the direct write and the file truncated back to
+its real length. ``hash_file`` reads a file's blocks on the pool's threads and returns the
+same digest the writer computed, so verification runs at disk speed too.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from .aligned import ALIGN, BufferPool, byte_view, round_up
+from .files import DirectFile
+from .hashing import TreeHash
+from .pool import IOPool, shared_pool
+
+__all__ = ["FileRange", "StreamWriter", "hash_file"]
+
+
+class StreamWriter:
+    """Write one file sequentially from many pieces, hashing as it goes (see the module docstring).
+
+    ``write`` only records where each piece goes; an I/O thread copies a block's pieces into a
+    staging buffer, hashes it and writes it, so copies, hashes and writes of different blocks
+    run in parallel. The pieces must therefore stay unchanged until ``close`` returns.
+    """
+
+    def __init__(self, path: Path | str, hasher: Optional[TreeHash] = None, pool: Optional[IOPool] = None,
+                 buffers: int = 4, direct: Optional[bool] = None) -> None:
+        self.hasher = hasher or TreeHash()
+        self.pool = pool or shared_pool()
+        self.file = DirectFile(path, "w", direct=direct)
+        self.block = self.hasher.block
+        self.staging = _staging(max(2, buffers, self.pool.threads + 1), self.block)
+        self._segments: list[tuple[int, Any]] = []   # (offset in the block, source piece)
+        self._fill = 0
+        self._index = 0
+        self._pending: list[Any] = []   # futures of leaf digests, in block order
+        self.bytes = 0
+
+    def write(self, data: Any) -> None:
+        """Append ``data``: bytes, a memoryview, or a tensor (any device; copied by the I/O threads)."""
+        source = _source(data)
+        pos, total = 0, len(source)
+        while pos < total:
+            n = min(total - pos, self.block - self._fill)
+            self._segments.append((self._fill, source[pos:pos + n]))
+            self._fill += n
+            self.bytes += n
+            pos += n
+            if self._fill == self.block:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._fill == 0:
+            return
+        segments, real, index = self._segments, self._fill, self._index
+        buf = self.staging.acquire()        # blocks while every staging buffer is in flight
+        self._pending.append(self.pool.call(self._fill_hash_write, buf, segments, real, index * self.block))
+        self._segments, self._fill, self._index = [], 0, index + 1
+
+    def _fill_hash_write(self, buf: Any, segments: list[tuple[int, Any]], real: int, offset: int) -> bytes:
+        try:
+            view = byte_view(buf)
+            for at, piece in segments:
+                if isinstance(piece, memoryview):
+                    view[at:at + len(piece)] = piece
+                elif isinstance(piece, FileRange):
+                    piece.read_into(view[at:at + len(piece)])
+                else:
+                    buf[at:at + piece.numel()].copy_(piece)     # a device tensor's bytes
+            padded = round_up(real, ALIGN)
+            if padded > real:
+                view[real:padded] = bytes(padded - real)
+            leaf = self.hasher.leaf(view[:real])
+            self.file.write(view[:padded], offset)
+            return leaf
+        finally:
+            self.staging.release(buf)
+
+    def close(self, fsync: bool = True) -> dict[str, Any]:
+        """Finish the file; returns ``{"bytes", "digest", "hash", "hash_block"}``."""
+        try:
+            self._flush()
+            leaves = [f.result() for f in self._pending]
+            if self.file.size() != self.bytes:
+                self.file.truncate(self.bytes)
+            if fsync:
+                self.file.sync()
+        except BaseException:
+            self.abort()
+            raise
+        self.file.close()
+        return {"bytes": self.bytes, "digest": self.hasher.root(leaves), **self.hasher.record()}
+
+    def abort(self) -> None:
+        """Stop after an error: wait for in-flight blocks, close (the caller removes the file)."""
+        for f in self._pending:
+            f.exception()
+        self._pending = []
+        self.file.close()
+
+
+class FileRange:
+    """Bytes ``[offset, offset + nbytes)`` of an open file, as a ``StreamWriter`` source: the I/O
+    thread reads them straight into its staging block (a swap file copied into a checkpoint
+    never passes through any other memory)."""
+
+    def __init__(self, file: DirectFile, offset: int, nbytes: int) -> None:
+        self.file, self.offset, self.nbytes = file, int(offset), int(nbytes)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __getitem__(self, s: slice) -> "FileRange":
+        lo, hi, _ = s.indices(self.nbytes)
+        return FileRange(self.file, self.offset + lo, hi - lo)
+
+    def read_into(self, view: memoryview) -> None:
+        if self.file.read(view, self.offset) != len(view):
+            raise EOFError(f"{self.file.path} is shorter than the range being copied from it")
+
+
+def _source(data: Any) -> Any:
+    """``data`` as something sliced by byte: a memoryview (CPU memory), a file range or a uint8
+    device tensor."""
+    if isinstance(data, FileRange):
+        return data
+    if not hasattr(data, "data_ptr"):
+        return memoryview(data).cast("B")
+    import torch
+
+    flat = data.detach().reshape(-1)
+    if flat.device.type == "cpu":
+        return memoryview(b"") if flat.numel() == 0 else byte_view(flat.contiguous())
+    return _DeviceBytes(flat.contiguous().view(torch.uint8))
+
+
+class _DeviceBytes:
+    """A device tensor's bytes, sliced lazily (copied to the host by the I/O thread)."""
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return int(self.tensor.numel())
+
+    def __getitem__(self, s: slice) -> Any:
+        return self.tensor[s]
+
+
+_staging_pools: dict[tuple[int, bool], BufferPool] = {}
+_staging_lock = threading.Lock()
+
+
+def _staging(count: int, block: int, torch_free: bool = False) -> BufferPool:
+    """Buffers shared by every writer (or reader) of one block size: allocated once, page faults once."""
+    with _staging_lock:
+        pool = _staging_pools.get((block, torch_free))
+        if pool is None or pool.count < count:
+            pool = _staging_pools[(block, torch_free)] = BufferPool(count, block, pin=not torch_free,
+                                                                   torch_free=torch_free)
+        return pool
+
+
+def hash_file(path: Path | str, hasher: TreeHash, pool: Optional[IOPool] = None) -> tuple[int, str]:
+    """``(size, digest)`` of a file as ``StreamWriter`` computes it, blocks read on the pool's threads."""
+    pool = pool or shared_pool()
+    with DirectFile(path, "r") as file:
+        size = file.size()
+        count = -(-size // hasher.block)
+        buffers = _staging(pool.threads + 1, hasher.block, torch_free=True)
+        futures = []
+        for i in range(count):
+            buf = buffers.acquire()        # bounds memory: at most threads+1 blocks in flight
+            futures.append(pool.call(_read_and_hash, file, hasher, buffers, buf, i * hasher.block,
+                                     min(hasher.block, size - i * hasher.block)))
+        leaves = [f.result() for f in futures]
+    return size, hasher.root(leaves)
+
+
+def _read_and_hash(file: DirectFile, hasher: TreeHash, buffers: BufferPool, buf: Any, offset: int, n: int) -> bytes:
+    try:
+        view = byte_view(buf)
+        got = file.read(view[:round_up(n, ALIGN)], offset)
+        if got < n:
+            raise EOFError(f"{file.path} changed size while it was being read")
+        return hasher.leaf(view[:n])
+    finally:
+        buffers.release(buf)
