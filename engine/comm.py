@@ -197,6 +197,16 @@ class Comm:
         self._note("reduce_scatter", data)
         return Handle([_reduce_scatter_single(output, data, group=self.group, async_op=async_op)])
 
+    def all_to_all_into(self, output: torch.Tensor, data: torch.Tensor, async_op: bool = False) -> Handle:
+        """``output``'s slice ``r`` receives rank ``r``'s slice ``rank`` of ``data`` (equal
+        rank-major slices): the exchange a compressed all-reduce's first phase needs."""
+        if not self.active:
+            if output.data_ptr() != data.data_ptr():
+                output.copy_(data.view_as(output))
+            return Handle()
+        self._note("all_to_all", data)
+        return Handle([dist.all_to_all_single(output, data, group=self.group, async_op=async_op)])
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         if self.active:
             self._note("broadcast", tensor, peer=src)

@@ -16,6 +16,7 @@ op                     sent by this rank                        received by this
 all_reduce             2·S·(N−1)/N                              same
 all_gather             S_out·(N−1)/N (S_out: the whole output)  same
 reduce_scatter         S_in·(N−1)/N (S_in: the whole input)     same
+all_to_all             S·(N−1)/N (S: the whole input)           same
 reduce (to ``dst``)    S, except ``dst`` sends 0                S, except the ring's head (dst+1)
 broadcast (from src)   S, except the ring's tail (src−1)        S, except ``src``
 =====================  =======================================  ==================================
@@ -63,7 +64,7 @@ def ring_bytes(op: str, nbytes: int, world: int, rank: int, peer: int = 0) -> tu
     if op == "all_reduce":
         both = 2 * nbytes * (world - 1) // world
         return both, both
-    if op in ("all_gather", "reduce_scatter"):
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
         both = nbytes * (world - 1) // world
         return both, both
     if op == "reduce":
