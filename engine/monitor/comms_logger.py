@@ -67,6 +67,7 @@ class CommsLogger:
         self.times: dict[tuple[str, int], OpTimes] = {}
         self._out = out or (lambda line: print(line, flush=True))
         self._sync = _device_sync(comm)
+        self._ledger_start = comm.ledger.by_op()  # what moved before the logger started (model broadcast)
         for method, op in TIMED_METHODS.items():
             setattr(comm, method, self._timed(getattr(comm, method), op))
         if getattr(comm.plan, "reduce", None) == "reduce_to_owner":
@@ -138,9 +139,19 @@ class CommsLogger:
                          "busbw_gbps": sum(b[1] for b in bws) / len(bws)})
         return rows
 
+    def ledger_since_start(self) -> dict[str, dict[str, Any]]:
+        """The ledger's per-op totals since this logger started (what ``summary`` can have timed)."""
+        out = {}
+        for key, entry in self.comm.ledger.by_op().items():
+            before = self._ledger_start.get(key, {})
+            delta = {k: v - before.get(k, 0) for k, v in entry.items()}
+            if delta["calls"]:
+                out[key] = delta
+        return out
+
     def log_summary(self) -> str:
         """DeepSpeed's ``log_summary`` table (rank 0 prints it) followed by the ledger's totals per op."""
-        text = format_summary(self.summary(), self.comm.ledger.by_op())
+        text = format_summary(self.summary(), self.ledger_since_start())
         if self.comm.rank == 0:
             self._out(text)
         return text

@@ -50,3 +50,18 @@ def record_events(record: dict[str, Any]) -> list[Event]:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class RecordSink:
+    """Attached to the trainer's metrics writer: each record also goes to ``engine.monitor``."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+
+    def write(self, record: dict[str, Any]) -> None:
+        events = record_events(record)
+        if events:
+            self.monitor.write_events(events)
+
+    def close(self) -> None:
+        """Nothing: the engine closes its monitor (the W&B run ends with the engine's monitoring)."""
