@@ -22,6 +22,7 @@ from torch import nn
 from .checkpoint.engine_methods import CheckpointMethods
 from .comm import Comm, get_local_rank
 from .config.batch import BatchSizes
+from .monitor.engine_hooks import EngineMonitoring
 from .precision import PrecisionPolicy
 from .zero.base import PartitionedOptimizer
 
@@ -74,13 +75,17 @@ class Engine(CheckpointMethods, nn.Module):
         self._batch = batch
         self._last_step_applied = True
         self._since_boundary = 0   # micro-steps taken since the last optimizer step
+        # The ds_config's monitoring sections; ``monitor`` is DeepSpeed's ``engine.monitor``.
+        self.monitoring = EngineMonitoring.build(config, module, comm)
+        self.monitor = self.monitoring.monitor
 
     # -- the training-step protocol ----------------------------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Run the module; in fp16/bf16, floating-point inputs are cast to the model's dtype."""
         if self.precision.mixed:
             inputs, kwargs = _cast_floats((inputs, kwargs), self.precision.model_dtype)
-        return self.module(*inputs, **kwargs)
+        with self.monitoring.forward(self.counters.global_steps):
+            return self.module(*inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         """Backpropagate ``loss / gradient_accumulation_steps × loss_scale``; reduce on boundaries."""
@@ -90,7 +95,8 @@ class Engine(CheckpointMethods, nn.Module):
         if self.loss_scale != 1.0:
             scaled = scaled * self.loss_scale
         self.optimizer.begin_backward(self.is_gradient_accumulation_boundary())
-        scaled.backward(retain_graph=retain_graph)
+        with self.monitoring.backward():
+            scaled.backward(retain_graph=retain_graph)
         self.optimizer.end_backward()
         return loss
 
@@ -105,6 +111,7 @@ class Engine(CheckpointMethods, nn.Module):
             self.counters.global_steps += 1
             self.counters.global_samples += self.train_batch_size()
             self._report_progress()
+            self.monitoring.after_step(self)
             self._since_boundary = 0
         else:
             self._since_boundary += 1
