@@ -98,14 +98,7 @@ def ignored_features(cfg: Config) -> list[IgnoredFeature]:
     def note(path: str, reason: str) -> None:
         found.append(IgnoredFeature(path, reason))
 
-    monitor = "not implemented; the trainer writes its own metrics log (and TensorBoard events)"
-    for key in ("wandb", "csv_monitor", "comet"):
-        if getattr(cfg, key).enabled:
-            note(f"{key}.enabled", monitor)
-    if cfg.flops_profiler.enabled:
-        note("flops_profiler.enabled", "the FLOPs profiler is not implemented")
-    if cfg.comms_logger.enabled:
-        note("comms_logger.enabled", "communication logging is not implemented")
+    # wandb, csv_monitor, comet, comms_logger and flops_profiler are implemented (engine/monitor/).
     simple = {
         "memory_breakdown": "memory breakdown logging is not implemented",
         "dump_state": "state dumping is not implemented",

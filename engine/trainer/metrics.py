@@ -60,6 +60,7 @@ class MetricsWriter:
         self._console = None
         self._file = None
         self.tensorboard: Any = None  # a TensorBoardSink, attached by the trainer when configured
+        self.sinks: list[Any] = []    # more record sinks (``write``/``close``): the ds_config's monitors
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,8 @@ class MetricsWriter:
         self._file.write(json.dumps(record, default=float) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.write(record)
+        for sink in self.sinks:
+            sink.write(record)
         if self._console is not None and record.get("kind") in ("train", "eval"):
             self._console.print(format_console_line(record))
 
@@ -99,6 +102,9 @@ class MetricsWriter:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def _human_bytes(n: float) -> str:

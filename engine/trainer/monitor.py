@@ -44,6 +44,7 @@ class Monitor:
     rank: int
     world_size: int
     watchdog: Watchdog | None = None
+    engine_monitoring: Any = None  # the engine's EngineMonitoring (W&B/Comet/CSV, comms logger)
 
     def phase(self, name: str, step: int, micro_step: int | None = None, micro_steps: int | None = None) -> Any:
         return self.timer.phase(name, step, micro_step, micro_steps)
@@ -83,6 +84,11 @@ class Monitor:
             self.watchdog.stop()
             self.watchdog = None
         self.metrics.close()
+        if self.engine_monitoring is not None:
+            if self.engine_monitoring.comms_logger is not None:
+                self.engine_monitoring.comms_logger.log_summary()  # rank 0 prints DeepSpeed's table
+            self.engine_monitoring.close()  # ends the W&B run / Comet experiment
+            self.engine_monitoring = None
 
     def _hung(self, message: str) -> None:
         pos = self.timer.position
@@ -103,6 +109,9 @@ def build_monitor(args: TrainerArgs, run_dir: Path, rank: int, world: int, model
                       run_dir, rank, world)
     if rank == 0 and model_engine.config.tensorboard.enabled:
         _attach_tensorboard(metrics, model_engine.config.tensorboard, run_dir)
+    monitor.engine_monitoring = getattr(model_engine, "monitoring", None)
+    if rank == 0 and model_engine.monitor.enabled:
+        _attach_monitors(metrics, model_engine, args, run_dir)
     return monitor
 
 
@@ -126,3 +135,15 @@ def _attach_tensorboard(metrics: MetricsWriter, section: Any, run_dir: Path) -> 
     metrics.tensorboard = sink
     metrics.info(message)
 
+
+
+def _attach_monitors(metrics: MetricsWriter, model_engine: Any, args: TrainerArgs, run_dir: Path) -> None:
+    """The ds_config's W&B / Comet / CSV monitors: opened for this run directory (state, default
+    paths; the W&B run id survives restarts there), with the trainer's settings attached."""
+    from dataclasses import asdict
+
+    from engine.monitor.records import RecordSink
+
+    trainer = {k: v for k, v in asdict(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    model_engine.monitor.open(run_dir, {"trainer": trainer, "world_size": model_engine.world_size})
+    metrics.sinks.append(RecordSink(model_engine.monitor))
