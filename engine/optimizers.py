@@ -30,7 +30,7 @@ def build_optimizer(optimizer_cfg: Any, param_groups: list[dict[str, Any]]) -> O
     The implementations are engine.ops' fused optimizers: Triton kernels on CUDA, torch's fused
     CPU AdamW or foreach ops on CPU; they take the loss scale and clip factor inside the step.
     """
-    from .ops import FusedAdamW, FusedLion, FusedSGD
+    from .ops import FusedAdamW, FusedLamb, FusedLion, FusedSGD
 
     kind = optimizer_cfg.resolved_kind()
     kwargs = optimizer_cfg.torch_kwargs()
@@ -41,6 +41,12 @@ def build_optimizer(optimizer_cfg: Any, param_groups: list[dict[str, Any]]) -> O
         return FusedSGD(param_groups, **kwargs)
     if kind == "lion":
         return FusedLion(param_groups, **kwargs)
+    if kind == "lamb":
+        return FusedLamb(param_groups, **optimizer_cfg.engine_kwargs())
+    if kind == "onebitadam":
+        from .onebit import OnebitAdam
+
+        return OnebitAdam(param_groups, **optimizer_cfg.engine_kwargs())
     raise ValueError(f"optimizer kind {kind!r} has no implementation in engine/optimizers.py")
 
 

@@ -20,7 +20,7 @@ from pydantic import Field, PrivateAttr
 from .batch import BatchSizes, batch_for_world_size, resolve_batch
 from .errors import Problem
 from .features import IgnoredFeature, ignored_features, unsupported_problems
-from .optim import OptimizerConfig, SchedulerConfig
+from .optim import OptimizerConfig, SchedulerConfig, optimizer_combination_problems
 from .sections import (ActivationCheckpointingConfig, AmpConfig, BF16Config, CheckpointConfig, CometConfig,
                               CommsLoggerConfig, CSVMonitorConfig, DataTypesConfig, FlopsProfilerConfig, FP16Config,
                               TensorBoardConfig, TorchAutocastConfig, WandbConfig, ZeroConfig)
@@ -107,7 +107,8 @@ class EngineConfig(Section):
     _batch: Optional[BatchSizes] = PrivateAttr(default=None)
 
     def _check(self) -> list[Problem]:
-        return unsupported_problems(self)  # features that would silently change the training result
+        # features that would silently change the training result, and optimizer combinations DeepSpeed refuses
+        return unsupported_problems(self) + optimizer_combination_problems(self)
 
     # -- what the engine reads --------------------------------------------------------------
     @property

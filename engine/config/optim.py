@@ -70,18 +70,100 @@ class LionParams(_Params):
         return _beta_problems(self.betas)
 
 
+class LambParams(_Params):
+    """Lamb params (DeepSpeed FusedLamb defaults: max_coeff 10, min_coeff 0.01)."""
+
+    lr: NonNegFloat = 1e-3
+    bias_correction: Bool = True
+    betas: Betas = (0.9, 0.999)
+    eps: NonNegFloat = 1e-8
+    eps_inside_sqrt: Bool = False
+    weight_decay: NonNegFloat = 0.0
+    max_coeff: NonNegFloat = 10.0
+    min_coeff: NonNegFloat = 0.01
+    amsgrad: Bool = False
+
+    def _check(self) -> list[Problem]:
+        problems = _beta_problems(self.betas) + _amsgrad_problem(self.amsgrad, "FusedLamb")
+        if self.min_coeff > self.max_coeff:
+            problems.append(("min_coeff", f"is larger than max_coeff ({self.min_coeff} > {self.max_coeff})",
+                             "the trust ratio is clamped to [min_coeff, max_coeff]: swap them"))
+        return problems
+
+
+CommBackend = choice("nccl", "mpi", "hccl", "compressed")
+
+
+class _CompressedParams(_Params):
+    """What DeepSpeed's compressed-communication optimizers share (runtime/fp16/onebit/)."""
+
+    lr: NonNegFloat = 1e-3
+    bias_correction: Bool = True
+    betas: Betas = (0.9, 0.999)
+    eps: NonNegFloat = 1e-8
+    eps_inside_sqrt: Bool = False
+    weight_decay: NonNegFloat = 0.0
+    amsgrad: Bool = False
+    cuda_aware: Bool = False
+    comm_backend_name: CommBackend = "nccl"
+
+    def _check(self) -> list[Problem]:
+        return _beta_problems(self.betas) + _amsgrad_problem(self.amsgrad, type(self).__doc__.split(" params")[0])
+
+
+class OneBitAdamParams(_CompressedParams):
+    """1-bit Adam params: ``freeze_step`` warm-up steps before the momentum is compressed."""
+
+    freeze_step: Int = Field(100000, ge=0)
+
+
+class ZeroOneAdamParams(_CompressedParams):
+    """0/1 Adam params (arXiv:2202.06009): variance updates at growing intervals, then local steps."""
+
+    var_freeze_step: Int = Field(100000, ge=0)
+    var_update_scaler: PosInt = 16
+    local_step_scaler: PosInt = 32678
+    local_step_clipper: PosInt = 16
+
+
+class OneBitLambParams(_CompressedParams):
+    """1-bit Lamb params (arXiv:2104.06069): Lamb's coefficients, frozen and rescaled after warm-up."""
+
+    freeze_step: Int = Field(100000, ge=0)
+    max_coeff: NonNegFloat = 10.0
+    min_coeff: NonNegFloat = 0.01
+    coeff_beta: NonNegFloat = 0.9
+    factor_max: NonNegFloat = 4.0
+    factor_min: NonNegFloat = 0.5
+    factor_threshold: NonNegFloat = 0.1
+
+
+def _amsgrad_problem(amsgrad: bool, owner: str) -> list[Problem]:
+    return [("amsgrad", f"AMSGrad is not supported ({owner} rejects it in DeepSpeed too)", "remove amsgrad")] \
+        if amsgrad else []
+
+
 def _beta_problems(betas: tuple[float, float]) -> list[Problem]:
     return [(f"betas[{i}]", f"must be in [0, 1), got {b!r}", "") for i, b in enumerate(betas) if not 0.0 <= b < 1.0]
 
 
 # canonical type -> (params model, kind(params) for resolved_kind())
 SUPPORTED_OPTIMIZERS: dict[str, type[_Params]] = {
-    "Adam": AdamParams, "AdamW": AdamParams, "SGD": SGDParams, "Lion": LionParams,
+    "Adam": AdamParams, "AdamW": AdamParams, "SGD": SGDParams, "Lion": LionParams, "Lamb": LambParams,
+    "OneBitAdam": OneBitAdamParams,
 }
+# DeepSpeed's compressed-communication optimizers: its engine refuses every one of them with ZeRO
+# ("assert not self.zero_optimization(), '1bit-Adam is not compatible with ZeRO'", zero_optimization()
+# being stage > 0), and so does ours.
+COMPRESSED_OPTIMIZERS = ("OneBitAdam", "ZeroOneAdam", "OneBitLamb")
+_DS_REFUSAL = {"OneBitAdam": "1bit-Adam is not compatible with ZeRO", "ZeroOneAdam": "0/1 Adam is not compatible with ZeRO",
+               "OneBitLamb": "1bit-Lamb is not compatible with ZeRO"}
+# Validated (their params are DeepSpeed's), but refused by type until the engine implements them.
+NOT_YET_IMPLEMENTED: dict[str, type[_Params]] = {"ZeroOneAdam": ZeroOneAdamParams, "OneBitLamb": OneBitLambParams}
 # Names DeepSpeed accepts that orch's engine does not implement (DeepSpeed's own optimizers
 # and the torch.optim classes it would look up by name).
 KNOWN_UNSUPPORTED_OPTIMIZERS = (
-    "Lamb", "OneBitAdam", "ZeroOneAdam", "OneBitLamb", "MuAdam", "MuAdamW", "MuSGD", "Muon", "Adagrad",
+    "ZeroOneAdam", "OneBitLamb", "MuAdam", "MuAdamW", "MuSGD", "Muon", "Adagrad",
     "Adadelta", "Adafactor", "Adamax", "ASGD", "LBFGS", "NAdam", "RAdam", "RMSprop", "Rprop", "SparseAdam",
 )
 
@@ -100,6 +182,12 @@ class OptimizerConfig(Section):
     def _check(self) -> list[Problem]:
         canon = {name.lower(): name for name in SUPPORTED_OPTIMIZERS}
         name = canon.get(self.type.lower())
+        pending = {n.lower(): n for n in NOT_YET_IMPLEMENTED}.get(self.type.lower())
+        if pending is not None:
+            self.params, problems = _validated_params(NOT_YET_IMPLEMENTED[pending], self.params)
+            return problems + [("type", f"optimizer type {self.type!r} is accepted by DeepSpeed (<= 0.18) but not "
+                                f"implemented by orch's engine yet", "use OneBitAdam (same compressed momentum "
+                                "exchange) or Adam/Lamb; see docs/ds_config.md")]
         if name is None:
             return [_unsupported("type", self.type, list(SUPPORTED_OPTIMIZERS), KNOWN_UNSUPPORTED_OPTIMIZERS,
                                  "optimizer")]
@@ -111,7 +199,7 @@ class OptimizerConfig(Section):
         return problems
 
     def resolved_kind(self) -> str:
-        """"adamw" | "adam_l2" | "sgd" | "lion": the update rule that will actually run.
+        """"adamw" | "adam_l2" | "sgd" | "lion" | "lamb" | "onebitadam": the update rule that will run.
 
         DeepSpeed: ``AdamW`` is always decoupled weight decay; ``Adam`` is too unless
         ``adam_w_mode`` is false, in which case weight decay is classic L2 added to the gradient.
@@ -121,6 +209,10 @@ class OptimizerConfig(Section):
         if self.type == "Adam":
             return "adamw" if self.params.get("adam_w_mode", True) else "adam_l2"
         return self.type.lower()
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The params engine.ops' Lamb / engine.onebit's optimizers take (DeepSpeed's names)."""
+        return {k: v for k, v in self.params.items() if k != "amsgrad"}
 
     def torch_kwargs(self) -> dict[str, Any]:
         """The params a torch-style optimizer constructor takes (DeepSpeed-only switches removed)."""
@@ -224,6 +316,34 @@ def _unsupported(path: str, given: str, supported: list[str], known: tuple[str, 
         return (path, f"{what} type {given!r} is accepted by DeepSpeed but not implemented by orch's engine",
                 f"use one of: {names}" + (", or pass your own torch optimizer to engine.initialize(optimizer=...)"
                                           if what == "optimizer" else ""))
-    near = suggest(given, supported + list(known))
+    near = closest(given, supported + list(known))
     tip = f"did you mean '{near}'? " if near else ""
     return (path, f"unknown {what} type {describe(given)}", f"{tip}supported: {names}")
+
+
+def optimizer_combination_problems(cfg: Any) -> list[Problem]:
+    """What DeepSpeed refuses about the optimizer together with the rest of the config."""
+    opt = cfg.optimizer
+    if opt is None:
+        return []
+    stage = cfg.zero_optimization.stage
+    name = {n.lower(): n for n in (*SUPPORTED_OPTIMIZERS, *NOT_YET_IMPLEMENTED)}.get(opt.type.lower(), opt.type)
+    if name in COMPRESSED_OPTIMIZERS and stage > 0:
+        return [("optimizer.type", f"{name} does not work with ZeRO (stage {stage}): its compressed momentum "
+                 f"exchange replaces ZeRO's gradient reduction; DeepSpeed refuses it too ({_DS_REFUSAL[name]!r})",
+                 "set zero_optimization.stage to 0, or use Adam/Lamb with ZeRO")]
+    if name != "Lamb":
+        return []
+    problems: list[Problem] = []
+    if cfg.fp16.enabled and cfg.fp16.loss_scale != 0:
+        problems.append(("fp16.loss_scale", "Lamb requires dynamic loss scaling (DeepSpeed refuses a static "
+                         f"loss_scale of {cfg.fp16.loss_scale:g} with Lamb)", "set fp16.loss_scale to 0"))
+    if stage == 3:
+        problems.append(("optimizer.type", "Lamb at ZeRO stage 3 is not implemented by orch's engine",
+                         "use zero_optimization.stage 0, 1 or 2"))
+    elif stage > 0 and not cfg.zero_allow_untested_optimizer:
+        problems.append(("optimizer.type", f"Lamb with ZeRO stage {stage} is what DeepSpeed calls an untested "
+                         "ZeRO optimizer and refuses unless allowed",
+                         'add "zero_allow_untested_optimizer": true (orch keeps one trust ratio per parameter '
+                         "across partitions), or use stage 0"))
+    return problems

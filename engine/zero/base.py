@@ -103,8 +103,9 @@ class PartitionedOptimizer:
         grads = self._own_grads()
         if self.offload.optimizer:
             synchronize(self.device)  # device-to-host gradient copies must have landed
-        divisor = self.loss_scaler.loss_scale * (1 if self._prescale else self.comm.world_size)
-        norm = self._global_norm(grads) / divisor
+        local = self.local_gradients
+        divisor = self.loss_scaler.loss_scale * (1 if self._prescale or local else self.comm.world_size)
+        norm = self._global_norm(grads, local) / divisor
         self.global_grad_norm = norm
         self.overflow = not math.isfinite(norm)
         if self.overflow:
@@ -124,17 +125,26 @@ class PartitionedOptimizer:
         self._publish_params(copied)
         return True
 
-    def _global_norm(self, grads: Sequence[torch.Tensor]) -> float:
-        """L2 norm of the reduced gradient over all partitions (inf/nan when it overflowed)."""
+    @property
+    def local_gradients(self) -> bool:
+        """Whether this step's gradients stay unreduced: the inner optimizer (1-bit Adam after its
+        warm-up) averages its momentum across the ranks itself."""
+        return bool(getattr(self.optimizer, "averages_itself", False))
+
+    def _global_norm(self, grads: Sequence[torch.Tensor], local: bool = False) -> float:
+        """L2 norm of the reduced gradient over all partitions (inf/nan when it overflowed).
+
+        ``local``: gradients were not reduced; the norm is the root mean square of the ranks'
+        local norms, so every rank clips alike and skips an overflowed step together."""
         device = grads[0].device if grads else self.device
         square = torch.zeros((), dtype=torch.float32, device=device)
         for g in grads:
             if g.numel():
                 square += torch.linalg.vector_norm(g, dtype=torch.float32).square()
-        if self.layout.partition_count > 1:
+        if self.layout.partition_count > 1 or (local and self.comm.world_size > 1):
             square = square.to(self.device) if self.comm.backend == "nccl" else square
             self.comm.all_reduce(square)
-        value = square.item()
+        value = square.item() / (self.comm.world_size if local else 1)
         return math.sqrt(value) if math.isfinite(value) else float("inf")
 
     def _build_inner_optimizer(self, groups: Sequence[tuple[Mapping[str, Any], Any]],

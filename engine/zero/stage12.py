@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from ..comm import Comm
 from ..precision import LossScaler
 from .base import PartitionedOptimizer
+from .inner_links import link_inner_optimizer
 from .offload import OffloadSettings, copy_between, host_empty, host_zeros
 from .partition import FlatLayout
 from .reduction import GradientOrderError, GradientReducer
@@ -100,6 +101,7 @@ class ZeroOptimizer(PartitionedOptimizer):
         self.master: Optional[torch.Tensor] = None
         self._masters = self._make_masters(device)
         self._build_inner_optimizer(groups, make_optimizer)
+        link_inner_optimizer(self.optimizer, self.layout, self._masters, self._rank, comm, device)
 
         self.reducer = GradientReducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
@@ -177,8 +179,9 @@ class ZeroOptimizer(PartitionedOptimizer):
 
     # -- backward: the reducer does the work ------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
-        """Called before each backward; only the boundary micro-step's backward communicates."""
-        if boundary:
+        """Called before each backward; only the boundary micro-step's backward communicates
+        (and not even that one while a 1-bit optimizer averages its momentum itself)."""
+        if boundary and not self.local_gradients:
             self.reducer.begin_pass()
         else:
             self.reducer.active = False
@@ -193,7 +196,7 @@ class ZeroOptimizer(PartitionedOptimizer):
 
     def reduce_gradients(self) -> None:
         """Reduce now, e.g. when the user ran ``loss.backward()`` instead of ``engine.backward``."""
-        if not self.reducer.reduced:
+        if not self.reducer.reduced and not self.local_gradients:
             self.reducer.finish_pass()
 
     def _reduction_consumed(self) -> None:
