@@ -57,7 +57,7 @@ def plain_torchrun(steps: int) -> float:
 
 
 def _free_port() -> int:
-    from orchestrator.backends.local import free_port
+    from orchestrator.backends.local.backend import free_port
 
     return free_port()
 
@@ -73,7 +73,7 @@ def recovery_seconds() -> float:
         metrics = run_dir / "metrics.jsonl"
         _wait(lambda: _max_step(metrics) >= 12, 300)
         state = json.loads((run_dir / "local" / "state.json").read_text())
-        from orchestrator.proctree import signal_tree
+        from orchestrator.backends.local.proctree import signal_tree
 
         killed = time.time()
         signal_tree(state["nodes"]["2"]["pid"], signal.SIGKILL)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .check import human_bytes
-from .errors import BackendNotBuilt, UserError
+from .errors import UserError
 
 app = typer.Typer(
     name="orch",
@@ -42,17 +42,9 @@ def _fail(exc: UserError) -> NoReturn:
 
 
 def _cluster(name: str) -> str:
-    from .render import CLUSTERS
-    from .errors import did_you_mean
+    from .backends import check_cluster
 
-    if name not in CLUSTERS:
-        raise UserError(f"--cluster {name!r}: unknown cluster; {did_you_mean(name, CLUSTERS)}")
-    return name
-
-
-def _not_built(what: str, issue: str) -> NoReturn:
-    raise BackendNotBuilt(f"`orch {what}` is not built yet: it needs the job registry and a cluster backend "
-                          f"({issue}).", hint="`orch render` and `orch check` work today")
+    return check_cluster(name)
 
 
 @app.command()
@@ -60,11 +52,11 @@ def render(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
            output: Annotated[Optional[Path], typer.Option("--output", "-o",
                              help="Write to this file instead of stdout.")] = None) -> None:
     """Print what would be submitted: the sbatch script, the PyTorchJob manifest or the local plan."""
-    from .render import render as render_spec
+    from .backends import get_backend
     from .spec import load_spec
 
     try:
-        rendered = render_spec(load_spec(spec, set_), _cluster(cluster))  # type: ignore[arg-type]
+        rendered = get_backend(_cluster(cluster)).dryrun(load_spec(spec, set_))
     except UserError as exc:
         _fail(exc)
     if output:
@@ -81,13 +73,13 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
           gpu_memory_gb: Annotated[Optional[float], typer.Option(
               "--gpu-memory-gb", help="GPU memory to compare the estimate against (e.g. 80).")] = None) -> None:
     """Validate the spec and its ds_config for the job's world size; estimate memory per ZeRO stage."""
+    from .backends import get_backend
     from .check import check_job
-    from .render import render as render_spec
     from .spec import load_spec
 
     try:
         job = load_spec(spec, set_)
-        render_spec(job, _cluster(cluster))  # rendering is part of the check (templates, quoting)
+        get_backend(_cluster(cluster)).dryrun(job)  # rendering is part of the check (templates, quoting)
         report = check_job(job, num_parameters=int(params) if params else None,
                            gpu_memory_bytes=gpu_memory_gb * 1e9 if gpu_memory_gb else None)
     except UserError as exc:
@@ -146,7 +138,7 @@ def submit(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
 
     try:
         job = load_spec(spec, set_)
-        record = jobs.submit(job, _cluster(cluster))  # type: ignore[arg-type]
+        record = jobs.submit(job, _cluster(cluster))
     except UserError as exc:
         _fail(exc)
     out.print(f"submitted [bold]{record.job_id}[/] to {record.cluster} (native id {record.native_id}); "

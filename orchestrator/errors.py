@@ -24,12 +24,6 @@ class UserError(Exception):
         return f"{base}\n  hint: {self.hint}" if self.hint else base
 
 
-class BackendNotBuilt(UserError):
-    """A command exists in the CLI but the cluster backend it needs is not implemented yet."""
-
-    exit_code = 3
-
-
 def closest(word: str, candidates: Iterable[str]) -> str | None:
     """The candidate nearest to ``word`` (for 'did you mean ...?' messages), or None."""
     matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)

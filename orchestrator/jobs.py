@@ -6,34 +6,16 @@ submit that the cluster refuses still leaves a FAILED record saying why (nothing
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .backends.base import Backend, JobRef, JobState, JobStatus
-from .errors import BackendNotBuilt, UserError
+from .backends import get_backend
+from .errors import UserError
 from .registry import JobRecord, Registry, new_job_id, orch_home
-from .render import CLUSTERS, Cluster
 from .spec import JobSpec
-
-_BACKEND_MODULES = {"local": "orchestrator.backends.local", "slurm": "orchestrator.backends.slurm",
-                    "kubernetes": "orchestrator.backends.kubernetes"}
-
-
-def get_backend(cluster: str) -> Backend:
-    """The Backend for a cluster kind (imported on first use: the kubernetes client is slow)."""
-    if cluster not in CLUSTERS:
-        raise UserError(f"unknown cluster {cluster!r}; use one of {', '.join(CLUSTERS)}")
-    try:
-        module = importlib.import_module(_BACKEND_MODULES[cluster])
-    except ModuleNotFoundError as exc:
-        if exc.name != _BACKEND_MODULES[cluster]:
-            raise
-        raise BackendNotBuilt(f"the {cluster} backend is not built yet",
-                              hint="`orch render` shows what it would submit") from None
-    return module.make_backend()
+from .types import Cluster, JobRef, JobState, JobStatus
 
 
 def run_root() -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backends.base import JobRef, JobState
+from .types import JobRef, JobState
 from .errors import UserError
 
 SCHEMA_VERSION = 1

@@ -15,8 +15,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 from . import yamlio
 from .errors import UserError, did_you_mean
+from .k8s_names import annotation_problems, is_dns1035_label, label_problems
 
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # what str.splitlines() and Slurm's line-based #SBATCH parser treat as line breaks, and the rest
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
@@ -131,9 +131,6 @@ class KubernetesSpec(_Strict):
     @field_validator("labels", "annotations")
     @classmethod
     def _metadata(cls, v: dict[str, str], info: Any) -> dict[str, str]:
-        # imported here: k8s_manifest imports this module
-        from .k8s_manifest import annotation_problems, label_problems
-
         check = label_problems if info.field_name == "labels" else annotation_problems
         problems = check(info.field_name, v)
         if problems:
@@ -181,7 +178,7 @@ class JobSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if len(v) > 63 or not DNS1035.match(v):
+        if not is_dns1035_label(v):
             raise ValueError(
                 f"{v!r} is not a DNS-1035 label: use 1-63 lowercase letters, digits and '-', "
                 "starting with a letter and not ending with '-' (e.g. 'gpt-tiny')")

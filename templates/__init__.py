@@ -1,1 +1,2 @@
-"""Jinja sources rendered by orchestrator/render.py."""
+"""Jinja sources, one directory per backend, rendered by orchestrator/backends/<kind>/render.py
+through orchestrator/launch.py's environment (installed as the package orch_templates)."""

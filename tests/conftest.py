@@ -28,7 +28,7 @@ def _isolated_orch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 
 @functools.lru_cache(maxsize=1)
 def _crd_schema(path: str) -> dict:
-    from orchestrator.crd_schema import crd_version_schema
+    from orchestrator.backends.kubernetes.crd_schema import crd_version_schema
 
     return crd_version_schema(yaml.safe_load(Path(path).read_text()))
 

@@ -1,58 +1,11 @@
-"""The Backend interface every cluster kind implements, and the job states shared by all.
-
-Like TorchX's schedulers, ``dryrun`` (materialise and show) is separate from ``submit`` (act),
-and ``status``/``logs``/``cancel`` mean the same on every cluster.
-"""
+"""The Backend interface every cluster kind implements."""
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ..render import Cluster, Rendered
 from ..spec import JobSpec
-
-
-class JobState(str, enum.Enum):
-    """One vocabulary of job states across local processes, Slurm and PyTorchJobs."""
-
-    PENDING = "PENDING"          # accepted, not running yet (queued, pods not started)
-    RUNNING = "RUNNING"
-    RESTARTING = "RESTARTING"    # workers or the whole job are being restarted after a failure
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    NODE_FAIL = "NODE_FAIL"      # a node died and the job could not continue
-    TIMEOUT = "TIMEOUT"
-    PREEMPTED = "PREEMPTED"
-    UNKNOWN = "UNKNOWN"          # the cluster no longer knows the job (e.g. purged records)
-
-    @property
-    def finished(self) -> bool:
-        return self in TERMINAL_STATES
-
-
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED,
-                             JobState.NODE_FAIL, JobState.TIMEOUT})
-
-
-@dataclass(frozen=True)
-class JobRef:
-    """How orch finds a submitted job again: its registry id and the cluster's own id."""
-
-    job_id: str            # orch's id (registry key)
-    cluster: Cluster
-    native_id: str         # Slurm job id, PyTorchJob namespace/name, local process-group ids
-    run_dir: str
-
-
-@dataclass
-class JobStatus:
-    state: JobState
-    detail: str = ""
-    restarts: int = 0
-    nodes: dict[str, str] = field(default_factory=dict)   # node name -> its state, when known
+from ..types import Cluster, JobRef, JobStatus, Rendered
 
 
 @runtime_checkable

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from orchestrator.k8s_manifest import chart_values, config_map
-from orchestrator.render import render
+from orchestrator.backends.kubernetes.manifest import chart_values, config_map
+from orchestrator.backends.kubernetes.render import render as render_manifest
 from orchestrator.spec import JobSpec, load_spec, spec_from_dict
 from tests.shared_env import REPO
 from tests.orchestrator.test_injection import nasty_text  # the injection tests' metacharacters (UTF-8-writable text)
@@ -162,7 +162,7 @@ def _specs() -> list[tuple[str, JobSpec]]:
 
 @pytest.mark.parametrize("label,spec", _specs(), ids=lambda v: v if isinstance(v, str) else "")
 def test_chart_renders_the_same_objects_as_orch(helm: Helm, label: str, spec: JobSpec, tmp_path: Path) -> None:
-    ours = render(spec, "kubernetes")
+    ours = render_manifest(spec)
     ours_job = yaml.safe_load(ours.text)
     ours_cm = config_map(spec, ours.files, namespace=spec.kubernetes.namespace)
     theirs = helm.render(chart_values(spec), tmp=tmp_path)
@@ -229,7 +229,7 @@ def test_helm_install_creates_the_job_on_the_api_server(helm: Helm, k8s) -> None
         release = cfg.install(str(CHART), "tiny", chart_values(spec), timeout=60)
         assert (release["status"], release["revision"]) == ("deployed", 1)
         job = k8s.pytorchjob("tiny-gpt-elastic")
-        ours = yaml.safe_load(render(spec, "kubernetes").text)
+        ours = yaml.safe_load(render_manifest(spec).text)
         assert job["spec"]["elasticPolicy"]["rdzvId"] == "tiny-gpt-elastic-r1"
         del job["spec"]["runPolicy"]["suspend"]  # a default the server adds
         assert normalised({"kind": "PyTorchJob", "metadata": {"labels": job["metadata"]["labels"]},

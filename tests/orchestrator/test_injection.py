@@ -12,8 +12,10 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from orchestrator.render import Placement, render
+from orchestrator.backends.kubernetes.render import render as render_manifest
+from orchestrator.backends.slurm.render import render as render_sbatch
 from orchestrator.spec import CONTROL_CHARS, spec_from_dict
+from orchestrator.types import Placement
 
 NASTY = ["; touch /tmp/orch-pwned", "$(touch /tmp/orch-pwned)", "`touch /tmp/orch-pwned`", "'", '"',
          "\n", "a\nb: c", ": {}", "- x", "#", "${HOME}", "\\", "&&", "|", "*", "{{ 7*7 }}", "\t", "\u2028", "]",
@@ -61,7 +63,7 @@ def test_sbatch_runs_exactly_the_spec_values(args, env_value, partition, tmp_pat
     run_dir = str(tmp / "run")
     placement = Placement(run_dir=run_dir, ds_config_path=f"{run_dir}/ds_config.json",
                           checkpoint_dir=f"{run_dir}/ckpt", python="python3")
-    text = render(spec, "slurm", placement).text
+    text = render_sbatch(spec, placement).text
     argv, env = _run_sbatch_script(text, tmp)
     assert argv[-len(args):] == args
     assert env["USER_VALUE"] == env_value
@@ -76,7 +78,7 @@ def test_sbatch_runs_exactly_the_spec_values(args, env_value, partition, tmp_pat
 @given(args=st.lists(nasty_text, min_size=1, max_size=4), env_value=nasty_text, image=nasty_text.filter(bool))
 def test_manifest_structure_is_unchanged_by_values(args, env_value, image) -> None:
     spec = _spec(args, env_value, "p", image)
-    job = yaml.safe_load(render(spec, "kubernetes").text)
+    job = yaml.safe_load(render_manifest(spec).text)
     assert set(job) == {"apiVersion", "kind", "metadata", "spec"}
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
     (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]

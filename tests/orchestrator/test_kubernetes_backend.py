@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import jobs
-from orchestrator.backends.base import JobRef, JobState
-from orchestrator.backends.kubernetes import KubernetesBackend
+from orchestrator.types import JobRef, JobState
+from orchestrator.backends.kubernetes.backend import KubernetesBackend
 from orchestrator.cli import app
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry

@@ -9,7 +9,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.backends.kubernetes import KubernetesBackend
+from orchestrator.backends.kubernetes.backend import KubernetesBackend
 from orchestrator.cli import app
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry

@@ -9,11 +9,11 @@ import json
 import pytest
 import yaml
 
-from orchestrator.crd_schema import PACKAGED_SCHEMA, compact_schema_text
+from orchestrator.backends.kubernetes.crd_schema import PACKAGED_SCHEMA, compact_schema_text
+from orchestrator.backends.kubernetes.manifest import chart_values, config_map
+from orchestrator.backends.kubernetes.render import render as render_manifest
+from orchestrator.backends.kubernetes.validate import check_job, metadata_problems, operator_rules
 from orchestrator.errors import UserError
-from orchestrator.k8s_manifest import (chart_values, check_job, config_map, metadata_problems,
-                                       operator_rules)
-from orchestrator.render import render
 from orchestrator.spec import load_spec, spec_from_dict
 from tests.shared_env import REPO, pytorchjob_crd_path
 
@@ -21,15 +21,15 @@ EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.yaml"))
 
 
 def _job(example: str = "gpt-1b-gpu") -> dict:
-    return yaml.safe_load(render(load_spec(REPO / "examples" / f"{example}.yaml"), "kubernetes").text)
+    return yaml.safe_load(render_manifest(load_spec(REPO / "examples" / f"{example}.yaml")).text)
 
 
 def test_packaged_schema_is_what_the_crd_generates() -> None:
     """Users do not have the CRD file: orch ships a compact copy, regenerated from the CRD with
-    `python -m orchestrator.crd_schema CRD.yaml > orchestrator/pytorchjob_v1.schema.json`."""
+    `python -m orchestrator.backends.kubernetes.crd_schema CRD.yaml > orchestrator/backends/kubernetes/pytorchjob_v1.schema.json`."""
     crd = yaml.safe_load(pytorchjob_crd_path().read_text())
     assert PACKAGED_SCHEMA.read_text() == compact_schema_text(crd), \
-        "the CRD changed: regenerate orchestrator/pytorchjob_v1.schema.json (command in crd_schema.py)"
+        "the CRD changed: regenerate orchestrator/backends/kubernetes/pytorchjob_v1.schema.json (command in crd_schema.py)"
     schema = json.loads(PACKAGED_SCHEMA.read_text())
     assert "status" not in schema["properties"] and "description" not in json.dumps(schema)[:2000]
     assert schema["properties"]["spec"]["additionalProperties"] is False
@@ -94,7 +94,7 @@ def _spec(**kubernetes) -> dict:
 def test_a_misspelled_toleration_field_names_the_spec_key() -> None:
     spec = spec_from_dict(_spec(tolerations=[{"key": "gpu", "operater": "Exists"}]))
     with pytest.raises(UserError) as err:
-        render(spec, "kubernetes")
+        render_manifest(spec)
     text = str(err.value)
     assert "tolerations[0]" in text and "'operater' was unexpected" in text and "kubernetes.tolerations" in text
 
@@ -102,7 +102,7 @@ def test_a_misspelled_toleration_field_names_the_spec_key() -> None:
 def test_a_resource_quantity_that_is_not_one_names_the_spec_key() -> None:
     spec = spec_from_dict(_spec(resources={"limits": {"memory": "lots"}}))
     with pytest.raises(UserError, match=r"resources.limits.memory: 'lots' does not match.*kubernetes.resources"):
-        render(spec, "kubernetes")
+        render_manifest(spec)
 
 
 @pytest.mark.parametrize("labels,bad", [({"team": "ml research"}, "metadata.labels.team"),
@@ -122,7 +122,7 @@ def test_labels_kubernetes_refuses_are_caught_before_submitting(labels: dict, ba
 
 def test_the_configmap_carries_the_ds_config_and_the_job_spec() -> None:
     spec = load_spec(REPO / "examples" / "gpt-1b-gpu.yaml")
-    rendered = render(spec, "kubernetes")
+    rendered = render_manifest(spec)
     cmap = config_map(spec, rendered.files, namespace="training", job_id="gpt-1b-x")
     assert cmap["metadata"] == {"name": "gpt-1b-orch", "namespace": "training",
                                 "labels": {"app.kubernetes.io/managed-by": "orch", "orch.dev/job": "gpt-1b"},
@@ -138,7 +138,7 @@ def test_the_configmap_carries_the_ds_config_and_the_job_spec() -> None:
 def test_user_env_follows_orchs_variables_sorted_and_may_replace_them() -> None:
     spec = spec_from_dict({"name": "env-order", "env": {"ZED": "1", "ALPHA": "2", "ORCH_RUN_DIR": "/mine"},
                            "kubernetes": {"image": "img"}})
-    job = yaml.safe_load(render(spec, "kubernetes").text)
+    job = yaml.safe_load(render_manifest(spec).text)
     env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
     names = [e["name"] for e in env]
     assert names == ["PYTHONUNBUFFERED", "ORCH_JOB_NAME", "ORCH_CHECKPOINT_DIR", "ORCH_CHECKPOINT_EVERY",
@@ -175,7 +175,7 @@ def test_the_built_in_schema_check_agrees_with_jsonschema(label: str, job: dict)
     on every case here both must find the same places wrong."""
     import jsonschema
 
-    from orchestrator.crd_schema import pytorchjob_schema, schema_errors
+    from orchestrator.backends.kubernetes.crd_schema import pytorchjob_schema, schema_errors
 
     ours = sorted({tuple(map(str, p)) for p, _ in schema_errors(job, pytorchjob_schema())})
     theirs = sorted({tuple(map(str, e.absolute_path))
@@ -185,18 +185,18 @@ def test_the_built_in_schema_check_agrees_with_jsonschema(label: str, job: dict)
 
 
 def test_the_schema_check_refuses_keywords_it_does_not_implement() -> None:
-    from orchestrator.crd_schema import schema_errors
+    from orchestrator.backends.kubernetes.crd_schema import schema_errors
 
     with pytest.raises(ValueError, match="oneOf"):
         schema_errors({}, {"type": "object", "oneOf": [{}]})
 
 
 def test_dryrun_shows_the_manifest_and_the_configmap_files_without_a_cluster(tmp_path, monkeypatch) -> None:
-    from orchestrator.jobs import get_backend
+    from orchestrator.backends import get_backend
 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
     spec = load_spec(REPO / "examples" / "tiny-gpt-elastic.yaml")
     rendered = get_backend("kubernetes").dryrun(spec)
-    assert rendered.kind == "manifest" and rendered.text == render(spec, "kubernetes").text
+    assert rendered.kind == "manifest" and rendered.text == render_manifest(spec).text
     assert set(rendered.files) == {"ds_config.json", "job.json"}
     assert json.loads(rendered.files["job.json"])["nodes"] == "1:3"

@@ -15,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator import jobs
-from orchestrator.backends.base import JobState
-from orchestrator.backends.local_supervisor import read_state
+from orchestrator.types import JobState
+from orchestrator.backends.local.supervisor import read_state
 from orchestrator.cli import app
 from orchestrator.errors import UserError
-from orchestrator.proctree import alive, descendants, signal_tree
+from orchestrator.backends.local.proctree import alive, descendants, signal_tree
 from orchestrator.registry import Registry
 from orchestrator.spec import load_spec
 from tests.polling import wait_until
@@ -145,7 +145,7 @@ def test_corrupted_registry_is_a_clear_error(tmp_path) -> None:
 def test_registry_survives_concurrent_writers(tmp_path) -> None:
     registry = Registry()
     registry.add("job-a", "job-a", "local", str(tmp_path), {"name": "job-a"})
-    code = ("import sys\nfrom orchestrator.registry import Registry\nfrom orchestrator.backends.base import JobState\n"
+    code = ("import sys\nfrom orchestrator.registry import Registry\nfrom orchestrator.types import JobState\n"
             "r = Registry()\nfor i in range(100):\n"
             "    r.update_state('job-a', JobState.RUNNING, f'{sys.argv[1]}-{i}')\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(w)]) for w in range(4)]

@@ -15,7 +15,7 @@ def test_every_python_package_is_listed_in_pyproject() -> None:
 
 
 def test_templates_are_found_from_the_installed_package() -> None:
-    from orchestrator.render import templates_dir
+    from orchestrator.launch import templates_dir
 
     assert (templates_dir() / "slurm" / "job.sbatch.j2").is_file()
     assert (templates_dir() / "kubernetes" / "pytorchjob.yaml.j2").is_file()

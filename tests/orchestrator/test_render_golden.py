@@ -12,8 +12,11 @@ import jsonschema
 import pytest
 import yaml
 
-from orchestrator.render import Placement, render
+from orchestrator.backends.kubernetes import render as kubernetes_render
+from orchestrator.backends.local import render as local_render
+from orchestrator.backends.slurm import render as slurm_render
 from orchestrator.spec import load_spec
+from orchestrator.types import Placement
 from tests.shared_env import REPO
 
 GOLDEN = REPO / "tests" / "orchestrator" / "golden"
@@ -31,7 +34,8 @@ def fixed_placement(cluster: str, name: str) -> Placement | None:
 
 def rendered(example: str, cluster: str) -> str:
     spec = load_spec(REPO / "examples" / f"{example}.yaml")
-    return render(spec, cluster, fixed_placement(cluster, spec.name)).text  # type: ignore[arg-type]
+    render = {"slurm": slurm_render, "kubernetes": kubernetes_render, "local": local_render}[cluster].render
+    return render(spec, fixed_placement(cluster, spec.name)).text
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -16,8 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import jobs
-from orchestrator.backends.base import JobState
-from orchestrator.backends.slurm import query_jobs, query_sacct
+from orchestrator.types import JobState
+from orchestrator.backends.slurm.backend import query_jobs, query_sacct
 from orchestrator.cli import app
 from orchestrator.registry import Registry
 from orchestrator.spec import load_spec

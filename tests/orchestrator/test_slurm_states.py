@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.backends.base import JobState
-from orchestrator.backends.slurm_state import expand_nodes, infos_from_table, job_state, node_is_lost
+from orchestrator.types import JobState
+from orchestrator.backends.slurm.state import expand_nodes, infos_from_table, job_state, node_is_lost
 from orchestrator.cli import app
 from orchestrator.registry import Registry
 from tests.shared_env import REPO

@@ -1,6 +1,6 @@
 {{/*
 Helpers of the orch-job chart. They build the same PyTorchJob as orch's own template
-(templates/kubernetes/pytorchjob.yaml.j2 with orchestrator/k8s_manifest.py); a test renders both
+(templates/kubernetes/pytorchjob.yaml.j2 with orchestrator/backends/kubernetes/manifest.py); a test renders both
 from one job spec and compares the objects. Every value reaches YAML through "orch-job.json"
 (JSON is valid YAML), never pasted raw, so no value can add a field. Optional values are read
 with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.

@@ -2,7 +2,7 @@
 
 Each node is a torchrun elastic agent in its own process group with ``procs_per_node`` workers
 (gloo on CPU, NCCL when GPUs exist), joined by a c10d rendezvous whose store is hosted by a
-detached supervisor (local_supervisor.py). The CLI can exit while the job runs; ``status``,
+detached supervisor (supervisor.py). The CLI can exit while the job runs; ``status``,
 ``logs`` and ``cancel`` find it again through the run directory.
 """
 from __future__ import annotations
@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import UserError
-from ..logtail import new_lines
-from ..proctree import alive, stop_tree
-from ..render import Placement, Rendered, local_node_commands, local_rdzv_port, render
-from ..spec import JobSpec
-from .base import JobRef, JobState, JobStatus
-from .local_supervisor import read_state
+from ...errors import UserError
+from ...launch import job_environment, job_token
+from ...logtail import new_lines
+from ...spec import JobSpec
+from ...types import JobRef, JobState, JobStatus, Rendered
+from .proctree import alive, stop_tree
+from .render import local_node_commands, local_rdzv_port, placement, render
+from .supervisor import read_state
 
 START_TIMEOUT_S = 60.0
 
@@ -33,39 +34,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def placement_for(spec: JobSpec, run_dir: str, job_token: str = "") -> Placement:
-    has_config = spec.ds_config is not None
-    return Placement(run_dir=run_dir, ds_config_path=f"{run_dir}/ds_config.json" if has_config else None,
-                     checkpoint_dir=spec.checkpoint.dir or f"{run_dir}/checkpoints",
-                     python=spec.python or sys.executable, job_token=job_token)
-
-
 class LocalBackend:
     cluster = "local"
 
     def dryrun(self, spec: JobSpec) -> Rendered:
-        return render(spec, "local")
+        return render(spec)
 
     def submit(self, spec: JobSpec, job_id: str, run_dir: str) -> JobRef:
-        from ..render import job_environment
-
         run = Path(run_dir)
-        placement = placement_for(spec, run_dir, job_token=job_id.rsplit("-", 1)[-1])
+        where = placement(spec, run_dir, job_token(job_id, spec.name))
         port = local_rdzv_port(spec) or free_port()
         # the plan written beside the job shows the port it really uses
         spec = spec.model_copy(update={"local": spec.local.model_copy(update={"rdzv_port": port})})
-        rendered = render(spec, "local", placement)
+        rendered = render(spec, where)
         for name, text in rendered.files.items():
             (run / name).write_text(text)
         (run / "plan.sh").write_text(rendered.text)
-        nodes = local_node_commands(spec, placement, port)
+        nodes = local_node_commands(spec, where, port)
         (run / "local").mkdir(exist_ok=True)
-        env = {**job_environment(spec, placement), "ORCH_RESTART_COUNT": "0"}
+        env = {**job_environment(spec, where), "ORCH_RESTART_COUNT": "0"}
         plan = {"rdzv_port": port, "elastic": spec.nodes.elastic, "env": env, "cwd": str(spec.base_dir),
                 "nodes": [asdict(n) for n in nodes]}
         (run / "local" / "plan.json").write_text(json.dumps(plan, indent=1))
         with open(run / "local" / "supervisor.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local_supervisor", run_dir],
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local.supervisor", run_dir],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, close_fds=True)
         self._wait_started(run, proc)
@@ -148,14 +140,14 @@ class LocalBackend:
 
 
 def _restart_count(run: Path) -> int:
-    from ..live import last_metrics, read_status
+    from ...live import last_metrics, read_status
 
     values = [read_status(run).get("restart_count"), last_metrics(run).get("restart_count")]
     return max((int(v) for v in values if isinstance(v, (int, float))), default=0)
 
 
 def _trainer_progress_after(run: Path, when: float) -> bool:
-    from ..live import read_status
+    from ...live import read_status
 
     return float(read_status(run).get("time") or 0) > when
 

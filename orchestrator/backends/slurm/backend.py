@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
-from ..render import Placement, Rendered, render
-from ..spec import JobSpec
-from . import slurm_commands as sc
-from . import slurm_logs
-from .base import JobRef, JobState, JobStatus
-from .slurm_state import SlurmJobInfo, infos_from_table, job_state, node_is_lost
+from ...errors import UserError
+from ...launch import job_token
+from ...spec import JobSpec
+from ...types import JobRef, JobState, JobStatus, Rendered
+from . import commands as sc
+from . import logs as slurm_logs
+from .render import placement, render
+from .state import SlurmJobInfo, infos_from_table, job_state, node_is_lost
 
 SCRIPT_NAME = "job.sbatch"
 CANCEL_WAIT_S = 120.0       # KillWait (30 s by default) plus epilogs and slow nodes
@@ -32,25 +33,17 @@ _SACCT = ["JobID", "State", "ExitCode", "NodeList"]
 _SACCT_MODE: dict[str, str] = {}
 
 
-def placement_for(spec: JobSpec, run_dir: str, job_token: str = "") -> Placement:
-    """Where the job's files live: everything in the run directory, which the nodes share."""
-    return Placement(run_dir=run_dir,
-                     ds_config_path=f"{run_dir}/ds_config.json" if spec.ds_config is not None else None,
-                     checkpoint_dir=spec.checkpoint.dir or f"{run_dir}/checkpoints",
-                     python=spec.python or "python3", job_token=job_token)
-
-
 class SlurmBackend:
     cluster = "slurm"
 
     def dryrun(self, spec: JobSpec) -> Rendered:
-        return render(spec, "slurm")
+        return render(spec)
 
     # -- submit -----------------------------------------------------------------------------
     def submit(self, spec: JobSpec, job_id: str, run_dir: str) -> JobRef:
         sc.command("sbatch")  # before writing anything: say at once when Slurm is not installed
         run = Path(run_dir)
-        rendered = render(spec, "slurm", placement_for(spec, run_dir, job_id.rsplit("-", 1)[-1]))
+        rendered = render(spec, placement(spec, run_dir, job_token(job_id, spec.name)))
         for name, text in rendered.files.items():
             (run / name).write_text(text)
         script = run / SCRIPT_NAME
@@ -266,7 +259,7 @@ def _forgotten(ref: JobRef, trainer: dict, restarts: int) -> JobStatus:
 
 
 def _trainer_status(run_dir: Path) -> dict:
-    from ..live import read_status
+    from ...live import read_status
 
     return read_status(run_dir)
 

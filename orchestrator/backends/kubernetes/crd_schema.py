@@ -10,7 +10,8 @@ package carries a compact copy of what validation needs: the strict schema of th
 ``spec`` without descriptions or the ``status`` subresource (``pytorchjob_v1.schema.json``).
 Regenerate it when the CRD is updated, and a test checks it still matches:
 
-    python -m orchestrator.crd_schema path/to/kubeflow.org_pytorchjobs.yaml > orchestrator/pytorchjob_v1.schema.json
+    python -m orchestrator.backends.kubernetes.crd_schema path/to/kubeflow.org_pytorchjobs.yaml \
+        > orchestrator/backends/kubernetes/pytorchjob_v1.schema.json
 
 ``schema_errors`` checks an object against such a schema. It understands only the keywords a
 structural CRD schema turns into (``SUPPORTED``) and refuses any other, so it needs no JSON Schema

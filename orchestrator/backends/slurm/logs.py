@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import UserError
-from ..logtail import new_lines
+from ...errors import UserError
+from ...logtail import new_lines
 
 BATCH = "batch"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import JobState
+from ...types import JobState
 
 # Slurm's job states (squeue %T, scontrol JobState=, sacct State) -> orch's, with what to say.
 # A job Slurm requeued (after a node failure, `scontrol requeue`, preemption) shows as PENDING

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import UserError
+from ...errors import UserError
 
 OPERATOR_LABEL = "training.kubeflow.org/operator-name"
 OPERATOR_NAME = "pytorchjob-controller"

@@ -1,7 +1,7 @@
 """The local cluster's head process: hosts the rendezvous store, runs one torchrun agent per
 simulated node, and records what happens to them in ``<run dir>/local/state.json``.
 
-Started detached by ``orch submit --cluster local`` (``python -m orchestrator.backends.local_supervisor
+Started detached by ``orch submit --cluster local`` (``python -m orchestrator.backends.local.supervisor
 RUN_DIR``), it outlives the CLI. It plays the role the Slurm controller or the Kubernetes
 operator plays elsewhere: it never restarts workers itself (torchrun's agents do that), it only
 keeps the store up, watches exit codes, and on SIGTERM stops every process of the job.
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..proctree import stop_tree
+from .proctree import stop_tree
 
 PR_SET_CHILD_SUBREAPER = 36
 POLL_S = 0.25
@@ -176,7 +176,7 @@ class Supervisor:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m orchestrator.backends.local_supervisor RUN_DIR", file=sys.stderr)
+        print("usage: python -m orchestrator.backends.local.supervisor RUN_DIR", file=sys.stderr)
         return 2
     return Supervisor(Path(argv[1])).run()
 

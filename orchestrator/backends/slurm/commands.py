@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import UserError
+from ...errors import UserError
 
 TIMEOUT_S = 60.0
 

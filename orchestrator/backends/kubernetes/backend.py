@@ -21,16 +21,17 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ..errors import UserError
-from ..k8s_manifest import (GROUP, JOB_FILE, JOB_ID_ANNOTATION, JOB_LABEL, KIND, MANAGED_BY, PLURAL,
-                            VERSION, check_job, config_map, config_map_name, job_file_text,
-                            owner_reference)
-from ..render import Rendered, default_placement, render
-from ..spec import JobSpec
-from . import k8s_logs
-from .base import JobRef, JobState, JobStatus
-from .k8s_client import REQUEST_TIMEOUT_S, Connection, api_error, connect
-from .k8s_status import job_status, pod_states
+from ...errors import UserError
+from ...launch import job_token
+from ...spec import JobSpec
+from ...types import JobRef, JobState, JobStatus, Rendered
+from . import logs as k8s_logs
+from .client import REQUEST_TIMEOUT_S, Connection, api_error, connect
+from .manifest import (GROUP, JOB_FILE, JOB_ID_ANNOTATION, JOB_LABEL, KIND, MANAGED_BY, PLURAL, VERSION,
+                       config_map, config_map_name, job_file_text, owner_reference, pod_placement)
+from .render import render
+from .status import job_status, pod_states
+from .validate import check_job
 
 T = TypeVar("T")
 CONFIGMAP_LIMIT = 1024 * 1024  # the API server refuses larger ConfigMaps (etcd value limit)
@@ -94,14 +95,12 @@ class KubernetesBackend:
     # -- Backend ---------------------------------------------------------------------------------
     def dryrun(self, spec: JobSpec) -> Rendered:
         """The PyTorchJob manifest, and the ConfigMap's files (ds_config.json, job.json)."""
-        rendered = render(spec, "kubernetes")
+        rendered = render(spec)
         return dataclasses.replace(rendered, files={**rendered.files, JOB_FILE: job_file_text(spec)})
 
     def submit(self, spec: JobSpec, job_id: str, run_dir: str) -> JobRef:
         namespace = spec.kubernetes.namespace or self.conn.namespace
-        token = job_id[len(spec.name) + 1:] if job_id.startswith(spec.name + "-") else job_id
-        placement = dataclasses.replace(default_placement(spec, "kubernetes"), job_token=token)
-        rendered = render(spec, "kubernetes", placement)
+        rendered = render(spec, pod_placement(spec, job_token(job_id, spec.name)))
         job = yaml.safe_load(rendered.text)
         job["metadata"]["namespace"] = namespace
         job["metadata"].setdefault("annotations", {})[JOB_ID_ANNOTATION] = job_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import JobState, JobStatus
+from ...types import JobState, JobStatus
 
 # checked in this order: a finished job may still carry an old Running=True condition
 _PRECEDENCE: tuple[tuple[str, JobState], ...] = (

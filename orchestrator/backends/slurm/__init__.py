@@ -1,0 +1,1 @@
+"""The Slurm backend: an sbatch script, states from squeue/sacct, logs from the shared run directory."""
