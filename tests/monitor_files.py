@@ -1,22 +1,14 @@
 """Reading what the monitoring clients leave on disk: W&B offline runs and Comet offline archives.
 
-W&B 0.31 writes ``wandb/offline-run-<time>-<id>/run-<id>.wandb``: a LevelDB-style log (7-byte
-file header ``:W&B`` + magic + version, 32 KiB blocks, records with a 7-byte header: CRC32,
-length, type FULL/FIRST/MIDDLE/LAST) of protobuf ``Record`` messages. The SDK no longer ships a
-reader, so tests read it here (the format is W&B's ``datastore``); a truncated tail, as a
-killed run leaves, ends the scan.
+W&B 0.31 writes ``wandb/offline-run-<time>-<id>/run-<id>.wandb``, read with the engine's own
+reader (engine/monitor/wandb_history.py, which the W&B monitor uses to resume).
 """
 from __future__ import annotations
 
 import json
-import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-BLOCK = 32 * 1024
-HEADER = 7
-
 
 @dataclass
 class WandbRun:
@@ -33,40 +25,11 @@ class WandbRun:
         return [int(r["_step"]) for r in self.rows]
 
 
-def _records(data: bytes) -> list[bytes]:
-    pos, out, partial = HEADER, [], b""
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        pos += HEADER
-        if kind == 0 and length == 0:
-            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
-            continue
-        chunk = data[pos:pos + length]
-        if len(chunk) < length:
-            break
-        pos += length
-        if kind == 1:
-            out.append(chunk)
-        elif kind == 2:
-            partial = chunk
-        elif kind == 3:
-            partial += chunk
-        elif kind == 4:
-            out.append(partial + chunk)
-    return out
-
-
 def read_wandb_run(run_path: Path) -> WandbRun:
-    from wandb.proto import wandb_internal_pb2 as pb
+    from engine.monitor.wandb_history import records
 
     run = WandbRun(run_path)
-    for raw in _records(next(run_path.glob("run-*.wandb")).read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(raw)
+    for record in records(next(run_path.glob("run-*.wandb"))):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.run_id, run.resumed = record.run.run_id, record.run.resumed

@@ -4,8 +4,9 @@ DeepSpeed's section keys keep their meaning (``project``, ``group``, ``team`` = 
 Events are logged with their step (the samples seen, as DeepSpeed does), one ``wandb.log``
 per batch of events. The run's id is kept in the run directory (``monitor/wandb.json``), so
 a restarted trainer calls ``wandb.init(id=<same id>, resume="allow")`` and the curves continue
-in the same run; steps already logged before the restart are skipped (base.StepMark), since
-W&B refuses, or would double, a step it has seen. ``WANDB_RUN_ID`` still wins when set.
+in the same run; steps W&B already holds are skipped (wandb_history.py: the server's step
+online, the earlier attempts' offline files offline), since W&B refuses, or would double, a step
+it has seen, while steps a killed attempt handed over but W&B never stored are logged again. ``WANDB_RUN_ID`` still wins when set.
 
 Only rank 0 opens a run. A missing package, missing credentials or an unreachable server give
 one warning and training goes on: a dashboard outage must not cost a training run.
@@ -29,8 +30,13 @@ CREDENTIALS_HINT = ("run `wandb login` or set WANDB_API_KEY; set WANDB_MODE=offl
 class WandbMonitor(Sink):
     name = "wandb"
 
-    def __init__(self, run: Any, state_dir: Path | None) -> None:
-        super().__init__(state_dir)
+    def __init__(self, run: Any) -> None:
+        # No StepMark file: what W&B holds is read from W&B itself (server or offline files),
+        # since steps handed to a killed process may never have reached either.
+        super().__init__(None)
+        from .wandb_history import held_through
+
+        self.mark.resume_after = held_through(run)
         self.run = run
 
     def emit(self, events: Sequence[Event]) -> None:
@@ -70,7 +76,7 @@ def open_wandb(section: Any, run_dir: Path | None, state_dir: Path | None,
                   f"{CREDENTIALS_HINT}. Training goes on without W&B.")
         return None
     save_state(state_dir, "wandb", {"run_id": run.id, "project": section.project})
-    return WandbMonitor(run, state_dir)
+    return WandbMonitor(run)
 
 
 def _run_id(state_dir: Path | None) -> str | None:

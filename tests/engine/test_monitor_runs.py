@@ -47,16 +47,20 @@ def _kill_worker_after(run_dir: Path, agent: subprocess.Popen, step: int, timeou
 
 @needs_wandb
 def test_wandb_run_survives_a_killed_worker_with_the_same_id_and_no_step_twice(tmp_path: Path) -> None:
+    """torchrun restarts a SIGKILLed worker; the restarted trainer resumes from its checkpoint and
+    continues the same W&B run. W&B writes its offline file every flush interval (0.5 s here), so
+    a killed attempt may lose its last steps: those replayed from the checkpoint are logged again,
+    those already stored are not, and none appears twice."""
     config = write_config(tmp_path, wandb={"enabled": True, "project": "orch-tests", "group": "elastic"})
-    run_dir, steps = tmp_path / "run", 30
+    run_dir, steps, batch = tmp_path / "run", 30, TINY_CONFIG["train_batch_size"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=1", "--max-restarts=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "engine.train",
            "--deepspeed_config", str(config), "--model", "tiny", "--steps", str(steps), "--log-every", "1",
            "--save-every", "5", "--run-dir", str(run_dir)]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=clean_env(**OFFLINE), start_new_session=True)
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env=clean_env(**OFFLINE, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL="0.5"))
     try:
-        killed_at = _kill_worker_after(run_dir, agent, 12)
+        _kill_worker_after(run_dir, agent, 12)
         out, err = agent.communicate(timeout=300)
     finally:
         if agent.poll() is None:
@@ -67,19 +71,19 @@ def test_wandb_run_survives_a_killed_worker_with_the_same_id_and_no_step_twice(t
     attempts = wandb_runs(run_dir / "wandb")
     assert len(attempts) == 2, [a.path.name for a in attempts]
     first, second = attempts
-    assert first.run_id == second.run_id == json.loads((run_dir / "monitor" / "wandb.json").read_text())["run_id"]
-    assert first.config["ds_config"]["wandb"]["project"] == "orch-tests"
-    batch = TINY_CONFIG["train_batch_size"]
+    assert second.run_id == json.loads((run_dir / "monitor" / "wandb.json").read_text())["run_id"]
+    assert first.run_id in ("", second.run_id)  # "" only if the kill came before W&B's first flush
+    assert second.config["ds_config"]["wandb"]["project"] == "orch-tests"
     logged = first.steps + second.steps
     assert len(logged) == len(set(logged)), "a step was logged twice"
-    resumed_from = max(s for s in range(0, killed_at + 1, 5))
-    assert max(first.steps) >= killed_at * batch - batch  # the first attempt reached the kill
-    assert min(second.steps) > max(first.steps)            # replayed steps were not logged again
-    assert max(second.steps) == steps * batch and resumed_from < killed_at
+    resumed_at = [r["step"] for r in records(run_dir, "start")][-1]
+    stored_before = max(first.steps, default=0)
+    lost = set(range(stored_before + batch, resumed_at * batch + 1, batch))  # never stored, never replayed
+    assert set(logged) == set(range(batch, steps * batch + 1, batch)) - lost
     rows = {r["_step"]: r for r in first.rows + second.rows}
-    assert {"Train/Samples/lr", "Train/Samples/train_loss", "Train/Samples/tokens_per_s",
-            "Train/Samples/restart_count"} <= set(rows[steps * batch])
-    assert rows[steps * batch]["Train/Samples/restart_count"] == 1
+    last = rows[steps * batch]
+    assert {"Train/Samples/lr", "Train/Samples/train_loss", "Train/Samples/tokens_per_s"} <= set(last)
+    assert last["Train/Samples/restart_count"] == 1
 
 
 def test_all_monitors_in_one_trainer_run(tmp_path: Path) -> None:

@@ -101,9 +101,9 @@ def test_wandb_offline_run_resumes_with_the_same_id_and_no_step_twice(tmp_path: 
         for batch in events:
             monitor.write_events(batch)
         monitor.close()
-    import wandb
+        import wandb
 
-    wandb.teardown()  # the W&B service writes the run files; in a trainer, process exit ends it
+        wandb.teardown()  # what a trainer's exit does: the W&B service writes out the run's file
     first, second = wandb_runs(run_dir / "wandb")
     assert first.run_id == second.run_id
     assert first.config["ds_config"] == {"train_batch_size": 8}
