@@ -101,7 +101,7 @@ class ZeroOptimizer(PartitionedOptimizer):
         self.master: Optional[torch.Tensor] = None
         self._masters = self._make_masters(device)
         self._build_inner_optimizer(groups, make_optimizer)
-        link_inner_optimizer(self.optimizer, self.layout, self._masters, self._rank, comm, device)
+        link_inner_optimizer(self.optimizer, self.layout, self.master_params, self._rank, comm, device)
 
         self.reducer = GradientReducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
