@@ -94,6 +94,20 @@ def _kubeconfig() -> Probe:
                  optional=True)
 
 
+def _monitors() -> list[Probe]:
+    """The clients the ds_config's wandb / comet / tensorboard sections write to (optional extras)."""
+    from engine.monitor.clients import CLIENTS  # stdlib only: no torch
+
+    out = []
+    for c in CLIENTS:
+        version = c.version()
+        detail = (f"{c.module} {version}: the ds_config's \"{c.section}\" section writes {c.what}" if version else
+                  f"{c.module} not installed; pip install {c.module} (orch's {c.extra!r} extra) to use the "
+                  f"ds_config's \"{c.section}\" section")
+        out.append(Probe(f"monitor: {c.section}", version is not None, detail, optional=True))
+    return out
+
+
 def run_probes() -> list[Probe]:
     probes = [_safe("python", _python)]
     try:
@@ -108,4 +122,8 @@ def run_probes() -> list[Probe]:
     probes.append(_safe("kubernetes", _kubeconfig, optional=True))
     probes.append(_safe("helm", lambda: _command("helm", ["helm", "version", "--short"],
                                                   "needed only to install charts/orch-job"), optional=True))
+    try:
+        probes += _monitors()
+    except Exception as exc:
+        probes.append(Probe("monitors", False, f"probe failed: {exc}", optional=True))
     return probes

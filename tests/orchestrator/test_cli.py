@@ -104,6 +104,18 @@ def test_check_reports_ds_config_typos_with_suggestion(tmp_path) -> None:
 
 def test_doctor_reports_every_component() -> None:
     result = runner.invoke(app, ["doctor"])
-    for component in ("python", "torch", "gloo", "triton kernels", "sbatch", "kubernetes", "helm"):
+    for component in ("python", "torch", "gloo", "triton kernels", "sbatch", "kubernetes", "helm",
+                      "monitor: wandb", "monitor: comet", "monitor: tensorboard"):
         assert component in result.output
     assert result.exit_code == 0, result.output
+
+
+def test_doctor_says_which_monitoring_clients_are_installed() -> None:
+    from engine.monitor.clients import CLIENTS
+    from orchestrator.doctor import run_probes
+
+    probes = {p.name: p for p in run_probes()}
+    for c in CLIENTS:
+        probe = probes[f"monitor: {c.section}"]
+        assert probe.optional and probe.ok == c.installed()
+        assert (c.version() in probe.detail) if probe.ok else (f"pip install {c.module}" in probe.detail)
