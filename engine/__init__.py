@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "grad_norm_and_overflow": "engine.ops:grad_norm_and_overflow",
     "kernel_report": "engine.ops:kernel_report",
     "ConfigProblem": "engine.config:ConfigProblem",
+    "UserError": "engine.errors:UserError",
     "BatchSizes": "engine.config:BatchSizes",
     "initialize": "engine.api:initialize",
     "init_distributed": "engine.comm:init_distributed",

@@ -18,15 +18,18 @@ from . import activation_checkpointing
 from .comm import Comm, get_local_rank, init_distributed
 from .config import ConfigError, ConfigProblem, EngineConfig, load_config
 from .engine import Engine
+from .log import get_logger
 from .optimizers import build_optimizer, rebind_optimizer
 from .precision import build_loss_scaler, precision_policy
 from .schedulers import build_scheduler
 from .zero.offload import OffloadSettings
-from .zero.stage12 import ZeroOptimizer, ZeroSettings
+from .zero.stage12 import Stage12Optimizer, ZeroSettings
 from .zero.stage3 import Stage3Optimizer, Stage3Settings
 from .zero.stage3_shards import materialize
 
 __all__ = ["add_config_arguments", "init_distributed", "initialize"]
+
+log = get_logger()
 
 OptimizerArg = Union[Optimizer, Callable[[Iterable[Any]], Optimizer], None]
 
@@ -46,7 +49,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
                lr_scheduler: Any = None, distributed_port: int = 29500, mpu: Any = None,
                dist_init_required: Optional[bool] = None, collate_fn: Optional[Callable[..., Any]] = None,
                config: Any = None, config_params: Any = None
-               ) -> tuple[Engine, Union[ZeroOptimizer, Stage3Optimizer], Any, Any]:
+               ) -> tuple[Engine, Union[Stage12Optimizer, Stage3Optimizer], Any, Any]:
     """Wrap ``model`` for ZeRO training; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
     ``config`` is a ds_config path, JSON text or dict (``config_params`` is DeepSpeed's older
@@ -98,26 +101,26 @@ def _log_config_notes(cfg: EngineConfig, comm: Comm) -> None:
     if comm.rank != 0:
         return
     for note in cfg.migrations:
-        print(f"[engine] config: {note}", flush=True)
+        log.info(f"config: {note}")
     for feature in cfg.ignored_features():
-        print(f"[engine] config: {feature}", flush=True)
+        log.info(f"config: {feature}")
     offload = OffloadSettings.from_config(cfg.zero_optimization)
     if offload.any:
         where = " and ".join(k for k, on in (("optimizer states", offload.optimizer), ("parameters", offload.param))
                              if on)
-        print(f"[engine] config: ZeRO-{cfg.zero_optimization.stage} offload: {where} in CPU memory"
-              f"{', pinned' if offload.pinned() else ''}", flush=True)
+        log.info(f"config: ZeRO-{cfg.zero_optimization.stage} offload: {where} in CPU memory"
+                 f"{', pinned' if offload.pinned() else ''}")
 
 
 def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optimizer: Any, comm: Comm,
-                    model_dtype: torch.dtype, device: torch.device) -> Union[ZeroOptimizer, Stage3Optimizer]:
+                    model_dtype: torch.dtype, device: torch.device) -> Union[Stage12Optimizer, Stage3Optimizer]:
     """Stage 3's optimizer or stages 0-2's, from the config's ``zero_optimization`` section."""
     offload = OffloadSettings.from_config(cfg.zero_optimization)
     common = dict(comm=comm, model_dtype=model_dtype, loss_scaler=build_loss_scaler(cfg), device=device,
                   offload=offload)
     if cfg.zero_optimization.stage == 3:
         return Stage3Optimizer(groups, make_optimizer, module=model, settings=_stage3_settings(cfg), **common)
-    return ZeroOptimizer(groups, make_optimizer, settings=_zero_settings(cfg), **common)
+    return Stage12Optimizer(groups, make_optimizer, settings=_zero_settings(cfg), **common)
 
 
 def _zero_settings(cfg: EngineConfig) -> ZeroSettings:

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 from .comm_ledger import CommLedger, ledger
+from .errors import UserError
+from .log import get_logger
 
 __all__ = [
     "CollectivePlan", "Comm", "CommLedger", "DistributedSetupError", "Handle", "PLANS", "default_backend",
@@ -38,7 +40,7 @@ ReduceKind = Literal["all_reduce", "reduce_to_owner"]
 GatherKind = Literal["all_reduce", "all_gather"]
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(UserError, RuntimeError):
     """The environment does not describe a usable process group (message says what to set)."""
 
 
@@ -129,8 +131,8 @@ def init_distributed(dist_backend: Optional[str] = None, auto_mpi_discovery: boo
     kwargs = {"timeout": timeout} if timeout is not None else {}
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
                             world_size=world_size, **kwargs)
-    if verbose and rank == 0:
-        print(f"[engine] process group ready: backend={backend} world_size={world_size}", flush=True)
+    if verbose:  # rank 0 prints it (engine/log.py)
+        get_logger().info(f"process group ready: backend={backend} world_size={world_size}")
 
 
 class Handle:

@@ -22,11 +22,14 @@ from torch import nn
 from .checkpoint.engine_methods import CheckpointMethods
 from .comm import Comm, get_local_rank
 from .config.batch import BatchSizes
+from .log import get_logger
 from .monitor.engine_hooks import EngineMonitoring
 from .precision import PrecisionPolicy
 from .zero.base import PartitionedOptimizer
 
 __all__ = ["Engine", "TrainingCounters"]
+
+log = get_logger()
 
 
 @dataclass
@@ -229,8 +232,8 @@ class Engine(CheckpointMethods, nn.Module):
         every = self.config.steps_per_print
         if every and self.global_rank == 0 and self.counters.global_steps % every == 0:
             lr = ", ".join(f"{x:.3e}" for x in self.get_lr())
-            print(f"[engine] step={self.counters.global_steps} skipped={self.counters.skipped_steps} lr=[{lr}] "
-                  f"loss_scale={self.loss_scale:g} grad_norm={self.get_global_grad_norm()}", flush=True)
+            log.info(f"step={self.counters.global_steps} skipped={self.counters.skipped_steps} lr=[{lr}] "
+                     f"loss_scale={self.loss_scale:g} grad_norm={self.get_global_grad_norm()}")
 
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from ..errors import UserError
+
 __all__ = [
     "CheckpointEntry", "CheckpointError", "EXTRA_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MANIFEST",
     "OBJECTS_FILE", "TMP_SUFFIX", "file_problem", "list_checkpoints", "master_file", "optim_file",
@@ -53,7 +55,7 @@ _REQUIRED = ("tag", "global_step", "world_size", "zero_stage", "partition_count"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be saved or loaded; the message names the file and what to do."""
 
     def __init__(self, message: str, path: Optional[Path | str] = None) -> None:

@@ -7,13 +7,14 @@ Validation errors raised by the pydantic models are translated here, so no raw
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
+
+from engine.errors import UserError, closest
 
 # Error type used by our validators to report several problems at sub-paths of one model.
 PROBLEMS_ERROR = "orch_problems"
@@ -36,7 +37,7 @@ class ConfigProblem:
         return f"{line}; {self.hint}" if self.hint else line
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A ds_config that cannot be used; ``problems`` lists every mistake found, not just the first."""
 
     def __init__(self, problems: Sequence[ConfigProblem], source: str | None = None) -> None:
@@ -56,21 +57,10 @@ class ConfigError(ValueError):
         return self._render()
 
 
-def suggest(word: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest to ``word`` (difflib), or None when nothing is close."""
-    pool = [c for c in candidates if isinstance(c, str)]
-    matches = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
-    if not matches:  # catch separator/case slips such as 'stage3MaxLiveParameters'
-        norm = {c.replace("_", "").lower(): c for c in pool}
-        found = norm.get(word.replace("_", "").replace("-", "").lower())
-        return found
-    return matches[0]
-
-
 def unknown_key_problem(path: str, key: str, valid: Iterable[str]) -> ConfigProblem:
     """Problem for a key that is not valid at its level, with the nearest valid key."""
     valid = sorted(valid)
-    near = suggest(key, valid)
+    near = closest(key, valid)
     if near:
         hint = f"did you mean '{near}'?"
     elif len(valid) <= 12:
@@ -173,7 +163,7 @@ def _message(err: dict, etype: str, ctx: dict, model: type | None, loc: list) ->
         return f"expected a list of {expected} items, got {given}", ""
     if etype == "literal_error":
         allowed = ctx.get("expected", "")
-        near = suggest(str(err.get("input")), [a.strip(" '\"") for a in allowed.replace(" or ", ", ").split(",")]) \
+        near = closest(str(err.get("input")), [a.strip(" '\"") for a in allowed.replace(" or ", ", ").split(",")]) \
             if isinstance(err.get("input"), str) else None
         return f"got {given}, allowed: {allowed}", (f"did you mean '{near}'?" if near else "")
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}

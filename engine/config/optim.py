@@ -12,7 +12,9 @@ from typing import Any, Optional
 
 from pydantic import Field, ValidationError
 
-from .errors import Problem, describe, suggest, translate
+from engine.errors import closest
+
+from .errors import Problem, describe, translate
 from .types import Betas, Bool, Float, Int, NonNegFloat, PosInt, Section, Str, choice
 
 class _Params(Section):

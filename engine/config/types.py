@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
+from engine.errors import closest
+
 from .errors import Problem, describe, problems_error, value_error
 
 
@@ -67,9 +69,7 @@ def choice(*allowed: str, case_insensitive: bool = True) -> Any:
             raise value_error(f"expected one of {', '.join(repr(a) for a in allowed)}, got {describe(value)}")
         key = value.lower() if case_insensitive else value
         if key not in canon:
-            from .errors import suggest
-
-            near = suggest(value, allowed)
+            near = closest(value, allowed)
             raise value_error(f"got {describe(value)}, allowed: {', '.join(repr(a) for a in allowed)}",
                               f"did you mean '{near}'?" if near else "")
         return canon[key]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from engine.errors import UserError
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -81,7 +83,7 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
-class UnknownPreset(KeyError):
+class UnknownPreset(UserError, KeyError):
     """A model name that is not a preset; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError's default str() adds quotes around the message

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine import run_contract as contract
+from engine.errors import UserError
 from engine.models.presets import PRESETS
 from engine.run_contract import DEFAULT_WATCHDOG_TIMEOUT_S
 
 
-class TrainerError(Exception):
+class TrainerError(UserError):
     """A user mistake in how the trainer was started; printed as one line, exit status 2."""
 
 
@@ -68,6 +69,11 @@ def _env_int(name: str, default: int) -> int:
         raise TrainerError(f"environment variable {name}={raw!r} must be an integer") from None
 
 
+def _flag_or_env(flag: int | None, env: str, default: int) -> int:
+    """The flag when given, else the orchestrator's environment variable, else the shared default."""
+    return flag if flag is not None else _env_int(env, default)
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name, "")
     if raw.strip() == "":
@@ -108,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flags("save_every"), type=int,
                    help="checkpoint every N steps (default $ORCH_CHECKPOINT_EVERY or 0 = never)")
     p.add_argument(*_flags("save_keep"), type=int,
-                   help=f"keep the newest K checkpoints (default ${contract.ENV_CHECKPOINT_KEEP} or {contract.DEFAULT_CHECKPOINT_KEEP})")
+                   help=f"keep the newest K checkpoints (default ${contract.ENV_CHECKPOINT_KEEP} or "
+                        f"{contract.DEFAULT_CHECKPOINT_KEEP})")
     p.add_argument(*_flags("log_every"), type=int, help="log every N steps (default: ds_config steps_per_print)")
     p.add_argument(*_flags("eval_every"), type=int, default=0, help="evaluate every N steps (0 = never)")
     p.add_argument(*_flags("eval_iters"), type=int, default=4, help="micro-batches per rank in one evaluation")
@@ -123,8 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
     ns = build_parser().parse_args(argv)
     if not ns.deepspeed_config:
         raise TrainerError("--deepspeed_config PATH is required (a DeepSpeed ds_config.json)")
-    save_every = ns.save_every if ns.save_every is not None else _env_int(contract.ENV_CHECKPOINT_EVERY, contract.DEFAULT_CHECKPOINT_EVERY)
-    save_keep = ns.save_keep if ns.save_keep is not None else _env_int(contract.ENV_CHECKPOINT_KEEP, contract.DEFAULT_CHECKPOINT_KEEP)
+    save_every = _flag_or_env(ns.save_every, contract.ENV_CHECKPOINT_EVERY, contract.DEFAULT_CHECKPOINT_EVERY)
+    save_keep = _flag_or_env(ns.save_keep, contract.ENV_CHECKPOINT_KEEP, contract.DEFAULT_CHECKPOINT_KEEP)
     args = TrainerArgs(
         deepspeed_config=ns.deepspeed_config, model=ns.model, steps=ns.steps, seq_len=ns.seq_len,
         data=ns.data, data_dtype=ns.data_dtype, seed=ns.seed, lr=ns.lr,

@@ -37,7 +37,7 @@ class Checkpointer:
     is_rank0: bool = True
     # None: the ds_config's checkpoint.async_save decides; the job spec's checkpoint.async_save
     # reaches the trainer as ORCH_CHECKPOINT_ASYNC=1.
-    async_save: bool | None = field(default_factory=lambda: True if os.environ.get(ENV_CHECKPOINT_ASYNC) == "1" else None)
+    async_save: bool | None = field(default_factory=lambda: os.environ.get(ENV_CHECKPOINT_ASYNC) == "1" or None)
     last_saved_step: int | None = field(default=None, init=False)
     _answered: str | None = field(default=None, init=False)
 

@@ -16,8 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data source the user pointed at cannot be used (missing file, wrong dtype, too short)."""
 
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.models.presets import UnknownPreset, get_preset
+from engine.errors import UserError
+from engine.models.presets import get_preset
 from engine.run_contract import RunPaths, restart_count
-from engine.trainer.args import TrainerArgs, TrainerError, parse_args
+from engine.trainer.args import TrainerArgs, parse_args
 from engine.trainer.checkpointer import Checkpointer
-from engine.trainer.data import DataError, GlobalBatchSampler, TokenSource, open_source
+from engine.trainer.data import GlobalBatchSampler, TokenSource, open_source
 from engine.trainer.metrics import MetricsWriter, peak_memory_bytes
 from engine.trainer.monitor import Monitor, build_monitor, prepare_distributed
 from engine.trainer.watchdog import stall_if_requested
@@ -52,22 +53,11 @@ class Run:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return train(parse_args(argv))
-    except _user_errors() as exc:
+    except UserError as exc:  # a bad flag, ds_config, data file, model name, launcher env or checkpoint
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}engine.train: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from engine.config import ConfigError
-
-    errors: list[type[BaseException]] = [TrainerError, DataError, UnknownPreset, ConfigError]
-    if "torch" in sys.modules:  # a launcher environment problem, found once torch is up
-        from engine.comm import DistributedSetupError
-
-        errors.append(DistributedSetupError)
-    return tuple(errors)
+        return exc.exit_code
 
 
 def train(args: TrainerArgs) -> int:

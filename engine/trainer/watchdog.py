@@ -34,12 +34,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.log import ALL_RANKS, TRAINER, get_logger
 from engine.run_contract import ENV_TEST_STALL, ENV_WATCHDOG_TIMEOUT, RunPaths
 from engine.trainer.step_timer import Position
 
 HANG_EXIT_CODE = 124  # as GNU timeout: "the command timed out"
 FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 LAST_COLLECTIVES = 8
+
+log = get_logger(TRAINER)
 
 
 class Watchdog:
@@ -97,7 +100,7 @@ class Watchdog:
         except OSError as exc:
             message += f" (could not write {self.dump_path}: {exc}; stacks follow on stderr)"
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        print(f"engine.train: [rank {self.rank}] {message}", file=sys.stderr, flush=True)
+        log.error(f"[rank {self.rank}] {message}", extra=ALL_RANKS)
         _write_torchelastic_error(message)
         if self._on_hang is not None:
             try:
@@ -195,7 +198,7 @@ def _print_summary(hang_dir: Path, world_size: int) -> None:
         path, verdict = write_summary(hang_dir, world_size)
     except OSError:
         return
-    print(f"engine.train: hang watchdog: {verdict} (all ranks: {path})", file=sys.stderr, flush=True)
+    log.error(f"hang watchdog: {verdict} (all ranks: {path})", extra=ALL_RANKS)
 
 
 def _write_torchelastic_error(message: str) -> None:

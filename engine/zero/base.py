@@ -32,7 +32,7 @@ __all__ = ["PartitionedOptimizer"]
 
 
 class PartitionedOptimizer:
-    """Base of ``ZeroOptimizer`` (stages 0-2) and ``Stage3Optimizer``; see the module docstring."""
+    """Base of ``Stage12Optimizer`` (stages 0-2) and ``Stage3Optimizer``; see the module docstring."""
 
     layout: FlatLayout
     params: list[nn.Parameter]

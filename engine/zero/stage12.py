@@ -45,7 +45,7 @@ from .offload import OffloadSettings, copy_between, host_empty, host_zeros
 from .partition import FlatLayout
 from .reduction import GradientOrderError, GradientReducer
 
-__all__ = ["GradientOrderError", "ZeroOptimizer", "ZeroSettings"]
+__all__ = ["GradientOrderError", "Stage12Optimizer", "ZeroSettings"]
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 
@@ -61,7 +61,7 @@ class ZeroSettings:
     gradient_clipping: float = 0.0
 
 
-class ZeroOptimizer(PartitionedOptimizer):
+class Stage12Optimizer(PartitionedOptimizer):
     """Owns the flat buffers, the gradient reduction and the optimizer step for stages 0-2.
 
     ``groups`` are the optimizer's parameter groups as ``(hyperparameters, [(name, param)])``;
@@ -76,7 +76,7 @@ class ZeroOptimizer(PartitionedOptimizer):
                  comm: Comm, model_dtype: torch.dtype, loss_scaler: LossScaler, device: torch.device,
                  offload: Optional[OffloadSettings] = None) -> None:
         if settings.stage not in (0, 1, 2):
-            raise ValueError(f"ZeroOptimizer implements stages 0-2, got {settings.stage}")
+            raise ValueError(f"Stage12Optimizer implements stages 0-2, got {settings.stage}")
         self.settings, self.comm, self.loss_scaler = settings, comm, loss_scaler
         self.stage = settings.stage
         self.model_dtype, self.device = model_dtype, device
@@ -266,6 +266,6 @@ class ZeroOptimizer(PartitionedOptimizer):
         return size(self.master) + self._state_bytes() + size(self._host_grads) + size(self.grad_partition)
 
     def __repr__(self) -> str:
-        return (f"ZeroOptimizer(stage={self.stage}, partitions={self.layout.partition_count}, "
+        return (f"Stage12Optimizer(stage={self.stage}, partitions={self.layout.partition_count}, "
                 f"params={self.layout.numel}, optimizer={type(self.optimizer).__name__}"
                 f"{', offload_optimizer=cpu' if self.offload.optimizer else ''})")

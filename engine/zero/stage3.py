@@ -74,7 +74,7 @@ class Stage3Settings(ZeroSettings):
 
 
 class Stage3Optimizer(PartitionedOptimizer):
-    """Stage 3 over ``module``'s parameters (groups as for ``ZeroOptimizer``; see the module docstring).
+    """Stage 3 over ``module``'s parameters (groups as for ``Stage12Optimizer``; see the module docstring).
 
     The engine calls ``begin_backward``/``end_backward`` around each backward and ``step`` at
     accumulation boundaries; ``module`` gets the hooks that gather parameters for its submodules.
@@ -252,7 +252,7 @@ class Stage3Optimizer(PartitionedOptimizer):
 
     # -- accounting -----------------------------------------------------------------------------
     def model_state_bytes(self) -> dict[str, int]:
-        """Bytes of the model states this rank holds (see ``ZeroOptimizer.model_state_bytes``).
+        """Bytes of the model states this rank holds (see ``Stage12Optimizer.model_state_bytes``).
 
         ``params`` is the partition (frozen parameters' share included) plus the persistent
         parameters' full values, trainable and frozen; ``buffers`` the reduce buckets plus the units
