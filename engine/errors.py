@@ -2,8 +2,8 @@
 
 A mistake a user can fix (a ds_config key, a data file, a model name, a launcher environment,
 a checkpoint that cannot be loaded, a trainer flag) raises a subclass of ``UserError``.
-``python -m engine.train`` prints its message as one line and exits with ``exit_code``; ``orch``
-catches the same root. Each subclass also keeps the builtin base it always had (``ConfigError``
+``python -m engine.train`` prints its message and exits with ``exit_code``; ``orch``'s errors are
+this same class (orchestrator/errors.py), so its CLI catches the engine's too. Each subclass also keeps the builtin base it always had (``ConfigError``
 is a ``ValueError``, ``UnknownPreset`` a ``KeyError`` ...), so existing ``except`` clauses
 still match. Programming errors stay ordinary exceptions so they are never hidden.
 
@@ -19,9 +19,17 @@ CLOSE_MATCH_CUTOFF = 0.6
 
 
 class UserError(Exception):
-    """A mistake the user can fix; ``str()`` says what, where and how."""
+    """A mistake the user can fix; ``str()`` says what, where and how (and ``hint``, the fix)."""
 
     exit_code = 2
+
+    def __init__(self, *args: object, hint: str | None = None) -> None:
+        super().__init__(*args)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        return f"{base}\n  hint: {self.hint}" if self.hint else base
 
 
 def closest(word: str, candidates: Iterable[str], *, cutoff: float = CLOSE_MATCH_CUTOFF) -> str | None:

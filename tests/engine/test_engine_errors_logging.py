@@ -23,8 +23,10 @@ def test_every_engine_user_error_is_a_user_error_and_keeps_its_builtin_base() ->
                            (TrainerError, Exception)):
         assert issubclass(error, UserError) and issubclass(error, builtin), error
     import engine
+    from orchestrator.errors import UserError as OrchUserError
 
-    assert engine.UserError is UserError
+    assert engine.UserError is UserError is OrchUserError  # the orch CLI catches the engine's mistakes too
+    assert str(UserError("bad --steps", hint="pass a positive number")) == "bad --steps\n  hint: pass a positive number"
 
 
 @pytest.mark.parametrize("word, candidates, expected", [
