@@ -14,11 +14,12 @@ from __future__ import annotations
 from .batch import BatchSizes
 from .errors import ConfigError, ConfigProblem
 from .features import IgnoredFeature
-from .load import load_config
+from .load import ConfigLenientWarning, load_config
 from .model import EngineConfig
 from .source import ConfigDeprecationWarning
 
 __all__ = [
-    "BatchSizes", "ConfigDeprecationWarning", "ConfigError", "ConfigProblem", "EngineConfig", "IgnoredFeature",
+    "BatchSizes", "ConfigDeprecationWarning", "ConfigError", "ConfigLenientWarning", "ConfigProblem", "EngineConfig",
+    "IgnoredFeature",
     "load_config",
 ]

@@ -17,7 +17,8 @@ from .source import BATCH_KEYS, ConfigDeprecationWarning, migrate, read_source, 
 
 
 def load_config(source: Any, *, world_size: int | None = None,
-                auto_values: Mapping[str, Any] | None = None) -> EngineConfig:
+                auto_values: Mapping[str, Any] | None = None, program_fills_auto: bool = False,
+                lenient: bool = False) -> EngineConfig:
     """Read, migrate, resolve and validate a ds_config.
 
     source: a path (str or os.PathLike) to a JSON file, JSON text starting with "{", or a dict.
@@ -27,6 +28,16 @@ def load_config(source: Any, *, world_size: int | None = None,
         (``"optimizer.params.lr"``) or, when unambiguous, the last key (``"lr"``). Batch keys
         found here also fill a config that sets neither ``train_batch_size`` nor
         ``train_micro_batch_size_per_gpu``.
+    program_fills_auto: the job's program fills the ``"auto"`` values ``auto_values`` does not
+        (``orch check`` of a user's script): they are listed in ``cfg.auto_left`` instead of
+        being errors, everything else is validated, and the batch rule is checked as far as
+        the known values go (the sizes are resolved only when no batch key is left).
+
+    lenient: unknown keys that are not near a valid one (DeepSpeed ignores unknown keys: a
+        leftover ``cuda_visible_devices`` should not block a migration) become warnings listed in
+        ``cfg.ignored_unknown``; a near-typo (``"stgae"``) stays an error, and so does any unknown
+        optimizer or scheduler param (DeepSpeed passes those to the constructor, which fails).
+        A top-level ``"strict": false`` in the ds_config asks for the same (DeepSpeed ignores it).
 
     Raises ConfigError (a ValueError) listing every problem; never a pydantic error.
     """
@@ -34,27 +45,76 @@ def load_config(source: Any, *, world_size: int | None = None,
     if auto_values is not None and not isinstance(auto_values, Mapping):
         raise ConfigError([ConfigProblem("auto_values", f"must be a mapping, got {type(auto_values).__name__}")],
                           label)
+    strict = raw.pop("strict", True)
+    if not isinstance(strict, bool):
+        raise ConfigError([ConfigProblem("strict", f"must be true or false, got {strict!r}",
+                                         "false turns unknown keys that are not near-typos into warnings")], label)
+    lenient = lenient or not strict
     notes, deprecations, problems = migrate(raw)
     for message in deprecations:
         warnings.warn(message, ConfigDeprecationWarning, stacklevel=2)
     _fill_absent_batch(raw, auto_values or {})
-    filled, derived, auto_problems = resolve_auto(raw, auto_values)
+    left: set[str] = set()
+    filled, derived, auto_problems = resolve_auto(raw, auto_values, leave=program_fills_auto, left=left)
     problems += auto_problems
-    cfg: EngineConfig | None = None
-    try:
-        cfg = EngineConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems += [_explain(p, filled) for p in translate(exc, "", EngineConfig)]
+    cfg, validation = _validate(raw, filled)
+    ignored: list[ConfigProblem] = []
+    if lenient:
+        ignored = [p for p in validation if _ignorable(p)]
+        if ignored:
+            for p in ignored:
+                _delete_path(raw, p.path)
+            cfg, validation = _validate(raw, filled)
+    problems += [_with_lenient_hint(p) if _ignorable(p) else p for p in validation]
     if problems or cfg is None:
         raise ConfigError(problems, label)
+    cfg._ignored_unknown = [f"{p.path}: unknown key ignored (lenient); {p.hint}" for p in ignored]
+    for line in cfg._ignored_unknown:
+        warnings.warn(f"ds_config: {line}", ConfigLenientWarning, stacklevel=2)
     cfg._migrations = notes
     cfg._auto_derived = derived
+    cfg._auto_left = frozenset(left)
     if world_size is not None:
         try:
-            cfg._batch = cfg.resolve_batch(world_size)
+            if not left.intersection(BATCH_KEYS):
+                cfg._batch = cfg.resolve_batch(world_size)
+            elif cfg.train_batch_size is not None:
+                cfg.resolve_batch(world_size)   # the rule as far as the known values go; sizes stay unknown
         except ConfigError as exc:
             raise ConfigError(exc.problems, label) from None
     return cfg
+
+
+class ConfigLenientWarning(UserWarning):
+    """An unknown ds_config key was ignored because the config was loaded leniently."""
+
+
+def _validate(raw: dict[str, Any], filled: dict[str, str]) -> tuple[EngineConfig | None, list[ConfigProblem]]:
+    try:
+        return EngineConfig.model_validate(raw), []
+    except ValidationError as exc:
+        return None, [_explain(p, filled) for p in translate(exc, "", EngineConfig)]
+
+
+def _ignorable(problem: ConfigProblem) -> bool:
+    """An unknown key DeepSpeed would ignore and that is not a near-typo of a valid one."""
+    return (problem.message == "unknown key" and not problem.hint.startswith("did you mean")
+            and not problem.path.startswith(("optimizer.params.", "scheduler.params.")))
+
+
+def _with_lenient_hint(problem: ConfigProblem) -> ConfigProblem:
+    return ConfigProblem(problem.path, problem.message,
+                         f"{problem.hint}; DeepSpeed ignores unknown keys: remove it, or load leniently "
+                         '(a top-level "strict": false, or orch check --lenient) to make it a warning')
+
+
+def _delete_path(raw: dict[str, Any], path: str) -> None:
+    *parents, leaf = path.split(".")
+    node: Any = raw
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
 
 
 def _fill_absent_batch(raw: dict[str, Any], auto_values: Mapping[str, Any]) -> None:

@@ -104,6 +104,8 @@ class EngineConfig(Section):
 
     _migrations: list[str] = PrivateAttr(default_factory=list)
     _auto_derived: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    _auto_left: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    _ignored_unknown: list[str] = PrivateAttr(default_factory=list)
     _batch: Optional[BatchSizes] = PrivateAttr(default=None)
 
     def _check(self) -> list[Problem]:
@@ -122,6 +124,16 @@ class EngineConfig(Section):
     def migrations(self) -> list[str]:
         """One line per deprecated or aliased key that was rewritten while loading."""
         return list(self._migrations)
+
+    @property
+    def ignored_unknown(self) -> list[str]:
+        """Unknown keys a lenient load ignored, one line each with the nearest valid keys."""
+        return list(self._ignored_unknown)
+
+    @property
+    def auto_left(self) -> list[str]:
+        """``"auto"`` paths left for the job's program to fill (``load_config(program_fills_auto=True)``)."""
+        return sorted(self._auto_left)
 
     @property
     def batch(self) -> Optional[BatchSizes]:

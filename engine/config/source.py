@@ -40,6 +40,8 @@ AUTO_PATHS = frozenset({
 _LEAVES: dict[str, list[str]] = {}
 for _p in AUTO_PATHS:
     _LEAVES.setdefault(_p.rsplit(".", 1)[-1], []).append(_p)
+# "auto" keys their section requires: while the program's values are unknown, validation sees these.
+_REQUIRED_PLACEHOLDERS = {"scheduler.params.total_num_steps": 2**31 - 1}
 # A missing value may be taken from another key, as the HF Trainer does (warmup peak = lr).
 _FALLBACKS = {"scheduler.params.warmup_max_lr": ("optimizer.params.lr", "lr")}
 
@@ -214,14 +216,18 @@ def _migrate_zero(zero: dict[str, Any], moved: Any, problems: list[ConfigProblem
             moved(f"zero_optimization.{old}", f"zero_optimization.{new}")
 
 
-def resolve_auto(raw: dict[str, Any], auto_values: Mapping[str, Any] | None
-                 ) -> tuple[dict[str, str], frozenset[str], list[ConfigProblem]]:
+def resolve_auto(raw: dict[str, Any], auto_values: Mapping[str, Any] | None, *, leave: bool = False,
+                 left: set[str] | None = None) -> tuple[dict[str, str], frozenset[str], list[ConfigProblem]]:
     """Replace ``"auto"`` values in place.
 
     Returns (filled: path -> the auto_values key used, batch keys left for the batch rule,
     problems). A batch key with no value is removed so the batch rule computes it; any other
     ``"auto"`` without a value is a problem naming its path. ``"auto"`` outside ``AUTO_PATHS``
     is left for validation to reject with its path.
+
+    ``leave``: the job's program fills what ``auto_values`` does not (an HF Trainer script does, from
+    its TrainingArguments): such entries are removed without a problem, so validation checks the
+    rest with defaults in their place, and their paths are added to ``left``.
     """
     values = dict(auto_values or {})
     filled: dict[str, str] = {}
@@ -234,6 +240,13 @@ def resolve_auto(raw: dict[str, Any], auto_values: Mapping[str, Any] | None
         if source is not None:
             parent[key] = values[source]
             filled[path] = source
+        elif leave:
+            if path in _REQUIRED_PLACEHOLDERS:
+                parent[key] = _REQUIRED_PLACEHOLDERS[path]   # required by its section: validate the rest
+            else:
+                del parent[key]
+            if left is not None:
+                left.add(path)
         elif path in BATCH_KEYS:
             del parent[key]
             derived.add(path)
