@@ -260,6 +260,19 @@ def resolve_auto(raw: dict[str, Any], auto_values: Mapping[str, Any] | None, *, 
     return filled, frozenset(derived), problems
 
 
+def fill_auto(raw: dict[str, Any], values: Mapping[str, Any]) -> dict[str, str]:
+    """Replace, in place, the ``"auto"`` entries ``values`` has a value for (keys as for
+    ``auto_values``); leave the others ``"auto"`` so that loading names them. Returns the
+    filled paths and the key each came from. What a program that fills "auto" does first."""
+    filled: dict[str, str] = {}
+    for path, parent, key in list(_auto_leaves(raw)):
+        source = _lookup(path, dict(values)) if path in AUTO_PATHS else None
+        if source is not None:
+            parent[key] = values[source]
+            filled[path] = source
+    return filled
+
+
 def _auto_leaves(node: dict[str, Any], prefix: str = ""):
     for key, value in node.items():
         path = f"{prefix}.{key}" if prefix else str(key)

@@ -34,6 +34,9 @@ class TrainerArgs:
     data_dtype: str | None = None
     seed: int = 1234
     lr: float = 3e-4
+    micro_batch: int | None = None   # fills the ds_config's "auto" batch keys (auto_fill.py)
+    grad_accum: int | None = None
+    precision: str | None = None     # "fp32" | "bf16" | "fp16": fills fp16/bf16.enabled "auto"
     run_dir: str | None = None  # None: resolved at start (needs the rank, see loop.resolve_run_dir)
     save_dir: str | None = None  # None: <run_dir>/checkpoints
     save_every: int = 0
@@ -107,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token dtype of --data (default: uint16 if the vocab fits, else uint32)")
     p.add_argument("--seed", type=int, default=1234, help="seed for weights and data order")
     p.add_argument("--lr", type=float, default=3e-4,
-                   help="learning rate of the default AdamW, used when the ds_config has no optimizer section")
+                   help="learning rate of the default AdamW, used when the ds_config has no optimizer section; "
+                        "also fills a ds_config's \"auto\" lr")
+    p.add_argument(*_flags("micro_batch"), type=int, metavar="N",
+                   help="fills the ds_config's \"auto\" train_micro_batch_size_per_gpu")
+    p.add_argument(*_flags("grad_accum"), type=int, metavar="N",
+                   help="fills the ds_config's \"auto\" gradient_accumulation_steps")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="fills the ds_config's \"auto\" fp16.enabled / bf16.enabled")
     p.add_argument(*_flags("run_dir"), help="metrics/status directory (default $ORCH_RUN_DIR or ./runs/<id>)")
     p.add_argument(*_flags("save_dir"),
                    help="checkpoint directory (default $ORCH_CHECKPOINT_DIR or <run-dir>/checkpoints)")
@@ -135,6 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
     args = TrainerArgs(
         deepspeed_config=ns.deepspeed_config, model=ns.model, steps=ns.steps, seq_len=ns.seq_len,
         data=ns.data, data_dtype=ns.data_dtype, seed=ns.seed, lr=ns.lr,
+        micro_batch=ns.micro_batch, grad_accum=ns.grad_accum, precision=ns.precision,
         run_dir=ns.run_dir or os.environ.get(contract.ENV_RUN_DIR) or None,
         save_dir=ns.save_dir or os.environ.get(contract.ENV_CHECKPOINT_DIR) or None,
         save_every=save_every, save_keep=save_keep, log_every=ns.log_every,
@@ -143,6 +154,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainerArgs:
                           else _env_float(contract.ENV_WATCHDOG_TIMEOUT, DEFAULT_WATCHDOG_TIMEOUT_S)),
     )
     _positive("--steps", args.steps)
+    _positive("--micro-batch", args.micro_batch)
+    _positive("--grad-accum", args.grad_accum)
     _positive("--seq-len", args.seq_len)
     _positive("--save-every", args.save_every, allow_zero=True)
     _positive("--save-keep", args.save_keep)

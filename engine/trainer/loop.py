@@ -21,6 +21,7 @@ from engine.errors import UserError
 from engine.models.presets import get_preset
 from engine.run_contract import RunPaths, restart_count
 from engine.trainer.args import TrainerArgs, parse_args
+from engine.trainer.auto_fill import filled_ds_config
 from engine.trainer.checkpointer import Checkpointer
 from engine.trainer.data import GlobalBatchSampler, TokenSource, open_source
 from engine.trainer.metrics import MetricsWriter, peak_memory_bytes
@@ -96,10 +97,11 @@ def setup(args: TrainerArgs) -> Run:
     from engine.models import build_model
 
     # Validated before the model is built: a bad ds_config fails in a second, not after a 3B init.
-    ds_config = engine.load_config(args.deepspeed_config, world_size=world)
+    ds_source = filled_ds_config(args, model_cfg.d_model)   # "auto" filled from the flags, as HF does
+    ds_config = engine.load_config(ds_source, world_size=world)
     model = build_model(args.model, seed=args.seed, device=device, seq_len=args.seq_len)
     model_engine, _, _, _ = engine.initialize(
-        model=model, model_parameters=model.parameters(), config=args.deepspeed_config,
+        model=model, model_parameters=model.parameters(), config=ds_source,
         optimizer=None if ds_config.optimizer is not None else _default_optimizer(args.lr))
     if model_engine.activation_checkpointing_enabled:  # ds_config section or gradient_checkpointing
         model.set_activation_checkpointing(True)
