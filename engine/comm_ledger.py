@@ -27,9 +27,10 @@ These are exactly the volumes the ZeRO paper counts (arXiv:1910.02054 §7: stage
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -139,32 +140,31 @@ def record_torch_collectives(book: CommLedger, group: Any = None) -> Iterator[Co
     """
     import torch.distributed as dist
 
-    def world_rank(g: Any) -> tuple[int, int]:
-        return dist.get_world_size(g), dist.get_rank(g)
-
-    def wrap(name: str, op: str, message: Callable[..., torch.Tensor]) -> Any:
+    def wrap(name: str, op: str, argument: str) -> tuple[Any, Any]:
         original = getattr(dist, name)
+        signature = inspect.signature(original)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            world, rank = world_rank(kwargs.get("group"))
-            book.record(op, message(*args, **kwargs), world, rank)
+            bound = signature.bind(*args, **kwargs).arguments
+            group = bound.get("group")
+            book.record(op, bound[argument], dist.get_world_size(group), dist.get_rank(group))
             return original(*args, **kwargs)
 
         return original, call
 
-    specs = {
-        "all_gather_into_tensor": ("all_gather", lambda out, *a, **k: out),
-        "all_gather_single": ("all_gather", lambda out, *a, **k: out),
-        "reduce_scatter_tensor": ("reduce_scatter", lambda out, inp, *a, **k: inp),
-        "reduce_scatter_single": ("reduce_scatter", lambda out, inp, *a, **k: inp),
-        "all_reduce": ("all_reduce", lambda t, *a, **k: t),
-        "broadcast": ("broadcast", lambda t, *a, **k: t),
+    specs = {   # function -> (op, the argument holding the logical message)
+        "all_gather_into_tensor": ("all_gather", "output_tensor"),
+        "all_gather_single": ("all_gather", "output_tensor"),
+        "reduce_scatter_tensor": ("reduce_scatter", "input"),
+        "reduce_scatter_single": ("reduce_scatter", "input"),
+        "all_reduce": ("all_reduce", "tensor"),
+        "broadcast": ("broadcast", "tensor"),
     }
     saved = {}
     try:
-        for name, (op, message) in specs.items():
+        for name, (op, argument) in specs.items():
             if hasattr(dist, name):
-                saved[name], patched = wrap(name, op, message)
+                saved[name], patched = wrap(name, op, argument)
                 setattr(dist, name, patched)
         yield book
     finally:

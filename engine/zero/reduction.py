@@ -59,7 +59,7 @@ class GradientReducer:
         self.overlap, self.prescale, self.accumulate = overlap, prescale, accumulate
         self.flat_grads, self.grad_views, self.grad_partition = flat_grads, list(grad_views), grad_partition
         self.partitioned = grad_partition is not None
-        self.buckets = layout.buckets(bucket_numel)
+        self.buckets = self._make_buckets(bucket_numel)
         self._order: list[Bucket] = list(reversed(self.buckets))  # backward finishes last params first
         self._position = {b.index: pos for pos, b in enumerate(self._order)}
         self._bucket_of = {i: b.index for b in self.buckets for i in b.params}
@@ -72,6 +72,9 @@ class GradientReducer:
         self._buffers: dict[int, torch.Tensor] = {}   # partitioned: bucket index -> staging buffer
         self._free: list[torch.Tensor] = []
         self.pool: list[torch.Tensor] = []             # every staging buffer ever allocated
+
+    def _make_buckets(self, bucket_numel: int) -> list[Bucket]:
+        return self.layout.buckets(bucket_numel)
 
     # -- a pass -----------------------------------------------------------------------------------
     def begin_pass(self) -> None:
@@ -128,11 +131,14 @@ class GradientReducer:
                 f"parameter {self.layout.params[index].name!r} received a second gradient after its bucket was "
                 "reduced. This happens with reentrant activation checkpointing; use "
                 "engine.checkpointing.checkpoint (non-reentrant) or torch.utils.checkpoint(use_reentrant=False).")
-        if self.partitioned:
-            entry, param = self.layout.params[index], self.params[index]
-            rel = entry.buffer_offset - bucket.start
-            self._buffer_for(bucket)[rel:rel + entry.numel].add_(param.grad.reshape(-1))
-            param.grad = None
+        if self.partitioned and self.params[index].grad is not None:
+            self._add_second_grad(index, self.params[index], bucket)
+
+    def _add_second_grad(self, index: int, param: nn.Parameter, bucket: Bucket) -> None:
+        entry = self.layout.params[index]
+        rel = entry.buffer_offset - bucket.start
+        self._buffer_for(bucket)[rel:rel + entry.numel].add_(param.grad.reshape(-1))
+        param.grad = None
 
     def _adopt_grad(self, index: int, param: nn.Parameter) -> None:
         """Stages 0/1: make sure the gradient lives in (is a view of) the flat gradient buffer.
@@ -168,8 +174,13 @@ class GradientReducer:
             else:
                 buf = torch.empty(max(b.numel for b in self.buckets), dtype=self.dtype, device=self.device)
                 self.pool.append(buf)
+            self._fresh_buffer(buf[:bucket.numel])
             self._buffers[bucket.index] = buf
         return buf[:bucket.numel]
+
+    def _fresh_buffer(self, buf: torch.Tensor) -> torch.Tensor:
+        """A staging buffer taken for a new bucket (every element is written before it is reduced)."""
+        return buf
 
     # -- reducing -------------------------------------------------------------------------------
     def _launch_ready(self, async_op: bool) -> None:
@@ -184,13 +195,14 @@ class GradientReducer:
             data = self.flat_grads[bucket.start:bucket.end]
         if self.prescale and self.comm.active:
             data.mul_(1.0 / self.comm.world_size)
-        if self.layout.partition_count > 1:
-            handle = self.comm.reduce_to_owners(data, bucket.pieces, async_op=async_op)
-        else:
-            handle = self.comm.all_reduce(data, async_op=async_op)
-        self._inflight.append((bucket, handle))
+        self._inflight.append((bucket, self._reduce(data, bucket, async_op)))
         if not async_op:
             self._complete_oldest()
+
+    def _reduce(self, data: torch.Tensor, bucket: Bucket, async_op: bool) -> Handle:
+        if self.layout.partition_count > 1:
+            return self.comm.reduce_to_owners(data, bucket.pieces, async_op=async_op)
+        return self.comm.all_reduce(data, async_op=async_op)
 
     def _complete_oldest(self) -> None:
         bucket, handle = self._inflight.popleft()
@@ -198,18 +210,23 @@ class GradientReducer:
         if not self.partitioned:
             return
         buf = self._buffers.pop(bucket.index)
+        self._deliver(buf, bucket)
+        self._free.append(buf)
+
+    def _deliver(self, buf: torch.Tensor, bucket: Bucket) -> None:
+        """The reduced bucket's pieces this rank owns -> its gradient partition."""
         group = self.layout.groups[bucket.group]
         part_start = group.partition_range(self.rank)[0]
-        non_blocking = self.grad_partition.device != buf.device
         for rank, lo, hi in bucket.pieces:
             if rank == self.rank:
                 local = group.local_offset + bucket.start + lo - part_start
-                target = self.grad_partition[local:local + hi - lo]
-                if self.accumulate:  # a host-side add needs the data now: a blocking transfer
-                    target.add_(buf[lo:hi].to(target.device))
-                else:
-                    target.copy_(buf[lo:hi], non_blocking=non_blocking)
-        self._free.append(buf)
+                self._into_partition(self.grad_partition[local:local + hi - lo], buf[lo:hi])
+
+    def _into_partition(self, target: torch.Tensor, reduced: torch.Tensor) -> None:
+        if self.accumulate:  # a host-side add needs the data now: a blocking transfer
+            target.add_(reduced.to(target.device))
+        else:
+            target.copy_(reduced, non_blocking=target.device != reduced.device)
 
     def pool_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.pool)

@@ -46,13 +46,14 @@ from ..precision import LossScaler
 from .base import PartitionedOptimizer
 from .offload import OffloadSettings, copy_between, host_zeros
 from .partition import FlatLayout
-from .reduction import GradientReducer
+from .stage3_reduction import SpanReducer
 from .stage12 import ZeroSettings
 from .stage3_frozen import FrozenShares, frozen_params, materialize_leftovers
 from .stage3_hooks import ParamCoordinator
 from .stage3_params import PartitionedParams
 from .stage3_shards import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
                             release_init_shard)
+from .stage3_units import plan_units, unit_keys
 
 __all__ = ["Stage3Optimizer", "Stage3Settings"]
 
@@ -89,12 +90,23 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.model_dtype, self.device = model_dtype, device
         self.offload = offload or OffloadSettings()
         trainable = [[(n, full_shape_view(p)) for n, p in named] for _, named in groups]
-        self.layout = FlatLayout.build(trainable, partition_count=comm.world_size)
         self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
         frozen = frozen_params(module, set(map(id, self.params)), model_dtype)
         self.frozen_params: list[nn.Parameter] = [p for _, p in frozen]
         frozen_group = [[(n, full_shape_view(p)) for n, p in frozen]] if frozen else []
-        store_layout = FlatLayout.build(trainable + frozen_group, partition_count=comm.world_size)
+        store_groups = trainable + frozen_group
+        named_all = [item for group in store_groups for item in group]
+        plans = plan_units(module, self.params + self.frozen_params, [t.numel() for _, t in named_all],
+                           [n for n, _ in named_all], trainable=len(self.params),
+                           persistence_threshold=settings.param_persistence_threshold,
+                           model_persistence_threshold=settings.model_persistence_threshold)
+        keys = unit_keys(plans, len(named_all))
+        group_keys, at = [], 0
+        for group in store_groups:
+            group_keys.append(keys[at:at + len(group)])
+            at += len(group)
+        self.layout = FlatLayout.build(trainable, comm.world_size, span_keys=group_keys[:len(trainable)])
+        store_layout = FlatLayout.build(store_groups, comm.world_size, span_keys=group_keys)
         self._rank = comm.rank
         self._prescale = model_dtype == torch.float16
 
@@ -105,8 +117,7 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.partition = whole[:self.layout.partition_numel]   # the trainable groups' slices
         self.store = PartitionedParams(
             store_layout, self.params + self.frozen_params, module, comm, rank=self._rank, dtype=model_dtype,
-            device=device, partition=whole, persistence_threshold=settings.param_persistence_threshold,
-            model_persistence_threshold=settings.model_persistence_threshold, trainable=len(self.params))
+            device=device, partition=whole, plans=plans, trainable=len(self.params))
         self.store.load_from_params(self._full_value)
         materialize_leftovers(module, set(map(id, self.store.params)), comm, model_dtype, device)
         self.frozen_shares = FrozenShares(self.store, comm)   # the checkpoint code's way to the frozen ones
@@ -121,7 +132,7 @@ class Stage3Optimizer(PartitionedOptimizer):
         self._masters = self._make_masters()
         self._build_inner_optimizer(groups, make_optimizer)
 
-        self.reducer = GradientReducer(
+        self.reducer = SpanReducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
             dtype=model_dtype, device=device, overlap=settings.overlap_comm, prescale=self._prescale,
             grad_partition=self.grad_partition, accumulate=True)
@@ -215,10 +226,7 @@ class Stage3Optimizer(PartitionedOptimizer):
         for u in sorted({self.store.unit_of[i] for i in indices if self.store.unit_of[i] >= 0}):
             unit = self.store.units[u]
             self.comm.broadcast(unit.full, src=src)
-            for local, offset, length in unit.runs[self._rank]:
-                copy_between(self.store.partition[local:local + length], unit.full[offset:offset + length])
-                if not self.master_is_view and not unit.frozen:
-                    copy_between(self.master[local:local + length], unit.full[offset:offset + length])
+            self.store.write_rows(unit, None if self.master_is_view or unit.frozen else self.master)
 
     def full_state_dict(self, module: nn.Module, rank0_only: bool = True,
                         frozen: bool = True) -> dict[str, torch.Tensor]:

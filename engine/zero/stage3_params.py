@@ -1,9 +1,11 @@
 """Stage 3's parameters: each rank's partition, and the fetch units gathered from it on demand.
 
-At ZeRO stage 3 a rank keeps only its partition of the low-precision parameters: the same
-``FlatLayout`` slices that stages 1-2 use for the master weights (so checkpoints and resharding
-are identical), held in ``partition`` (``layout.partition_numel`` elements, on the device or, with
-``offload_param``, in host memory). A module's parameters exist whole only while it runs.
+At ZeRO stage 3 a rank keeps only its partition of the low-precision parameters: ``layout``'s
+slices, where every fetch unit's parameters form spans sharded evenly over the ranks on their own
+(partition.py; the master weights use the same slices, and checkpoints describe them per
+parameter, so resharding to and from any stage works), held in ``partition``
+(``layout.partition_numel`` elements, on the device or, with ``offload_param``, in host memory).
+A module's parameters exist whole only while it runs.
 
 A **fetch unit** is what is gathered at once: the parameters a module owns directly (a Linear's
 weight and bias). Its full values live in one flat buffer, ``unit.full``; while the unit is
@@ -13,11 +15,14 @@ zero bytes. The buffer object itself is kept: tensors autograd saved during forw
 or a transposed view of it) share that storage, so gathering again before the module's backward
 (resizing the storage back and refilling it) makes them valid again without autograd noticing.
 
-Each rank contributes the runs of the unit it owns. How they are combined is the backend's plan
-(comm.py): on gloo the buffer is zeroed, each rank writes its runs and one ``all_reduce`` sums
-them (exact: all but one addend are zero; faster than gloo's all-gather); elsewhere each rank
-packs its runs into an equal-sized piece, ``all_gather_into_tensor`` collects the pieces and
-they are unpacked into place.
+``full`` holds the unit's spans one after the other, each padded to ``N × P`` elements, so rank
+``r``'s piece of a span is row ``r`` of that span's ``(N, P)`` view. How a gather combines the
+pieces is the backend's plan (comm.py): with the NCCL plan a one-span unit is one in-place
+``all_gather_into_tensor`` straight into ``full`` (no staging, nothing unpacked); a unit of
+several spans (its weight and bias in different optimizer groups, the persistent unit) is
+still one collective, into a rank-major staging buffer whose columns are copied into place
+(small by construction). On gloo the buffer is zeroed, each rank writes its rows and one
+``all_reduce`` sums them (exact: all but one addend are zero; faster than gloo's all-gather).
 
 Small parameters (``stage3_param_persistence_threshold`` elements or fewer, while the total stays
 under ``stage3_model_persistence_threshold``) are **persistent**: one unit kept gathered all the
@@ -43,11 +48,12 @@ from torch import nn
 
 from ..comm import Comm, Handle
 from .offload import copy_between
-from .partition import FlatLayout
+from .partition import FlatLayout, Span
+from .stage3_units import UnitPlan
 
 __all__ = ["FetchUnit", "PartitionedParams", "UnitState"]
 
-Run = tuple[int, int, int]   # (offset in the owner's local partition, offset in the unit buffer, length)
+Run = tuple[int, int, int]   # (offset in the owner's local partition, offset in the parameter, length)
 
 
 class UnitState(enum.Enum):
@@ -64,14 +70,14 @@ class FetchUnit:
     name: str                         # the owning module's name (for messages)
     params: list[int]                 # indices into layout.params / PartitionedParams.params
     offsets: list[int]                # where each parameter starts in ``full``
-    numel: int
-    runs: list[list[Run]]             # per rank: the runs that rank owns
+    numel: int                        # elements of ``full``: every span padded to N × P
+    spans: list[tuple[Span, int]]     # the unit's spans and where each starts in ``full``
     full: torch.Tensor
     persistent: bool = False
     state: UnitState = UnitState.RELEASED
     users: int = 0                    # modules using it right now (forward/recompute in progress)
     handle: Optional[Handle] = None
-    staging: Optional[torch.Tensor] = None   # all_gather plan: the received pieces until unpacked
+    staging: Optional[torch.Tensor] = None   # several spans: the received rows until copied into place
     grads_left: int = 0               # backward: gradients still to come before it may be released
     frozen: bool = False              # requires_grad=False parameters: no gradients, values never change
     backward_calls: int = 0           # frozen: forward calls whose backward has not finished yet
@@ -96,8 +102,7 @@ class PartitionedParams:
 
     def __init__(self, layout: FlatLayout, params: Sequence[nn.Parameter], module: nn.Module, comm: Comm, *,
                  rank: int, dtype: torch.dtype, device: torch.device, partition: torch.Tensor,
-                 persistence_threshold: int, model_persistence_threshold: int,
-                 trainable: Optional[int] = None) -> None:
+                 plans: Sequence[UnitPlan], trainable: Optional[int] = None) -> None:
         self.layout, self.params, self.comm = layout, list(params), comm
         self.trainable = len(self.params) if trainable is None else int(trainable)
         self.rank, self.dtype, self.device = rank, dtype, device
@@ -108,34 +113,15 @@ class PartitionedParams:
         self.units: list[FetchUnit] = []
         self.unit_of: list[int] = [-1] * len(self.params)
         self.module_units: dict[int, list[int]] = {}     # id(module) -> unit indices it needs
-        self._build_units(module, persistence_threshold, model_persistence_threshold)
+        for plan in plans:
+            self._add_unit(plan)
+        for sub in module.modules():
+            self.note_module_params(sub, [p for p in sub._parameters.values() if p is not None])
         self.live_numel = 0            # elements gathered or in flight, persistent unit excluded
-        self.peak_live_bytes = 0
+        self.staging_numel = 0         # elements of staging buffers alive right now
+        self.peak_live_bytes = 0       # most bytes of gathered units (+ staging) at once
 
     # -- units ------------------------------------------------------------------------------------
-    def _build_units(self, module: nn.Module, threshold: int, model_threshold: int) -> None:
-        persistent: list[int] = []
-        total = 0
-        for i, entry in enumerate(self.layout.params):
-            if 0 < entry.numel <= threshold and total + entry.numel <= model_threshold:
-                persistent.append(i)
-                total += entry.numel
-        taken = set(persistent)
-        self._add_units("(persistent)", persistent, persistent=True)
-        for name, sub in module.named_modules(remove_duplicate=True):
-            mine = []
-            for p in sub._parameters.values():
-                i = self._index.get(id(p)) if p is not None else None
-                if i is not None and i not in taken and self.layout.params[i].numel > 0:
-                    mine.append(i)
-                    taken.add(i)
-            self._add_units(name or "(root)", mine)
-        for i, entry in enumerate(self.layout.params):   # parameters no submodule owns
-            if i not in taken and entry.numel > 0:
-                self._add_units(entry.name, [i])
-        for name, sub in module.named_modules(remove_duplicate=True):
-            self.note_module_params(sub, [p for p in sub._parameters.values() if p is not None])
-
     def note_module_params(self, sub: nn.Module, params: Iterable[torch.Tensor]) -> list[int]:
         """Record that ``sub``'s forward uses ``params``; returns the (non-persistent) units it needs."""
         needed = self.module_units.setdefault(id(sub), [])
@@ -153,47 +139,36 @@ class PartitionedParams:
     def is_frozen(self, index: int) -> bool:
         return index >= self.trainable
 
-    def _add_units(self, name: str, indices: list[int], persistent: bool = False) -> None:
-        """One unit for the trainable parameters among ``indices``, another for the frozen ones."""
-        trainable = [i for i in indices if not self.is_frozen(i)]
-        frozen = [i for i in indices if self.is_frozen(i)]
-        if trainable:
-            self._add_unit(name, trainable, persistent)
-        if frozen:
-            self._add_unit(f"{name} (frozen)", frozen, persistent, frozen=True)
-
-    def _add_unit(self, name: str, indices: list[int], persistent: bool = False, frozen: bool = False) -> None:
-        offsets, numel = [], 0
-        for i in indices:
-            offsets.append(numel)
-            numel += self.layout.params[i].numel
-        runs = [self._runs(indices, offsets, r) for r in range(self.world)]
+    def _add_unit(self, plan: UnitPlan) -> None:
+        """A unit's buffer: its spans one after the other, each ``N × P`` elements."""
+        spans: list[tuple[Span, int]] = []
+        numel = 0
+        for span in sorted({self.layout.span_of(i).index for i in plan.params}):
+            spans.append((self.layout.spans[span], numel))
+            numel += self.layout.spans[span].padded_numel(self.world)
+        start = {s.index: at for s, at in spans}
+        offsets = [start[self.layout.span_of(i).index] + self.layout.params[i].offset
+                   - self.layout.span_of(i).canonical_offset for i in plan.params]
         full = torch.empty(numel, dtype=self.dtype, device=self.device)
-        unit = FetchUnit(len(self.units), name, indices, offsets, numel, runs, full, persistent=persistent,
-                         frozen=frozen)
+        unit = FetchUnit(len(self.units), plan.name, list(plan.params), offsets, numel, spans, full,
+                         persistent=plan.persistent, frozen=plan.frozen)
         _free_storage(full)
-        for i in indices:
+        for i in plan.params:
             self.unit_of[i] = unit.index
         self.units.append(unit)
 
     def param_runs(self, index: int, rank: int) -> list[Run]:
         """Parameter ``index``'s elements that ``rank`` owns: ``(offset in its partition, offset in
-        the parameter, length)``, at most one run (a group's slice of a rank is contiguous)."""
-        entry = self.layout.params[index]
-        group = self.layout.groups[entry.group]
-        lo, hi = group.partition_range(rank)
-        a, b = max(entry.buffer_offset, lo), min(entry.buffer_offset + entry.numel, hi)
-        return [(group.local_offset + a - lo, a - entry.buffer_offset, b - a)] if b > a else []
+        the parameter, length)``, at most one run (a span's piece of a rank is contiguous)."""
+        return [(local, start, length) for r, local, start, length in self.layout.param_runs(index) if r == rank]
 
-    def _runs(self, indices: list[int], offsets: list[int], rank: int) -> list[Run]:
-        out: list[Run] = []
-        for i, unit_offset in zip(indices, offsets):
-            for local, start, length in self.param_runs(i, rank):
-                run = (local, unit_offset + start, length)
-                if out and out[-1][0] + out[-1][2] == run[0] and out[-1][1] + out[-1][2] == run[1]:
-                    last = out.pop()
-                    run = (last[0], last[1], last[2] + run[2])
-                out.append(run)
+    def _rows(self, unit: FetchUnit) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per span of ``unit``: (its ``(N, P)`` view in ``full``, this rank's piece in the partition)."""
+        out = []
+        for span, at in unit.spans:
+            size = span.partition_numel
+            rows = unit.full[at:at + size * self.world].view(self.world, size)
+            out.append((rows, self.partition[span.local_offset:span.local_offset + size]))
         return out
 
     # -- gather / release ---------------------------------------------------------------------
@@ -205,26 +180,41 @@ class PartitionedParams:
         _alloc_storage(unit.full)
         if not unit.persistent:
             self.live_numel += unit.numel
-            self.peak_live_bytes = max(self.peak_live_bytes, self.live_numel * unit.full.element_size())
-        mine = unit.runs[self.rank]
+        rows = self._rows(unit)
         if self.use_all_reduce:
             if self.comm.active:
                 unit.full.zero_()
-            for local, offset, length in mine:
-                copy_between(unit.full[offset:offset + length], self.partition[local:local + length])
+            for view, piece in rows:
+                copy_between(view[self.rank], piece)
             unit.handle = self.comm.all_reduce(unit.full, async_op=async_op)
+        elif len(rows) == 1:
+            view, piece = rows[0]
+            if piece.device != unit.full.device:      # offload_param: the piece comes over first
+                copy_between(view[self.rank], piece)
+                piece = view[self.rank]
+            unit.handle = self.comm.all_gather_into(view.reshape(-1), piece, async_op=async_op)
         else:
-            piece = max(sum(n for _, _, n in runs) for runs in unit.runs)
-            send = torch.empty(piece, dtype=self.dtype, device=self.device)
-            pos = 0
-            for local, _, length in mine:
-                copy_between(send[pos:pos + length], self.partition[local:local + length])
-                pos += length
-            unit.staging = torch.empty(piece * self.world, dtype=self.dtype, device=self.device)
-            unit.handle = self.comm.all_gather_into(unit.staging, send, async_op=async_op)
+            unit.handle = self._gather_rows(unit, rows, async_op)
+        self._note_peak()
         unit.state = UnitState.INFLIGHT
         if not async_op:
             self.wait(unit)
+
+    def _gather_rows(self, unit: FetchUnit, rows: list[tuple[torch.Tensor, torch.Tensor]], async_op: bool) -> Handle:
+        """Several spans in one all-gather: this rank's pieces side by side, rows of every rank back."""
+        width = sum(piece.numel() for _, piece in rows)
+        send = torch.empty(width, dtype=self.dtype, device=self.device)
+        pos = 0
+        for _, piece in rows:
+            copy_between(send[pos:pos + piece.numel()], piece)
+            pos += piece.numel()
+        unit.staging = torch.empty(width * self.world, dtype=self.dtype, device=self.device)
+        self.staging_numel += unit.staging.numel()
+        return self.comm.all_gather_into(unit.staging, send, async_op=async_op)
+
+    def _note_peak(self) -> None:
+        self.peak_live_bytes = max(self.peak_live_bytes,
+                                   (self.live_numel + self.staging_numel) * torch.finfo(self.dtype).bits // 8)
 
     @torch.no_grad()
     def wait(self, unit: FetchUnit) -> None:
@@ -234,12 +224,12 @@ class PartitionedParams:
         unit.handle.wait()
         unit.handle = None
         if unit.staging is not None:
-            piece = unit.staging.numel() // self.world
-            for r, runs in enumerate(unit.runs):
-                pos = r * piece
-                for _, offset, length in runs:
-                    unit.full[offset:offset + length].copy_(unit.staging[pos:pos + length])
-                    pos += length
+            received = unit.staging.view(self.world, -1)
+            pos = 0
+            for view, _ in self._rows(unit):
+                view.copy_(received[:, pos:pos + view.shape[1]])
+                pos += view.shape[1]
+            self.staging_numel -= unit.staging.numel()
             unit.staging = None
         self._bind(unit)
 
@@ -288,11 +278,12 @@ class PartitionedParams:
         """
         for unit in self.units:
             _alloc_storage(unit.full)
+            unit.full.zero_()   # the spans' padding stays zero in every partition
             for i, offset in zip(unit.params, unit.offsets):
                 n = self.layout.params[i].numel
                 unit.full[offset:offset + n].copy_(full_value(i).reshape(-1))
-            for local, offset, length in unit.runs[self.rank]:
-                copy_between(self.partition[local:local + length], unit.full[offset:offset + length])
+            for view, piece in self._rows(unit):
+                copy_between(piece, view[self.rank])
             if unit.persistent:
                 self._bind(unit)
             else:
@@ -300,6 +291,14 @@ class PartitionedParams:
                     p = self.params[i]
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
                 _free_storage(unit.full)
+
+    def write_rows(self, unit: FetchUnit, master: Optional[torch.Tensor] = None) -> None:
+        """This rank's pieces of ``unit``'s (gathered, changed) full values back into the partition
+        (and, given, into ``master``, which is laid out like the partition)."""
+        for (span, _), (view, piece) in zip(unit.spans, self._rows(unit)):
+            copy_between(piece, view[self.rank])
+            if master is not None:
+                copy_between(master[span.local_offset:span.local_offset + piece.numel()], view[self.rank])
 
     def _bind(self, unit: FetchUnit) -> None:
         """Point the unit's parameters at its (filled) buffer."""

@@ -1,0 +1,146 @@
+"""Scale table: the engine as one rank of 8-1024 NCCL ranks, simulated on CPU, beside FSDP2.
+
+    python -m bench.scale                         # the recorded table (minutes per row on 2 cores)
+    python -m bench.scale --quick                 # bench-100m at N = 8 and 64
+    python -m bench.scale --world 64 --stage 3 --model 350m --checkpointing
+
+Each row runs in a fresh process (engine/scale_sim.py): torch's fake process group of N ranks,
+the NCCL collective plan, bf16, AdamW, micro-batch 1, short sequences; stage 3 builds the model
+under ``engine.zero.Init``. Columns, per rank per steady-state step:
+
+* ``bytes/ZeRO``: bytes this rank sends (ledger) ÷ the ZeRO paper's 2Ψ·(N−1)/N (stages 1-2) or
+  3Ψ·(N−1)/N (stage 3) bf16 elements. Goal ≤ 1.05.
+* ``vs FSDP2``: our bytes ÷ FSDP2's (``fully_shard`` per block and the root, bf16 parameters
+  and reductions) on the same model under the same fake group. Goal ≤ 1.0.
+* ``staging/unit``: stage 3's peak of gathered units + staging buffers ÷ (largest fetch unit +
+  the prefetch bucket). A tied embedding stays gathered from the head's backward to the
+  embedding's, so a block's unit sits beside it: expect a little over 1.
+* ``calls``: collectives per step; ``state/formula``: model-state bytes ÷ the paper's formula.
+
+Numbers describe communication and memory only: the fake group moves no data, so losses and
+times are meaningless (time is CPU compute of one rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Optional
+
+from bench.common import REPO
+
+WORLDS = (8, 64, 256, 1024)
+TABLE = ([("bench-100m", s) for s in (1, 2, 3)] + [("350m", 3), ("1b", 3)])
+QUICK = [("bench-100m", s) for s in (1, 2, 3)]
+SEQ_LEN = 32
+
+
+def ds_config(stage: int, d_model: int) -> dict[str, Any]:
+    """A scale run's ds_config: bf16 AdamW; stage 3 prefetches one MLP matrix and releases after use."""
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "reduce_bucket_size": 50_000_000,
+                            "allgather_bucket_size": 50_000_000}
+    if stage == 3:
+        zero |= {"stage3_prefetch_bucket_size": 4 * d_model * d_model, "stage3_max_reuse_distance": 0,
+                 "stage3_param_persistence_threshold": 10 * d_model}
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}},
+           "gradient_clipping": 1.0, "zero_optimization": zero}
+    return cfg
+
+
+def one_row(model: str, stage: int, world: int, peer: bool, checkpointing: bool) -> dict[str, Any]:
+    """Simulate one configuration in this process (the child side)."""
+    from engine.models import build_model, get_preset
+    from engine.scale_sim import fsdp2_step, simulate
+
+    preset = get_preset(model, seq_len=SEQ_LEN)
+
+    def factory() -> Any:
+        m = build_model(model, seq_len=SEQ_LEN)
+        if checkpointing:
+            m.set_activation_checkpointing(True)
+        return m
+
+    report = simulate(factory, ds_config(stage, preset.d_model), world=world,
+                      vocab_size=preset.vocab_size, seq_len=SEQ_LEN, model_name=model)
+    row = report.as_dict()
+    if peer:
+        fsdp = fsdp2_step(lambda: build_model(model, seq_len=SEQ_LEN), lambda m: list(m.blocks), world=world,
+                          vocab_size=preset.vocab_size, seq_len=SEQ_LEN)
+        row["fsdp2_bytes_sent"] = fsdp["bytes_sent"]
+        row["fsdp2_calls"] = fsdp["calls"]
+    return row
+
+
+def run_child(model: str, stage: int, world: int, peer: bool, checkpointing: bool,
+              timeout: int = 1800) -> Optional[dict[str, Any]]:
+    argv = [sys.executable, "-m", "bench.scale", "--child", "--model", model, "--stage", str(stage),
+            "--world", str(world)] + (["--peer"] if peer else []) + (["--checkpointing"] if checkpointing else [])
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    print(f"  {model} stage {stage} N={world}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'N':>5} {'stage':>5} {'model':<11} {'Ψ':>8} {'MB/step':>8} {'bytes/ZeRO':>10} {'vs FSDP2':>8} "
+            f"{'staging/unit':>12} {'calls':>6} {'FSDP2 calls':>11} {'state MB':>8} {'state/formula':>13} "
+            f"{'act MB':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        peer = r.get("fsdp2_bytes_sent")
+        lines.append(
+            f"{r['world']:>5} {r['stage']:>5} {r['model']:<11} {r['parameters'] / 1e6:>7.1f}M "
+            f"{r['bytes_sent'] / 2**20:>8.1f} {r['volume_ratio']:>10.3f} "
+            f"{(r['bytes_sent'] / peer if peer else float('nan')):>8.3f} "
+            f"{(r['staging_ratio'] if r['stage'] == 3 else float('nan')):>12.3f} {r['calls']:>6} "
+            f"{r.get('fsdp2_calls', '-'):>11} {r['model_state_bytes'] / 2**20:>8.1f} {r['state_ratio']:>13.3f} "
+            f"{r['activation_bytes'] / 2**20:>7.1f}")
+    return "\n".join(lines)
+
+
+def run(quick: bool = False, worlds: tuple[int, ...] = WORLDS, table: Optional[list[tuple[str, int]]] = None,
+        peer: bool = True, checkpointing: bool = False) -> list[dict[str, Any]]:
+    """Every (N, model, stage) of the table; returns the summary rows ``python -m bench`` records."""
+    table = table or (QUICK if quick else TABLE)
+    worlds = (8, 64) if quick else worlds
+    rows = []
+    for world in worlds:
+        for model, stage in table:
+            row = run_child(model, stage, world, peer and stage == 3 or peer and quick, checkpointing)
+            if row is not None:
+                rows.append(row)
+                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    print(format_rows(rows))
+    return [{"benchmark": "scale", "name": f"N={r['world']} Z{r['stage']} {r['model']} bytes/ZeRO volume",
+             "ours": r["volume_ratio"], "peer": None, "unit": "x"} for r in rows]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--world", type=int, nargs="*")
+    parser.add_argument("--stage", type=int, nargs="*")
+    parser.add_argument("--model", nargs="*")
+    parser.add_argument("--peer", action="store_true", help="also FSDP2 (default for stage 3 rows)")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        row = one_row(args.model[0], args.stage[0], args.world[0], args.peer, args.checkpointing)
+        print(json.dumps(row, default=str))
+        return
+    table = None
+    if args.model or args.stage:
+        table = [(m, s) for m in (args.model or ["bench-100m"]) for s in (args.stage or [1, 2, 3])]
+    run(args.quick, tuple(args.world or WORLDS), table, peer=not args.no_peer, checkpointing=args.checkpointing)
+
+
+if __name__ == "__main__":
+    main()

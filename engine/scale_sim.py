@@ -1,0 +1,235 @@
+"""The scale simulator: one CPU process plays rank ``r`` of a world of ``N`` to measure what a run would move and hold.
+
+Why: users run 8-1024 NCCL ranks; every CPU test runs 2-4 gloo ranks, and gloo accepts what
+NCCL refuses while 2 ranks hide whatever grows with ``N``. torch's fake process group
+(``torch.testing._internal.distributed.fake_pg``: a ``FakeStore`` and the ``"fake"`` backend)
+answers every collective at once without moving data, so one process can run the engine as rank
+``r`` of any world size with the **NCCL plan** of every stage. The training numbers it produces
+mean nothing (no rank ever receives real data); what it measures does:
+
+* the communication ledger (engine/comm_ledger.py): bytes this rank sends and receives per
+  step, calls per step, by op and dtype, compared with the ZeRO paper's volume
+  (arXiv:1910.02054: stages 1-2 move 2Ψ·(N−1)/N elements per step, stage 3 3Ψ·(N−1)/N);
+* model-state bytes per rank (``model_state_bytes``) against the paper's formula at the
+  configured dtypes (2-byte parameters, 4-byte masters, 8 bytes of Adam state per element);
+* stage 3's peak of gathered parameters and staging buffers, against the largest fetch unit;
+* the activation memory of one micro-batch (bytes autograd saved for backward).
+
+Stage 3 builds the model under ``engine.zero.Init``, so only ``1/N`` of it plus the live units
+is ever resident: a billions-of-parameters model is simulated on a laptop. ``fsdp2_step`` runs
+torch's FSDP2 on the same model under the same fake group, its collectives counted by the same
+rules, as the peer. ``python -m bench.scale`` prints the table; ``orch check JOB --simulate``
+runs one configuration at a job's own world size.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["ScaleReport", "fake_world", "fsdp2_step", "simulate", "zero_volume_bytes"]
+
+
+@dataclass
+class ScaleReport:
+    """What one simulated rank measured over one steady-state training step."""
+
+    world: int
+    stage: int
+    model: str
+    parameters: int                    # Ψ: trainable elements
+    bytes_sent: int                    # this rank, one step
+    bytes_received: int
+    zero_volume: int                   # the ZeRO paper's bytes per rank per step
+    calls: int                         # collectives per step
+    model_state_bytes: int             # params + grads + fp32 master + optimizer states on this rank
+    model_state_formula: int           # the ZeRO paper's bytes per rank at the configured dtypes
+    activation_bytes: int              # saved for backward by one micro-batch
+    peak_gathered_bytes: int = 0       # stage 3: most bytes of gathered units + staging at once
+    largest_unit_bytes: int = 0        # stage 3: the largest fetch unit
+    prefetch_bytes: int = 0            # stage 3: stage3_prefetch_bucket_size in bytes
+    seconds: float = 0.0               # wall time of the simulated step (CPU; not a GPU figure)
+    by_op: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def volume_ratio(self) -> float:
+        return self.bytes_sent / self.zero_volume if self.zero_volume else 0.0
+
+    @property
+    def state_ratio(self) -> float:
+        return self.model_state_bytes / self.model_state_formula if self.model_state_formula else 0.0
+
+    @property
+    def staging_ratio(self) -> float:
+        bound = self.largest_unit_bytes + self.prefetch_bytes
+        return self.peak_gathered_bytes / bound if bound else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"volume_ratio": self.volume_ratio, "state_ratio": self.state_ratio,
+                               "staging_ratio": self.staging_ratio}
+
+
+def zero_volume_bytes(stage: int, parameters: int, world: int, element_bytes: int = 2) -> int:
+    """Bytes one rank sends per step by the ZeRO paper: (2 or 3)·Ψ·(N−1)/N elements."""
+    factor = 3 if stage == 3 else 2 if stage in (1, 2) else 2
+    return factor * parameters * (world - 1) * element_bytes // world
+
+
+def model_state_formula(stage: int, parameters: int, world: int, param_bytes: int = 2, grad_bytes: int = 2) -> int:
+    """Model-state bytes per rank by the ZeRO paper (mixed-precision Adam: 12 bytes of fp32 master
+    and moments per element), at the configured parameter and gradient element sizes."""
+    psi, n = parameters, world
+    optimizer = 12 * psi // n
+    if stage == 3:
+        return (param_bytes + grad_bytes) * psi // n + optimizer
+    if stage == 2:
+        return param_bytes * psi + grad_bytes * psi // n + optimizer
+    return (param_bytes + grad_bytes) * psi + optimizer
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int = 0) -> Iterator[None]:
+    """A fake process group of ``world`` ranks with this process as ``rank``, using the NCCL plan."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from . import comm
+
+    if dist.is_initialized():
+        raise RuntimeError("fake_world needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    saved = comm.PLANS.get("fake")
+    comm.PLANS["fake"] = comm.PLANS["nccl"]
+    try:
+        yield
+    finally:
+        if saved is None:
+            comm.PLANS.pop("fake", None)
+        else:
+            comm.PLANS["fake"] = saved
+        dist.destroy_process_group()
+
+
+def _saved_bytes() -> tuple[contextlib.AbstractContextManager, Callable[[], int]]:
+    """A context counting the bytes autograd saves for backward (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    return ctx, lambda: sum(seen.values())
+
+
+def _train_step(step: Callable[[torch.Tensor], torch.Tensor], backward: Callable[[torch.Tensor], None],
+                tokens: torch.Tensor, count_activations: bool) -> int:
+    ctx, saved = _saved_bytes()
+    with ctx if count_activations else contextlib.nullcontext():
+        loss = step(tokens)
+    backward(loss)
+    return saved() if count_activations else 0
+
+
+def simulate(model_factory: Callable[[], nn.Module], ds_config: dict[str, Any], *, world: int, rank: int = 0,
+             vocab_size: int, seq_len: int = 32, model_name: str = "model", steps: int = 2) -> ScaleReport:
+    """Run ``steps`` training steps of the engine as ``rank`` of a fake world of ``world`` ranks.
+
+    The last step is measured (the first allocates optimizer state and records stage 3's fetch
+    trace). Micro-batch and accumulation come from ``ds_config``.
+    """
+    import engine
+    from engine.comm import ledger
+
+    cfg = copy.deepcopy(ds_config)
+    with fake_world(world, rank):
+        stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+        with (engine.zero.Init(config_dict_or_path=cfg) if stage == 3 else contextlib.nullcontext()):
+            model = model_factory()
+        eng, opt, _, _ = engine.initialize(model=model, config=cfg)
+        micro, accumulation = eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
+        tokens = torch.randint(0, vocab_size, (micro, seq_len), generator=torch.Generator().manual_seed(rank))
+        activations = 0
+        for i in range(steps):
+            ledger.mark_step()
+            started = time.perf_counter()
+            for _ in range(accumulation):
+                measured = _train_step(lambda t: eng(t, t), eng.backward, tokens, i == steps - 1)
+                activations = max(activations, measured)
+            eng.step()
+            elapsed = time.perf_counter() - started
+            moved = ledger.mark_step()
+        return _report(eng, opt, world, stage, model_name, moved, activations, elapsed, cfg)
+
+
+def _report(eng: Any, opt: Any, world: int, stage: int, name: str, moved: dict[str, int], activations: int,
+            elapsed: float, cfg: dict[str, Any]) -> ScaleReport:
+    from engine.comm import ledger
+
+    psi = opt.layout.numel
+    dtype_bytes = torch.finfo(eng.precision.model_dtype).bits // 8
+    states = opt.model_state_bytes()
+    grad_bytes = _grad_element_bytes(opt, dtype_bytes)
+    report = ScaleReport(
+        world=world, stage=stage, model=name, parameters=psi,
+        bytes_sent=moved["comm_bytes_sent"], bytes_received=moved["comm_bytes_received"],
+        zero_volume=zero_volume_bytes(stage, psi, world, dtype_bytes), calls=moved["comm_calls"],
+        model_state_bytes=sum(states[k] for k in ("params", "grads", "master", "optimizer_states")),
+        model_state_formula=model_state_formula(stage, psi, world, dtype_bytes, grad_bytes),
+        activation_bytes=activations, seconds=elapsed, by_op=ledger.by_op())
+    if stage == 3:
+        units = [u for u in opt.store.units if not u.persistent]
+        report.peak_gathered_bytes = opt.live_peak_bytes
+        report.largest_unit_bytes = max((u.nbytes for u in units), default=0)
+        prefetch = int(cfg.get("zero_optimization", {}).get("stage3_prefetch_bucket_size", 0) or 0)
+        report.prefetch_bytes = prefetch * dtype_bytes
+    return report
+
+
+def _grad_element_bytes(opt: Any, default: int) -> int:
+    grads = getattr(opt, "grad_partition", None)
+    if grads is None:
+        grads = getattr(opt, "flat_grads", None)
+    return grads.element_size() if grads is not None else default
+
+
+def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Module], list[nn.Module]], *,
+               world: int, rank: int = 0, vocab_size: int, seq_len: int = 32, micro_batch: int = 1,
+               steps: int = 2) -> dict[str, int]:
+    """torch's FSDP2 (``fully_shard`` per block and at the root, bf16 parameters and reductions) on
+    the same model under the same fake group: ``{"bytes_sent", "bytes_received", "calls"}`` per step,
+    counted by the ledger's rules."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .comm_ledger import CommLedger, record_torch_collectives
+
+    with fake_world(world, rank):
+        with torch.device("meta"):
+            model = model_factory()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        for block in blocks(model):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        tokens = torch.randint(0, vocab_size, (micro_batch, seq_len))
+        book = CommLedger()
+        for _ in range(steps):
+            book.reset()
+            with record_torch_collectives(book):
+                model(tokens, tokens).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        dist.barrier()
+        totals = book.totals()
+    return totals
