@@ -4,6 +4,7 @@
 #   tests/clusters/ssh_hosts.sh start        # bridge + 3 network namespaces, each with its own sshd
 #   tests/clusters/ssh_hosts.sh stop         # every process of the hosts, the namespaces, the bridge
 #   tests/clusters/ssh_hosts.sh kill HOST    # a host dies: SIGKILL every process in it, then its link goes down
+#   tests/clusters/ssh_hosts.sh revive HOST  # a killed host boots again: link up, its sshd started
 #   tests/clusters/ssh_hosts.sh pids HOST    # the pids of the processes running on HOST (one a line)
 #   tests/clusters/ssh_hosts.sh status       # which hosts answer over ssh
 #
@@ -197,6 +198,17 @@ cmd_kill() {
   log "$h is dead"
 }
 
+cmd_revive() {
+  need_root
+  local h=${1:?usage: ssh_hosts.sh revive HOST}
+  known_host "$h"
+  kill_host_processes "$(ns_of "$h")"
+  ip link set "$(veth_of "$h")" up
+  start_sshd "$h"
+  wait_ready "$h"
+  log "$h is up again"
+}
+
 cmd_pids() {
   local h=${1:?usage: ssh_hosts.sh pids HOST}
   known_host "$h"
@@ -219,7 +231,8 @@ case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   kill) cmd_kill "${2:-}" ;;
+  revive) cmd_revive "${2:-}" ;;
   pids) cmd_pids "${2:-}" ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|kill HOST|pids HOST|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|kill HOST|revive HOST|pids HOST|status" >&2; exit 2 ;;
 esac

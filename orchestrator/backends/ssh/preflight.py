@@ -27,6 +27,7 @@ found = {m: importlib.util.find_spec(m) is not None for m in ("orchestrator", "t
 free = None
 if port:
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the c10d store binds it: TIME_WAIT is fine
     try:
         s.bind(("", int(port))); free = True
     except OSError:
