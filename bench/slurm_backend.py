@@ -142,7 +142,7 @@ def _scancel(native: str) -> None:
 
 
 def _job_nodes(native: str) -> list[str]:
-    from orchestrator.backends.slurm.backend import query_jobs
+    from orchestrator.backends.slurm.queries import query_jobs
 
     return list(query_jobs([native])[native].nodes)
 

@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .check import human_bytes
 from .errors import UserError
 
 app = typer.Typer(
@@ -50,8 +49,15 @@ def _cluster(name: str) -> str:
 @app.command()
 def render(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
            output: Annotated[Optional[Path], typer.Option("--output", "-o",
-                             help="Write to this file instead of stdout.")] = None) -> None:
-    """Print what would be submitted: the sbatch script, the PyTorchJob manifest or the local plan."""
+                             help="Write to this file instead of stdout.")] = None,
+           output_dir: Annotated[Optional[Path], typer.Option(
+               "--output-dir", help="Write everything a submit sends (the script or manifest and its "
+                                    "side files) into this directory.")] = None) -> None:
+    """Print what would be submitted: the sbatch script, the PyTorchJob manifest or the local plan.
+
+    This is the backend's dryrun, the same one ``orch submit`` sends; the files that travel with
+    it (ds_config.json, and on Kubernetes the ConfigMap's job.json) are named on stderr.
+    """
     from .backends import get_backend
     from .spec import load_spec
 
@@ -59,11 +65,19 @@ def render(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
         rendered = get_backend(_cluster(cluster)).dryrun(load_spec(spec, set_))
     except UserError as exc:
         _fail(exc)
+    if output_dir:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in {rendered.filename: rendered.text, **rendered.files}.items():
+            (output_dir / name).write_text(text, encoding="utf-8")
+        err.print(f"wrote {', '.join([rendered.filename, *rendered.files])} to {output_dir}")
+        return
     if output:
         output.write_text(rendered.text, encoding="utf-8")
         err.print(f"wrote {output}")
     else:
         sys.stdout.write(rendered.text)
+    if rendered.files:
+        err.print(f"sent with it: {', '.join(rendered.files)} (`--output-dir DIR` writes them too)")
 
 
 @app.command()
@@ -74,7 +88,7 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
               "--gpu-memory-gb", help="GPU memory to compare the estimate against (e.g. 80).")] = None) -> None:
     """Validate the spec and its ds_config for the job's world size; estimate memory per ZeRO stage."""
     from .backends import get_backend
-    from .check import check_job
+    from .check import check_job, human_bytes
     from .spec import load_spec
 
     try:
@@ -267,6 +281,8 @@ def ckpt_ls(directory: Annotated[Path, typer.Argument(help="Checkpoint directory
     """List checkpoints: step, world size, ZeRO stage, size, complete or not."""
     from engine.checkpoint.inspect import list_dir
 
+    from .check import human_bytes
+
     rows = _checkpoint_call(list_dir, directory)
     table = Table(title=f"checkpoints in {directory}")
     for col in ("tag", "step", "world size", "ZeRO stage", "size", "status", "latest"):
@@ -285,6 +301,8 @@ def ckpt_verify(directory: Annotated[Path, typer.Argument(help="Checkpoint direc
     """Verify every shard's checksum against the manifest."""
     from engine.checkpoint.inspect import verify
 
+    from .check import human_bytes
+
     reports = _checkpoint_call(verify, directory)
     for r in reports:
         if r.ok:
@@ -301,6 +319,8 @@ def ckpt_consolidate(directory: Annotated[Path, typer.Argument(help="Checkpoint 
                      output: Annotated[Path, typer.Argument(help="Output file (.pt or .safetensors).")]) -> None:
     """Write one fp32 state_dict loadable into the plain model, streaming parameter by parameter."""
     from engine.checkpoint.consolidate import consolidate
+
+    from .check import human_bytes
 
     result = _checkpoint_call(consolidate, directory, output)
     out.print(f"wrote {result.output} ({result.tensors} tensors, {human_bytes(result.bytes)}) from "

@@ -15,7 +15,7 @@ from .backends import get_backend
 from .errors import UserError
 from .registry import JobRecord, Registry, new_job_id, orch_home
 from .spec import JobSpec
-from .types import Cluster, JobRef, JobState, JobStatus
+from .types import Cluster, JobRef, JobState, JobStatus, Submission
 
 
 def run_root() -> Path:
@@ -42,7 +42,7 @@ def submit(spec: JobSpec, cluster: Cluster, registry: Registry | None = None) ->
     (run_dir / "job.json").write_text(json.dumps(spec_record(spec), indent=2) + "\n")
     registry.add(job_id, spec.name, cluster, str(run_dir), spec_record(spec))
     try:
-        ref = backend.submit(spec, job_id, str(run_dir))
+        ref = backend.submit(spec, Submission(job_id, str(run_dir)))
     except UserError as exc:
         registry.update_state(job_id, JobState.FAILED, f"submit refused: {exc}")
         raise

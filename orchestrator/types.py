@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for annotations only: the spec module imports this one
+    from .spec import JobSpec
 
 # A backend's name: the built-ins (local, slurm, kubernetes) or one registered under the
 # ``orch.backends`` entry-point group. A plain string, so a new backend needs no edit here.
@@ -80,16 +83,18 @@ class Placement:
 @dataclass(frozen=True)
 class Rendered:
     """A backend's dryrun: the text it submits, the side files that travel with it (the ds_config,
-    the job spec), and, for a real submission, what ``schedule`` needs to send it.
+    the job spec), and, for a submission, what ``schedule`` needs to send exactly that.
 
-    ``request`` is the backend's own payload (a parsed manifest, a process plan); it is derived
-    from ``text`` and ``files`` and never shows anything they do not.
+    ``request`` is the backend's own payload (a parsed manifest, a process plan), derived from
+    the same values as ``text``; ``orch render`` shows ``text`` and ``files``.
     """
 
     cluster: Cluster
     kind: str                     # "sbatch", "manifest", "plan", or a new backend's own word
+    filename: str                 # what ``text`` is saved as (run directory, `orch render --output-dir`)
     text: str
     files: dict[str, str] = field(default_factory=dict)
     placement: Placement | None = None
-    submission: Submission | None = None
+    submission: Submission | None = None          # None: the preview `orch render` shows
+    spec: JobSpec | None = field(default=None, compare=False, repr=False)
     request: Any = field(default=None, compare=False, repr=False)

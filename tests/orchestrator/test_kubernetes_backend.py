@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import jobs
-from orchestrator.types import JobRef, JobState
+from orchestrator.types import JobRef, JobState, Submission
 from orchestrator.backends.kubernetes.backend import KubernetesBackend
 from orchestrator.cli import app
 from orchestrator.errors import UserError
@@ -283,7 +283,7 @@ def test_an_unreachable_api_server_is_named(k8s, tmp_path, monkeypatch) -> None:
     backend = KubernetesBackend(timeout=3)
     with pytest.raises(UserError, match=rf"cannot reach the Kubernetes API server \(context orch-test, "
                                         rf"server https://127.0.0.1:{port}\)"):
-        backend.submit(load_spec(EXAMPLES / "tiny-gpt-zero2.yaml"), "tiny-gpt-zero2-x", str(tmp_path))
+        backend.submit(load_spec(EXAMPLES / "tiny-gpt-zero2.yaml"), Submission("tiny-gpt-zero2-x", str(tmp_path)))
 
 
 def test_a_foreign_configmap_of_the_same_name_is_not_overwritten(k8s) -> None:

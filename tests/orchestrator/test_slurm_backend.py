@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from orchestrator import jobs
 from orchestrator.types import JobState
-from orchestrator.backends.slurm.backend import query_jobs, query_sacct
+from orchestrator.backends.slurm.queries import query_jobs, query_sacct
 from orchestrator.cli import app
 from orchestrator.registry import Registry
 from orchestrator.spec import load_spec

@@ -1,19 +1,20 @@
 """The Kubernetes backend: a job is a Kubeflow PyTorchJob plus a ConfigMap, through the API server.
 
-``dryrun`` renders the manifest (and the ConfigMap's files) without contacting a cluster.
-``submit`` validates the PyTorchJob client-side (strict CRD schema, the training operator's
-webhook rules, label syntax), creates it in the kubeconfig context's namespace (or the spec's
-``kubernetes.namespace``), then creates the ConfigMap with the job as its owner, so Kubernetes'
-garbage collector removes it with the job. ``status`` reads the conditions the operator writes;
-``logs`` reads the pods the operator creates; ``cancel`` deletes the job (foreground propagation by
-default: the job stays visible, as CANCELLED, until its pods are gone, so a resubmit under the same
-name cannot collide with pods still stopping).
+``dryrun`` renders the manifest (and the ConfigMap's files) without contacting a cluster; for a
+submission it also builds the two objects and validates the PyTorchJob client-side (strict CRD
+schema, the training operator's webhook rules, label syntax) in the kubeconfig context's
+namespace (or the spec's ``kubernetes.namespace``). ``schedule`` creates the job, then the
+ConfigMap with the job as its owner, so Kubernetes' garbage collector removes it with the job.
+``status`` reads the conditions the operator writes; ``logs`` reads the pods the operator creates;
+``cancel`` deletes the job (foreground propagation by default: the job stays visible, as CANCELLED,
+until its pods are gone, so a resubmit under the same name cannot collide with pods still stopping).
 
 The job carries its orch id in the ``orch.dev/job-id`` annotation: status, logs and cancel act on
 a PyTorchJob only if it is the one this orch job created, not a later one with the same name.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,8 @@ import yaml
 from ...errors import UserError
 from ...launch import job_token
 from ...spec import JobSpec
-from ...types import JobRef, JobState, JobStatus, Rendered
+from ...types import JobRef, JobState, JobStatus, Rendered, Submission
+from ..base import BackendBase
 from . import logs as k8s_logs
 from .client import REQUEST_TIMEOUT_S, Connection, api_error, connect
 from .manifest import (GROUP, JOB_FILE, JOB_ID_ANNOTATION, JOB_LABEL, KIND, MANAGED_BY, PLURAL, VERSION,
@@ -37,7 +39,7 @@ T = TypeVar("T")
 CONFIGMAP_LIMIT = 1024 * 1024  # the API server refuses larger ConfigMaps (etcd value limit)
 
 
-class KubernetesBackend:
+class KubernetesBackend(BackendBase):
     """PyTorchJobs on the cluster of the current kubeconfig context."""
 
     cluster = "kubernetes"
@@ -93,14 +95,21 @@ class KubernetesBackend:
         return obj
 
     # -- Backend ---------------------------------------------------------------------------------
-    def dryrun(self, spec: JobSpec) -> Rendered:
-        """The PyTorchJob manifest, and the ConfigMap's files (ds_config.json, job.json)."""
-        rendered = render(spec)
-        return dataclasses.replace(rendered, files={**rendered.files, JOB_FILE: job_file_text(spec)})
+    def dryrun(self, spec: JobSpec, submission: Submission | None = None) -> Rendered:
+        """The PyTorchJob manifest and the ConfigMap's files (ds_config.json, job.json). For a
+        submission, also the two objects to create, checked as the cluster would check them (its
+        namespace comes from the kubeconfig context unless the spec names one)."""
+        token = job_token(submission.job_id, spec.name) if submission else ""
+        rendered = render(spec, pod_placement(spec, token))
+        rendered = dataclasses.replace(rendered, files={**rendered.files, JOB_FILE: job_file_text(spec)},
+                                       submission=submission, spec=spec)
+        if submission is None:
+            return rendered
+        return dataclasses.replace(rendered, request=self._objects(spec, rendered, submission.job_id))
 
-    def submit(self, spec: JobSpec, job_id: str, run_dir: str) -> JobRef:
+    def _objects(self, spec: JobSpec, rendered: Rendered, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The PyTorchJob (in its namespace, carrying its orch id) and its ConfigMap."""
         namespace = spec.kubernetes.namespace or self.conn.namespace
-        rendered = render(spec, pod_placement(spec, job_token(job_id, spec.name)))
         job = yaml.safe_load(rendered.text)
         job["metadata"]["namespace"] = namespace
         job["metadata"].setdefault("annotations", {})[JOB_ID_ANNOTATION] = job_id
@@ -110,8 +119,14 @@ class KubernetesBackend:
         if size > CONFIGMAP_LIMIT - 16 * 1024:
             raise UserError(f"ds_config and job spec of {spec.name} take {size} bytes; a ConfigMap holds "
                             "at most 1 MiB", hint="keep large data out of the ds_config and the job spec")
-        Path(run_dir, "pytorchjob.yaml").write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+        return job, cmap
 
+    def schedule(self, rendered: Rendered) -> JobRef:
+        submission, spec = self.submission_of(rendered)
+        job, cmap = copy.deepcopy(rendered.request)
+        namespace = job["metadata"]["namespace"]
+        Path(submission.run_dir, rendered.filename).write_text(yaml.safe_dump(job, sort_keys=False),
+                                                               encoding="utf-8")
         created = self._create_job(job, namespace, spec.name)
         cmap["metadata"]["ownerReferences"] = [owner_reference(created)]
         try:
@@ -120,7 +135,7 @@ class KubernetesBackend:
             # without its ConfigMap the job's pods could never start: take the job back
             self._delete_quietly(namespace, spec.name, created["metadata"]["uid"])
             raise
-        return JobRef(job_id, "kubernetes", f"{namespace}/{spec.name}", run_dir)
+        return JobRef(submission.job_id, "kubernetes", f"{namespace}/{spec.name}", submission.run_dir)
 
     def _create_job(self, job: dict[str, Any], namespace: str, name: str) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException

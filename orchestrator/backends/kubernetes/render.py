@@ -22,4 +22,4 @@ def render(spec: JobSpec, placement: Placement | None = None) -> Rendered:
     context.update(manifest_context(spec, placement, files, context["program_argv"], context["job_env"]))
     text = render_template(TEMPLATE, context)
     validate_manifest_text(text, spec)
-    return Rendered("kubernetes", "manifest", text, files, placement)
+    return Rendered("kubernetes", "manifest", "pytorchjob.yaml", text, files, placement)

@@ -7,22 +7,23 @@ detached supervisor (supervisor.py). The CLI can exit while the job runs; ``stat
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 from ...errors import UserError
-from ...launch import job_environment, job_token
-from ...logtail import new_lines
+from ...live import last_metrics, read_status
 from ...spec import JobSpec
-from ...types import JobRef, JobState, JobStatus, Rendered
+from ...types import JobRef, JobState, JobStatus, Rendered, Submission
+from ..base import RunDirBackend
+from . import render as local_render
 from .proctree import alive, stop_tree
-from .render import local_node_commands, local_rdzv_port, placement, render
+from .render import local_rdzv_port
 from .supervisor import read_state
 
 START_TIMEOUT_S = 60.0
@@ -34,34 +35,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class LocalBackend:
+class LocalBackend(RunDirBackend):
     cluster = "local"
+    renderer = local_render
 
-    def dryrun(self, spec: JobSpec) -> Rendered:
-        return render(spec)
+    def dryrun(self, spec: JobSpec, submission: Submission | None = None) -> Rendered:
+        """The plan; for a submission with the rendezvous port it will really use (a free one
+        unless the spec names one), and the supervisor's plan.json as the request."""
+        if submission is not None and local_rdzv_port(spec) is None:
+            spec = spec.model_copy(update={"local": spec.local.model_copy(update={"rdzv_port": free_port()})})
+        rendered = super().dryrun(spec, submission)
+        return dataclasses.replace(rendered, request=local_render.supervisor_plan(spec, rendered.placement))
 
-    def submit(self, spec: JobSpec, job_id: str, run_dir: str) -> JobRef:
-        run = Path(run_dir)
-        where = placement(spec, run_dir, job_token(job_id, spec.name))
-        port = local_rdzv_port(spec) or free_port()
-        # the plan written beside the job shows the port it really uses
-        spec = spec.model_copy(update={"local": spec.local.model_copy(update={"rdzv_port": port})})
-        rendered = render(spec, where)
-        for name, text in rendered.files.items():
-            (run / name).write_text(text)
-        (run / "plan.sh").write_text(rendered.text)
-        nodes = local_node_commands(spec, where, port)
+    def schedule(self, rendered: Rendered) -> JobRef:
+        submission, _ = self.submission_of(rendered)
+        run = self.write_run_files(rendered)
         (run / "local").mkdir(exist_ok=True)
-        env = {**job_environment(spec, where), "ORCH_RESTART_COUNT": "0"}
-        plan = {"rdzv_port": port, "elastic": spec.nodes.elastic, "env": env, "cwd": str(spec.base_dir),
-                "nodes": [asdict(n) for n in nodes]}
-        (run / "local" / "plan.json").write_text(json.dumps(plan, indent=1))
+        (run / "local" / "plan.json").write_text(json.dumps(rendered.request, indent=1))
         with open(run / "local" / "supervisor.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local.supervisor", run_dir],
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local.supervisor",
+                                     submission.run_dir],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, close_fds=True)
         self._wait_started(run, proc)
-        return JobRef(job_id, "local", f"pid:{proc.pid}", run_dir)
+        return JobRef(submission.job_id, "local", f"pid:{proc.pid}", submission.run_dir)
 
     @staticmethod
     def _wait_started(run: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -107,22 +104,17 @@ class LocalBackend:
 
     def logs(self, ref: JobRef, *, follow: bool = False, node: str | None = None) -> Iterator[str]:
         logs_dir = Path(ref.run_dir) / "logs"
-        wanted = None if node is None else f"node-{node.removeprefix('node-')}.log"
-        if wanted and not (logs_dir / wanted).exists() and not follow:
+        wanted = None if node is None else logs_dir / f"node-{node.removeprefix('node-')}.log"
+        if wanted and not wanted.exists() and not follow:
             have = sorted(p.stem for p in logs_dir.glob("node-*.log"))
             raise UserError(f"no log for node {node!r}; this job has: {', '.join(have) or 'none yet'}")
-        offsets: dict[Path, int] = {}
-        while True:
-            files = sorted(logs_dir.glob("node-*.log")) if wanted is None else [logs_dir / wanted]
-            for path in files:
-                yield from new_lines(path, offsets, "" if wanted else f"[{path.stem}] ")
-            if not follow:
-                return
-            if self._status(ref).state.finished:
-                for path in files:  # whatever was written after our last read
-                    yield from new_lines(path, offsets, "" if wanted else f"[{path.stem}] ", final=True)
-                return
-            time.sleep(0.5)
+
+        def streams() -> dict[str, Path]:
+            files = sorted(logs_dir.glob("node-*.log")) if wanted is None else [wanted]
+            return {path.stem: path for path in files}
+
+        keep_going = (lambda: not self._status(ref).state.finished) if follow else None
+        return self.follow_logs(streams, prefixed=wanted is None, keep_going=keep_going)
 
     def cancel(self, ref: JobRef) -> None:
         state = read_state(Path(ref.run_dir))
@@ -140,15 +132,11 @@ class LocalBackend:
 
 
 def _restart_count(run: Path) -> int:
-    from ...live import last_metrics, read_status
-
     values = [read_status(run).get("restart_count"), last_metrics(run).get("restart_count")]
     return max((int(v) for v in values if isinstance(v, (int, float))), default=0)
 
 
 def _trainer_progress_after(run: Path, when: float) -> bool:
-    from ...live import read_status
-
     return float(read_status(run).get("time") or 0) > when
 
 

@@ -6,10 +6,11 @@ The plan is what the supervisor runs (as ``local/plan.json``) and what ``orch re
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from ...launch import (base_context, preview_run_dir, program_argv, render_template, rendezvous_id,
-                       run_dir_placement, side_files, torchrun_options)
+from ...launch import (base_context, job_environment, preview_run_dir, program_argv, render_template,
+                       rendezvous_id, run_dir_placement, side_files, torchrun_options)
 from ...spec import JobSpec
 from ...types import Placement, Rendered
 
@@ -69,4 +70,12 @@ def render(spec: JobSpec, placement_: Placement | None = None) -> Rendered:
     context["rdzv_port"] = port or PREVIEW_RDZV_PORT
     context["port_chosen_at_submit"] = port is None
     context["nodes"] = local_node_commands(spec, where, context["rdzv_port"])
-    return Rendered("local", "plan", render_template(TEMPLATE, context), side_files(spec), where)
+    return Rendered("local", "plan", "plan.sh", render_template(TEMPLATE, context), side_files(spec), where)
+
+
+def supervisor_plan(spec: JobSpec, placement: Placement) -> dict[str, Any]:
+    """What the supervisor runs (``local/plan.json``): the same node commands the plan text shows."""
+    port = local_rdzv_port(spec) or PREVIEW_RDZV_PORT
+    return {"rdzv_port": port, "elastic": spec.nodes.elastic,
+            "env": {**job_environment(spec, placement), "ORCH_RESTART_COUNT": "0"}, "cwd": str(spec.base_dir),
+            "nodes": [asdict(n) for n in local_node_commands(spec, placement, port)]}

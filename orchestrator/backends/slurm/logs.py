@@ -7,12 +7,11 @@ in append mode, so a requeued job continues the same files.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ...errors import UserError
-from ...logtail import new_lines
+from ...logtail import follow as follow_files
 
 BATCH = "batch"
 
@@ -43,22 +42,12 @@ def follow(run_dir: Path, native_id: str, node: str | None, *, keep_going: Calla
            poll_s: float = 0.5) -> Iterator[str]:
     """Lines of the selected logs; with ``keep_going`` set, keep reading new lines (and new
     nodes' files) until it returns False, then read what was written last and stop."""
-    offsets: dict[Path, int] = {}
     streams = select(log_files(run_dir, native_id), node, must_exist=keep_going is None)
     if keep_going is None and not any(p.exists() for p in streams.values()):
         raise UserError(f"no logs in {run_dir} yet",
                         hint="they appear when the job starts (`orch status`); if it has run, the run "
                              "directory must be on a filesystem the nodes share (ORCH_RUN_ROOT)")
-    prefixed = node is None
-    while True:
-        if node is None:
-            streams = log_files(run_dir, native_id)  # a requeued job may land on new nodes
-        for name, path in streams.items():
-            yield from new_lines(path, offsets, f"[{name}] " if prefixed else "")
-        if keep_going is None:
-            return
-        if not keep_going():
-            for name, path in streams.items():
-                yield from new_lines(path, offsets, f"[{name}] " if prefixed else "", final=True)
-            return
-        time.sleep(poll_s)
+    if node is None:  # all streams, listed again each round: a requeued job may land on new nodes
+        return follow_files(lambda: log_files(run_dir, native_id), prefixed=True, keep_going=keep_going,
+                            poll_s=poll_s)
+    return follow_files(lambda: streams, prefixed=False, keep_going=keep_going, poll_s=poll_s)

@@ -76,4 +76,4 @@ def render(spec: JobSpec, placement_: Placement | None = None) -> Rendered:
     context = base_context(spec, where)
     context["sbatch_lines"] = _sbatch_lines(slurm_options(spec, where))
     context["srun_flags"] = _srun_flags(spec, where)
-    return Rendered("slurm", "sbatch", render_template(TEMPLATE, context), side_files(spec), where)
+    return Rendered("slurm", "sbatch", "job.sbatch", render_template(TEMPLATE, context), side_files(spec), where)
