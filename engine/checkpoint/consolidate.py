@@ -172,7 +172,8 @@ class _Streamed:
 def _write_safetensors(path: Path, tensors: list[OutTensor], reader: _Reader, manifest: Mapping[str, Any],
                        progress: Optional[Callable[[str], None]]) -> None:
     buf = bytearray(max(t.nbytes for t in tensors))
-    entries = [TensorEntry(t.name, t.dtype, t.shape, _Streamed(t, reader, buf, progress)) for t in tensors]
+    entries = [TensorEntry(t.name, t.dtype, t.shape, _Streamed(t, reader, buf, progress), reused=True)
+               for t in tensors]
     meta = {"format": "pt", "producer": "orch consolidate", "tag": str(manifest["tag"]),
             "global_step": str(manifest["global_step"])}
     write_tensor_file(path, entries, meta)

@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -32,7 +31,8 @@ from .reshard import plan_reads, source_runs, target_pieces
 from .rng import restore_rng
 from .async_save import AsyncWriter
 from .state_names import ModelNames, model_names, unwrap
-from .tensorfile import ITEMSIZE, read_into
+from ..io import DirectFile, aligned_empty, shared_pool
+from .tensorfile import ITEMSIZE
 
 __all__ = ["load_checkpoint", "read_partition"]
 
@@ -207,11 +207,13 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
     segments = [(s.canonical_start, s.canonical_end, s.local_start) for s in layout.segments(owner)]
     reads = plan_reads(target_pieces(params, segments), source_runs(manifest["params"]))
     gaps = _uncovered(layout.partition_numel, reads)
-    out = {"master": torch.empty(layout.partition_numel, dtype=torch.float32)}
+    out = {"master": _aligned_tensor(layout.partition_numel, torch.float32)}
+    current = opt.master_partition() if gaps and getattr(opt, "nvme", None) is not None else None
     for lo, hi in gaps:                 # padding, and (non-strict) parameters the checkpoint lacks
-        out["master"][lo:hi] = _current_master(opt.master_params, layout, lo, hi)
+        out["master"][lo:hi] = (current[lo:hi] if current is not None
+                                else _current_master(opt.master_params, layout, lo, hi))
     for key in keys:
-        out[key] = torch.empty(layout.partition_numel, dtype=getattr(torch, _tensor_dtype(manifest, key)))
+        out[key] = _aligned_tensor(layout.partition_numel, getattr(torch, _tensor_dtype(manifest, key)))
         for lo, hi in gaps:
             out[key][lo:hi] = 0
     with _Files(ckpt_dir) as files:
@@ -227,6 +229,12 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
                                           f"{buf.dtype}", ckpt_dir / name)
                 files.read(name, tensor["offset"] + r.src * item, raw[r.dst * item:(r.dst + r.length) * item])
     return out
+
+
+def _aligned_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty CPU tensor on a page boundary, so whole-page ranges are read with O_DIRECT."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return aligned_empty(numel * itemsize).view(dtype)
 
 
 def _uncovered(size: int, reads: list[Any]) -> list[tuple[int, int]]:
@@ -266,28 +274,49 @@ def _tensor_dtype(manifest: Mapping[str, Any], key: str) -> str:
 
 
 class _Files:
-    """Open-once file descriptors for ranged reads."""
+    """Ranged reads of a checkpoint's files through engine.io's pool: every ``read`` is submitted
+    at once (split over the I/O threads, O_DIRECT where offset, length and buffer are aligned) and
+    ``__exit__`` waits for all of them, naming the file if one is shorter than the manifest says."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.fds: dict[str, int] = {}
+        self.files: dict[str, DirectFile] = {}
+        self.pool = shared_pool()
+        self.requests: list[tuple[str, Any]] = []
 
     def read(self, name: str, offset: int, view: memoryview) -> None:
-        fd = self.fds.get(name)
-        if fd is None:
-            fd = self.fds[name] = os.open(self.root / name, os.O_RDONLY)
-        try:
-            read_into(fd, offset, view)
-        except EOFError as exc:
-            raise CheckpointError(f"{self.root / name} is shorter than the manifest says: {exc}",
-                                  self.root / name) from None
+        file = self.files.get(name)
+        if file is None:
+            file = self.files[name] = DirectFile(self.root / name, "r")
+        self.requests.append((name, self.pool.submit_read(file, view, offset)))
+
+    def wait(self) -> None:
+        requests, self.requests = self.requests, []
+        problems = {}
+        for name, request in requests:
+            try:
+                request.wait()
+            except (EOFError, OSError) as exc:
+                problems.setdefault(name, exc)
+        for name, exc in problems.items():
+            raise CheckpointError(f"{self.root / name} is shorter than the manifest says: {exc}"
+                                  if isinstance(exc, EOFError) else f"cannot read {self.root / name}: {exc}",
+                                  self.root / name)
 
     def __enter__(self) -> "_Files":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        try:
+            if exc[0] is None:
+                self.wait()
+            else:
+                for _, request in self.requests:
+                    for f in request.futures:
+                        f.exception()
+        finally:
+            for file in self.files.values():
+                file.close()
 
 
 def _read_extras(ckpt_dir: Path, manifest: Mapping[str, Any], skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
@@ -361,20 +390,35 @@ def _apply_optimizer(opt: Any, manifest: Mapping[str, Any], buffers: Mapping[str
     for name, entry in zip(names.params, opt.layout.params):
         first_name.setdefault(entry.group, name)
     state = {}
+    nvme = getattr(opt, "nvme", None)
+    if nvme is not None:                       # the states go to the swap files, the rest as below
+        olds = [saved_groups[min(group_of.get(first_name.get(g, ""), g), len(saved_groups) - 1)]
+                for g in range(len(opt.master_params))]
+        nvme.load_partitions(dict(buffers), [_scalars(old["scalars"]) if buffers else {} for old in olds])
+        for pg, old in zip(inner.param_groups, olds):
+            for key, value in old["hyper"].items():
+                if key in pg and _numeric(value):
+                    pg[key] = _like(pg[key], value)
+        return
     for g, (mp, pg) in enumerate(zip(opt.master_params, sd["param_groups"])):
         old = saved_groups[min(group_of.get(first_name.get(g, ""), g), len(saved_groups) - 1)]
         layout_group = opt.layout.groups[g]
         lo, hi = layout_group.local_offset, layout_group.local_offset + layout_group.partition_numel
         st: dict[str, Any] = {key: buf[lo:hi].to(mp.device) for key, buf in buffers.items()}
         if st:
-            for key, s in old["scalars"].items():
-                st[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"])) if s["tensor"] else s["value"]
+            st.update(_scalars(old["scalars"]))
             state[pg["params"][0]] = st
         for key, value in old["hyper"].items():
             if key in pg and _numeric(value):   # lr, betas, eps, weight_decay...: not impl switches
                 pg[key] = _like(pg[key], value)
     sd["state"] = state
     inner.load_state_dict(sd)
+
+
+def _scalars(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A group's saved scalar states (``step``) as the optimizer keeps them."""
+    return {key: torch.tensor(s["value"], dtype=getattr(torch, s["dtype"])) if s["tensor"] else s["value"]
+            for key, s in saved.items()}
 
 
 def _numeric(value: Any) -> bool:

@@ -2,7 +2,7 @@
 
 No torch here: ``orch ckpt ls`` and ``orch ckpt verify`` use this module alone.
 
-``manifest.json`` (format ``orch-checkpoint``, version 1) is the one file that describes a
+``manifest.json`` (format ``orch-checkpoint``, version 2) is the one file that describes a
 checkpoint. It is written last, so a directory with a valid manifest is complete. Keys:
 
 * ``tag``, ``global_step``, ``created_at``, ``world_size``, ``zero_stage``, ``partition_count``
@@ -14,8 +14,11 @@ checkpoint. It is written last, so a directory with a valid manifest is complete
   flattened elements, in order. Every per-element state (master weights, ``exp_avg``, ...) of
   rank ``r`` uses the same offsets in rank ``r``'s files. ``aliases`` maps tied names to the
   name that holds the data; ``extras`` lists buffers and frozen parameters (``extra.safetensors``);
-* ``files``: per file, ``rank``, ``kind``, ``bytes``, ``sha256`` and ``tensors``
-  (``{name: {"dtype", "shape", "offset"}}``, ``offset`` in bytes from the start of the file);
+* ``files``: per file, ``rank``, ``kind``, ``bytes``, the checksum and ``tensors``
+  (``{name: {"dtype", "shape", "offset"}}``, ``offset`` in bytes from the start of the file).
+  The checksum (version 2) is ``hash`` (the algorithm: ``xxh3_128`` or ``sha256``),
+  ``hash_block`` and ``digest``: the block-tree digest of engine/io/hashing.py. Version 1
+  manifests recorded ``sha256``, a flat sha256 of the file; both are read;
   ``shards``: ``{"master": [file per rank], "optimizer": [...]}`` (null where a rank wrote none);
 * ``optimizer`` (class, per-element ``state_keys``, per group ``hyper`` and ``scalars``),
   ``loss_scaler``, ``lr_scheduler``, ``counters``, ``client_state``, ``rng`` (one entry per
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from ..errors import UserError
+from ..io import TreeHash, hash_file
 
 __all__ = [
     "CheckpointEntry", "CheckpointError", "EXTRA_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MANIFEST",
@@ -43,7 +46,7 @@ __all__ = [
 ]
 
 FORMAT = "orch-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_SUFFIX = ".tmp"          # directories being written (or being deleted) end with it
@@ -55,7 +58,7 @@ _REQUIRED = ("tag", "global_step", "world_size", "zero_stage", "partition_count"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(UserError):
+class CheckpointError(Exception):
     """A checkpoint cannot be saved or loaded; the message names the file and what to do."""
 
     def __init__(self, message: str, path: Optional[Path | str] = None) -> None:
@@ -165,18 +168,26 @@ def sha256_file(path: Path) -> tuple[int, str]:
 
 
 def file_problem(ckpt_dir: Path, name: str, record: Mapping[str, Any]) -> Optional[str]:
-    """None when ``name`` has the size and sha256 the manifest records, else what is wrong."""
+    """None when ``name`` has the size and checksum the manifest records, else what is wrong."""
     path = Path(ckpt_dir) / name
     try:
-        size, digest = sha256_file(path)
+        if "hash" in record:
+            hasher = TreeHash.of_record(dict(record))
+            size, digest = hash_file(path, hasher)
+            expected, algorithm = record["digest"], hasher.algorithm
+        else:                                   # format 1: a flat sha256 of the file
+            size, digest = sha256_file(path)
+            expected, algorithm = record["sha256"], "sha256"
     except FileNotFoundError:
         return f"{path} is missing (listed in the manifest)"
+    except (KeyError, ValueError) as exc:
+        return f"the manifest's checksum record for {path} is malformed ({exc})"
     except OSError as exc:
         return f"{path} cannot be read: {exc}"
     if size != record["bytes"]:
         return f"{path} has {size} bytes, the manifest records {record['bytes']} (truncated or overwritten)"
-    if digest != record["sha256"]:
-        return f"{path} fails its sha256 check (the file is corrupt)"
+    if digest != expected:
+        return f"{path} fails its {algorithm} check (the file is corrupt)"
     return None
 
 

@@ -3,12 +3,13 @@
 The protocol, and why it survives a SIGKILL at any moment:
 
 1. rank 0 removes leftovers of interrupted saves and creates ``<tag>.tmp/``;
-2. every rank writes its files there (hashing the bytes as they go out) and fsyncs them: the
+2. every rank writes its files there through engine.io (large aligned writes, each block hashed
+   by the I/O thread that writes it, xxh3-128 unless ``checkpoint.hash`` says sha256) and fsyncs them: the
    fp32 master partition and the optimizer-state partition of the slice it owns (at stage 0
    the state is replicated, so only rank 0 writes it); rank 0 also writes buffers/frozen
    parameters (stage 3 gathers its partitioned frozen parameters for that first, one unit at a
    time) and, if needed, ``objects.pt``;
-3. rank 0 collects every rank's file sizes and sha256, writes ``manifest.json``, fsyncs it
+3. rank 0 collects every rank's file sizes and digests, writes ``manifest.json``, fsyncs it
    and the directory, and renames ``<tag>.tmp`` to ``<tag>`` (an atomic step);
 4. rank 0 replaces ``latest`` by writing a temp file, fsyncing it and renaming it over
    ``latest``; only then are checkpoints beyond ``keep`` deleted.
@@ -17,7 +18,8 @@ Until step 3's rename the previous checkpoint is what ``latest`` names and it is
 between 3 and 4 both are complete; after 4 the new one is ``latest``. A directory without a
 manifest is never loaded, and a ``*.tmp`` directory is never mistaken for a checkpoint.
 
-``save_checkpoint`` with ``async_save`` snapshots the shard to CPU memory and hands steps 2-4
+``save_checkpoint`` with ``async_save`` snapshots the shard into reusable (pinned) host memory
+(snapshot.py) and hands steps 2-4
 to a background thread (async_save.py); the next save (or load) waits for it.
 """
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,10 +39,12 @@ from . import fsutil
 from .async_save import AsyncWriter
 from .collective import Group
 from .manifest import (EXTRA_FILE, FORMAT, FORMAT_VERSION, LATEST, MANIFEST, OBJECTS_FILE, TMP_SUFFIX,
-                       CheckpointError, list_checkpoints, master_file, optim_file, read_latest, sha256_file,
+                       CheckpointError, list_checkpoints, master_file, optim_file, read_latest,
                        validate_tag)
 from .rng import capture_rng
+from .snapshot import SnapshotArena
 from .state_names import model_names
+from ..io import StreamWriter, TreeHash
 from .tensorfile import TensorEntry, write_tensor_file
 
 __all__ = ["SaveJob", "finalize", "prepare", "prune", "save_checkpoint", "write_shards"]
@@ -60,6 +63,7 @@ class SaveJob:
     header: Optional[dict[str, Any]] = None                  # rank 0: the manifest without "files"
     save_latest: bool = True
     keep: Optional[int] = None
+    hasher: TreeHash = field(default_factory=TreeHash)       # checksum algorithm of every file
 
     @property
     def tmp(self) -> Path:
@@ -86,6 +90,8 @@ def save_checkpoint(engine: Any, save_dir: str | Path, tag: Optional[str] = None
         raise CheckpointError(f"the previous asynchronous checkpoint save failed: {failed}")
     if async_save is None:
         async_save = bool(getattr(getattr(engine.config, "checkpoint", None), "async_save", False))
+    if async_save and getattr(engine.optimizer, "nvme", None) is not None:
+        async_save = False    # the shards are copied from the swap files, which the next step rewrites
     job = prepare(engine, Path(save_dir), tag, dict(client_state or {}), group, snapshot=async_save,
                   save_latest=save_latest, keep=keep, exclude_frozen=exclude_frozen_parameters)
     if async_save:
@@ -132,7 +138,8 @@ def prepare(engine: Any, save_dir: Path, tag: Optional[str], client_state: dict[
     decision = group.broadcast(decision)
     if decision[1]:
         raise CheckpointError(decision[1], save_dir)
-    job = SaveJob(save_dir, decision[0], group.rank, group.world_size, save_latest=save_latest, keep=keep)
+    job = SaveJob(save_dir, decision[0], group.rank, group.world_size, save_latest=save_latest, keep=keep,
+                  hasher=checkpoint_hasher(engine))
     mine: dict[str, Any] = {"tag": proposed, "error": None}
     try:
         _collect(engine, job, client_state, snapshot, exclude_frozen)
@@ -156,7 +163,8 @@ def _collect(engine: Any, job: SaveJob, client_state: dict[str, Any], snapshot: 
     names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
     whole = _gather_partitioned_frozen(opt, exclude_frozen)   # first: a collective on every rank
     keys, groups = _optimizer_state(opt)
-    copy_ = _snapshot if snapshot else _as_is
+    arena = snapshot_arena(engine) if snapshot else None
+    copy_ = arena.copy if arena is not None else _as_is
     job.files = _shard_files(opt, keys, job.rank, copy_)
     if job.rank == 0:
         extras = [(n, whole.get(id(t), t)) for n, t in names.extras
@@ -165,6 +173,23 @@ def _collect(engine: Any, job: SaveJob, client_state: dict[str, Any], snapshot: 
             entries = [TensorEntry(n, _dtype(t), tuple(t.shape), [copy_(t)]) for n, t in extras]
             job.files[EXTRA_FILE] = ("extra", entries)
         job.header = _header(engine, job, names, extras, keys, groups, client_state, snapshot)
+    if arena is not None:
+        arena.ready()
+
+
+def snapshot_arena(engine: Any) -> SnapshotArena:
+    """The engine's reusable snapshot memory, reset for a new save (the previous one was waited for)."""
+    arena = engine.__dict__.get("_checkpoint_arena")
+    if arena is None:
+        arena = engine.__dict__["_checkpoint_arena"] = SnapshotArena()
+    arena.reset()
+    return arena
+
+
+def checkpoint_hasher(engine: Any) -> TreeHash:
+    """The ds_config's ``checkpoint.hash`` (``xxh3_128`` unless set to ``sha256``)."""
+    algorithm = getattr(getattr(engine.config, "checkpoint", None), "hash", None)
+    return TreeHash(str(algorithm)) if algorithm else TreeHash()
 
 
 def _gather_partitioned_frozen(opt: Any, exclude_frozen: bool) -> dict[int, torch.Tensor]:
@@ -207,10 +232,6 @@ def _check_tags(engine: Any, tags: list[str], agreed: str, rank: int) -> None:
         warnings.warn(message + "; rank 0's tag is used", stacklevel=3)
 
 
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
-
-
 def _as_is(t: torch.Tensor) -> torch.Tensor:
     return t.detach()
 
@@ -221,6 +242,8 @@ def _dtype(t: torch.Tensor) -> str:
 
 def _optimizer_state(opt: Any) -> tuple[list[str], list[dict[str, Any]]]:
     """Per-element state keys (sorted), and per group the hyperparameters and scalar states."""
+    if getattr(opt, "nvme", None) is not None:
+        return _nvme_optimizer_state(opt)
     keys: set[str] = set()
     groups = []
     for mp, pg in zip(opt.master_params, opt.optimizer.param_groups):
@@ -237,6 +260,18 @@ def _optimizer_state(opt: Any) -> tuple[list[str], list[dict[str, Any]]]:
                                       f"{type(value).__name__}, which checkpoints cannot store")
         groups.append({"hyper": _hyper(pg), "scalars": scalars})
     return sorted(keys), groups
+
+
+def _nvme_optimizer_state(opt: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """``_optimizer_state`` of an NVMe-offloaded optimizer: the keys and scalars its swap keeps."""
+    groups = []
+    for scalars, pg in zip(opt.nvme.scalars, opt.optimizer.param_groups):
+        out = {}
+        for key, value in scalars.items():
+            out[key] = ({"value": value.item(), "tensor": True, "dtype": _dtype(value)} if torch.is_tensor(value)
+                        else {"value": value, "tensor": False})
+        groups.append({"hyper": _hyper(pg), "scalars": out})
+    return opt.nvme.state_keys, groups
 
 
 def _hyper(param_group: Mapping[str, Any]) -> dict[str, Any]:
@@ -260,6 +295,13 @@ def _shard_files(opt: Any, keys: list[str], rank: int, copy_: Any) -> dict[str, 
         return {}
     owner = rank if layout.partition_count > 1 else 0
     size = (layout.partition_numel,)
+    if getattr(opt, "nvme", None) is not None:     # straight from the swap files, no copy in memory
+        files = {master_file(owner): ("master", [TensorEntry("master", "float32", size,
+                                                             opt.nvme.file_ranges("master"))])}
+        if keys:
+            files[optim_file(owner)] = ("optimizer", [
+                TensorEntry(k, _dtype_name(opt.nvme.state_dtype(k)), size, opt.nvme.file_ranges(k)) for k in keys])
+        return files
     files = {master_file(owner): ("master", [TensorEntry("master", "float32", size,
                                                          [copy_(mp.reshape(-1)) for mp in opt.master_params])])}
     if keys:
@@ -369,15 +411,19 @@ def write_shards(job: SaveJob) -> dict[str, dict[str, Any]]:
     records = {}
     for name, (kind, entries) in job.files.items():
         meta = {"format": "pt", "producer": "orch", "kind": kind, "rank": str(job.rank)}
-        records[name] = write_tensor_file(job.tmp / name, entries, meta) | {"rank": job.rank, "kind": kind}
+        records[name] = (write_tensor_file(job.tmp / name, entries, meta, hasher=job.hasher)
+                         | {"rank": job.rank, "kind": kind})
     if job.rank == 0 and job.objects:
-        path = job.tmp / OBJECTS_FILE
-        with open(path, "wb") as f:
-            torch.save(job.objects, f)
-            f.flush()
-            os.fsync(f.fileno())
-        size, digest = sha256_file(path)
-        records[OBJECTS_FILE] = {"bytes": size, "sha256": digest, "tensors": {}, "rank": 0, "kind": "objects"}
+        data = io.BytesIO()
+        torch.save(job.objects, data)
+        writer = StreamWriter(job.tmp / OBJECTS_FILE, hasher=job.hasher)
+        try:
+            writer.write(data.getbuffer())
+            record = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        records[OBJECTS_FILE] = record | {"tensors": {}, "rank": 0, "kind": "objects"}
     return records
 
 

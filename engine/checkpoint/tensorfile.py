@@ -1,24 +1,24 @@
-"""Tensor files in the safetensors format, written streaming with their sha256, read by byte range.
+"""Tensor files in the safetensors format, written streaming with their hash, read by byte range.
 
 Why safetensors' layout (an 8-byte header length, a JSON header, then raw little-endian tensor
 bytes) instead of ``torch.save``: a tensor's elements sit at a fixed byte offset, so a rank can
 read exactly the ranges it needs with ``pread`` and consolidation can copy one parameter at a
 time; and other tools (the ``safetensors`` package, Hugging Face loaders) read the files. The
 format is simple enough to write here, which also lets a writer hash the bytes as they go out
-(one pass) and never hold more than the caller's own tensors.
+(one pass, on the I/O threads) and never hold more than the caller's own tensors.
 
 This module does not import torch; ``tensor_bytes`` imports it when called.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+from ..io import FileRange, StreamWriter, TreeHash
 
 __all__ = ["DTYPE_CODES", "ITEMSIZE", "TensorEntry", "read_header", "read_into", "tensor_bytes",
            "write_tensor_file"]
@@ -34,8 +34,7 @@ ITEMSIZE = {
     "complex64": 8,
 }
 _DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
-_ALIGN = 64            # data starts on a 64-byte boundary (vector loads, mmap)
-_SLICE = 16 << 20      # bytes hashed and written per call
+_ALIGN = 4096          # data starts on a page boundary (O_DIRECT reads of whole tensors, mmap)
 
 
 @dataclass
@@ -46,6 +45,7 @@ class TensorEntry:
     dtype: str                       # torch's name without "torch.", e.g. "float32"
     shape: tuple[int, ...]
     chunks: Sequence[Any] = field(default_factory=list)
+    reused: bool = False             # the chunks are one buffer refilled per chunk: copy each at once
 
     @property
     def nbytes(self) -> int:
@@ -90,78 +90,38 @@ def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) -> tupl
 
 
 def write_tensor_file(path: Path, entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None,
-                      fsync: bool = True) -> dict[str, Any]:
-    """Write ``entries`` to ``path``; returns ``{"bytes", "sha256", "tensors"}`` for the manifest.
+                      fsync: bool = True, hasher: Optional[TreeHash] = None) -> dict[str, Any]:
+    """Write ``entries`` to ``path``; returns ``{"bytes", "hash", "hash_block", "digest", "tensors"}``.
 
-    The bytes are hashed as they are written (one pass over memory) and the file is fsynced.
+    The bytes go out through engine.io's ``StreamWriter``: large aligned (O_DIRECT where the
+    filesystem allows) writes on the I/O threads, each block hashed by the thread that writes it.
+    A chunk may be a tensor (any device), a byte buffer, or an ``engine.io.FileRange`` (copied
+    from another file, e.g. an NVMe swap file, without passing through other memory).
     """
     head, tensors = _header(entries, metadata or {})
-    digest = hashlib.sha256(head)
-    total = len(head)
-    with open(path, "wb", buffering=0) as f, _Hasher(digest, sum(e.nbytes for e in entries)) as hasher:
-        _write_all(f, memoryview(head))
+    writer = StreamWriter(path, hasher=hasher)
+    try:
+        writer.write(head)
         for e in entries:
             written = 0
             for chunk in e.chunks:
-                view = _as_bytes(chunk)
-                for lo in range(0, len(view), _SLICE):
-                    piece = view[lo:lo + _SLICE]
-                    hasher.update(piece)      # hashed on another thread while this one writes
-                    _write_all(f, piece)
-                written += len(view)
+                writer.write(chunk, reused=e.reused)
+                written += _nbytes(chunk)
             if written != e.nbytes:
                 raise ValueError(f"tensor {e.name!r}: chunks hold {written} bytes, its shape needs {e.nbytes}")
-            total += written
-        hasher.finish()
-        if fsync:
-            os.fsync(f.fileno())
-    return {"bytes": total, "sha256": digest.hexdigest(), "tensors": tensors}
+        record = writer.close(fsync=fsync)
+    except BaseException:
+        writer.abort()
+        raise
+    return record | {"tensors": tensors}
 
 
-class _Hasher:
-    """``digest.update`` of one slice overlapped with the write of the same slice.
-
-    hashlib releases the GIL on large buffers, so hashing on a helper thread runs beside the
-    ``write`` system call: a save costs max(hash, write) per slice instead of their sum. Slices
-    are hashed in order (the next waits for the previous). Small files hash inline.
-    """
-
-    def __init__(self, digest: Any, nbytes: int) -> None:
-        self.digest = digest
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if nbytes >= 2 * _SLICE else None
-        self.pending: Any = None
-
-    def update(self, piece: memoryview) -> None:
-        if self.pool is None:
-            self.digest.update(piece)
-            return
-        self.finish()
-        self.pending = self.pool.submit(self.digest.update, piece)
-
-    def finish(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
-
-    def __enter__(self) -> "_Hasher":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.finish()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-
-
-def _as_bytes(chunk: Any) -> memoryview:
-    if isinstance(chunk, (bytes, bytearray, memoryview)):
-        return memoryview(chunk).cast("B")
-    return tensor_bytes(chunk)   # a torch tensor: copied to CPU here, one chunk at a time
-
-
-def _write_all(f: Any, view: memoryview) -> None:
-    while len(view):
-        n = f.write(view)
-        view = view[n:]
+def _nbytes(chunk: Any) -> int:
+    if hasattr(chunk, "data_ptr"):
+        return int(chunk.numel()) * int(chunk.element_size())
+    if isinstance(chunk, FileRange):
+        return len(chunk)
+    return memoryview(chunk).nbytes
 
 
 def read_into(fd: int, offset: int, buffer: memoryview) -> None:

@@ -36,19 +36,28 @@ class StreamWriter:
         self.file = DirectFile(path, "w", direct=direct)
         self.block = self.hasher.block
         self.staging = _staging(max(2, buffers, self.pool.threads + 1), self.block)
-        self._segments: list[tuple[int, Any]] = []   # (offset in the block, source piece)
+        self._segments: list[tuple[int, Any]] = []   # (offset in the block, source piece) copied later
+        self._buf: Any = None
         self._fill = 0
         self._index = 0
         self._pending: list[Any] = []   # futures of leaf digests, in block order
         self.bytes = 0
 
-    def write(self, data: Any) -> None:
-        """Append ``data``: bytes, a memoryview, or a tensor (any device; copied by the I/O threads)."""
+    def write(self, data: Any, reused: bool = False) -> None:
+        """Append ``data``: bytes, a memoryview, a tensor (any device) or a ``FileRange``.
+
+        ``reused``: the caller overwrites ``data`` after this returns (one buffer refilled per
+        piece), so it is copied into the staging block now instead of by the I/O thread."""
         source = _source(data)
         pos, total = 0, len(source)
         while pos < total:
             n = min(total - pos, self.block - self._fill)
-            self._segments.append((self._fill, source[pos:pos + n]))
+            if self._buf is None:
+                self._buf = self.staging.acquire()      # blocks while every staging buffer is in flight
+            if reused:
+                _copy_piece(self._buf, self._fill, source[pos:pos + n])
+            else:
+                self._segments.append((self._fill, source[pos:pos + n]))
             self._fill += n
             self.bytes += n
             pos += n
@@ -58,21 +67,15 @@ class StreamWriter:
     def _flush(self) -> None:
         if self._fill == 0:
             return
-        segments, real, index = self._segments, self._fill, self._index
-        buf = self.staging.acquire()        # blocks while every staging buffer is in flight
+        buf, segments, real, index = self._buf, self._segments, self._fill, self._index
         self._pending.append(self.pool.call(self._fill_hash_write, buf, segments, real, index * self.block))
-        self._segments, self._fill, self._index = [], 0, index + 1
+        self._buf, self._segments, self._fill, self._index = None, [], 0, index + 1
 
     def _fill_hash_write(self, buf: Any, segments: list[tuple[int, Any]], real: int, offset: int) -> bytes:
         try:
             view = byte_view(buf)
             for at, piece in segments:
-                if isinstance(piece, memoryview):
-                    view[at:at + len(piece)] = piece
-                elif isinstance(piece, FileRange):
-                    piece.read_into(view[at:at + len(piece)])
-                else:
-                    buf[at:at + piece.numel()].copy_(piece)     # a device tensor's bytes
+                _copy_piece(buf, at, piece)
             padded = round_up(real, ALIGN)
             if padded > real:
                 view[real:padded] = bytes(padded - real)
@@ -102,7 +105,20 @@ class StreamWriter:
         for f in self._pending:
             f.exception()
         self._pending = []
+        if self._buf is not None:
+            self.staging.release(self._buf)
+            self._buf = None
         self.file.close()
+
+
+def _copy_piece(buf: Any, at: int, piece: Any) -> None:
+    """Put one source piece into a staging block at byte ``at``."""
+    if isinstance(piece, memoryview):
+        byte_view(buf)[at:at + len(piece)] = piece
+    elif isinstance(piece, FileRange):
+        piece.read_into(byte_view(buf)[at:at + len(piece)])
+    else:
+        buf[at:at + piece.numel()].copy_(piece)     # a device tensor's bytes
 
 
 class FileRange:

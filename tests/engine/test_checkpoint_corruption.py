@@ -45,7 +45,7 @@ def resume(root: Path, **kwargs) -> tuple:
 def test_a_flipped_byte_is_named_and_the_previous_checkpoint_loads_only_when_asked(run: Path) -> None:
     shard = run / "step-4" / "optim-rank-00000.safetensors"
     flip_byte(shard)
-    with pytest.raises(CheckpointError, match="optim-rank-00000.safetensors fails its sha256 check") as err:
+    with pytest.raises(CheckpointError, match="optim-rank-00000.safetensors fails its xxh3_128 check") as err:
         resume(run)
     assert "fallback_to_previous=True" in str(err.value)
 
@@ -56,7 +56,7 @@ def test_a_flipped_byte_is_named_and_the_previous_checkpoint_loads_only_when_ask
 
     verify = runner.invoke(app, ["ckpt", "verify", str(run)])
     assert verify.exit_code == 1
-    assert "CORRUPT" in verify.output and "optim-rank-00000.safetensors fails its sha256" in verify.output
+    assert "CORRUPT" in verify.output and "optim-rank-00000.safetensors fails its xxh3_128" in verify.output
     assert "ok" in verify.output and "step-2" in verify.output
 
 
