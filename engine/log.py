@@ -10,7 +10,8 @@ application adds its own handlers).
 At hundreds of ranks the same line from every rank is noise: the handler passes only rank 0's
 records. A line that concerns one rank (a hang watchdog dump) passes ``extra=ALL_RANKS``.
 Informational lines go to stdout as ``[engine] ...``; warnings and errors to stderr. Lines of
-``engine.train`` (the bundled trainer) read ``engine.train: ...``, as its messages always have.
+``engine.train`` (the bundled trainer) read ``engine.train ...`` (``engine.train: ...`` for
+warnings and errors), as its messages always have.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class _Formatter(logging.Formatter):
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         if record.name == TRAINER or record.name.startswith(TRAINER + "."):
-            return f"{TRAINER}: {message}"
+            # as the trainer always wrote them: "engine.train model tiny ...", "engine.train: [rank 1] ..."
+            return f"{TRAINER}: {message}" if record.levelno >= logging.WARNING else f"{TRAINER} {message}"
         return f"[{ROOT}] {message}"
 
 

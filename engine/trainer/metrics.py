@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.log import TRAINER, get_logger
 from engine.run_contract import RunPaths
+
+log = get_logger(TRAINER)
 
 # Fields every training record carries (tests and `orch status` rely on these names).
 TRAIN_FIELDS = (
@@ -85,10 +88,9 @@ class MetricsWriter:
             self._console.print(format_console_line(record))
 
     def info(self, message: str) -> None:
+        """A line about the run (``engine.train <message>``), through the ``engine.train`` logger."""
         if self.enabled and self._console is not None:
-            from rich.markup import escape
-
-            self._console.print(f"[bold cyan]engine.train[/] {escape(message)}")
+            log.info(message)
 
     def status(self, state: str, **fields: Any) -> None:
         """Replace status.json: ``state`` is running | finished | failed."""

@@ -51,6 +51,7 @@ import logging
 from engine.log import ALL_RANKS, TRAINER, get_logger
 get_logger().info("config: something")
 get_logger().warning("a warning")
+get_logger(TRAINER).info("model tiny")
 get_logger(TRAINER).error("[rank 1] stuck", extra=ALL_RANKS)
 logging.getLogger("engine").setLevel(logging.WARNING)
 get_logger().info("silenced by the application")
@@ -65,7 +66,7 @@ def _run(rank: str) -> subprocess.CompletedProcess[str]:
 def test_rank_zero_prints_info_on_stdout_and_problems_on_stderr() -> None:
     out = _run("0")
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "[engine] config: something\n"
+    assert out.stdout == "[engine] config: something\nengine.train model tiny\n"
     assert out.stderr == "[engine] a warning\nengine.train: [rank 1] stuck\n"
 
 
