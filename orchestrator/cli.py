@@ -17,7 +17,7 @@ from .errors import UserError
 
 app = typer.Typer(
     name="orch",
-    help="Render, submit and follow multi-node training jobs on a local machine, Slurm or Kubernetes.",
+    help="Render, submit and follow multi-node training jobs on a local machine, ssh hosts, Slurm or Kubernetes.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,7 +29,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Job spec YAML file.", show_default=False)]
-ClusterOpt = Annotated[str, typer.Option("--cluster", "-c", help="local, slurm or kubernetes.")]
+ClusterOpt = Annotated[str, typer.Option("--cluster", "-c", help="local, ssh, slurm or kubernetes.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override a spec key: --set nodes=4 --set slurm.partition=gpu (repeatable).")]
 JobArg = Annotated[str, typer.Argument(help="Job id (see `orch list`).", show_default=False)]
@@ -159,6 +159,41 @@ def submit(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
               f"run dir {record.run_dir}", markup=True)
     if follow or wait:
         _wait(record.job_id, live=follow)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+def launch(ctx: typer.Context) -> None:
+    """Run a `deepspeed ...` command line as an orch job: orch launch [deepspeed options] train.py [args].
+
+    One machine runs on the local cluster, a --hostfile on the ssh cluster, --launcher slurm on
+    Slurm; the job is submitted and followed (--dry-run prints its spec). `orch launch --help`
+    lists the options.
+    """
+    from .launcher import USAGE, build_spec, dry_run_text, parse_launch_args
+
+    if not ctx.args or ctx.args[0] in ("--help", "-h"):
+        sys.stdout.write(USAGE)
+        raise typer.Exit(0)
+    try:
+        opts = parse_launch_args(list(ctx.args))
+        spec, cluster, data = build_spec(opts, Path.cwd())
+    except UserError as exc:
+        _fail(exc)
+    if opts.dry_run:
+        sys.stdout.write(dry_run_text(data, cluster, opts.notes))
+        return
+    from . import jobs
+
+    for note in opts.notes:
+        err.print(f"note: {note}", markup=False)
+    try:
+        record = jobs.submit(spec, _cluster(cluster))
+    except UserError as exc:
+        _fail(exc)
+    out.print(f"submitted [bold]{record.job_id}[/] to {record.cluster} (native id {record.native_id}); "
+              f"run dir {record.run_dir}", markup=True)
+    _wait(record.job_id, live=True)
 
 
 def _wait(job_id: str, *, live: bool) -> NoReturn:

@@ -152,6 +152,39 @@ class LocalSpec(_Strict):
     rdzv_port: int | None = Field(None, ge=1024, le=65535, description="default: a free port")
 
 
+class SshSpec(_Strict):
+    """Bare machines reached over the system ssh client (``--cluster ssh``), DeepSpeed-style."""
+
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile (`host slots=N` a line), relative to the spec")
+    include: str = Field("", description="DeepSpeed's --include: HOST[:SLOT,SLOT]@HOST...")
+    exclude: str = Field("", description="DeepSpeed's --exclude, same syntax (not with include)")
+    ssh_options: list[str] = Field(default_factory=list, description="extra ssh client arguments, e.g. [-p, '2222']")
+    workdir: str | None = Field(None, description="directory the job runs in on every host; default: the spec's")
+    python: str | None = Field(None, description="interpreter on the hosts; default: the spec's python, else orch's")
+    master_addr: str | None = Field(None, description="rendezvous address of the first host; default: its `hostname -I`")
+
+    @field_validator("hostfile", "include", "exclude", "workdir", "python", "master_addr")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        if v is not None and CONTROL_CHARS.search(v):
+            raise ValueError(f"{v!r}: must not contain control characters or line breaks")
+        return v
+
+    @field_validator("ssh_options")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        for i, option in enumerate(v):
+            if "\x00" in option or "\n" in option:
+                raise ValueError(f"ssh_options[{i}]: must not contain NUL or line breaks")
+        return v
+
+    @model_validator(mode="after")
+    def _filters(self) -> SshSpec:
+        if self.include and self.exclude:
+            raise ValueError("include and exclude are mutually exclusive (as in DeepSpeed); keep one")
+        return self
+
+
 class JobSpec(_Strict):
     """A job: what to run, on how many nodes, with which ds_config, and per-cluster options."""
 
@@ -172,6 +205,7 @@ class JobSpec(_Strict):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
     local: LocalSpec = Field(default_factory=LocalSpec)
+    ssh: SshSpec = Field(default_factory=SshSpec)
     # Where the spec came from (relative paths in it are relative to this directory).
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "local": "orchestrator.backends.local.backend:make_backend",
     "slurm": "orchestrator.backends.slurm.backend:make_backend",
     "kubernetes": "orchestrator.backends.kubernetes.backend:make_backend",
+    "ssh": "orchestrator.backends.ssh.backend:make_backend",
 }
 
 

@@ -93,10 +93,10 @@ def test_chart_files_are_well_formed() -> None:
 
 
 def test_values_keys_mirror_the_job_spec() -> None:
-    """The chart's values are the job spec's keys (less slurm/local), plus the chart-only pvc."""
+    """The chart's values are the job spec's keys (less slurm/local/ssh), plus the chart-only pvc."""
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    spec_keys = {n for n, f in JobSpec.model_fields.items() if not f.exclude} - {"slurm", "local"}
+    spec_keys = {n for n, f in JobSpec.model_fields.items() if not f.exclude} - {"slurm", "local", "ssh"}
     assert set(schema) == set(defaults) == spec_keys | {"pvc"}
     for section in ("checkpoint", "kubernetes"):
         model = JobSpec.model_fields[section].annotation

@@ -29,11 +29,14 @@ def test_every_word_survives_the_remote_shell(tmp_path: Path, shell: str) -> Non
     workdir.mkdir()
     line = remote_command(str(workdir), sys.executable, {"X": "$HOME 'q' ;|&"},
                           [sys.executable, "-c", PRINT_ARGV, *WORDS])
-    proc = subprocess.run([shell, "-c", line], input="", capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    seen = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("SEEN "))[5:])
+    # stdin stays open while it runs, as the ssh channel does (its end means "connection lost")
+    proc = subprocess.Popen([shell, "-c", line], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    stdout = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, stdout
+    proc.stdin.close()
+    seen = json.loads(next(line for line in stdout.splitlines() if line.startswith("SEEN "))[5:])
     assert seen == [WORDS, "$HOME 'q' ;|&", str(workdir)]
-    assert proc.stdout.splitlines()[0].startswith(START_MARK) and f"{EXIT_MARK}0" in proc.stdout
+    assert stdout.splitlines()[0].startswith(START_MARK) and f"{EXIT_MARK}0" in stdout
     assert not list(tmp_path.rglob("PWNED"))
 
 

@@ -139,7 +139,7 @@ def chart_values(spec: JobSpec) -> dict[str, Any]:
     as the user would (``2`` or ``"1:3"``), and unset optional keys are left out so that Helm's
     defaults apply exactly as the spec's do.
     """
-    data = spec.model_dump(mode="json", exclude={"slurm", "local", "ds_config", "nodes"}, exclude_none=True)
+    data = spec.model_dump(mode="json", exclude={"slurm", "local", "ssh", "ds_config", "nodes"}, exclude_none=True)
     data["nodes"] = spec.nodes.max if not spec.nodes.elastic else str(spec.nodes)
     data["rdzv_port"] = spec.rdzv_port or MASTER_PORT  # what the pods use; the chart's default too
     ds = spec.ds_config_dict()
