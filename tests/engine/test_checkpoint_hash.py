@@ -1,0 +1,99 @@
+"""Checkpoint checksums: xxh3-128 by default, sha256 when the ds_config asks, old sha256 checkpoints load.
+
+A user's session: save with the default and with ``checkpoint.hash: sha256``, resume from each;
+a checkpoint written by an earlier orch (manifest format 1: one flat sha256 per file) still loads
+and a damaged one is still named; and the I/O layer's block digests are the same whether a file
+was written with O_DIRECT or through the page cache, from tensors, bytes, reused buffers or
+another file's ranges.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint.manifest import CheckpointError
+from engine.io import DirectFile, FileRange, StreamWriter, TreeHash, hash_file
+from tests.checkpoint_cases import Sampler, build, differences, full_state, train
+
+
+def _save(root: Path, **checkpoint) -> dict:
+    eng = build(2, "bf16", **checkpoint)
+    sampler = Sampler()
+    train(eng, sampler, 3)
+    eng.save_checkpoint(root, client_state={"sampler": sampler.state_dict()})
+    return full_state(eng)
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_the_chosen_hash_is_recorded_verified_and_names_a_flipped_byte(algorithm: str, tmp_path: Path) -> None:
+    saved = _save(tmp_path, hash=algorithm) if algorithm != "xxh3_128" else _save(tmp_path)
+    manifest = json.loads((tmp_path / "step-3" / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    assert {rec["hash"] for rec in manifest["files"].values()} == {algorithm}
+    fresh = build(2, "bf16", seed=9)
+    fresh.load_checkpoint(tmp_path)
+    assert differences(saved, full_state(fresh)) == []
+
+    shard = tmp_path / "step-3" / "master-rank-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 1                                  # the last byte block, past the first hash block
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"master-rank-00000.safetensors fails its {algorithm} check"):
+        build(2, "bf16", seed=9).load_checkpoint(tmp_path)
+
+
+def _as_format_1(ckpt: Path) -> None:
+    """Rewrite a manifest the way orch wrote it before block digests: a flat sha256 per file."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    for name, record in manifest["files"].items():
+        for key in ("hash", "hash_block", "digest"):
+            record.pop(key)
+        record["sha256"] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def test_a_format_1_sha256_checkpoint_still_loads_and_corruption_is_still_named(tmp_path: Path) -> None:
+    saved = _save(tmp_path)
+    _as_format_1(tmp_path / "step-3")
+    fresh = build(2, "bf16", seed=9)
+    path, client_state = fresh.load_checkpoint(tmp_path)
+    assert Path(path).name == "step-3" and client_state["sampler"]["position"] == 3
+    assert differences(saved, full_state(fresh)) == []
+
+    shard = tmp_path / "step-3" / "optim-rank-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="optim-rank-00000.safetensors fails its sha256 check"):
+        build(2, "bf16", seed=9).load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_block_digests_do_not_depend_on_how_the_bytes_arrived(direct: bool, tmp_path: Path) -> None:
+    hasher = TreeHash(block=64 << 10)            # small blocks: every kind of piece crosses a boundary
+    tensor = torch.arange(100_000, dtype=torch.float32)
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"y" * 150_001)
+    reused = bytearray(70_000)
+    expected = bytearray(b"head" + tensor.numpy().tobytes())
+    writer = StreamWriter(tmp_path / "out.bin", hasher=hasher, direct=direct)
+    writer.write(b"head")
+    writer.write(tensor)
+    for fill in (b"a", b"b"):                     # one buffer, refilled: must be copied at once
+        reused[:] = fill * len(reused)
+        writer.write(memoryview(reused), reused=True)
+        expected += fill * len(reused)
+    with DirectFile(source, "r") as f:
+        writer.write(FileRange(f, 1, 150_000))
+        record = writer.close()
+    expected += b"y" * 150_000
+    data = (tmp_path / "out.bin").read_bytes()
+    assert data == bytes(expected) and record["bytes"] == len(expected)
+    assert hash_file(tmp_path / "out.bin", hasher) == (len(expected), record["digest"])
+    leaves = [hasher.leaf(data[i:i + hasher.block]) for i in range(0, len(data), hasher.block)]
+    assert record["digest"] == hasher.root(leaves) and record["hash"] == "xxh3_128"
