@@ -17,6 +17,8 @@ from typing import Any
 
 import jinja2
 
+from engine import run_contract as contract
+
 from . import __version__
 from .spec import JobSpec
 from .types import Placement
@@ -50,6 +52,7 @@ def template_environment(directory: str | None = None) -> jinja2.Environment:
     env.filters["shquote"] = lambda value: shlex.quote(str(value))
     env.filters["shjoin"] = lambda values: " ".join(shlex.quote(str(v)) for v in values)
     env.filters["toyaml"] = to_yaml_flow
+    env.filters["shvar"] = lambda name: "${" + str(name) + "}"  # a shell variable's value, braced
     return env
 
 
@@ -130,14 +133,14 @@ def torchrun_options(spec: JobSpec) -> list[str]:
 def job_environment(spec: JobSpec, placement: Placement) -> dict[str, str]:
     """Environment every rank gets: orch's contract with the trainer, then the user's env."""
     env = {
-        "ORCH_JOB_NAME": spec.name,
-        "ORCH_RUN_DIR": placement.run_dir,
-        "ORCH_CHECKPOINT_DIR": placement.checkpoint_dir,
-        "ORCH_CHECKPOINT_EVERY": str(spec.checkpoint.every_steps),
-        "ORCH_CHECKPOINT_KEEP": str(spec.checkpoint.keep),
+        contract.ENV_JOB_NAME: spec.name,
+        contract.ENV_RUN_DIR: placement.run_dir,
+        contract.ENV_CHECKPOINT_DIR: placement.checkpoint_dir,
+        contract.ENV_CHECKPOINT_EVERY: str(spec.checkpoint.every_steps),
+        contract.ENV_CHECKPOINT_KEEP: str(spec.checkpoint.keep),
     }
     if spec.checkpoint.async_save:
-        env["ORCH_CHECKPOINT_ASYNC"] = "1"
+        env[contract.ENV_CHECKPOINT_ASYNC] = "1"
     if spec.gpus_per_node == 0:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU jobs use gloo even on GPU nodes
     env.update(spec.env)
@@ -151,8 +154,10 @@ def side_files(spec: JobSpec) -> dict[str, str]:
 
 
 def base_context(spec: JobSpec, placement: Placement) -> dict[str, Any]:
-    """What every template gets: the spec, where files live, and the job's command and env."""
+    """What every template gets: the spec, where files live, the job's command and env, and the
+    run contract's names (``contract.ENV_RUN_DIR``, ``contract.RunPaths(...)``) for what it adds."""
     return {
+        "contract": contract,
         "spec": spec,
         "placement": placement,
         "version": __version__,

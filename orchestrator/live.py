@@ -1,12 +1,11 @@
 """Following a job: the live view of ``orch submit --follow`` and the progress line of ``orch status``.
 
-Progress comes from the files the trainer writes in its run directory (``status.json``, replaced
-atomically, and ``metrics.jsonl``, one JSON object per logged step), so it works for any cluster
-whose run directory this machine can read; states come from the backend.
+UI only. Progress comes from the files the trainer writes in its run directory, read through the
+run contract (``engine.run_contract``: ``status.json`` and ``metrics.jsonl``), so it works for any
+cluster whose run directory this machine can read; states come from the backend.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,37 +15,11 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from engine.run_contract import last_metrics, read_status
+
 from .registry import JobRecord, Registry
 
 POLL_SECONDS = (0.5, 1.0, 2.0, 2.0, 5.0)  # back off, like submitit's watcher, but stay responsive
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def last_metrics(run_dir: Path) -> dict[str, Any]:
-    """The last complete training record of metrics.jsonl (eval records and a line still being
-    written are skipped)."""
-    path = run_dir / "metrics.jsonl"
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 65536))
-            lines = f.read().splitlines()
-    except OSError:
-        return {}
-    for raw in reversed(lines):
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("kind", "train") == "train":
-            return record
-    return {}
 
 
 def progress_line(run_dir: Path, *, with_metrics: bool = True) -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.run_contract import RunPaths
+
 from .errors import UserError
 
 # (record field, y-axis label); one panel each, sharing the step axis.
@@ -45,7 +47,7 @@ class RunSeries:
 
 def read_run(label: str, run_dir: Path) -> RunSeries:
     """Split a run's metrics.jsonl into segments at each trainer (re)start."""
-    path = run_dir / "metrics.jsonl"
+    path = RunPaths(run_dir).metrics
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -83,7 +85,7 @@ def resolve_runs(jobs: list[str]) -> list[RunSeries]:
     runs, registry = [], None
     for job in jobs:
         candidate = Path(job).expanduser()
-        if candidate.is_dir() and (candidate / "metrics.jsonl").exists():
+        if candidate.is_dir() and RunPaths(candidate).metrics.exists():
             runs.append(read_run(candidate.name, candidate))
             continue
         registry = registry or Registry()

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from engine.run_contract import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_KEEP
+
 from . import yamlio
 from .errors import UserError, did_you_mean
 from .k8s_names import annotation_problems, is_dns1035_label, label_problems
@@ -62,8 +64,9 @@ class CheckpointSpec(_Strict):
     """Where the trainer writes sharded checkpoints and how often (it always resumes from latest)."""
 
     dir: str | None = Field(None, description="checkpoint directory; default <run dir>/checkpoints")
-    every_steps: int = Field(0, ge=0, description="save every N optimizer steps (0 = only at the end)")
-    keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
+    every_steps: int = Field(DEFAULT_CHECKPOINT_EVERY, ge=0,
+                             description="save every N optimizer steps (0 = only at the end)")
+    keep: int = Field(DEFAULT_CHECKPOINT_KEEP, ge=1, description="newest complete checkpoints kept")
     async_save: bool = False
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import ClassVar, Protocol, runtime_checkable
 
+from engine.run_contract import RunPaths
+
 from .. import logtail
 from ..launch import job_token, preview_run_dir
 from ..spec import JobSpec
@@ -81,12 +83,12 @@ class RunDirBackend(BackendBase):
         return dataclasses.replace(self.renderer.render(spec, where), submission=submission, spec=spec)
 
     def write_run_files(self, rendered: Rendered) -> Path:
-        """The rendered text and its side files, written into the run directory (plus ``logs/``)."""
+        """The rendered text and its side files, written into the run directory (plus its logs dir)."""
         run = Path(self.submission_of(rendered)[0].run_dir)
         for name, text in rendered.files.items():
             (run / name).write_text(text)
         (run / rendered.filename).write_text(rendered.text)
-        (run / "logs").mkdir(exist_ok=True)
+        RunPaths(run).logs.mkdir(exist_ok=True)
         return run
 
     @staticmethod

@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine.run_contract import RunPaths, last_metrics, read_status
+
 from ...errors import UserError
-from ...live import last_metrics, read_status
 from ...spec import JobSpec
 from ...types import JobRef, JobState, JobStatus, Rendered, Submission
 from ..base import RunDirBackend
@@ -103,14 +104,14 @@ class LocalBackend(RunDirBackend):
         return JobStatus(job_state, state.get("detail", ""), restarts, nodes)
 
     def logs(self, ref: JobRef, *, follow: bool = False, node: str | None = None) -> Iterator[str]:
-        logs_dir = Path(ref.run_dir) / "logs"
-        wanted = None if node is None else logs_dir / f"node-{node.removeprefix('node-')}.log"
+        paths = RunPaths(ref.run_dir)
+        wanted = None if node is None else paths.node_log(node.removeprefix("node-"))
         if wanted and not wanted.exists() and not follow:
-            have = sorted(p.stem for p in logs_dir.glob("node-*.log"))
+            have = sorted(p.stem for p in paths.logs.glob("node-*.log"))
             raise UserError(f"no log for node {node!r}; this job has: {', '.join(have) or 'none yet'}")
 
         def streams() -> dict[str, Path]:
-            files = sorted(logs_dir.glob("node-*.log")) if wanted is None else [wanted]
+            files = sorted(paths.logs.glob("node-*.log")) if wanted is None else [wanted]
             return {path.stem: path for path in files}
 
         keep_going = (lambda: not self._status(ref).state.finished) if follow else None

@@ -9,6 +9,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from engine.run_contract import ENV_NODE_RANK, ENV_RESTART_COUNT
+
 from ...launch import (base_context, job_environment, preview_run_dir, program_argv, render_template,
                        rendezvous_id, run_dir_placement, side_files, torchrun_options)
 from ...spec import JobSpec
@@ -54,7 +56,7 @@ def local_node_commands(spec: JobSpec, placement: Placement, rdzv_port: int) -> 
         # torch caches a non-rank-0 node's view of the workers' bootstrap store across rendezvous
         # rounds; after a node loss changes the membership, that view can be stale and the new
         # worker group never forms. Rebuilding it every round avoids that.
-        env = {"ORCH_NODE_RANK": str(rank), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+        env = {ENV_NODE_RANK: str(rank), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         if spec.gpus_per_node:
             first = rank * spec.gpus_per_node
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(first, first + spec.gpus_per_node))
@@ -77,5 +79,5 @@ def supervisor_plan(spec: JobSpec, placement: Placement) -> dict[str, Any]:
     """What the supervisor runs (``local/plan.json``): the same node commands the plan text shows."""
     port = local_rdzv_port(spec) or PREVIEW_RDZV_PORT
     return {"rdzv_port": port, "elastic": spec.nodes.elastic,
-            "env": {**job_environment(spec, placement), "ORCH_RESTART_COUNT": "0"}, "cwd": str(spec.base_dir),
+            "env": {**job_environment(spec, placement), ENV_RESTART_COUNT: "0"}, "cwd": str(spec.base_dir),
             "nodes": [asdict(n) for n in local_node_commands(spec, placement, port)]}

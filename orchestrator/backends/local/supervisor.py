@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.run_contract import RunPaths
+
 from .proctree import stop_tree
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -97,12 +99,12 @@ class Supervisor:
                         wait_for_workers=False, use_libuv=True)
 
     def _start_nodes(self) -> dict[str, NodeRecord]:
-        logs = self.run_dir / "logs"
-        logs.mkdir(exist_ok=True)
+        paths = RunPaths(self.run_dir)
+        paths.logs.mkdir(exist_ok=True)
         nodes = {}
         for node in self.plan["nodes"]:
             env = {**os.environ, **self.plan["env"], **node["env"]}
-            log = open(logs / f"node-{node['rank']}.log", "ab", buffering=0)  # noqa: SIM115 - kept by child
+            log = open(paths.node_log(node["rank"]), "ab", buffering=0)  # noqa: SIM115 - kept by child
             proc = subprocess.Popen(node["argv"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=self.plan["cwd"], start_new_session=True)
             log.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from engine.run_contract import RunPaths
+
 from ...errors import UserError
 from ...logtail import follow as follow_files
 
@@ -19,7 +21,7 @@ BATCH = "batch"
 def log_files(run_dir: Path, native_id: str) -> dict[str, Path]:
     """Stream name -> file: ``batch`` and one entry per node that has written a log so far."""
     files = {BATCH: run_dir / f"slurm-{native_id}.out"}
-    for path in sorted((run_dir / "logs").glob("node-*.log")):
+    for path in sorted(RunPaths(run_dir).logs.glob("node-*.log")):
         files[path.stem.removeprefix("node-")] = path
     return files
 
@@ -32,7 +34,7 @@ def select(files: dict[str, Path], node: str | None, *, must_exist: bool) -> dic
     if name in files and (files[name].exists() or not must_exist):
         return {name: files[name]}
     if not must_exist:
-        return {name: files[BATCH].parent / "logs" / f"node-{name}.log"}
+        return {name: RunPaths(files[BATCH].parent).node_log(name)}
     have = [k for k, p in files.items() if p.exists()]
     raise UserError(f"no log for node {node!r}; this job has: {', '.join(have) or 'none yet'}",
                     hint="node names are Slurm's (see `orch status`); `batch` is the batch script's output")

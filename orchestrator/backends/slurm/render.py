@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shlex
 
+from engine.run_contract import RunPaths
+
 from ...launch import base_context, preview_run_dir, render_template, run_dir_placement, side_files
 from ...spec import JobSpec
 from ...types import Placement, Rendered
@@ -59,7 +61,7 @@ def _sbatch_lines(options: dict[str, str | None]) -> list[str]:
 
 def _srun_flags(spec: JobSpec, placement: Placement) -> list[str]:
     flags = [f"--nodes={spec.nodes.min}-{spec.nodes.max}" if spec.nodes.elastic else f"--nodes={spec.nodes.max}",
-             "--ntasks-per-node=1", f"--output={placement.run_dir}/logs/node-%N.log", "--open-mode=append"]
+             "--ntasks-per-node=1", f"--output={RunPaths(placement.run_dir).node_log('%N')}", "--open-mode=append"]
     if spec.nodes.elastic:
         flags.append("--no-kill")
     else:

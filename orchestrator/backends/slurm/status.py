@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...live import read_status
+from engine.run_contract import read_status
+
 from ...types import JobRef, JobState, JobStatus
 from .state import SlurmJobInfo, job_state, node_is_lost
 
