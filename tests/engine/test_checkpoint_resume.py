@@ -139,7 +139,7 @@ def _trainer_checkpoints() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_trainer_checkpoints() is not None, reason=str(_trainer_checkpoints()))
 def test_engine_train_killed_and_restarted_continues_the_same_loss_curve(tmp_path: Path) -> None:
-    from tests.test_engine_train import read_metrics, run_trainer, write_config
+    from tests.engine.test_engine_train import read_metrics, run_trainer, write_config
 
     config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
               "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}, "zero_optimization": {"stage": 2}}
