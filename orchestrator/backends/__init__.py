@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError, did_you_mean
+
+if TYPE_CHECKING:  # base.py imports the spec; discovery itself stays light
+    from .base import Backend
 
 ENTRY_POINT_GROUP = "orch.backends"
 BUILTIN: dict[str, str] = {
@@ -36,16 +40,6 @@ def backend_names() -> list[str]:
     return [*BUILTIN, *sorted(n for n in _entry_points() if n not in BUILTIN)]
 
 
-def _factory(cluster: str) -> Callable[[], Any]:
-    if cluster in BUILTIN:
-        module, _, attr = BUILTIN[cluster].partition(":")
-        return getattr(importlib.import_module(module), attr)
-    found = _entry_points().get(cluster)
-    if found is None:
-        raise UserError(f"--cluster {cluster!r}: unknown cluster; {did_you_mean(cluster, backend_names())}")
-    return found.load()
-
-
 def check_cluster(cluster: str) -> str:
     """``cluster`` if orch has a backend of that name (without importing it), else a UserError."""
     if cluster not in BUILTIN and cluster not in _entry_points():
@@ -53,6 +47,13 @@ def check_cluster(cluster: str) -> str:
     return cluster
 
 
-def get_backend(cluster: str) -> Any:
+def _factory(cluster: str) -> Callable[[], Any]:
+    if check_cluster(cluster) in BUILTIN:
+        module, _, attr = BUILTIN[cluster].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return _entry_points()[cluster].load()
+
+
+def get_backend(cluster: str) -> Backend:
     """The Backend for a cluster kind (its module imported now, not before)."""
     return _factory(cluster)()
