@@ -10,4 +10,13 @@ from __future__ import annotations
 from .base import Event, Monitor, MonitorMaster
 from .factory import build_monitor, run_config
 
-__all__ = ["Event", "Monitor", "MonitorMaster", "build_monitor", "run_config"]
+
+def log_summary() -> str:
+    """What DeepSpeed scripts call as ``deepspeed.comm.log_summary()``: rank 0 prints the comms
+    logger's per-op table (``comms_logger.enabled``); returns it ("" when the logger is off)."""
+    from .comms_logger import log_summary as summary
+
+    return summary()
+
+
+__all__ = ["Event", "Monitor", "MonitorMaster", "build_monitor", "log_summary", "run_config"]

@@ -57,10 +57,20 @@ def human_size(nbytes: float) -> str:
     return f"{nbytes} B"
 
 
+_latest: "CommsLogger | None" = None
+
+
+def log_summary() -> str:
+    """DeepSpeed's ``deepspeed.comm.log_summary()``: the table of the engine's comms logger ("" if none)."""
+    return _latest.log_summary() if _latest is not None else ""
+
+
 class CommsLogger:
     """Times one ``Comm``'s collectives; ``summary``/``log_summary`` join them with the ledger."""
 
     def __init__(self, section: Any, comm: Any, out: Callable[[str], None] | None = None) -> None:
+        global _latest
+        _latest = self
         self.verbose, self.debug = bool(section.verbose), bool(section.debug)
         self.prof_all, self.prof_ops = bool(section.prof_all), list(section.prof_ops)
         self.comm = comm
@@ -167,7 +177,7 @@ def format_summary(rows: list[dict[str, Any]], ledger_by_op: dict[str, dict[str,
         last_op = r["op"]
         lines.append(f"{op: <20}{human_size(r['msg_bytes']): <20}{r['count']: <20}{r['total_latency_ms']: <20.2f}"
                      f"{r['avg_latency_ms']: <20.2f}{r['algbw_gbps']: <20.2f}{r['busbw_gbps']: <20.2f}")
-    lines.append("Communication ledger (all calls, this rank):")
+    lines.append("Communication ledger (this rank, since the comms logger started):")
     lines.append("".join(f"{c: <24}" for c in ("Op/dtype", "Calls", "Elements", "Bytes sent", "Bytes received")))
     for key, e in sorted(ledger_by_op.items()):
         lines.append(f"{key: <24}{e['calls']: <24}{e['elements']: <24}{human_size(e['bytes_sent']): <24}"

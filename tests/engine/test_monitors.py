@@ -192,8 +192,10 @@ def _collectives_under_the_comms_logger(verbose: bool) -> dict:
     comm.reduce_scatter_into(torch.empty(32), torch.ones(world * 32))
     comm.broadcast(torch.ones(8), src=0)
     comm.all_gather_partitions(torch.zeros(world * 50), 50, 40)  # chunked: several timed calls
+    import engine.monitor
+
     return {"rows": logger.summary(), "ledger": comm.ledger.by_op(), "lines": lines,
-            "table": logger.log_summary()}
+            "table": logger.log_summary(), "deepspeed_style_call": engine.monitor.log_summary()}
 
 
 @pytest.mark.slow
@@ -217,6 +219,7 @@ def test_comms_logger_totals_equal_the_ledger() -> None:
     assert "algbw (Gbps)" in lines[0] and "busbw (Gbps)" in lines[0]
     assert results[0]["table"].splitlines()[0].split() [:3] == ["Comm.", "Op", "Message"]
     assert results[1]["lines"] == []  # verbose lines come from rank 0 only
+    assert results[0]["deepspeed_style_call"] == results[0]["table"]
 
 
 def test_bus_bandwidth_follows_nccl_tests() -> None:
