@@ -79,11 +79,13 @@ def worker(candidate: str, workload: peers.Workload, steps: int, warmup: int, ou
     peers.worker(candidate, workload, steps, warmup, out, profile=False)
 
 
-def launch(candidate: str, workload: peers.Workload, steps: int, warmup: int, timeout: float = 1800) -> peers.Launch:
-    """``candidate`` on ``workload`` in a fresh ``torchrun --nproc_per_node 2`` (as engine_vs_peers.launch)."""
+def launch(candidate: str, workload: peers.Workload, steps: int, warmup: int, timeout: float = 1800,
+           module: str = "bench.zero3_vs_peers") -> peers.Launch:
+    """``candidate`` on ``workload`` in a fresh ``torchrun --nproc_per_node 2`` (as engine_vs_peers.launch);
+    ``module``'s ``--worker`` entry trains it (bench.nvme_offload reuses this with its own candidates)."""
     with tempfile.TemporaryDirectory(prefix="bench-zero3-") as tmp:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={peers.WORLD}",
-                "-m", "bench.zero3_vs_peers", "--worker", candidate, json.dumps({"workload": workload.__dict__}),
+                "-m", module, "--worker", candidate, json.dumps({"workload": workload.__dict__}),
                 "--steps", str(steps), "--warmup", str(warmup), "--out", tmp]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -106,13 +108,13 @@ def launch(candidate: str, workload: peers.Workload, steps: int, warmup: int, ti
 
 
 def measure(workload: peers.Workload, candidates: Sequence[str], rounds: int, steps: int,
-            warmup: int) -> dict[str, peers.Result]:
+            warmup: int, module: str = "bench.zero3_vs_peers") -> dict[str, peers.Result]:
     """Interleaved rounds, the order rotated each round."""
     results = {c: peers.Result(c, []) for c in candidates}
     for r in range(rounds):
         order = list(candidates[r % len(candidates):]) + list(candidates[:r % len(candidates)])
         for c in order:
-            one = launch(c, workload, steps, warmup)
+            one = launch(c, workload, steps, warmup, module=module)
             results[c].launches.append(one)
             print(f"  round {r + 1}/{rounds} {c:<21} step {one.step_s:7.3f} s  cpu {one.cpu_s:7.3f} s  "
                   f"rss {one.peak_rss_mb:7.0f} MiB  loss {one.final_loss:.4f}  load {one.load:.1f}", flush=True)

@@ -22,6 +22,7 @@ from .log import get_logger
 from .optimizers import build_optimizer, rebind_optimizer
 from .precision import build_loss_scaler, precision_policy
 from .schedulers import build_scheduler
+from .zero.nvme import NvmeOptimizerSwap, NvmeSettings
 from .zero.offload import OffloadSettings
 from .zero.stage12 import Stage12Optimizer, ZeroSettings
 from .zero.stage3 import Stage3Optimizer, Stage3Settings
@@ -110,6 +111,10 @@ def _log_config_notes(cfg: EngineConfig, comm: Comm) -> None:
                              if on)
         log.info(f"config: ZeRO-{cfg.zero_optimization.stage} offload: {where} in CPU memory"
                  f"{', pinned' if offload.pinned() else ''}")
+    nvme = NvmeSettings.from_config(cfg.zero_optimization, cfg.aio)
+    if nvme is not None:
+        log.info(f"config: optimizer states (fp32 master, optimizer state) in swap files under {nvme.path}, "
+                 f"streamed through {nvme.buffer_count} buffers by {nvme.threads} I/O threads")
 
 
 def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optimizer: Any, comm: Comm,
@@ -119,8 +124,13 @@ def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optim
     common = dict(comm=comm, model_dtype=model_dtype, loss_scaler=build_loss_scaler(cfg), device=device,
                   offload=offload)
     if cfg.zero_optimization.stage == 3:
-        return Stage3Optimizer(groups, make_optimizer, module=model, settings=_stage3_settings(cfg), **common)
-    return Stage12Optimizer(groups, make_optimizer, settings=_zero_settings(cfg), **common)
+        opt = Stage3Optimizer(groups, make_optimizer, module=model, settings=_stage3_settings(cfg), **common)
+    else:
+        opt = Stage12Optimizer(groups, make_optimizer, settings=_zero_settings(cfg), **common)
+    nvme = NvmeSettings.from_config(cfg.zero_optimization, cfg.aio)
+    if nvme is not None:          # offload_optimizer.device "nvme": the states move to swap files
+        opt.nvme = NvmeOptimizerSwap(opt, nvme)
+    return opt
 
 
 def _zero_settings(cfg: EngineConfig) -> ZeroSettings:

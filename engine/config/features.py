@@ -125,6 +125,7 @@ def ignored_features(cfg: Config) -> list[IgnoredFeature]:
     found += _sections(cfg)
     found += _activation_checkpointing(cfg)
     found += _zero(cfg)
+    found += _aio(cfg)
     ck = cfg.checkpoint
     if ck.load_universal:
         note("checkpoint.load_universal", "every orch checkpoint reshards on load, so this is always on")
@@ -148,7 +149,6 @@ def _sections(cfg: Config) -> list[IgnoredFeature]:
     out = [IgnoredFeature(f"{k}.enabled", r) for k, r in reasons.items()
            if getattr(cfg, k) is not None and getattr(cfg, k).enabled]
     present = {
-        "aio": "async I/O settings apply only to NVMe offload, which is not implemented",
         "pipeline": "there is no pipeline parallelism",
         "timers": "DeepSpeed timers are not implemented",
         "compile": "DeepSpeed's compile/DeepCompile is not used; the model runs eagerly",
@@ -198,20 +198,39 @@ def _zero(cfg: Config) -> list[IgnoredFeature]:
     zero = cfg.zero_optimization
     out = [IgnoredFeature(f"zero_optimization.{k}", reason)
            for k, default, reason in _ZERO_KNOBS if getattr(zero, k) != default]
-    for key in ("offload_optimizer", "offload_param"):
-        section = getattr(zero, key)
-        if section.device == "nvme":
-            out.append(IgnoredFeature(f"zero_optimization.{key}.device",
-                                      "NVMe offload is not implemented; states are kept in CPU memory instead"))
+    if zero.offload_param.device == "nvme":
+        out.append(IgnoredFeature("zero_optimization.offload_param.device",
+                                  "NVMe offload of parameters is not implemented; the stage-3 parameter partitions "
+                                  "are kept in CPU memory instead (offload_optimizer nvme is implemented)"))
     opt = zero.offload_optimizer
-    for key, default, reason in (("pipeline_read", False, "NVMe pipelining is not implemented"),
-                                 ("pipeline_write", False, "NVMe pipelining is not implemented"),
-                                 ("fast_init", False, "NVMe fast init is not implemented"),
+    always = "orch always overlaps swap-file reads and writes with the optimizer update"
+    for key, default, reason in (("pipeline_read", False, always),
+                                 ("pipeline_write", False, always),
+                                 ("fast_init", False, "the swap files are written once at start-up either way"),
                                  ("super_offload", False, "SuperOffload is not implemented"),
                                  ("cpuadam_cores_perc", 0.8, "the CPU optimizer uses torch's threads")):
         if getattr(opt, key) != default:
             out.append(IgnoredFeature(f"zero_optimization.offload_optimizer.{key}", reason))
     return out
+
+
+# DeepSpeed's aio keys that configure its libaio queue; orch's I/O threads map block_size and
+# thread_count x queue_depth (requests in flight) and have no counterpart for these.
+_AIO_IGNORED = {"single_submit": "orch's I/O threads submit each request on its own",
+                "overlap_events": "orch's I/O threads always overlap submission and completion",
+                "use_gds": "GPUDirect Storage is not used; transfers go through pinned host buffers",
+                "intra_op_parallelism": "orch's I/O threads split large requests themselves"}
+
+
+def _aio(cfg: Config) -> list[IgnoredFeature]:
+    """``aio``: block_size and thread_count x queue_depth drive the NVMe I/O threads; the rest is noted."""
+    if cfg.aio is None:
+        return []
+    aio = cfg.aio.extras()
+    if cfg.zero_optimization.offload_optimizer.device != "nvme":
+        return [IgnoredFeature("aio", "async I/O settings apply only to NVMe offload (offload_optimizer.device "
+                                      "\"nvme\"), which this config does not use")]
+    return [IgnoredFeature(f"aio.{key}", reason) for key, reason in _AIO_IGNORED.items() if key in aio]
 
 
 def _int(value: Any) -> int:

@@ -53,6 +53,7 @@ class PartitionedOptimizer:
     device: torch.device
     global_grad_norm: Optional[float] = None
     overflow: bool = False
+    nvme: Any = None     # NVMe offload (nvme.py): masters and states stream from swap files
 
     # -- torch.optim.Optimizer look-alike ---------------------------------------------------
     @property
@@ -114,6 +115,12 @@ class PartitionedOptimizer:
             return False
         clip = self.settings.gradient_clipping
         clip_coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        if self.nvme is not None:      # writes the model's copy chunk by chunk, then publish as usual
+            self.nvme.step(grads, divisor, clip_coef)
+            self.loss_scaler.update(False)
+            self.zero_grad()
+            self._publish_params(True)
+            return True
         for mp, grad in zip(self.master_params, grads):
             mp.grad = grad if grad.dtype == torch.float32 or self._lowp_grads else grad.float()
         lowp = self._lowp_targets() if self._fused_step and not self.master_is_view else None
@@ -172,12 +179,16 @@ class PartitionedOptimizer:
     # -- checkpoint access ------------------------------------------------------------------------
     def master_partition(self) -> torch.Tensor:
         """This rank's fp32 master weights as one flat tensor (``layout.partition_numel``)."""
+        if self.nvme is not None:
+            return self.nvme.partition("master")
         return self._masters[0] if len(self._masters) == 1 else torch.cat(self._masters)
 
     def optimizer_state_partitions(self) -> dict[str, torch.Tensor]:
         """This rank's optimizer states: flat tensors like the master partition (e.g.
         ``exp_avg``, ``exp_avg_sq``), scalars (``step``) as 0-dim tensors. Empty before the
         first step (torch creates optimizer state lazily)."""
+        if self.nvme is not None:
+            return self.nvme.state_partitions()
         states = [self.optimizer.state.get(mp, {}) for mp in self.master_params]
         keys = sorted({k for st in states for k in st})
         out: dict[str, torch.Tensor] = {}
@@ -206,11 +217,18 @@ class PartitionedOptimizer:
     @torch.no_grad()
     def load_master_partition(self, local: torch.Tensor) -> None:
         """This rank's new fp32 master partition (``layout.partition_numel``), published to the model."""
+        if self.nvme is not None:
+            self.nvme.load_partitions({"master": local})
+            self._publish_params(True)
+            return
         for g, view in zip(self.layout.groups, self._masters):
             view.copy_(local[g.local_offset:g.local_offset + g.partition_numel])
         self._publish_params(False)
 
     def _load_states(self, full_states: Mapping[str, Any]) -> None:
+        if self.nvme is not None:
+            self.nvme.load_full_states(full_states)
+            return
         device = self._masters[0].device
         shards = {k: self.layout.shard(v.to(device, torch.float32), self._rank)
                   for k, v in full_states.items() if torch.is_tensor(v) and v.dim() == 1}

@@ -1,0 +1,272 @@
+"""NVMe offload (``offload_optimizer: {device: nvme}``) as a DeepSpeed user meets it.
+
+The same training with the optimizer states in swap files under ``nvme_path`` must give exactly
+the CPU-offload run's losses and weights (the step is the same math, only streamed chunk by
+chunk) at ZeRO stages 1-3 and 1, 2 and 4 gloo ranks; checkpoints of an NVMe run are read from
+the swap files and load at another world size and into a CPU-offload run; the swap files
+disappear at exit and on SIGTERM; a host keeps only the chunk buffers, not the states; and a
+missing, unwritable or full ``nvme_path`` is an error naming the key, before anything is written.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+from tests.engine_zero_cases import ds_config, engine_run, full_weights, train_steps
+
+CHUNK_ENV = {"ORCH_NVME_CHUNK_NUMEL": "4096"}    # several chunks per partition even for a tiny model
+CASES = {"z1-fp32": (1, "fp32"), "z2-bf16": (2, "bf16"), "z3-fp32": (3, "fp32"), "z3-bf16-clip": (3, "bf16")}
+
+
+def _offload(device: str, path: str, **extra: Any) -> dict[str, Any]:
+    section: dict[str, Any] = {"device": device, **extra}
+    if device == "nvme":
+        section["nvme_path"] = path
+    return {"offload_optimizer": section}
+
+
+def nvme_against_cpu(stage: int, precision: str, path: str) -> dict[str, Any]:
+    """One rank: the CPU-offload run and the NVMe run of the same 20 steps."""
+    clip = 0.5 if precision == "bf16" else 0.0
+    cpu = engine_run(ds_config(stage, 1, clip, precision, **_offload("cpu", path)), groups=True)
+    nvme = engine_run(ds_config(stage, 1, clip, precision, **_offload("nvme", path)), groups=True)
+    import gc
+
+    gc.collect()         # the dropped engine's swap files go with it (a process exit removes them too)
+    return {"cpu": cpu["losses"], "nvme": nvme["losses"],
+            "same_weights": all(torch.equal(cpu["params"][k], nvme["params"][k]) for k in cpu["params"])}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nvme_offload_trains_exactly_like_cpu_offload(world: int, case: str, tmp_path: Path) -> None:
+    stage, precision = CASES[case]
+    for rank in run_distributed(nvme_against_cpu, world, stage, precision, str(tmp_path), timeout=600, env=CHUNK_ENV):
+        assert len(rank["nvme"]) == 20
+        assert rank["nvme"] == rank["cpu"], case
+        assert rank["same_weights"], case
+    assert list(tmp_path.iterdir()) == []         # every rank's swap directory is gone
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def save_then_resume(path: str, ckpt: str, stage: int) -> dict[str, Any]:
+    """Train 6 steps with NVMe offload, save, train 4 more; a fresh NVMe engine loads and repeats them."""
+    import engine
+    from tests.engine_zero_cases import build
+
+    config = ds_config(stage, 1, 0.0, "bf16", **_offload("nvme", path))
+    eng = engine.initialize(model=build(), config=copy.deepcopy(config))[0]
+    train_steps(eng, 0, 6)
+    eng.save_checkpoint(ckpt)
+    straight = train_steps(eng, 6, 10)
+    fresh = engine.initialize(model=build(seed=3), config=copy.deepcopy(config))[0]
+    fresh.load_checkpoint(ckpt)
+    return {"straight": straight, "resumed": train_steps(fresh, 6, 10), "weights": full_weights(fresh.module)}
+
+
+def load_into_cpu_offload(path: str, ckpt: str, stage: int) -> dict[str, Any]:
+    """A CPU-offload engine (another world size and stage) loads the NVMe run's checkpoint."""
+    import engine
+    from tests.engine_zero_cases import build
+
+    config = ds_config(stage, 1, 0.0, "bf16", **_offload("cpu", path))
+    eng = engine.initialize(model=build(seed=5), config=copy.deepcopy(config))[0]
+    eng.load_checkpoint(ckpt)
+    return {"resumed": train_steps(eng, 6, 10)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nvme_checkpoints_resume_and_reshard_into_cpu_offload(stage: int, tmp_path: Path) -> None:
+    swap, ckpt = tmp_path / "nvme", tmp_path / "ckpt"
+    swap.mkdir()
+    ranks = run_distributed(save_then_resume, 2, str(swap), str(ckpt), stage, timeout=600, env=CHUNK_ENV)
+    assert ranks[0]["resumed"] == ranks[0]["straight"]
+    manifest = (ckpt / "step-6" / "manifest.json").read_text()
+    assert '"hash": "xxh3_128"' in manifest
+    other = run_distributed(load_into_cpu_offload, 1, str(swap), str(ckpt), 5 - stage, timeout=600)
+    assert other[0]["resumed"] == pytest.approx(ranks[0]["straight"], rel=0, abs=2e-3)
+    assert list(swap.iterdir()) == []
+
+
+# -- swap files go away ----------------------------------------------------------------------------
+
+HOLD_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    import engine  # noqa: E402
+    from tests.engine_zero_cases import build, ds_config, train_steps
+    config = ds_config(2, 1, 0.0, "fp32", offload_optimizer={"device": "nvme", "nvme_path": sys.argv[1]})
+    eng = engine.initialize(model=build(), config=config)[0]
+    train_steps(eng, 0, 2)
+    print("ready", flush=True)
+    time.sleep(float(sys.argv[3]))
+""")
+
+
+def _hold(nvme: Path, seconds: float = 120) -> subprocess.Popen:
+    from tests.dist_utils import free_port
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(nvme), str(free_port()), str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    for line in proc.stdout:            # the engine's config notes come first
+        if line.strip() == "ready":
+            return proc
+    raise AssertionError(f"the training script ended before it was ready: {proc.stderr.read()}")
+
+
+def test_swap_files_are_removed_on_sigterm(tmp_path: Path) -> None:
+    proc = _hold(tmp_path)
+    swap_dirs = list(tmp_path.iterdir())
+    assert len(swap_dirs) == 1 and any(swap_dirs[0].glob("*.swp"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM     # still dies of SIGTERM, as the launcher expects
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_swap_files_are_removed_when_the_program_exits(tmp_path: Path) -> None:
+    proc = _hold(tmp_path, seconds=0)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- a bad nvme_path -------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_mount(tmp_path: Path) -> Iterator[Any]:
+    """Mount a small tmpfs (needs root); ``small_mount(size, readonly)`` returns its path."""
+    mounted: list[Path] = []
+
+    def mount(size: str, readonly: bool = False) -> Path:
+        where = tmp_path / f"mnt{len(mounted)}"
+        where.mkdir()
+        options = f"size={size}" + (",ro" if readonly else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            pytest.skip(f"mounting a small tmpfs needs root (mount said: {result.stderr.strip()})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def _build_error(path: str) -> str:
+    import engine
+    from engine.zero.nvme import NvmeOffloadError
+    from tests.engine_zero_cases import build
+
+    try:
+        engine.initialize(model=build(), config=ds_config(2, 1, 0.0, "fp32", **_offload("nvme", path)))
+    except NvmeOffloadError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_missing_nvme_path_is_named(tmp_path: Path) -> None:
+    message = run_distributed(_build_error, 1, str(tmp_path / "not-there"))[0]
+    assert "zero_optimization.offload_optimizer.nvme_path" in message and "does not exist" in message
+
+
+def test_an_unwritable_nvme_path_is_named(small_mount: Any) -> None:
+    message = run_distributed(_build_error, 1, str(small_mount("1m", readonly=True)))[0]
+    assert "zero_optimization.offload_optimizer.nvme_path" in message and "cannot create swap files" in message
+
+
+def test_a_full_nvme_path_is_named_with_the_sizes(small_mount: Any) -> None:
+    where = small_mount("64k")
+    message = run_distributed(_build_error, 1, str(where), env={"ORCH_NVME_CHUNK_NUMEL": "65536"})[0]
+    assert "zero_optimization.offload_optimizer.nvme_path" in message and "not enough space" in message
+    assert "GiB are free" in message
+    assert list(where.iterdir()) == []          # nothing half-made left behind
+
+
+def save_until_full(ckpt: str) -> dict[str, Any]:
+    import engine
+    from engine.checkpoint.manifest import CheckpointError
+    from tests.engine_zero_cases import build
+
+    eng = engine.initialize(model=build(), config=ds_config(2, 1, 0.0, "fp32"))[0]
+    saved, error = [], None
+    for step in range(40):
+        train_steps(eng, step, step + 1)
+        try:
+            eng.save_checkpoint(ckpt)
+            saved.append(eng.global_steps)
+        except CheckpointError as exc:
+            error = str(exc)
+            break
+    return {"saved": saved, "error": error}
+
+
+def test_a_full_disk_during_a_save_leaves_latest_on_the_last_complete_checkpoint(small_mount: Any) -> None:
+    where = small_mount("1m")
+    result = run_distributed(save_until_full, 1, str(where))[0]
+    assert result["error"] and "was not saved" in result["error"] and result["saved"]
+    assert (where / "latest").read_text() == f"step-{result['saved'][-1]}"
+    from engine.checkpoint.manifest import file_problem, read_manifest
+
+    manifest = read_manifest(where / f"step-{result['saved'][-1]}")
+    assert not [p for n, rec in manifest["files"].items() if (p := file_problem(where / manifest["tag"], n, rec))]
+
+
+# -- host memory -----------------------------------------------------------------------------------
+
+RSS_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+    import torch
+    from torch import nn
+    import engine
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(6)])     # 25.2 M parameters
+    section = {"device": sys.argv[1]}
+    if sys.argv[1] == "nvme":
+        section["nvme_path"] = sys.argv[2]
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2, "offload_optimizer": section},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "bf16": {"enabled": True}}
+    eng = engine.initialize(model=model, config=config)[0]
+    for _ in range(3):
+        eng.backward(eng(torch.randn(2, 2048)).float().pow(2).mean())
+        eng.step()
+    import ctypes, gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)     # both runs: count live memory, not the heap's free pages
+    rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+    swap = eng.optimizer.nvme
+    print(json.dumps({"rss": rss, "states": 12 * sum(p.numel() for p in model.parameters()),
+                      "buffers": swap.buffer_bytes if swap else 0}))
+""")
+
+
+def test_an_nvme_run_holds_the_buffers_not_the_states_in_host_memory(tmp_path: Path) -> None:
+    import json
+
+    from tests.dist_utils import free_port
+
+    out = {}
+    for device in ("cpu", "nvme"):
+        env = {**os.environ, "ORCH_NVME_CHUNK_NUMEL": str(1 << 20), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, device, str(tmp_path), str(free_port())],
+                                capture_output=True, text=True, env=env, timeout=600,
+                                cwd=Path(__file__).resolve().parents[2])
+        assert result.returncode == 0, result.stderr
+        out[device] = json.loads(result.stdout.strip().splitlines()[-1])
+    saved = out["cpu"]["rss"] - out["nvme"]["rss"]
+    slack = 8 << 20       # the I/O threads' stacks and the allocator's rounding (measured: ~1 MiB)
+    assert saved >= out["cpu"]["states"] - out["nvme"]["buffers"] - slack, out
+    assert list(tmp_path.iterdir()) == []
