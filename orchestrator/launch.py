@@ -26,8 +26,9 @@ from .types import Placement
 
 def templates_dir() -> Path:
     """templates/: beside orchestrator/ in a source checkout, else the installed orch_templates."""
-    checkout = Path(__file__).resolve().parent.parent / "templates"
-    if (checkout / "__init__.py").is_file():
+    root = Path(__file__).resolve().parent.parent
+    checkout = root / "templates"
+    if (root / "pyproject.toml").is_file() and (checkout / "__init__.py").is_file():
         return checkout
     try:
         import orch_templates

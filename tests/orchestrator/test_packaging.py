@@ -21,6 +21,16 @@ def test_templates_are_found_from_the_installed_package() -> None:
     assert (templates_dir() / "kubernetes" / "pytorchjob.yaml.j2").is_file()
 
 
+def test_templates_are_found_in_a_source_checkout_without_the_installed_package(monkeypatch) -> None:
+    """A clone run with PYTHONPATH=. has no orch_templates package; the checkout's templates/ serve."""
+    import sys
+
+    from orchestrator.launch import templates_dir
+
+    monkeypatch.setitem(sys.modules, "orch_templates", None)  # importing it now fails
+    assert templates_dir() == REPO / "templates"
+
+
 def test_engine_does_not_import_orchestrator() -> None:
     offenders = [p.relative_to(REPO) for p in (REPO / "engine").rglob("*.py")
                  if any(line.lstrip().startswith(("import orchestrator", "from orchestrator"))
