@@ -219,3 +219,31 @@ def test_an_unreachable_controller_is_not_blamed_on_the_spec(tmp_path, slurm) ->
                                   "controller (connect failure)\n", rc=1)
     result = runner.invoke(app, ["submit", str(spec), "--cluster", "slurm"])
     assert result.exit_code == 2 and "slurmctld is not reachable from here" in result.output
+
+
+def test_logs_show_the_batch_output_and_every_nodes_file_and_follow_ends_with_the_job(tmp_path, slurm) -> None:
+    job_id = submit(tmp_path, slurm)
+    run = Path(Registry().get(job_id).run_dir)
+    (run / "slurm-4242.out").write_text("orch: job 4242 restart 0 on n[1-2]\n")
+    (run / "logs" / "node-n1.log").write_text("orch: node n1 starting\nstep 1 loss 5.0\n")
+    (run / "logs" / "node-n2.log").write_text("orch: node n2 starting\npartial line without newline")
+    shown = runner.invoke(app, ["logs", job_id])
+    assert shown.output.splitlines() == ["[batch] orch: job 4242 restart 0 on n[1-2]", "[n1] orch: node n1 starting",
+                                         "[n1] step 1 loss 5.0", "[n2] orch: node n2 starting"]
+    assert runner.invoke(app, ["logs", job_id, "--node", "n1"]).output.splitlines()[-1] == "step 1 loss 5.0"
+    missing = runner.invoke(app, ["logs", job_id, "--node", "n9"])
+    assert missing.exit_code == 2 and "this job has: batch, n1, n2" in missing.output
+
+    slurm.answer("squeue", squeue_row("4242", "COMPLETED", nodes="n[1-2]"))
+    followed = runner.invoke(app, ["logs", job_id, "--node", "n2", "--follow"])
+    assert followed.exit_code == 0  # the job is over: the last partial line is shown, then it stops
+    assert followed.output.splitlines() == ["orch: node n2 starting", "partial line without newline"]
+
+
+def test_cancel_runs_scancel_and_waits_until_slurm_reports_the_job_ended(tmp_path, slurm) -> None:
+    job_id = submit(tmp_path, slurm)
+    slurm.answer("squeue", squeue_row("4242", "CANCELLED", nodes="n[1-2]"))
+    result = runner.invoke(app, ["cancel", job_id])
+    assert result.exit_code == 0 and f"{job_id}: CANCELLED" in result.output
+    assert slurm.calls("scancel") == ["4242"]
+    assert Registry().get(job_id).state == JobState.CANCELLED
