@@ -22,7 +22,12 @@ Hooks (registered on every module that owns parameters in a non-persistent fetch
   gathers the units again and the original call's hook releases them.
 
 Inside backward the forward hooks still gather (activation checkpointing recomputes modules
-there) but never release: the recomputed tensors are about to be used by backward.
+there) but never release: the recomputed tensors are about to be used by backward. torch's
+non-reentrant checkpoint normally stops a recomputation as soon as it has rebuilt the tensors
+backward needs, so the last module of a checkpointed region never reaches its forward hook and
+its unit would stay "in use" (gathered) until the end of backward: a third of a GPT's weights.
+The root module's forward therefore runs under ``set_checkpoint_early_stop(False)`` (the flag is
+read when a checkpoint is created), and every recomputation runs to its end.
 
 A module called several times per forward (a tied embedding and lm_head share one parameter,
 hence one unit) is gathered on each call; the unit is released for good only when the shared
@@ -46,6 +51,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 from torch.autograd.graph import register_multi_grad_hook
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from .reduction import GradientReducer
 from .stage3_params import FetchUnit, PartitionedParams, UnitState
@@ -79,7 +85,9 @@ class ParamCoordinator:
         self.prefetch_hits = 0                     # fetches that found their unit prefetched
         self._hooked: set[int] = set()
         self._backward_end_handles: list[Any] = []   # frozen units' end-of-backward hooks, this micro-step
-        self._handles = [module.register_forward_pre_hook(self._root_pre_forward)]
+        self._early_stop: Optional[Any] = None
+        self._handles = [module.register_forward_pre_hook(self._root_pre_forward),
+                         module.register_forward_hook(self._root_post_forward, always_call=True)]
         for sub in module.modules():
             extra = getattr(sub, "_zero3_external_params", ())
             if extra:
@@ -110,6 +118,14 @@ class ParamCoordinator:
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
         if not in_backward():
             self.begin_iteration()
+            if self._early_stop is None:
+                self._early_stop = set_checkpoint_early_stop(False)
+                self._early_stop.__enter__()
+
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._early_stop is not None and not in_backward():
+            early_stop, self._early_stop = self._early_stop, None
+            early_stop.__exit__(None, None, None)
 
     def begin_iteration(self) -> None:
         """A new forward of the whole model: close what the last one left open, rewind the trace."""

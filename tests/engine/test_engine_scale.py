@@ -1,0 +1,96 @@
+"""The engine at 8 and 64 NCCL ranks, simulated: what one rank moves and holds per step.
+
+torch's fake process group lets this process be rank 0 of a world of N with the NCCL plan
+(engine/scale_sim.py); the communication ledger counts what every collective moves. At that
+scale the ZeRO paper's numbers must hold: bytes per rank per step within 5 % of 2Ψ·(N−1)/N
+(stages 1-2) or 3Ψ·(N−1)/N (stage 3) bf16 elements, model-state bytes within 5 % of its
+formula, stage 3's gathered memory within the largest unit plus the prefetch bucket, and a
+number of collectives per step that grows with the buckets and units, never with N × units.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.comm import Comm
+from engine.comm_ledger import CommLedger, ring_bytes
+from engine.models import build_model, get_preset
+from engine.scale_sim import simulate
+
+MODEL = "small"
+SEQ = 16
+
+
+def test_the_ledger_counts_what_a_ring_moves_per_rank() -> None:
+    assert ring_bytes("all_reduce", 800, 8, 0) == (1400, 1400)
+    assert ring_bytes("all_gather", 800, 8, 3) == (700, 700)
+    assert ring_bytes("reduce_scatter", 800, 8, 3) == (700, 700)
+    assert ring_bytes("reduce", 100, 4, 2, peer=2) == (0, 100)          # the destination sends nothing
+    assert ring_bytes("reduce", 100, 4, 3, peer=2) == (100, 0)          # the ring's head receives nothing
+    assert ring_bytes("broadcast", 100, 4, 0) == (100, 0)       # the source receives nothing
+    assert ring_bytes("all_reduce", 800, 1, 0) == (0, 0)
+    book = CommLedger()
+    book.record("all_gather", torch.empty(10, dtype=torch.bfloat16), 4, 0)
+    book.record("all_gather", torch.empty(30, dtype=torch.bfloat16), 4, 0)
+    assert book.by_op() == {"all_gather/bfloat16": {"calls": 2, "elements": 40, "bytes_sent": 15 + 45,
+                                                    "bytes_received": 15 + 45}}
+    assert book.mark_step() == {"comm_calls": 2, "comm_bytes_sent": 60, "comm_bytes_received": 60}
+    assert book.mark_step() == {"comm_calls": 0, "comm_bytes_sent": 0, "comm_bytes_received": 0}
+
+
+def test_a_single_process_records_nothing() -> None:
+    book = CommLedger()
+    comm = Comm(book=book)
+    comm.all_reduce(torch.ones(4))
+    assert book.totals() == {"calls": 0, "bytes_sent": 0, "bytes_received": 0}
+
+
+def _config(stage: int, d_model: int) -> dict:
+    zero = {"stage": stage, "reduce_bucket_size": 500_000, "allgather_bucket_size": 50_000_000}
+    if stage == 3:
+        zero |= {"stage3_prefetch_bucket_size": 4 * d_model * d_model, "stage3_max_reuse_distance": 0,
+                 "stage3_param_persistence_threshold": 10 * d_model}
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "gradient_clipping": 1.0,
+            "zero_optimization": zero}
+
+
+def _simulate(stage: int, world: int, checkpointing: bool = False):
+    preset = get_preset(MODEL)
+
+    def factory():
+        model = build_model(MODEL, seq_len=SEQ, tie_embeddings=False)
+        model.set_activation_checkpointing(checkpointing)
+        return model
+
+    return simulate(factory, _config(stage, preset.d_model), world=world, vocab_size=preset.vocab_size,
+                    seq_len=SEQ, model_name=MODEL)
+
+
+@pytest.mark.parametrize("world", [8, 64])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_at_scale_a_step_moves_the_zero_volume_and_holds_the_zero_memory(stage: int, world: int) -> None:
+    report = _simulate(stage, world)
+    preset = get_preset(MODEL)
+    # stage 3 gathers the head for its forward and keeps it for its backward, which comes next
+    kept = preset.vocab_size * preset.d_model / (3 * report.parameters) if stage == 3 else 0.0
+    assert 0.95 - kept <= report.volume_ratio <= 1.05, report.as_dict()
+    assert 0.95 <= report.state_ratio <= 1.05, report.as_dict()
+    ops = {key.split("/")[0] for key in report.by_op}
+    if stage == 3:
+        assert "reduce_scatter" in ops and "reduce" not in ops      # one reduce-scatter per bucket
+        assert report.peak_gathered_bytes <= 1.05 * (report.largest_unit_bytes + report.prefetch_bytes), \
+            report.as_dict()
+        units = 4 * preset.n_layer + 3                 # 4 matrices a block, the embeddings, the head
+        buckets = report.parameters // 500_000 + 1     # reduce_bucket_size
+        assert report.calls <= 2 * units + buckets + 4, report.as_dict()   # each unit gathered twice, a
+        # reduce-scatter per bucket, the persistent unit, the norm: nothing grows with N
+    else:
+        assert report.calls <= world + 12, report.as_dict()   # a reduce per owner's piece, one gather
+
+
+def test_stage_3_with_activation_checkpointing_gathers_each_unit_three_times_at_most() -> None:
+    report = _simulate(3, 8, checkpointing=True)
+    assert report.bytes_sent <= 4 / 3 * report.zero_volume * 1.05, report.as_dict()
+    assert report.peak_gathered_bytes <= 1.05 * (report.largest_unit_bytes + report.prefetch_bytes), \
+        report.as_dict()
