@@ -146,3 +146,25 @@ def format_row(row: dict) -> tuple[str, str, str, str, str]:
     if isinstance(row.get("goal_s"), (int, float)):
         ratios.append(f"goal < {row['goal_s']:g} s")
     return str(row.get("benchmark", "?")), name, median_txt, range_txt, "; ".join(ratios) or "-"
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    """The trainer's per-step records of a run directory (metrics.jsonl), none if not there yet."""
+    import json
+
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [r for r in map(json.loads, lines) if r.get("kind") == "train"]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    """The first truthy value of ``predicate()``, polled every 0.2 s; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"benchmark: no {what} within {timeout:.0f} s")

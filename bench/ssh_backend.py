@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, Measurement, interleaved, machine, print_table
+from bench.common import train_records as _records
+from bench.common import wait_for as _wait
 
 LAB = Path(os.environ.get("ORCH_SSH_LAB", "/tmp/orch-ssh"))
 HOSTS_SH = REPO / "tests" / "clusters" / "ssh_hosts.sh"
@@ -29,24 +31,6 @@ HOSTS = ("orch-h1", "orch-h2", "orch-h3")
 DS_CONFIG = {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 1000,
              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
 SSH = ["ssh", "-F", str(LAB / "ssh_config")]
-
-
-def _records(run_dir: Path) -> list[dict]:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    return [r for r in map(json.loads, lines) if r.get("kind") == "train"]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"benchmark: no {what} within {timeout:.0f} s")
 
 
 def _spec(home: Path, nodes: str, steps: int, every: int) -> Path:

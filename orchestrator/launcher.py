@@ -212,17 +212,27 @@ def _ssh_hosts(opts: LaunchOptions, hostfile: Path) -> list[Any]:
     return hosts
 
 
+def _slurm_data(opts: LaunchOptions, hostfile: Path | None, gpus: bool) -> dict[str, Any]:
+    """A Slurm job; with a hostfile, on exactly its (selected) hosts, as DeepSpeed's Slurm runner."""
+    if hostfile is None:
+        if opts.include or opts.exclude:
+            raise UserError("orch launch --launcher slurm: --include/--exclude select hosts of a hostfile, and "
+                            "there is none", hint="give --hostfile, or let Slurm place the nodes (--num_nodes N)")
+        procs = opts.num_gpus if opts.num_gpus > 0 else 1
+        nodes = opts.num_nodes if opts.num_nodes > 0 else 1
+        return {"nodes": nodes, "procs_per_node": procs, "gpus_per_node": procs if gpus and local_gpu_count() else 0}
+    hosts = _ssh_hosts(opts, hostfile)
+    slots = len(hosts[0].slots)
+    return {"nodes": len(hosts), "procs_per_node": slots, "gpus_per_node": slots if gpus else 0,
+            "slurm": {"sbatch_options": {"nodelist": ",".join(h.name for h in hosts)}}}
+
+
 def _placement_data(opts: LaunchOptions, cwd: Path, cluster: str) -> dict[str, Any]:
     """nodes, procs_per_node, gpus_per_node and the cluster section, per cluster."""
     hostfile = _hostfile(opts, cwd)
     gpus = os.environ.get("DS_ACCELERATOR") != "cpu"
     if cluster == "slurm":
-        if opts.include or opts.exclude:
-            raise UserError("orch launch --launcher slurm: --include/--exclude are not supported",
-                            hint="Slurm places the nodes; restrict them with --set slurm.constraint=... or a partition")
-        procs = opts.num_gpus if opts.num_gpus > 0 else 1
-        nodes = opts.num_nodes if opts.num_nodes > 0 else 1
-        return {"nodes": nodes, "procs_per_node": procs, "gpus_per_node": procs if gpus and local_gpu_count() else 0}
+        return _slurm_data(opts, hostfile, gpus)
     if hostfile is not None and cluster == "ssh":
         hosts = _ssh_hosts(opts, hostfile)
         slots = len(hosts[0].slots)

@@ -213,11 +213,16 @@ class SlurmLab:
 def lab_lock(timeout_s: float = 1200) -> object | None:
     """An exclusive lock on the lab cluster for this process (tests crash its nodes: two test
     sessions or a benchmark at once would crash each other's jobs); None if not had in time."""
+    return exclusive_lock(SLURM_LAB / "orch-users.lock", timeout_s)
+
+
+def exclusive_lock(path: Path, timeout_s: float) -> object | None:
+    """An exclusive flock on ``path``, held until the process ends; None if not had in time."""
     import fcntl
     import time
 
-    SLURM_LAB.mkdir(parents=True, exist_ok=True)
-    handle = open(SLURM_LAB / "orch-users.lock", "w")  # noqa: SIM115 - held until the process ends
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")  # noqa: SIM115 - held until the process ends
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -331,24 +336,6 @@ class SshLab:
                               timeout=60, check=True).stdout
 
 
-def _lab_lock(lab: Path, timeout_s: float = 1200) -> object | None:
-    import fcntl
-    import time
-
-    lab.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(f"{lab}.lock", "w")  # noqa: SIM115 - held until the session ends
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                handle.close()
-                return None
-            time.sleep(2)
-
-
 @pytest.fixture(scope="session")
 def ssh_hosts() -> Iterator[SshLab]:
     """3 running ssh hosts (tests/clusters/ssh_hosts.sh), started here unless already up (and then
@@ -356,7 +343,7 @@ def ssh_hosts() -> Iterator[SshLab]:
     lab = SshLab(SSH_LAB)
     if os.geteuid() != 0 and not lab.up():
         pytest.skip(f"no ssh hosts for the ssh tier: {SSH_ENABLE}")
-    lock = _lab_lock(SSH_LAB)
+    lock = exclusive_lock(Path(f"{SSH_LAB}.lock"), 1200)
     if lock is None:
         pytest.skip(f"the ssh hosts in {SSH_LAB} stayed busy for 20 min (another test session holds {SSH_LAB}.lock)")
     started = False

@@ -65,6 +65,10 @@ def test_a_hostfile_becomes_an_ssh_job_with_deepspeeds_selection(project: Path) 
     cluster, spec = dry_run_spec(orch_launch("--dry-run", "--launcher", "slurm", "--num_nodes", "2", "--num_gpus",
                                              "4", "--set", "slurm.partition=gpu", "train.py", cwd=project))
     assert cluster == "slurm" and spec["nodes"] == 2 and spec["slurm"] == {"partition": "gpu"}
+    cluster, spec = dry_run_spec(orch_launch("--dry-run", "--launcher", "SLURM", "-H", "hostfile", "-e", "worker-1",
+                                             "train.py", cwd=project))
+    assert cluster == "slurm" and spec["nodes"] == 2 and spec["procs_per_node"] == 4
+    assert spec["slurm"] == {"sbatch_options": {"nodelist": "worker-0,worker-2"}}
 
 
 @pytest.mark.parametrize("argv, message", [
