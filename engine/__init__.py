@@ -8,6 +8,15 @@ Use it as you would DeepSpeed::
 
 Attributes are resolved lazily (PEP 562) so that light users, such as ``orch check``
 importing ``engine.config``, never pay for importing torch.
+
+Layout: the top of ``engine/`` is the DeepSpeed-compatible library (api.py: ``initialize``;
+engine.py: the ``Engine``; comm.py, precision.py, schedulers.py, optimizers.py,
+activation_checkpointing.py; zero/, ops/, checkpoint/, io/, monitor/, onebit/, models/).
+config/ is the ds_config model (never imports torch). trainer/ is the bundled trainer that
+``python -m engine.train`` (train.py) runs; the library never imports it. Three small
+standard-library modules are shared by all: errors.py (``UserError``, the root of every mistake
+a user can fix, and the one "did you mean"), log.py (the ``engine`` logger, rank 0 by default)
+and run_contract.py (what orch and the trainer agree on: ``ORCH_*`` names, ``RunPaths``).
 """
 from __future__ import annotations
 
