@@ -241,8 +241,9 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
         if gpu_memory_bytes:
             report.recommendation = recommend(report.options, gpu_memory_bytes)
             report.notes.append(f"memory: {report.recommendation}")
-    if spec.kubernetes.checkpoint_pvc is None and spec.kubernetes.image:
-        report.notes.append("kubernetes: no checkpoint_pvc, so checkpoints do not survive a pod restart")
+    from .backends.kubernetes.storage import storage_warnings
+
+    report.notes.extend(storage_warnings(spec) if spec.kubernetes.image else [])
     return report
 
 

@@ -224,6 +224,11 @@ def status(job: JobArg,
         record, st = jobs.status(job, registry)
     except UserError as exc:
         _fail(exc)
+    if metrics:
+        try:
+            jobs.sync_run_files(record)  # a Kubernetes run's metrics are on its shared volume
+        except UserError as exc:
+            out.print(f"  note: {exc}", markup=False)
     out.print(f"{record.job_id}  {record.cluster}  [bold]{record.state.value}[/]  restarts {record.restarts}"
               f"{'  ' + record.detail if record.detail else ''}", markup=True)
     for node, node_state in sorted(st.nodes.items()):

@@ -98,5 +98,13 @@ def cancel(job: str, registry: Registry | None = None) -> JobRecord:
     return registry.get(rec.job_id)
 
 
+def sync_run_files(record: JobRecord) -> int:
+    """Copy a run's files (status, metrics, hang dumps) into its local run directory when they live
+    on the cluster (Kubernetes: the shared volume, read through a reader pod); the number of files
+    copied, 0 for backends whose run directory is already readable here."""
+    fetch = getattr(get_backend(record.cluster), "fetch_run_files", None)
+    return fetch(record.ref) if fetch is not None else 0
+
+
 def ref_of(job: str, registry: Registry | None = None) -> JobRef:
     return (registry or Registry()).get(job).ref

@@ -46,8 +46,9 @@ def progress_line(run_dir: Path, *, with_metrics: bool = True) -> str:
 def missing_metrics_note(cluster: str, job_id: str, run_dir: Path) -> str:
     """Why ``orch status --metrics`` has no trainer line to show, and where to look instead."""
     if cluster == "kubernetes":
-        return (f"no trainer metrics here: a Kubernetes run writes them inside its pods; "
-                f"`orch logs {job_id}` shows the trainer's step lines (loss, tokens/s, MFU)")
+        return (f"no trainer metrics yet: a Kubernetes run keeps them on its shared volume (kubernetes."
+                f"checkpoint_pvc or shared_volume), else inside its pods; `orch logs {job_id}` shows the "
+                f"trainer's step lines (loss, tokens/s, MFU)")
     return f"no trainer metrics recorded yet in {run_dir}"
 
 

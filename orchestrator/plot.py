@@ -80,6 +80,7 @@ def read_run(label: str, run_dir: Path) -> RunSeries:
 
 def resolve_runs(jobs: list[str]) -> list[RunSeries]:
     """Job ids (or names, or unique prefixes) from the registry, or run directories."""
+    from .jobs import sync_run_files
     from .registry import Registry
 
     runs, registry = [], None
@@ -90,6 +91,7 @@ def resolve_runs(jobs: list[str]) -> list[RunSeries]:
             continue
         registry = registry or Registry()
         record = registry.get(job)
+        sync_run_files(record)  # a Kubernetes run's metrics are on its shared volume
         runs.append(read_run(record.job_id, Path(record.run_dir)))
     return runs
 

@@ -119,7 +119,14 @@ class KubernetesSpec(_Strict):
     image: str | None = Field(None, min_length=1)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     service_account: str | None = None
-    checkpoint_pvc: str | None = Field(None, description="PVC mounted at the checkpoint dir")
+    checkpoint_pvc: str | None = Field(None, description="ReadWriteMany PVC every pod shares: checkpoints in "
+                                                         "<job name>/checkpoints, the run dir in <job name>/run")
+    shared_volume: str | None = Field(None, description="or: the name of one of `volumes` every pod shares "
+                                                        "(nfs, csi, hostPath on one node), used the same way")
+    volumes: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="core/v1 Volumes of every pod (PVC, hostPath, nfs, csi, ...)")
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list,
+                                                description="core/v1 VolumeMounts of the pytorch container")
     shm_size: str = "8Gi"
     resources: dict[str, dict[str, str | int]] = Field(default_factory=dict)
     node_selector: dict[str, str] = Field(default_factory=dict)

@@ -152,7 +152,9 @@ RICH_SPEC = {  # every option the chart templates handle
                    "clean_pod_policy": "Running", "backoff_limit": 0, "ttl_seconds_after_finished": 600,
                    "active_deadline_seconds": 86400},
 }
-NO_DS_CONFIG = {"name": "bare", "nodes": "2:4", "kubernetes": {"image": "img"}}
+NO_DS_CONFIG = {"name": "bare", "nodes": "2:4", "kubernetes": {
+    "image": "img", "volumes": [{"name": "scratch", "nfs": {"server": "nfs.local", "path": "/export/orch"}}],
+    "shared_volume": "scratch", "volume_mounts": [{"name": "scratch", "mountPath": "/scratch", "readOnly": True}]}}
 
 
 def _specs() -> list[tuple[str, JobSpec]]:
@@ -182,7 +184,23 @@ def test_chart_creates_the_checkpoint_pvc_when_asked(helm: Helm, tmp_path: Path)
     assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "500Gi"}},
                            "storageClassName": "fast"}
     volumes = objs["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["volumes"]
-    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "bare-checkpoints"}} in volumes
+    assert {"name": "orch-shared", "persistentVolumeClaim": {"claimName": "bare-checkpoints"}} in volumes
+
+
+def test_chart_refuses_a_multi_pod_job_without_shared_storage(helm: Helm, tmp_path: Path) -> None:
+    values = {**chart_values(spec_from_dict(NO_DS_CONFIG)),
+              "kubernetes": {**chart_values(spec_from_dict(NO_DS_CONFIG))["kubernetes"], "shared_volume": None}}
+    with pytest.raises(Exception, match="checkpoint_pvc|shared_volume"):
+        helm.render(values, tmp=tmp_path)
+
+
+def test_chart_volume_schemas_are_the_kubernetes_schemas_orch_checks_against() -> None:
+    from orchestrator.backends.kubernetes.storage import _pod_schema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["kubernetes"]["properties"]
+    pod = _pod_schema()
+    assert schema["volumes"]["items"] == pod["volumes"]["items"]
+    assert schema["volume_mounts"]["items"] == pod["containers"]["items"]["properties"]["volumeMounts"]["items"]
 
 
 def test_helm_lint_strict_passes(helm: Helm) -> None:
@@ -208,14 +226,14 @@ def test_chart_refuses_bad_values_naming_them(helm: Helm, values: dict, message:
 def test_chart_values_with_yaml_and_template_metacharacters_keep_the_structure(helm: Helm, tmp_path: Path,
                                                                                args, env_value, image) -> None:
     spec = spec_from_dict({"name": "inject-test", "nodes": 2, "args": args, "env": {"USER_VALUE": env_value},
-                           "ds_config": {"note": env_value}, "kubernetes": {"image": image}})
+                           "ds_config": {"note": env_value}, "kubernetes": {"image": image, "checkpoint_pvc": "c"}})
     objs = helm.render(chart_values(spec), tmp=tmp_path)
     job = objs["PyTorchJob"]
     assert set(job) == {"apiVersion", "kind", "metadata", "spec"}
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
     (container,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
     assert container["command"][-len(args):] == args
-    assert {e["name"]: e["value"] for e in container["env"]}["USER_VALUE"] == env_value
+    assert {e["name"]: e.get("value") for e in container["env"]}["USER_VALUE"] == env_value
     assert container["image"] == (image or "ghcr.io/orch-dev/orch:latest")
     assert json.loads(objs["ConfigMap"]["data"]["ds_config.json"]) == {"note": env_value}
 

@@ -88,7 +88,7 @@ def test_a_valid_job_breaks_no_operator_rule() -> None:
 
 def _spec(**kubernetes) -> dict:
     return {"name": "k8s-errors", "nodes": 2, "ds_config": {"train_batch_size": 8},
-            "kubernetes": {"image": "img", **kubernetes}}
+            "kubernetes": {"image": "img", "checkpoint_pvc": "shared", **kubernetes}}
 
 
 def test_a_misspelled_toleration_field_names_the_spec_key() -> None:
@@ -142,8 +142,8 @@ def test_user_env_follows_orchs_variables_sorted_and_may_replace_them() -> None:
     env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
     names = [e["name"] for e in env]
     assert names == ["PYTHONUNBUFFERED", "ORCH_JOB_NAME", "ORCH_CHECKPOINT_DIR", "ORCH_CHECKPOINT_EVERY",
-                     "ORCH_CHECKPOINT_KEEP", "ALPHA", "ORCH_RUN_DIR", "ZED"]
-    assert {e["name"]: e["value"] for e in env}["ORCH_RUN_DIR"] == "/mine"
+                     "ORCH_CHECKPOINT_KEEP", "ALPHA", "ORCH_RUN_DIR", "ZED", "ORCH_POD_IP"]
+    assert {e["name"]: e.get("value") for e in env}["ORCH_RUN_DIR"] == "/mine"
     assert "CUDA_VISIBLE_DEVICES" not in names  # a CPU job just requests no GPU on Kubernetes
 
 

@@ -90,7 +90,9 @@ def test_fixed_size_job_has_one_master_and_workers() -> None:
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3
     master = replicas["Master"]["template"]["spec"]
     assert master["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
-    mounts = {m["name"]: m["mountPath"] for m in master["containers"][0]["volumeMounts"]}
-    assert mounts["checkpoints"] == "/shared/checkpoints/gpt-1b" and mounts["dshm"] == "/dev/shm"
+    mounts = {m["mountPath"]: (m["name"], m.get("subPath")) for m in master["containers"][0]["volumeMounts"]}
+    assert mounts["/shared/checkpoints/gpt-1b"] == ("orch-shared", "gpt-1b/checkpoints")
+    assert mounts["/orch/run"] == ("orch-shared", "gpt-1b/run") and mounts["/dev/shm"] == ("dshm", None)
+    assert mounts["/data"] == ("data", None)  # the token file of --data /data/tokens.bin
     claims = [v["persistentVolumeClaim"]["claimName"] for v in master["volumes"] if "persistentVolumeClaim" in v]
-    assert claims == ["gpt-1b-checkpoints"]
+    assert claims == ["gpt-1b-checkpoints", "gpt-1b-tokens"]

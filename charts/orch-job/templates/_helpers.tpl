@@ -54,26 +54,75 @@ with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 {{- if and (hasKey .Values "ds_config") (not (kindIs "invalid" .Values.ds_config)) }}true{{ end -}}
 {{- end -}}
 
-{{/* The claim mounted at the checkpoint dir, or nothing (an emptyDir then). */}}
+{{/* The claim every pod shares (checkpoint_pvc, or the one pvc.create makes), or nothing. */}}
 {{- define "orch-job.checkpointClaim" -}}
 {{- $claim := get .Values.kubernetes "checkpoint_pvc" -}}
 {{- if and .Values.pvc.create (not $claim) }}{{ $claim = printf "%s-checkpoints" (include "orch-job.name" .) }}{{ end -}}
 {{- $claim | default "" -}}
 {{- end -}}
 
-{{/* The torchrun command: per-job flags only; PET_* come from the operator. */}}
+{{/* The volume every pod shares (JSON): the claim above as "orch-shared", or the entry of
+     kubernetes.volumes that kubernetes.shared_volume names; empty when there is none. */}}
+{{- define "orch-job.sharedVolume" -}}
+{{- $k := .Values.kubernetes -}}
+{{- $claim := include "orch-job.checkpointClaim" . -}}
+{{- $wanted := get $k "shared_volume" | default "" -}}
+{{- if $claim -}}
+{{- toJson (dict "name" "orch-shared" "persistentVolumeClaim" (dict "claimName" $claim)) -}}
+{{- else if $wanted -}}
+{{- $found := "" -}}
+{{- range (get $k "volumes" | default list) }}{{ if eq (get . "name") $wanted }}{{ $found = toJson . }}{{ end }}{{ end -}}
+{{- if not $found }}{{ fail (printf "kubernetes.shared_volume: %q is not one of kubernetes.volumes" $wanted) }}{{ end -}}
+{{- $found -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Volumes and the pytorch container's mounts (JSON {"volumes": [...], "mounts": [...]}): shm,
+     the shared volume's <name>/checkpoints and <name>/run (or, for one node only, a per-pod
+     emptyDir for checkpoints), the ConfigMap, then the user's volumes and mounts. */}}
+{{- define "orch-job.volumes" -}}
+{{- $k := .Values.kubernetes -}}
+{{- $name := include "orch-job.name" . -}}
+{{- $ckpt := include "orch-job.checkpointDir" . -}}
+{{- $max := index (splitList ":" (include "orch-job.nodeRange" .)) 1 | atoi -}}
+{{- $volumes := list (dict "name" "dshm" "emptyDir" (dict "medium" "Memory" "sizeLimit" $k.shm_size)) -}}
+{{- $mounts := list (dict "name" "dshm" "mountPath" "/dev/shm") -}}
+{{- with include "orch-job.sharedVolume" . -}}
+{{- $shared := fromJson . -}}
+{{- if include "orch-job.checkpointClaim" $ }}{{ $volumes = append $volumes $shared }}{{ end -}}
+{{- $mounts = append $mounts (dict "name" $shared.name "mountPath" $ckpt "subPath" (printf "%s/checkpoints" $name)) -}}
+{{- $mounts = append $mounts (dict "name" $shared.name "mountPath" "/orch/run" "subPath" (printf "%s/run" $name)) -}}
+{{- else -}}
+{{- if gt $max 1 -}}
+{{- fail (printf "a job of %v nodes writes one sharded checkpoint from every pod into %s, which would be a per-pod emptyDir: set kubernetes.checkpoint_pvc to a ReadWriteMany PersistentVolumeClaim (or pvc.create=true), or kubernetes.shared_volume to the name of one of kubernetes.volumes that every pod shares" $.Values.nodes $ckpt) -}}
+{{- end -}}
+{{- $volumes = append $volumes (dict "name" "checkpoints" "emptyDir" dict) -}}
+{{- $mounts = append $mounts (dict "name" "checkpoints" "mountPath" $ckpt) -}}
+{{- end -}}
+{{- $volumes = append $volumes (dict "name" "orch-config" "configMap" (dict "name" (printf "%s-orch" $name))) -}}
+{{- $mounts = append $mounts (dict "name" "orch-config" "mountPath" "/etc/orch" "readOnly" true) -}}
+{{- $volumes = concat $volumes (get $k "volumes" | default list) -}}
+{{- $mounts = concat $mounts (get $k "volume_mounts" | default list) -}}
+{{- toJson (dict "volumes" $volumes "mounts" $mounts) -}}
+{{- end -}}
+
+{{/* The torchrun command: per-job flags only; PET_* come from the operator. --local-addr is the
+     pod's IP (ORCH_POD_IP, from the downward API): a unique rendezvous node name per pod. Only the
+     bundled trainer gets --deepspeed_config; {ds_config}, {checkpoint_dir}, {run_dir} in args
+     become the pod's paths (as orch renders them). */}}
 {{- define "orch-job.command" -}}
 {{- $v := .Values -}}
-{{- $cmd := list (get $v "python" | default "python") "-m" "torch.distributed.run" (printf "--nproc-per-node=%d" (int $v.procs_per_node)) (printf "--max-restarts=%d" (int $v.max_restarts)) -}}
+{{- $cmd := list (get $v "python" | default "python") "-m" "torch.distributed.run" (printf "--nproc-per-node=%d" (int $v.procs_per_node)) (printf "--max-restarts=%d" (int $v.max_restarts)) "--local-addr=$(ORCH_POD_IP)" -}}
 {{- if or (hasSuffix ".py" $v.program) (contains "/" $v.program) -}}
 {{- $cmd = append $cmd $v.program -}}
 {{- else -}}
 {{- $cmd = concat $cmd (list "-m" $v.program) -}}
 {{- end -}}
-{{- if include "orch-job.hasDsConfig" . -}}
+{{- if and (include "orch-job.hasDsConfig" .) (eq $v.program "engine.train") -}}
 {{- $cmd = concat $cmd (list "--deepspeed_config" "/etc/orch/ds_config.json") -}}
 {{- end -}}
-{{- range $v.args }}{{ $cmd = append $cmd (toString .) }}{{ end -}}
+{{- $ckpt := include "orch-job.checkpointDir" . -}}
+{{- range $v.args }}{{ $cmd = append $cmd (toString . | replace "{ds_config}" "/etc/orch/ds_config.json" | replace "{checkpoint_dir}" $ckpt | replace "{run_dir}" "/orch/run") }}{{ end -}}
 {{- toJson $cmd -}}
 {{- end -}}
 
@@ -83,10 +132,12 @@ with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 {{- $v := .Values -}}
 {{- $user := $v.env | default dict -}}
 {{- $base := list (list "PYTHONUNBUFFERED" "1") (list "ORCH_JOB_NAME" (include "orch-job.name" .)) (list "ORCH_RUN_DIR" "/orch/run") (list "ORCH_CHECKPOINT_DIR" (include "orch-job.checkpointDir" .)) (list "ORCH_CHECKPOINT_EVERY" (toString (int $v.checkpoint.every_steps))) (list "ORCH_CHECKPOINT_KEEP" (toString (int $v.checkpoint.keep))) -}}
+{{- if include "orch-job.hasDsConfig" . }}{{ $base = append $base (list "ORCH_DS_CONFIG" "/etc/orch/ds_config.json") }}{{ end -}}
 {{- if $v.checkpoint.async_save }}{{ $base = append $base (list "ORCH_CHECKPOINT_ASYNC" "1") }}{{ end -}}
 {{- $env := list -}}
 {{- range $base }}{{ if not (hasKey $user (index . 0)) }}{{ $env = append $env (dict "name" (index . 0) "value" (index . 1)) }}{{ end }}{{ end -}}
 {{- range $key := keys $user | sortAlpha }}{{ $env = append $env (dict "name" $key "value" (toString (get $user $key))) }}{{ end -}}
+{{- $env = append $env (dict "name" "ORCH_POD_IP" "valueFrom" (dict "fieldRef" (dict "fieldPath" "status.podIP"))) -}}
 {{- toJson $env -}}
 {{- end -}}
 
@@ -110,10 +161,9 @@ with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 {{- $v := .Values -}}
 {{- $k := $v.kubernetes -}}
 {{- $name := include "orch-job.name" . -}}
-{{- $mounts := list (dict "name" "dshm" "mountPath" "/dev/shm") (dict "name" "checkpoints" "mountPath" (include "orch-job.checkpointDir" .)) (dict "name" "orch-config" "mountPath" "/etc/orch" "readOnly" true) -}}
-{{- $checkpoints := dict "name" "checkpoints" "emptyDir" dict -}}
-{{- with include "orch-job.checkpointClaim" . }}{{ $checkpoints = dict "name" "checkpoints" "persistentVolumeClaim" (dict "claimName" .) }}{{ end -}}
-{{- $volumes := list (dict "name" "dshm" "emptyDir" (dict "medium" "Memory" "sizeLimit" $k.shm_size)) $checkpoints (dict "name" "orch-config" "configMap" (dict "name" (printf "%s-orch" $name))) -}}
+{{- $storage := include "orch-job.volumes" . | fromJson -}}
+{{- $mounts := $storage.mounts -}}
+{{- $volumes := $storage.volumes -}}
 {{- $container := dict "name" "pytorch" "image" (get $k "image" | default "ghcr.io/orch-dev/orch:latest") "imagePullPolicy" $k.image_pull_policy -}}
 {{- $_ := set $container "ports" (list (dict "name" "pytorchjob-port" "containerPort" (int $v.rdzv_port) "protocol" "TCP")) -}}
 {{- $_ := set $container "command" (include "orch-job.command" . | fromJsonArray) -}}

@@ -275,6 +275,17 @@ class KubernetesBackend(BackendBase):
         return k8s_logs.read_logs(core, namespace, chosen, prefix=node is None, timeout=self.timeout,
                                   job=ref.job_id)
 
+    def fetch_run_files(self, ref: JobRef) -> int:
+        """Copy the job's run directory from its shared volume into ``ref.run_dir`` (run_reader.py:
+        a short-lived reader pod; needs pods create/get/delete and pods/log get)."""
+        from .run_reader import fetch_run_dir
+
+        namespace, _ = self._where(ref)
+        job = self._own_job(ref)
+        return self._call(lambda: fetch_run_dir(self.conn.core(), namespace, job, Path(ref.run_dir)),
+                          action="create", kind="Pod", name=f"{job['metadata']['name']}-run-reader",
+                          namespace=namespace)
+
     def cancel(self, ref: JobRef) -> None:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException

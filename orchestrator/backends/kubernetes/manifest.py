@@ -20,6 +20,7 @@ from typing import Any
 from ...launch import rendezvous_id
 from ...spec import JobSpec
 from ...types import Placement
+from .storage import check_storage, volumes_and_mounts
 
 API_VERSION = "kubeflow.org/v1"
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
@@ -35,6 +36,8 @@ JOB_LABEL = "orch.dev/job"
 JOB_ID_ANNOTATION = "orch.dev/job-id"
 # what the operator accepts in runPolicy.managedBy (pkg/common/util/webhooks.go, release-1.9)
 MANAGERS = ("kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue")
+
+POD_IP_ENV = "ORCH_POD_IP"         # the downward API's status.podIP, for torchrun's --local-addr
 
 # Where a pod finds its ds_config (the ConfigMap) and writes its run files.
 CONFIG_MOUNT = "/etc/orch"
@@ -66,10 +69,17 @@ def replica_counts(spec: JobSpec) -> dict[str, int]:
 
 def container_command(spec: JobSpec, placement: Placement, program_argv: list[str]) -> list[str]:
     """torchrun reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT and, for elastic jobs,
-    PET_RDZV_* from the environment the operator injects, so only per-job flags are given."""
+    PET_RDZV_ENDPOINT/BACKEND/ID and PET_MAX_RESTARTS from the environment the operator injects
+    (training-operator release-1.9, pkg/controller.v1/pytorch/envvar.go, master.go, elastic.go), so
+    only per-job flags are given.
+
+    ``--local-addr`` is the pod's own IP (``$(ORCH_POD_IP)``, expanded by the kubelet from the
+    downward API): torchrun names a rendezvous node after its address and PID, and two agents with
+    the same hostname and PID 1 (hostNetwork pods on one node) would otherwise get the same name and
+    hang in the rendezvous; the address is also what other nodes reach this one at."""
     return [placement.python, "-m", "torch.distributed.run",
             f"--nproc-per-node={spec.procs_per_node}", f"--max-restarts={spec.max_restarts}",
-            *program_argv]
+            f"--local-addr=$({POD_IP_ENV})", *program_argv]
 
 
 def container_env(spec: JobSpec, job_env: dict[str, str]) -> list[dict[str, str]]:
@@ -94,21 +104,14 @@ def pod_values(spec: JobSpec, placement: Placement, program_argv: list[str],
     if spec.gpus_per_node:
         for section in ("limits", "requests"):
             resources.setdefault(section, {}).setdefault("nvidia.com/gpu", spec.gpus_per_node)
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"},
-              {"name": "checkpoints", "mountPath": placement.checkpoint_dir},
-              {"name": "orch-config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
-    volumes: list[dict[str, Any]] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
-        {"name": "checkpoints",
-         **({"persistentVolumeClaim": {"claimName": k.checkpoint_pvc}} if k.checkpoint_pvc else {"emptyDir": {}})},
-        # the ConfigMap orch creates beside the job: ds_config.json and job.json
-        {"name": "orch-config", "configMap": {"name": config_map_name(spec.name)}},
-    ]
+    volumes, mounts = volumes_and_mounts(spec, placement.checkpoint_dir, placement.run_dir,
+                                         config_map_name(spec.name), CONFIG_MOUNT)
     return {
         "labels": labels,
         "image": k.image or DEFAULT_IMAGE,
         "command": container_command(spec, placement, program_argv),
         "container_env": container_env(spec, job_env),
+        "field_env": [{"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [{"name": PORT_NAME, "containerPort": spec.rdzv_port or MASTER_PORT, "protocol": "TCP"}],
         "resources": resources,
         "volume_mounts": mounts,
@@ -118,8 +121,10 @@ def pod_values(spec: JobSpec, placement: Placement, program_argv: list[str],
 
 def manifest_context(spec: JobSpec, placement: Placement, files: dict[str, str],
                      program_argv: list[str], job_env: dict[str, str]) -> dict[str, Any]:
-    """Values for the PyTorchJob template: the pod, plus the replica layout and rendezvous id."""
+    """Values for the PyTorchJob template: the pod, plus the replica layout and rendezvous id.
+    Refuses volumes that cannot work (storage.py): a multi-pod job without a shared volume."""
     del files  # the ConfigMap always exists (it carries job.json); see config_map()
+    check_storage(spec, placement.checkpoint_dir)
     return {
         **pod_values(spec, placement, program_argv, job_env),
         "replicas": replica_counts(spec),

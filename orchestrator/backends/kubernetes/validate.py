@@ -61,7 +61,8 @@ def check_job(job: dict[str, Any], *, metadata: bool = False) -> None:
 
 # which job-spec key a pod-spec field came from, to point users at what they wrote
 _SPEC_KEYS = {"tolerations": "kubernetes.tolerations", "nodeSelector": "kubernetes.node_selector",
-              "resources": "kubernetes.resources", "volumes": "kubernetes.shm_size/checkpoint_pvc",
+              "resources": "kubernetes.resources", "volumes": "kubernetes.volumes/shm_size/checkpoint_pvc",
+              "volumeMounts": "kubernetes.volume_mounts",
               "serviceAccountName": "kubernetes.service_account", "labels": "kubernetes.labels",
               "annotations": "kubernetes.annotations", "runPolicy": "kubernetes (run policy keys)"}
 
