@@ -112,8 +112,12 @@ build() {
 # --------------------------------------------------------------------------------------------
 host_pip() { if [ -x "$REPO/.venv/bin/pip" ]; then "$REPO/.venv/bin/pip" "$@"; else python3 -m pip "$@"; fi; }
 
-base_requirements() {  # torch (CPU) + orch's dependencies, from pyproject.toml: the base layer's key
-  python3 -c 'import tomllib,sys; d=tomllib.load(open(sys.argv[1],"rb"))["project"]["dependencies"]; print("\n".join(["torch==2.13.0"]+[x for x in d if not x.startswith("torch")]))' "$REPO/pyproject.toml"
+base_requirements() {  # the base layer: torch (CPU) + numpy, pinned as CI installs them; its cache key
+  printf 'torch==2.13.0\nnumpy\n'
+}
+
+orch_requirements() {  # orch's other dependencies, from pyproject.toml: they go into orch's own layer
+  python3 -c 'import tomllib,sys; d=tomllib.load(open(sys.argv[1]+"/pyproject.toml","rb"))["project"]["dependencies"]; print("\n".join(x for x in d if not x.startswith(("torch","numpy"))))' "$1"
 }
 
 pause_image() {
@@ -130,7 +134,7 @@ base_layer() {  # prints the cached layer's path; debootstrap + venv with torch 
   local out=$IMAGES/base-$key.layer.tar
   if [ ! -f "$out" ]; then
     local t0; t0=$(ts); local R=$WORK/rootfs
-    log "base image: debootstrap bookworm + venv with torch and orch's dependencies (~5 min, cached)"
+    log "base image: debootstrap bookworm + venv with torch (~5 min, cached)"
     rm -rf "$R"
     debootstrap --variant=minbase --include=python3,python3-venv,procps bookworm "$R" \
       "${ORCH_K8S_DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log" 2>&1 \
@@ -138,7 +142,7 @@ base_layer() {  # prints the cached layer's path; debootstrap + venv with torch 
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$R" python3 -m venv /opt/venv
     mkdir -p "$R/tmp/wheels"; base_requirements > "$R/tmp/wheels/requirements.txt"
     # wheels are fetched on the host: the chroot has no CA bundle for pip
-    host_pip download -q -d "$R/tmp/wheels" -r "$R/tmp/wheels/requirements.txt"
+    host_pip download -q -d "$R/tmp/wheels" -r "$R/tmp/wheels/requirements.txt" 2>&1 | grep -v 'is ignored' >&2 || true
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$R" /opt/venv/bin/pip install --no-cache-dir -q \
       --no-index --find-links /tmp/wheels -r /tmp/wheels/requirements.txt
     rm -rf "$R/tmp/wheels" "$R"/var/cache/apt/*.bin "$R"/var/lib/apt/lists/* "$R"/usr/share/doc "$R"/usr/share/man
@@ -161,8 +165,11 @@ orch_layer() {  # orch's wheel of the working tree as a thin layer (deterministi
   fi
   host_pip wheel -q --no-deps --no-build-isolation -w "$T/wheel" "$T/src" >/dev/null
   local site=$T/layer/opt/venv/lib/python3.11/site-packages
+  orch_requirements "$T/src" > "$T/requirements.txt"
+  host_pip install -q --no-compile --target "$site" -r "$T/requirements.txt" 2>&1 | grep -v 'is ignored' >&2 || true
   host_pip install -q --no-deps --no-compile --target "$site" "$T"/wheel/orch-*.whl >/dev/null
-  rm -rf "$site/bin"
+  # what would make two builds of the same tree differ: the wheel's temporary path, console scripts
+  rm -rf "$site/bin" "$site"/*.dist-info/direct_url.json "$site"/*.dist-info/REQUESTED
   printf '#!/opt/venv/bin/python\nfrom orchestrator.cli import app\napp()\n' > "$T/layer/opt/venv/bin/orch"
   chmod 755 "$T/layer/opt/venv/bin/orch"
   find "$T/layer" -exec touch -h -d @0 {} +
