@@ -65,6 +65,7 @@ class CheckReport:
     options: list[MemoryOption] = field(default_factory=list)   # DeepSpeed's estimator, every way to run
     recommendation: str | None = None                            # with gpu_memory_bytes: what fits
     notes: list[str] = field(default_factory=list)
+    autotune: Any | None = None                                  # autotune.AutotuneAnswer (--autotune)
 
 
 def bytes_per_parameter(precision: str) -> tuple[int, int, int]:
@@ -197,13 +198,15 @@ def _preset_from_args(spec: JobSpec) -> Any:
 
 
 def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer: int | None = None,
-              gpu_memory_bytes: float | None = None) -> CheckReport:
+              gpu_memory_bytes: float | None = None, lenient: bool = False, autotune: bool = False) -> CheckReport:
     """Validate the ds_config for the job's world size and estimate memory for every stage.
 
     ``largest_layer`` (parameters of the biggest module) defaults to the bundled preset's;
-    ``gpu_memory_bytes`` adds a recommendation of the least offloading that fits.
+    ``gpu_memory_bytes`` adds a recommendation of the least offloading that fits. ``lenient``
+    lets unknown keys DeepSpeed ignores through as notes; ``autotune`` answers the ds_config's
+    ``autotuning`` section (stage, offload, micro-batch) without trials (autotune.py).
     """
-    from engine.config import ConfigError, load_config
+    from .check_config import load_job_config
 
     report = CheckReport(spec=spec, world_size=spec.world_size)
     offload_opt = offload_par = False
@@ -211,16 +214,13 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
     if ds is None:
         report.notes.append("no ds_config: the trainer uses its defaults (fp32, ZeRO stage 0)")
     else:
-        source = str(spec.ds_config_path() or "ds_config (inline)")
-        try:
-            cfg = load_config(ds, world_size=spec.world_size)
-        except ConfigError as exc:
-            raise UserError(f"{source}:\n{exc}") from None
-        report.batch = cfg.resolve_batch(spec.world_size)
+        cfg, config_notes = load_job_config(spec, ds, lenient=lenient, autotune=autotune)
+        report.notes.extend(config_notes)
+        report.batch = cfg.batch
         report.precision = cfg.precision
         report.stage = cfg.zero_optimization.stage
         report.notes.extend(cfg.migrations)
-        if spec.nodes.elastic:
+        if spec.nodes.elastic and cfg.batch is not None:
             report.notes.extend(_elastic_notes(cfg, spec))
         offload_opt = _offloaded(cfg.zero_optimization.offload_optimizer)
         offload_par = _offloaded(cfg.zero_optimization.offload_param)
@@ -241,6 +241,11 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
         if gpu_memory_bytes:
             report.recommendation = recommend(report.options, gpu_memory_bytes)
             report.notes.append(f"memory: {report.recommendation}")
+    if autotune:
+        from .autotune import answer_for_job
+
+        report.autotune = answer_for_job(spec, cfg if ds is not None else None, report.num_parameters, preset,
+                                         gpu_memory_bytes)
     from .backends.kubernetes.storage import storage_warnings
 
     report.notes.extend(storage_warnings(spec) if spec.kubernetes.image else [])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -85,7 +85,12 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
           params: Annotated[Optional[float], typer.Option(
               help="Model parameter count for the memory estimate (e.g. 1.3e9); default from --model.")] = None,
           gpu_memory_gb: Annotated[Optional[float], typer.Option(
-              "--gpu-memory-gb", help="GPU memory to compare the estimate against (e.g. 80).")] = None) -> None:
+              "--gpu-memory-gb", help="GPU memory to compare the estimate against (e.g. 80).")] = None,
+          lenient: Annotated[bool, typer.Option(
+              help="Unknown ds_config keys DeepSpeed ignores become notes (near-typos stay errors).")] = False,
+          autotune: Annotated[bool, typer.Option(
+              help="Answer the ds_config's autotuning section (ZeRO stage, offload, micro-batch) from the "
+                   "memory estimate, without trials.")] = False) -> None:
     """Validate the spec and its ds_config for the job's world size; estimate memory per ZeRO stage."""
     from .backends import get_backend
     from .check import check_job, human_bytes
@@ -95,7 +100,8 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
         job = load_spec(spec, set_)
         get_backend(_cluster(cluster)).dryrun(job)  # rendering is part of the check (templates, quoting)
         report = check_job(job, num_parameters=int(params) if params else None,
-                           gpu_memory_bytes=gpu_memory_gb * 1e9 if gpu_memory_gb else None)
+                           gpu_memory_bytes=gpu_memory_gb * 1e9 if gpu_memory_gb else None,
+                           lenient=lenient, autotune=autotune)
     except UserError as exc:
         _fail(exc)
     out.print(f"[bold green]OK[/] {spec}: job {job.name!r}, {job.nodes} node(s) x {job.procs_per_node} "
@@ -107,6 +113,10 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
                   f"ZeRO stage {report.stage}")
     for note in report.notes:
         out.print(f"note: {note}")
+    if report.autotune is not None:
+        out.print(f"autotune: {report.autotune.summary()}")
+        for fit in report.autotune.candidates:
+            out.print(f"  {fit.describe()}")
     if report.estimates:
         table = Table(title=f"model states per GPU, {report.num_parameters:,} parameters, "
                             f"{report.world_size} ranks ({report.precision})")
@@ -152,6 +162,7 @@ def submit(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
 
     try:
         job = load_spec(spec, set_)
+        job = _autotuned(job)
         record = jobs.submit(job, _cluster(cluster))
     except UserError as exc:
         _fail(exc)
@@ -159,6 +170,18 @@ def submit(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
               f"run dir {record.run_dir}", markup=True)
     if follow or wait:
         _wait(record.job_id, live=follow)
+
+
+def _autotuned(job: Any) -> Any:
+    """With ``autotuning.enabled`` in the ds_config, the job with orch's answer written in (said on stderr)."""
+    ds = job.ds_config_dict()
+    if not (isinstance(ds, dict) and isinstance(ds.get("autotuning"), dict) and ds["autotuning"].get("enabled")):
+        return job
+    from .autotune import autotuned_spec
+
+    job, answer = autotuned_spec(job)
+    err.print(f"autotuning: using {answer.summary()}")
+    return job
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

@@ -140,7 +140,7 @@ def ignored_features(cfg: Config) -> list[IgnoredFeature]:
 
 def _sections(cfg: Config) -> list[IgnoredFeature]:
     reasons = {
-        "autotuning": "the autotuner is not implemented",
+        "autotuning": "answered before the job starts (orch check --autotune, orch submit), not at run time",
         "eigenvalue": "eigenvalue computation is not implemented",
         "nebula": "Nebula checkpointing is not implemented",
         "datastates": "DataStates checkpointing is not implemented",

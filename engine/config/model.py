@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from pydantic import Field, PrivateAttr
 
+from .autotuning import AutotuningConfig
 from .batch import BatchSizes, batch_for_world_size, resolve_batch
 from .errors import Problem
 from .features import IgnoredFeature, ignored_features, unsupported_problems
@@ -83,7 +84,7 @@ class EngineConfig(Section):
     graph_harvesting: Bool = False
     use_data_before_expert_parallelism: Bool = False
     sequence_parallel_size: Optional[PosInt] = None
-    autotuning: Optional[Opaque] = None
+    autotuning: Optional[AutotuningConfig] = None
     elasticity: Optional[Opaque] = None
     eigenvalue: Optional[Opaque] = None
     progressive_layer_drop: Optional[Opaque] = None

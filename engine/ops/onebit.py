@@ -16,9 +16,6 @@ import torch
 
 from .dispatch import resolve
 
-_SHIFTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
 def check_shape(numel: int, n_chunks: int) -> None:
     if n_chunks <= 0 or numel % n_chunks or (numel // n_chunks) % 8:
         raise ValueError(f"1-bit compression needs equal chunks of a multiple of 8 elements: "
@@ -52,25 +49,51 @@ def unpack_sum(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, fact
 
 
 def compress_torch(x: torch.Tensor, error: torch.Tensor, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    value = x.float() + error.float()
+    value = error.add_(x)                         # the compensated value, built in the error buffer
     chunks = value.view(n_chunks, -1)
-    scales = chunks.square().sum(dim=1).div_(chunks.shape[1]).sqrt_()
+    scales = torch.linalg.vector_norm(chunks, dim=1, dtype=torch.float32).div_(chunks.shape[1] ** 0.5)
     positive = value >= 0
-    signs = torch.where(positive, 1.0, -1.0).view(n_chunks, -1)
-    error.copy_((chunks - scales[:, None] * signs).view(-1))
-    weights = _SHIFTS.to(x.device)
-    bits = (positive.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    bits = pack_signs(positive)
+    signs = positive.view(n_chunks, -1).to(torch.float32).mul_(2.0).sub_(1.0)
+    chunks.addcmul_(signs, scales[:, None].to(chunks.dtype), value=-1.0)   # error = value - scale * sign
     return bits, scales
+
+
+def pack_signs(positive: torch.Tensor) -> torch.Tensor:
+    """Eight booleans to a byte, the first in the high bit: the 8 bytes of each group, read as one
+    little-endian int64, times _PACK puts bit ``b_i`` at bit ``63 - i`` with no carries (every
+    product term lands on its own bit), so the top byte is the packed value."""
+    words = positive.view(torch.uint8).view(-1, 8).contiguous().view(torch.int64).view(-1)
+    return ((words * _PACK) >> 56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def unpack_sum_torch(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, factor: float,
                      accumulate: bool) -> torch.Tensor:
-    n_rows, row_bytes = bits.shape
+    n_rows, _ = bits.shape
     n_chunks = scales.shape[1]
-    on = (bits[:, :, None] & _SHIFTS.to(bits.device)) != 0                       # [rows, bytes, 8]
-    signs = torch.where(on, 1.0, -1.0).view(n_rows, n_chunks, -1)
-    total = (signs * scales[:, :, None]).sum(dim=0).view(-1) * factor
+    table = _sign_table(bits.device)
+    total = None
+    for r in range(n_rows):                       # one row at a time: memory stays at one decoded row
+        signs = torch.nn.functional.embedding(bits[r].long(), table).view(n_chunks, -1)
+        signs.mul_(scales[r][:, None] * factor)
+        total = signs if total is None else total.add_(signs)
+    assert total is not None
+    total = total.view(-1)
     if accumulate:
-        total += out.float()
+        total.add_(out)
     out.copy_(total)
     return out
+
+
+_PACK = sum(1 << (63 - 9 * i) for i in range(8)) - (1 << 64)   # as a signed int64
+_TABLES: dict[str, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """[256, 8]: the +1/-1 signs each byte encodes, high bit first."""
+    key = str(device)
+    if key not in _TABLES:
+        codes = torch.arange(256)
+        on = (codes[:, None] >> torch.arange(7, -1, -1)) & 1
+        _TABLES[key] = (on.to(torch.float32) * 2 - 1).to(device)
+    return _TABLES[key]
