@@ -163,7 +163,7 @@ orch_layer() {  # orch's wheel of the working tree as a thin layer (deterministi
   else
     rsync -a --exclude .venv --exclude .git --exclude build --exclude runs "$REPO/" "$T/src/"
   fi
-  host_pip wheel -q --no-deps --no-build-isolation -w "$T/wheel" "$T/src" >/dev/null
+  host_pip wheel -q --no-deps -w "$T/wheel" "$T/src" 2>&1 | grep -v "is ignored" >&2 || true
   local site=$T/layer/opt/venv/lib/python3.11/site-packages
   orch_requirements "$T/src" > "$T/requirements.txt"
   host_pip install -q --no-compile --target "$site" -r "$T/requirements.txt" 2>&1 | grep -v 'is ignored' >&2 || true
