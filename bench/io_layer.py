@@ -4,8 +4,9 @@ Each round writes a file of ``--gib`` GiB and reads it back cold (the page cache
 the file with ``posix_fadvise(DONTNEED)`` after an fsync), once per method, interleaved:
 
 * ``dd``: ``dd bs=8M oflag=direct conv=fsync`` / ``iflag=direct`` (the disk's direct bandwidth);
-* ``orch io``: ``engine.io.StreamWriter`` (staging copy, xxh3-128 per block in the I/O threads,
-  O_DIRECT writes, fsync) and ``IOPool.submit_read`` of the whole file into one aligned buffer;
+* ``orch io``: ``engine.io.StreamWriter`` from page-aligned memory (as an async save's snapshot:
+  no staging copy; xxh3-128 per block in the I/O threads, O_DIRECT writes, fsync) and
+  ``IOPool.submit_read`` of the whole file into one aligned buffer;
 * ``mmap``: ``torch.UntypedStorage.from_file(shared=True)``, a copy in and ``fsync`` / a copy out.
 
 Also tried for the record (BENCHMARKS.md): the PyPI io_uring binding ``liburing`` 2026.3.30 takes
@@ -51,7 +52,8 @@ def _methods(path: Path, nbytes: int) -> dict[str, Callable[[], float]]:
 
     from engine.io import IOPool, DirectFile, StreamWriter, aligned_empty, byte_view
 
-    source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    source = aligned_empty(nbytes)       # as an async save's snapshot arena: page-aligned host memory
+    source.copy_(torch.randint(0, 255, (nbytes,), dtype=torch.uint8))
     target = aligned_empty(nbytes)
     pool = IOPool()
     count = nbytes // BLOCK

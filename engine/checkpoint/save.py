@@ -25,13 +25,14 @@ to a background thread (async_save.py); the next save (or load) waits for it.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -64,6 +65,7 @@ class SaveJob:
     save_latest: bool = True
     keep: Optional[int] = None
     hasher: TreeHash = field(default_factory=TreeHash)       # checksum algorithm of every file
+    ready: Optional[Callable[[], None]] = None               # async: waits for the snapshot copies
 
     @property
     def tmp(self) -> Path:
@@ -165,7 +167,7 @@ def _collect(engine: Any, job: SaveJob, client_state: dict[str, Any], snapshot: 
     keys, groups = _optimizer_state(opt)
     arena = snapshot_arena(engine) if snapshot else None
     copy_ = arena.copy if arena is not None else _as_is
-    job.files = _shard_files(opt, keys, job.rank, copy_)
+    job.files = _shard_files(opt, keys, job.rank, functools.partial(arena.copy, deferred=True) if arena else copy_)
     if job.rank == 0:
         extras = [(n, whole.get(id(t), t)) for n, t in names.extras
                   if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
@@ -174,7 +176,8 @@ def _collect(engine: Any, job: SaveJob, client_state: dict[str, Any], snapshot: 
             job.files[EXTRA_FILE] = ("extra", entries)
         job.header = _header(engine, job, names, extras, keys, groups, client_state, snapshot)
     if arena is not None:
-        arena.ready()
+        arena.start(opt.optimizer)
+        job.ready = arena.wait
 
 
 def snapshot_arena(engine: Any) -> SnapshotArena:
@@ -408,6 +411,8 @@ def _check_plain(client_state: Mapping[str, Any]) -> None:
 
 def write_shards(job: SaveJob) -> dict[str, dict[str, Any]]:
     """Write and fsync this rank's files into ``<tag>.tmp``; returns their manifest records."""
+    if job.ready is not None:
+        job.ready()
     records = {}
     for name, (kind, entries) in job.files.items():
         meta = {"format": "pt", "producer": "orch", "kind": kind, "rank": str(job.rank)}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .aligned import ALIGN, BufferPool, byte_view, round_up
-from .files import DirectFile
+from .files import DirectFile, _address
 from .hashing import TreeHash
 from .pool import IOPool, shared_pool
 
@@ -50,6 +50,7 @@ class StreamWriter:
         piece), so it is copied into the staging block now instead of by the I/O thread."""
         source = _source(data)
         pos, total = 0, len(source)
+        pos = self._write_in_place(source) if not reused else 0
         while pos < total:
             n = min(total - pos, self.block - self._fill)
             if self._buf is None:
@@ -63,6 +64,27 @@ class StreamWriter:
             pos += n
             if self._fill == self.block:
                 self._flush()
+
+    def _write_in_place(self, source: Any) -> int:
+        """Whole blocks of a page-aligned source at a block boundary go to the disk straight from
+        the source (no staging copy); returns how many bytes were handled so."""
+        if self._fill or not isinstance(source, memoryview) or len(source) < self.block:
+            return 0
+        address = _address(source)
+        if address is None or address % ALIGN:
+            return 0
+        done = len(source) // self.block * self.block
+        for lo in range(0, done, self.block):
+            piece = source[lo:lo + self.block]
+            self._pending.append(self.pool.call(self._hash_write, piece, self._index * self.block))
+            self._index += 1
+        self.bytes += done
+        return done
+
+    def _hash_write(self, view: memoryview, offset: int) -> bytes:
+        leaf = self.hasher.leaf(view)
+        self.file.write(view, offset)
+        return leaf
 
     def _flush(self) -> None:
         if self._fill == 0:

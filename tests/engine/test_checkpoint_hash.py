@@ -97,3 +97,18 @@ def test_block_digests_do_not_depend_on_how_the_bytes_arrived(direct: bool, tmp_
     assert hash_file(tmp_path / "out.bin", hasher) == (len(expected), record["digest"])
     leaves = [hasher.leaf(data[i:i + hasher.block]) for i in range(0, len(data), hasher.block)]
     assert record["digest"] == hasher.root(leaves) and record["hash"] == "xxh3_128"
+
+
+def test_page_aligned_memory_is_written_in_place_with_the_same_digest(tmp_path: Path) -> None:
+    from engine.io import aligned_empty
+
+    hasher = TreeHash(block=64 << 10)
+    source = aligned_empty(3 * hasher.block + 1000)      # whole blocks straight from it, then the tail staged
+    source.copy_(torch.randint(0, 255, (source.numel(),), dtype=torch.uint8))
+    writer = StreamWriter(tmp_path / "out.bin", hasher=hasher)
+    writer.write(source)
+    writer.write(b"tail")
+    record = writer.close()
+    data = (tmp_path / "out.bin").read_bytes()
+    assert data == source.numpy().tobytes() + b"tail"
+    assert hash_file(tmp_path / "out.bin", hasher) == (len(data), record["digest"])
