@@ -84,3 +84,32 @@ def test_restart_workers_kills_the_workers_but_not_the_agent(tmp_path: Path) -> 
     assert agent.wait(timeout=60) == 128 + signal.SIGTERM
     time.sleep(0.2)
     assert not alive(child)
+
+
+def test_orch_render_shows_one_ssh_call_per_host(tmp_path: Path) -> None:
+    """The plan `orch render --cluster ssh` prints, without connecting anywhere."""
+    from orchestrator.backends import get_backend
+    from orchestrator.errors import UserError
+    from orchestrator.spec import load_spec
+    from tests.shared_env import REPO
+
+    example = REPO / "examples" / "tiny-gpt-ssh.yaml"
+    rendered = get_backend("ssh").dryrun(load_spec(example))
+    calls = [line for line in rendered.text.splitlines() if line.startswith("ssh ")]
+    assert [c.split(" -- ")[1].split()[0] for c in calls] == ["worker-0", "worker-1", "worker-2"]
+    assert "is_host=true" in calls[0] and all("is_host=false" in c for c in calls[1:])
+    assert all("--rdzv-endpoint=worker-0:" in c and "--nnodes=2:3" in c for c in calls)
+
+    (tmp_path / "gpus").write_text("a slots=4\nb slots=4\n")
+    spec = load_spec(example, [f"ssh.hostfile={tmp_path / 'gpus'}", "ssh.include=a:1,3@b:0,2", "nodes=2",
+                               "gpus_per_node=2", "procs_per_node=2"])
+    request = get_backend("ssh").dryrun(spec).request
+    assert [h["name"] for h in request["hosts"]] == ["a", "b"]
+    assert "CUDA_VISIBLE_DEVICES=1,3" in request["hosts"][0]["argv"][-1]
+    assert "CUDA_VISIBLE_DEVICES=0,2" in request["hosts"][1]["argv"][-1]
+    with pytest.raises(UserError, match="nodes: 3 needs 3 hosts but the hostfile .* has 2: a, b"):
+        get_backend("ssh").dryrun(load_spec(example, [f"ssh.hostfile={tmp_path / 'gpus'}", "nodes=3"]))
+    with pytest.raises(UserError, match="ssh: include and exclude are mutually exclusive"):
+        load_spec(example, ["ssh.include=worker-0", "ssh.exclude=worker-1"])
+    with pytest.raises(UserError, match="ssh.hostfile: required for --cluster ssh"):
+        get_backend("ssh").dryrun(load_spec(REPO / "examples" / "tiny-gpt-zero2.yaml"))
