@@ -108,9 +108,20 @@ def _open_verified(ckpt_dir: Path, group: Group,
     if problem:
         return None, problem
     names = sorted(n for n, rec in manifest["files"].items() if with_optimizer or rec.get("kind") != "optimizer")
-    mine = [file_problem(ckpt_dir, n, manifest["files"][n]) for n in names[group.rank::group.world_size]]
+    mine = [file_problem(ckpt_dir, n, manifest["files"][n], keep_in_cache=True)
+            for n in _verified_by(names, manifest, group.rank, group.world_size)]
     problems = [p for found in group.all_gather([p for p in mine if p]) for p in found]
     return manifest, "; ".join(problems) or None
+
+
+def _verified_by(names: list[str], manifest: Mapping[str, Any], rank: int, world: int) -> list[str]:
+    """The files ``rank`` checks: at the saved world size a rank's own shards (it reads them next,
+    from the page cache the check filled), the others round-robin; every file exactly once."""
+    same_world = manifest.get("world_size") == world
+    owned = {n: manifest["files"][n].get("rank") for n in names if manifest["files"][n].get("kind") in
+             ("master", "optimizer")} if same_world else {}
+    rest = [n for n in names if n not in owned]
+    return [n for n, r in owned.items() if r == rank] + rest[rank::world]
 
 
 # -- restoring ------------------------------------------------------------------------------------
@@ -286,8 +297,8 @@ class _Files:
 
     def read(self, name: str, offset: int, view: memoryview) -> None:
         file = self.files.get(name)
-        if file is None:
-            file = self.files[name] = DirectFile(self.root / name, "r")
+        if file is None:     # through the page cache: the checksum pass has just read these files
+            file = self.files[name] = DirectFile(self.root / name, "r", direct=False)
         self.requests.append((name, self.pool.submit_read(file, view, offset)))
 
     def wait(self) -> None:

@@ -167,13 +167,14 @@ def sha256_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def file_problem(ckpt_dir: Path, name: str, record: Mapping[str, Any]) -> Optional[str]:
-    """None when ``name`` has the size and checksum the manifest records, else what is wrong."""
+def file_problem(ckpt_dir: Path, name: str, record: Mapping[str, Any], keep_in_cache: bool = False) -> Optional[str]:
+    """None when ``name`` has the size and checksum the manifest records, else what is wrong.
+    ``keep_in_cache``: the caller reads the file next (see ``engine.io.hash_file``)."""
     path = Path(ckpt_dir) / name
     try:
         if "hash" in record:
             hasher = TreeHash.of_record(dict(record))
-            size, digest = hash_file(path, hasher)
+            size, digest = hash_file(path, hasher, keep_in_cache=keep_in_cache)
             expected, algorithm = record["digest"], hasher.algorithm
         else:                                   # format 1: a flat sha256 of the file
             size, digest = sha256_file(path)

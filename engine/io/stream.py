@@ -205,10 +205,14 @@ def _staging(count: int, block: int, torch_free: bool = False) -> BufferPool:
         return pool
 
 
-def hash_file(path: Path | str, hasher: TreeHash, pool: Optional[IOPool] = None) -> tuple[int, str]:
-    """``(size, digest)`` of a file as ``StreamWriter`` computes it, blocks read on the pool's threads."""
+def hash_file(path: Path | str, hasher: TreeHash, pool: Optional[IOPool] = None,
+              keep_in_cache: bool = False) -> tuple[int, str]:
+    """``(size, digest)`` of a file as ``StreamWriter`` computes it, blocks read on the pool's threads.
+
+    ``keep_in_cache``: read through the page cache (a load that reads the file again right after
+    verifying it then reads the disk once); otherwise O_DIRECT where possible."""
     pool = pool or shared_pool()
-    with DirectFile(path, "r") as file:
+    with DirectFile(path, "r", direct=not keep_in_cache) as file:
         size = file.size()
         count = -(-size // hasher.block)
         buffers = _staging(pool.threads + 1, hasher.block, torch_free=True)
