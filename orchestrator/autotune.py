@@ -204,10 +204,11 @@ def _host_memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def answer_for_job(spec: Any, cfg: Any, num_parameters: Optional[int], preset: Any,
-                   gpu_memory_bytes: Optional[float]) -> AutotuneAnswer:
-    """The answer for a job: its ds_config's ``autotuning`` section (DeepSpeed's defaults when
-    absent), the bundled preset's shape or ``autotuning.model_info``, and one device's memory."""
+def answer_for_report(report: Any, gpu_memory_bytes: Optional[float]) -> AutotuneAnswer:
+    """The answer for a checked job (``check_job(..., autotune=True)``): its ds_config's
+    ``autotuning`` section (DeepSpeed's defaults when absent), the bundled preset's shape or
+    ``autotuning.model_info``, and one device's memory."""
+    spec, cfg, num_parameters, preset = report.spec, report.config, report.num_parameters, report.preset
     if cfg is None:
         raise UserError("autotuning needs a ds_config (the answer is written into it)")
     if cfg.autotuning is None:
@@ -228,8 +229,7 @@ def autotuned_spec(spec: Any) -> tuple[Any, AutotuneAnswer]:
     """``spec`` with its ds_config replaced by the answered one (inline), and the answer."""
     from .check import check_job
 
-    report = check_job(spec, autotune=True)
-    answer = report.autotune
+    answer = answer_for_report(check_job(spec, autotune=True), None)
     ds = spec.ds_config_dict()
     mappings = (ds.get("autotuning") or {}).get("arg_mappings")
     tuned, args = answer.apply(ds, list(spec.args), mappings)

@@ -66,6 +66,8 @@ class CheckReport:
     recommendation: str | None = None                            # with gpu_memory_bytes: what fits
     notes: list[str] = field(default_factory=list)
     autotune: Any | None = None                                  # autotune.AutotuneAnswer (--autotune)
+    config: Any | None = None                                    # the loaded EngineConfig
+    preset: Any | None = None                                    # the bundled trainer's model preset
 
 
 def bytes_per_parameter(precision: str) -> tuple[int, int, int]:
@@ -203,8 +205,8 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
 
     ``largest_layer`` (parameters of the biggest module) defaults to the bundled preset's;
     ``gpu_memory_bytes`` adds a recommendation of the least offloading that fits. ``lenient``
-    lets unknown keys DeepSpeed ignores through as notes; ``autotune`` answers the ds_config's
-    ``autotuning`` section (stage, offload, micro-batch) without trials (autotune.py).
+    lets unknown keys DeepSpeed ignores through as notes; ``autotune`` leaves "auto" batch sizes
+    for autotune.py's answer (``answer_for_report``), which reads the report.
     """
     from .check_config import load_job_config
 
@@ -215,6 +217,7 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
         report.notes.append("no ds_config: the trainer uses its defaults (fp32, ZeRO stage 0)")
     else:
         cfg, config_notes = load_job_config(spec, ds, lenient=lenient, autotune=autotune)
+        report.config = cfg
         report.notes.extend(config_notes)
         report.batch = cfg.batch
         report.precision = cfg.precision
@@ -228,7 +231,7 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
             report.notes.append(f"offload: optimizer={'cpu' if offload_opt else 'none'}, "
                                 f"param={'cpu' if offload_par else 'none'}")
     report.num_parameters = num_parameters or model_parameters_from_args(spec)
-    preset = _preset_from_args(spec)
+    preset = report.preset = _preset_from_args(spec)
     report.largest_layer_parameters = largest_layer or (largest_layer_parameters(preset) if preset else None)
     if report.num_parameters:
         report.estimates = [
@@ -241,11 +244,6 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
         if gpu_memory_bytes:
             report.recommendation = recommend(report.options, gpu_memory_bytes)
             report.notes.append(f"memory: {report.recommendation}")
-    if autotune:
-        from .autotune import answer_for_job
-
-        report.autotune = answer_for_job(spec, cfg if ds is not None else None, report.num_parameters, preset,
-                                         gpu_memory_bytes)
     from .backends.kubernetes.storage import storage_warnings
 
     report.notes.extend(storage_warnings(spec) if spec.kubernetes.image else [])

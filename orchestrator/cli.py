@@ -102,6 +102,10 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
         report = check_job(job, num_parameters=int(params) if params else None,
                            gpu_memory_bytes=gpu_memory_gb * 1e9 if gpu_memory_gb else None,
                            lenient=lenient, autotune=autotune)
+        if autotune:
+            from .autotune import answer_for_report
+
+            report.autotune = answer_for_report(report, gpu_memory_gb * 1e9 if gpu_memory_gb else None)
     except UserError as exc:
         _fail(exc)
     out.print(f"[bold green]OK[/] {spec}: job {job.name!r}, {job.nodes} node(s) x {job.procs_per_node} "

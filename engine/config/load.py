@@ -45,11 +45,7 @@ def load_config(source: Any, *, world_size: int | None = None,
     if auto_values is not None and not isinstance(auto_values, Mapping):
         raise ConfigError([ConfigProblem("auto_values", f"must be a mapping, got {type(auto_values).__name__}")],
                           label)
-    strict = raw.pop("strict", True)
-    if not isinstance(strict, bool):
-        raise ConfigError([ConfigProblem("strict", f"must be true or false, got {strict!r}",
-                                         "false turns unknown keys that are not near-typos into warnings")], label)
-    lenient = lenient or not strict
+    lenient = _strict_switch(raw, label) is False or lenient
     notes, deprecations, problems = migrate(raw)
     for message in deprecations:
         warnings.warn(message, ConfigDeprecationWarning, stacklevel=2)
@@ -57,15 +53,8 @@ def load_config(source: Any, *, world_size: int | None = None,
     left: set[str] = set()
     filled, derived, auto_problems = resolve_auto(raw, auto_values, leave=program_fills_auto, left=left)
     problems += auto_problems
-    cfg, validation = _validate(raw, filled)
-    ignored: list[ConfigProblem] = []
-    if lenient:
-        ignored = [p for p in validation if _ignorable(p)]
-        if ignored:
-            for p in ignored:
-                _delete_path(raw, p.path)
-            cfg, validation = _validate(raw, filled)
-    problems += [_with_lenient_hint(p) if _ignorable(p) else p for p in validation]
+    cfg, ignored, validation = _validate_leniently(raw, filled, lenient)
+    problems += validation
     if problems or cfg is None:
         raise ConfigError(problems, label)
     cfg._ignored_unknown = [f"{p.path}: unknown key ignored (lenient); {p.hint}" for p in ignored]
@@ -75,14 +64,40 @@ def load_config(source: Any, *, world_size: int | None = None,
     cfg._auto_derived = derived
     cfg._auto_left = frozenset(left)
     if world_size is not None:
-        try:
-            if not left.intersection(BATCH_KEYS):
-                cfg._batch = cfg.resolve_batch(world_size)
-            elif cfg.train_batch_size is not None:
-                cfg.resolve_batch(world_size)   # the rule as far as the known values go; sizes stay unknown
-        except ConfigError as exc:
-            raise ConfigError(exc.problems, label) from None
+        _resolve_batch(cfg, world_size, left, label)
     return cfg
+
+
+def _strict_switch(raw: dict[str, Any], label: str | None) -> bool:
+    """The ds_config's own top-level ``"strict"`` (removed from ``raw``; DeepSpeed ignores the key)."""
+    strict = raw.pop("strict", True)
+    if not isinstance(strict, bool):
+        raise ConfigError([ConfigProblem("strict", f"must be true or false, got {strict!r}",
+                                         "false turns unknown keys that are not near-typos into warnings")], label)
+    return strict
+
+
+def _validate_leniently(raw: dict[str, Any], filled: dict[str, str], lenient: bool
+                        ) -> tuple[EngineConfig | None, list[ConfigProblem], list[ConfigProblem]]:
+    """(config, the unknown keys ignored, the problems left); leniently, ignorable keys are
+    dropped and the rest validated again."""
+    cfg, validation = _validate(raw, filled)
+    ignored = [p for p in validation if _ignorable(p)] if lenient else []
+    if ignored:
+        for p in ignored:
+            _delete_path(raw, p.path)
+        cfg, validation = _validate(raw, filled)
+    return cfg, ignored, [_with_lenient_hint(p) if _ignorable(p) else p for p in validation]
+
+
+def _resolve_batch(cfg: EngineConfig, world_size: int, left: set[str], label: str | None) -> None:
+    try:
+        if not left.intersection(BATCH_KEYS):
+            cfg._batch = cfg.resolve_batch(world_size)
+        elif cfg.train_batch_size is not None:
+            cfg.resolve_batch(world_size)   # the rule as far as the known values go; sizes stay unknown
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, label) from None
 
 
 class ConfigLenientWarning(UserWarning):
