@@ -13,7 +13,6 @@ directory, the highest step it has written; after a restart it skips events up t
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,15 +20,17 @@ from typing import Any, Protocol
 
 Event = tuple[str, Any, int]  # (name, value, step): DeepSpeed's tensorboard-style event
 
-log = logging.getLogger("engine.monitor")
 _warned: set[str] = set()
 
 
 def warn_once(key: str, message: str) -> None:
-    """Log ``message`` as a warning once per process (a missing client must not flood the log)."""
+    """Log ``message`` as a warning once per process (a missing client must not flood the log),
+    through the engine's logger (rank 0's console, stderr)."""
     if key not in _warned:
         _warned.add(key)
-        log.warning(message)
+        from engine.log import get_logger
+
+        get_logger("engine.monitor").warning(message)
 
 
 class Monitor(Protocol):

@@ -75,7 +75,7 @@ class CommsLogger:
         self.prof_all, self.prof_ops = bool(section.prof_all), list(section.prof_ops)
         self.comm = comm
         self.times: dict[tuple[str, int], OpTimes] = {}
-        self._out = out or (lambda line: print(line, flush=True))
+        self._out = out or _engine_log
         self._sync = _device_sync(comm)
         self._ledger_start = comm.ledger.by_op()  # what moved before the logger started (model broadcast)
         for method, op in TIMED_METHODS.items():
@@ -183,6 +183,12 @@ def format_summary(rows: list[dict[str, Any]], ledger_by_op: dict[str, dict[str,
         lines.append(f"{key: <24}{e['calls']: <24}{e['elements']: <24}{human_size(e['bytes_sent']): <24}"
                      f"{human_size(e['bytes_received']): <24}")
     return "\n".join(lines)
+
+
+def _engine_log(text: str) -> None:
+    from engine.log import get_logger
+
+    get_logger("engine.monitor").info(text)
 
 
 def _device_sync(comm: Any) -> Callable[[], None] | None:

@@ -97,7 +97,9 @@ def write_report(p: StepProfile, section: Any, out: Callable[[str], None] | None
     elif out is not None:
         out(text)
     else:
-        print(text, flush=True)
+        from engine.log import get_logger
+
+        get_logger("engine.monitor").info(text)
     return text
 
 
