@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import activation_checkpointing
-from .comm import Comm, get_local_rank, init_distributed
+from .comm import Comm, init_distributed, select_device
 from .config import ConfigError, ConfigProblem, EngineConfig, load_config
 from .engine import Engine
 from .log import get_logger
@@ -68,9 +68,10 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
     comm = Comm()
     cfg = load_config(source, world_size=comm.world_size)
     _log_config_notes(cfg, comm)
-    device = torch.device(f"cuda:{get_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    device = select_device()   # also when the script made the process group itself
     policy = precision_policy(cfg.precision)
     if cfg.zero_optimization.stage < 3:
+        model.to(device=device)    # the Init pieces are gathered on the group's device (NCCL: the GPU)
         materialize(model, comm)   # built under engine.zero.Init: stages 0-2 need the whole model
     model.to(device=device, dtype=policy.model_dtype if policy.mixed else None)
     groups = _param_groups(model, optimizer, model_parameters)

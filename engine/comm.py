@@ -19,6 +19,7 @@ The choice is the ``CollectivePlan`` table below; ``Comm`` applies it. With no p
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,7 +34,8 @@ from .log import get_logger
 
 __all__ = [
     "CollectivePlan", "Comm", "CommLedger", "DistributedSetupError", "Handle", "PLANS", "default_backend",
-    "get_local_rank", "get_rank", "get_world_size", "init_distributed", "ledger",
+    "get_local_rank", "get_rank", "get_world_size", "init_distributed", "ledger", "select_device",
+    "shutdown_distributed",
 ]
 
 ReduceKind = Literal["all_reduce", "reduce_to_owner"]
@@ -126,13 +128,61 @@ def init_distributed(dist_backend: Optional[str] = None, auto_mpi_discovery: boo
         env.setdefault("MASTER_PORT", str(distributed_port))
         init_method = "env://"
     backend = dist_backend or default_backend()
-    if backend == "nccl":
-        torch.cuda.set_device(get_local_rank())
-    kwargs = {"timeout": timeout} if timeout is not None else {}
+    kwargs: dict[str, object] = {"timeout": timeout} if timeout is not None else {}
+    if backend == "nccl":   # this rank's GPU, known to NCCL from the start (no guessing on GPU 0)
+        kwargs["device_id"] = select_device()
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
                             world_size=world_size, **kwargs)
+    _destroy_at_exit()
     if verbose:  # rank 0 prints it (engine/log.py)
         get_logger().info(f"process group ready: backend={backend} world_size={world_size}")
+
+
+def select_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` made current (so every rank of a node does not land on GPU 0), or the CPU.
+
+    ``initialize`` calls it too: a script that made its process group itself may not have."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", get_local_rank() % max(1, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group in order: wait for this rank's queued device work, then destroy it.
+
+    Why: a process that exits with its group alive has the group destroyed during interpreter
+    finalization, while gloo's worker threads may still hold finished work objects whose tensors
+    need the (already gone) interpreter to be freed: a SIGABRT ``terminate called without an
+    active exception`` after a run that trained well, now and then, more often on a loaded
+    machine. Destroying the group while the interpreter is whole avoids it. The bundled trainer
+    calls this after its last step (after a barrier, so no rank leaves while another still
+    talks to it); ``init_distributed`` also registers it to run at exit for user scripts.
+    """
+    if not _initialized():
+        return
+    if torch.cuda.is_available() and str(dist.get_backend()) == "nccl":
+        torch.cuda.synchronize()
+    dist.destroy_process_group()
+
+
+_EXIT_HOOKED = False
+
+
+def _destroy_at_exit() -> None:
+    global _EXIT_HOOKED
+    if not _EXIT_HOOKED:
+        atexit.register(_exit_handler)   # atexit runs after non-daemon threads (async saves) are joined
+        _EXIT_HOOKED = True
+
+
+def _exit_handler() -> None:
+    """At exit, destroy a gloo group the script left alive (destroying gloo's group is local and
+    cannot hang). An NCCL group is left to torch: destroying it while a failed peer is inside a
+    collective can block, and torch only warns about a leftover NCCL group."""
+    if _initialized() and str(dist.get_backend()) != "nccl":
+        shutdown_distributed()
 
 
 class Handle:
@@ -167,6 +217,13 @@ class Comm:
         self.plan = plan or PLANS.get(self.backend, _FALLBACK_PLAN)
         self.active = self.enabled and self.world_size > 1
         self.ledger = book or ledger
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives need their tensors: the current GPU on NCCL, else the CPU."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def _note(self, op: str, tensor: torch.Tensor, peer: int = 0) -> None:
         self.ledger.record(op, tensor, self.world_size, self.rank, peer=peer)

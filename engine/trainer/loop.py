@@ -76,7 +76,25 @@ def train(args: TrainerArgs) -> int:
         run.monitor.close()
     run.metrics.status("finished", step=total, total_steps=total, world_size=run.world_size,
                        restart_count=restart_count())
+    leave_process_group(run)
     return 0
+
+
+def leave_process_group(run: Run) -> None:
+    """After a run that finished: the last checkpoint written, every rank done, then the group
+    destroyed while the interpreter is whole (engine.comm.shutdown_distributed says why: a group
+    left to interpreter exit aborts a rank now and then). Only on success: after a failure the
+    other ranks may still be inside a collective, and the exit itself ends this rank's part."""
+    import torch.distributed as dist
+
+    from engine.comm import shutdown_distributed
+
+    wait = getattr(run.engine, "wait_for_checkpoint", None)
+    if callable(wait):
+        wait()
+    if dist.is_initialized():
+        dist.barrier()
+    shutdown_distributed()
 
 
 def setup(args: TrainerArgs) -> Run:
@@ -89,7 +107,7 @@ def setup(args: TrainerArgs) -> Run:
     import engine
 
     prepare_distributed(args)
-    engine.init_distributed()
+    engine.init_distributed(timeout=collective_timeout(args.watchdog_timeout))
     rank, world = _rank_and_world()
     run_dir = resolve_run_dir(args.run_dir, rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -117,6 +135,20 @@ def setup(args: TrainerArgs) -> Run:
                          f"run dir {run_dir}")
     return Run(args, model_engine, source, GlobalBatchSampler(micro * accum * world), checkpointer,
                monitor, rank, world, model_engine.device, micro, accum, log_every)
+
+
+def collective_timeout(watchdog_s: float) -> Any:
+    """The process group's per-collective timeout: longer than the hang watchdog and its grace period.
+
+    With NCCL's default (10 minutes) equal to the watchdog's, NCCL aborted the stuck collective
+    first and the watchdog's stack and flight-recorder dumps were lost. None (torch's default)
+    when the watchdog is off."""
+    from datetime import timedelta
+
+    if watchdog_s <= 0:
+        return None
+    grace = min(30.0, max(5.0, watchdog_s / 2))   # the watchdog's own grace period (watchdog.py)
+    return timedelta(seconds=max(600.0, watchdog_s + 2 * grace + 90))
 
 
 @dataclass
@@ -159,6 +191,7 @@ def _maybe_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
     if due:
         with run.monitor.phase("checkpoint", step):
             run.checkpointer.save(run.engine, step, state)
+        run.monitor.beat(step)   # a long save is progress, not a hang
 
 
 def train_step(run: Run, step: int) -> Any:

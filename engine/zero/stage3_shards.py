@@ -84,17 +84,23 @@ def full_from_shards(p: torch.Tensor, comm: Comm) -> torch.Tensor:
     if info.world != comm.world_size:
         raise RuntimeError(f"a parameter was partitioned by engine.zero.Init over {info.world} ranks but the "
                            f"process group has {comm.world_size}; build the model in the same process group")
-    piece = info.piece.to(p.device)
-    out = torch.empty(piece.numel() * info.world, dtype=piece.dtype, device=p.device)
+    device = comm.device if comm.active else p.device
+    piece = info.piece.to(device)
+    out = torch.empty(piece.numel() * info.world, dtype=piece.dtype, device=device)
     comm.all_gather_into(out, piece)
-    return out[:info.numel].view(info.shape)
+    return out[:info.numel].view(info.shape).to(p.device)
 
 
 @torch.no_grad()
 def partition_param(p: torch.Tensor, comm: Comm, remote: Optional[torch.device], dtype: Optional[torch.dtype],
                     stats: InitStats) -> None:
-    """Keep this rank's piece of ``p`` (rank 0's values) and empty its data."""
-    full = p.data.contiguous()
+    """Keep this rank's piece of ``p`` (rank 0's values) and empty its data.
+
+    The whole value is broadcast on the group's device (NCCL refuses host tensors), so a model
+    built on the CPU under ``Init`` keeps its pieces on the GPU, as DeepSpeed's does, unless
+    ``remote_device`` says otherwise."""
+    home = p.data.device
+    full = p.data.to(comm.device if comm.active else home).contiguous()
     comm.broadcast(full, src=0)
     size = math.ceil(full.numel() / comm.world_size) if full.numel() else 0
     target = dtype if dtype is not None and full.is_floating_point() else full.dtype
@@ -103,13 +109,13 @@ def partition_param(p: torch.Tensor, comm: Comm, remote: Optional[torch.device],
     _cut(p, full)
     stats.note(full.numel() * full.element_size(), piece.numel() * piece.element_size())
     mark_partitioned(p, full.shape)
-    p.data = torch.empty(0, dtype=target, device=full.device)
+    p.data = torch.empty(0, dtype=target, device=full.device if comm.active else home)
 
 
 @torch.no_grad()
 def keep_piece(p: torch.Tensor, whole: torch.Tensor, comm: Comm, src: int = 0) -> None:
     """Rank ``src``'s ``whole`` value of ``p`` becomes everyone's pieces (after an in-place change)."""
-    whole = whole.contiguous()
+    whole = whole.to(comm.device if comm.active else whole.device).contiguous()
     comm.broadcast(whole, src=src)
     _cut(p, whole)
 
