@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import UserError
 
@@ -140,17 +141,24 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
 
 
 @app.command()
-def doctor() -> None:
+def doctor(nvme_path: Annotated[Optional[Path], typer.Option(
+        "--nvme-path", help="Also measure this directory's direct read/write bandwidth (NVMe offload's "
+                            "nvme_path; a few seconds, a 512 MiB scratch file).")] = None) -> None:
     """Report what this machine can run: torch, CUDA/NCCL/gloo, Triton kernels, Slurm, Kubernetes, Helm."""
     from .doctor import run_probes
 
     probes = run_probes()
+    if nvme_path is not None:
+        from .doctor_storage import nvme_probe
+
+        probes.append(nvme_probe(nvme_path))
     table = Table(title="orch doctor")
-    for col in ("component", "status", "detail"):
-        table.add_column(col)
+    for col in ("component", "status"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("detail", overflow="fold")  # a long path folds, never "…"
     for p in probes:
-        status = "[green]OK[/]" if p.ok else ("[yellow]MISSING[/]" if p.optional else "[red]MISSING[/]")
-        table.add_row(p.name, status, p.detail)
+        colour = "green" if p.ok else ("yellow" if p.optional else "red")
+        table.add_row(p.name, f"[{colour}]{p.status}[/]", Text(p.detail))
     out.print(table)
     if any(not p.ok and not p.optional for p in probes):
         raise typer.Exit(1)
@@ -291,28 +299,29 @@ def plot(jobs: Annotated[list[str], typer.Argument(help="Job ids (see `orch list
 
 @app.command(name="list")
 def list_jobs(all_: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = True,
-              refresh: Annotated[bool, typer.Option(help="Ask the clusters for current states first.")] = True) -> None:
-    """List submitted jobs (newest first)."""
-    import datetime as _dt
-
-    from . import jobs
+              refresh: Annotated[bool, typer.Option(help="Ask the clusters for current states first.")] = True,
+              output: Annotated[str, typer.Option(
+                  "--output", "-o", help="table (for people), plain (tab-separated: job id, cluster, state, "
+                                         "restarts, submitted, native id, detail) or json.")] = "table",
+              plain: Annotated[bool, typer.Option("--plain", help="Same as -o plain.")] = False) -> None:
+    """List submitted jobs (newest first). Job ids are never shortened; -o json / --plain for scripts."""
+    from . import joblist, jobs
     from .registry import Registry
 
+    fmt = "plain" if plain else output
     try:
+        if fmt not in joblist.OUTPUTS:
+            raise UserError(f"--output {fmt!r} is not one of {', '.join(joblist.OUTPUTS)}; e.g. -o json")
         registry = Registry()
         records = registry.list(include_finished=all_)
         if refresh:
             records = jobs.refresh(records, registry)
     except UserError as exc:
         _fail(exc)
-    table = Table(title=f"jobs in {registry.path}")
-    for col in ("job id", "cluster", "state", "restarts", "submitted", "native id", "detail"):
-        table.add_column(col)
-    for r in records:
-        table.add_row(r.job_id, r.cluster, r.state.value, str(r.restarts),
-                      _dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M"), r.native_id,
-                      r.detail[:60])
-    out.print(table)
+    if fmt == "table":
+        joblist.print_table(out, records, f"jobs in {registry.path}")
+    else:
+        sys.stdout.write(joblist.plain_text(records) if fmt == "plain" else joblist.json_text(records))
 
 
 @app.command()

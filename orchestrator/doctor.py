@@ -1,16 +1,18 @@
 """``orch doctor``: what this machine can run, like DeepSpeed's ``ds_report`` but for orch.
 
-Each probe is independent and never raises: a missing piece is a MISSING row with the reason
-and what to do, so the report itself always prints.
+Each probe is independent and never raises: a piece that cannot be used is a row with the reason
+and what to do (MISSING, or for a cluster NO CONFIG / UNREACHABLE: installed but not usable, see
+doctor_clusters.py), so the report itself always prints.
 """
 from __future__ import annotations
 
-import os
 import platform
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+NO_CONFIG = "NO CONFIG"        # installed, but nothing says which cluster to use
+UNREACHABLE = "UNREACHABLE"    # installed and configured, but the cluster does not answer
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,11 @@ class Probe:
     ok: bool
     detail: str
     optional: bool = False   # a missing optional piece (e.g. helm) does not fail the report
+    problem: str = "MISSING"  # the status word when not ok: MISSING, NO_CONFIG or UNREACHABLE
+
+    @property
+    def status(self) -> str:
+        return "OK" if self.ok else self.problem
 
 
 def _safe(name: str, fn: Callable[[], Probe], optional: bool = False) -> Probe:
@@ -41,7 +48,7 @@ def _torch() -> list[Probe]:
     probes = [Probe("torch", True, torch.__version__)]
     cuda = torch.cuda.is_available()
     probes.append(Probe("cuda", cuda, f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
-                        if cuda else "no CUDA device (CPU jobs use gloo)", optional=True))
+                        if cuda else "no CUDA device (CPU jobs use gloo)", optional=True, problem="NO GPU"))
     if cuda:
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
         probes.append(Probe("gpus", True, ", ".join(names)))
@@ -62,36 +69,6 @@ def _triton() -> Probe:
     ok = bool(report.get("kernels_ok", report.get("compiles")))
     detail = report.get("detail") or ", ".join(f"{k}={v}" for k, v in report.items())
     return Probe("triton kernels", ok, str(detail), optional=True)
-
-
-def _command(name: str, args: list[str], hint: str) -> Probe:
-    path = shutil.which(args[0])
-    if not path:
-        return Probe(name, False, f"{args[0]} not found on PATH; {hint}", optional=True)
-    try:
-        out = subprocess.run(args, capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return Probe(name, False, f"{path}: `{' '.join(args)}` timed out", optional=True)
-    text = (out.stdout or out.stderr).strip().splitlines()
-    return Probe(name, out.returncode == 0, f"{path}: {text[0] if text else 'rc=' + str(out.returncode)}",
-                 optional=True)
-
-
-def _kubeconfig() -> Probe:
-    try:
-        from kubernetes import client, config
-    except ImportError:
-        return Probe("kubernetes", False, "python client missing; pip install kubernetes", optional=True)
-    try:
-        contexts, active = config.list_kube_config_contexts()
-    except Exception as exc:
-        where = os.environ.get("KUBECONFIG", "~/.kube/config")
-        return Probe("kubernetes", False, f"no usable kubeconfig at {where} ({exc.__class__.__name__})",
-                     optional=True)
-    config.load_kube_config()
-    version = client.VersionApi().get_code(_request_timeout=5)
-    return Probe("kubernetes", True, f"context {active['name']!r} reachable, server {version.git_version}",
-                 optional=True)
 
 
 def _monitors() -> list[Probe]:
@@ -115,13 +92,11 @@ def run_probes() -> list[Probe]:
     except Exception as exc:
         probes.append(Probe("torch", False, f"probe failed: {exc}"))
     probes.append(_safe("triton kernels", _triton, optional=True))
-    probes.append(_safe("sbatch", lambda: _command("sbatch", ["sbatch", "--version"],
-                                                    "needed for --cluster slurm"), optional=True))
-    probes.append(_safe("squeue", lambda: _command("squeue", ["squeue", "--version"],
-                                                    "needed for --cluster slurm"), optional=True))
-    probes.append(_safe("kubernetes", _kubeconfig, optional=True))
-    probes.append(_safe("helm", lambda: _command("helm", ["helm", "version", "--short"],
-                                                  "needed only to install charts/orch-job"), optional=True))
+    from . import doctor_clusters
+
+    probes.append(_safe("slurm", doctor_clusters.slurm, optional=True))
+    probes.append(_safe("kubernetes", doctor_clusters.kubernetes, optional=True))
+    probes.append(_safe("helm", doctor_clusters.helm, optional=True))
     try:
         probes += _monitors()
     except Exception as exc:

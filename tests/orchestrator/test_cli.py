@@ -104,7 +104,7 @@ def test_check_reports_ds_config_typos_with_suggestion(tmp_path) -> None:
 
 def test_doctor_reports_every_component() -> None:
     result = runner.invoke(app, ["doctor"])
-    for component in ("python", "torch", "gloo", "triton kernels", "sbatch", "kubernetes", "helm",
+    for component in ("python", "torch", "gloo", "triton kernels", "slurm", "kubernetes", "helm",
                       "monitor: wandb", "monitor: comet", "monitor: tensorboard"):
         assert component in result.output
     assert result.exit_code == 0, result.output
