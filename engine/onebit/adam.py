@@ -98,7 +98,8 @@ class OnebitAdam(torch.optim.Optimizer):
             return                                   # DeepSpeed's initialization step
         beta1, beta2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        g = multiplier.apply([p.grad], torch.float32)[0]
+        g = p.grad if multiplier.is_identity and p.grad.dtype == torch.float32 else \
+            multiplier.apply([p.grad], torch.float32)[0]
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         if compressed:
             if self._comm().world_size > 1:
@@ -106,10 +107,11 @@ class OnebitAdam(torch.optim.Optimizer):
                 self._reducer(p, live)(m.view(-1)[:live])
         else:
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        update = m / v.sqrt().add_(float(group["eps"]))
+        update = v.sqrt().add_(float(group["eps"]))
+        torch.div(m, update, out=update)          # one temporary for the whole update
         if group["weight_decay"] > 0.0:
-            update.add_(p.float(), alpha=float(group["weight_decay"]))
-        p.add_(update.to(p.dtype), alpha=-float(group["lr"]))
+            update.add_(p, alpha=float(group["weight_decay"]))
+        p.add_(update, alpha=-float(group["lr"]))
         if lowp is not None:
             lowp.copy_(p.view(lowp.shape))
 

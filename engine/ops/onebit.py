@@ -51,11 +51,17 @@ def unpack_sum(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, fact
 def compress_torch(x: torch.Tensor, error: torch.Tensor, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     value = error.add_(x)                         # the compensated value, built in the error buffer
     chunks = value.view(n_chunks, -1)
-    scales = torch.linalg.vector_norm(chunks, dim=1, dtype=torch.float32).div_(chunks.shape[1] ** 0.5)
-    positive = value >= 0
-    bits = pack_signs(positive)
-    signs = positive.view(n_chunks, -1).to(torch.float32).mul_(2.0).sub_(1.0)
-    chunks.addcmul_(signs, scales[:, None].to(chunks.dtype), value=-1.0)   # error = value - scale * sign
+    width = chunks.shape[1]
+    scales = torch.linalg.vector_norm(chunks, dim=1, dtype=torch.float32).div_(width ** 0.5)
+    bits = torch.empty(value.numel() // 8, dtype=torch.uint8, device=value.device)
+    for c in range(n_chunks):                     # in blocks: temporaries stay at a few MiB
+        for lo in range(0, width, _BLOCK):
+            piece = chunks[c, lo:lo + _BLOCK]
+            positive = piece >= 0
+            start = (c * width + lo) // 8
+            bits[start:start + piece.numel() // 8] = pack_signs(positive)
+            signs = positive.to(piece.dtype).mul_(2.0).sub_(1.0)
+            piece.sub_(signs.mul_(scales[c].to(piece.dtype)))   # error = value - scale * sign
     return bits, scales
 
 
@@ -69,22 +75,28 @@ def pack_signs(positive: torch.Tensor) -> torch.Tensor:
 
 def unpack_sum_torch(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, factor: float,
                      accumulate: bool) -> torch.Tensor:
-    n_rows, _ = bits.shape
+    n_rows, row_bytes = bits.shape
     n_chunks = scales.shape[1]
+    chunk_bytes = row_bytes // n_chunks
     table = _sign_table(bits.device)
-    total = None
-    for r in range(n_rows):                       # one row at a time: memory stays at one decoded row
-        signs = torch.nn.functional.embedding(bits[r].long(), table).view(n_chunks, -1)
-        signs.mul_(scales[r][:, None] * factor)
-        total = signs if total is None else total.add_(signs)
-    assert total is not None
-    total = total.view(-1)
-    if accumulate:
-        total.add_(out)
-    out.copy_(total)
+    step = _BLOCK // 8
+    for lo in range(0, row_bytes, step):          # in blocks of the output: bounded temporaries
+        hi = min(row_bytes, lo + step)
+        chunk = torch.arange(lo, hi, device=bits.device) // chunk_bytes
+        total = out[lo * 8:hi * 8].view(-1, 8) if accumulate else None
+        acc = None
+        for r in range(n_rows):
+            signs = torch.nn.functional.embedding(bits[r, lo:hi].long(), table)
+            signs.mul_((scales[r][chunk] * factor)[:, None])
+            acc = signs if acc is None else acc.add_(signs)
+        assert acc is not None
+        if total is not None:
+            acc.add_(total)
+        out[lo * 8:hi * 8].copy_(acc.view(-1))
     return out
 
 
+_BLOCK = 1 << 22
 _PACK = sum(1 << (63 - 9 * i) for i in range(8)) - (1 << 64)   # as a signed int64
 _TABLES: dict[str, torch.Tensor] = {}
 

@@ -239,3 +239,32 @@ def refused_with_zero(stage: int) -> str:
 def test_zero_stages_are_refused_as_deepspeed_does(stage):
     message = run_distributed(refused_with_zero, 1, stage)[0]
     assert "optimizer.type" in message and "ZeRO" in message and "1bit-Adam is not compatible with ZeRO" in message
+
+
+def low_precision_runs() -> dict:
+    import torch.distributed as dist
+
+    import engine
+    from engine.comm import Comm
+
+    out = {}
+    for precision in ("bf16", "fp16"):
+        cfg = onebit_config(freeze_step=3)
+        cfg[precision] = {"enabled": True, **({"initial_scale_power": 8} if precision == "fp16" else {})}
+        model = make_model()
+        eng, _, _, _ = engine.initialize(model=model, config=cfg)
+        losses = train_steps(eng, 0, 10)
+        flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+        gathered = torch.empty(dist.get_world_size() * flat.numel())
+        Comm().all_gather_into(gathered, flat)
+        same = all(torch.equal(chunk, flat) for chunk in gathered.view(dist.get_world_size(), -1))
+        out[precision] = {"losses": losses, "same_weights": same, "skipped": eng.skipped_steps}
+    return out
+
+
+def test_onebit_adam_under_bf16_and_fp16_keeps_every_rank_in_step():
+    runs = run_distributed(low_precision_runs, 2, timeout=400)[0]
+    for precision, run in runs.items():
+        assert all(math.isfinite(x) for x in run["losses"]), (precision, run["losses"])
+        assert run["same_weights"], f"{precision}: ranks' weights differ after compressed steps"
+        assert max(run["losses"]) < run["losses"][0] + 0.2, (precision, run["losses"])   # no divergence
