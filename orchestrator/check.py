@@ -9,6 +9,8 @@ memory come on top):
   across the N data-parallel ranks. fp32 training has 4 + 4 + 8. ``offload_optimizer`` moves
   the master, the optimizer states and (stages 2-3) the gradient partition to CPU memory, as
   orch's engine does (engine/zero/offload.py); ``offload_param`` (stage 3) the parameter partition.
+  With ``offload_optimizer.device: nvme`` the master and states go to swap files instead and
+  host memory keeps the gradient partition and the chunk buffers (``estimate_nvme_offload``).
 * per way of running it (``memory_options``), DeepSpeed's estimators, with their meaning, so the
   numbers match what DeepSpeed users know: ``estimate_zero2_model_states_mem_needs`` and
   ``estimate_zero3_model_states_mem_needs`` (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py).
@@ -228,11 +230,13 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
         offload_opt = _offloaded(cfg.zero_optimization.offload_optimizer)
         offload_par = _offloaded(cfg.zero_optimization.offload_param)
         if offload_opt or offload_par:
-            report.notes.append(f"offload: optimizer={'cpu' if offload_opt else 'none'}, "
-                                f"param={'cpu' if offload_par else 'none'}")
+            report.notes.append(f"offload: optimizer={cfg.zero_optimization.offload_optimizer.device}, "
+                                f"param={cfg.zero_optimization.offload_param.device}")
     report.num_parameters = num_parameters or model_parameters_from_args(spec)
     preset = report.preset = _preset_from_args(spec)
     report.largest_layer_parameters = largest_layer or (largest_layer_parameters(preset) if preset else None)
+    if report.num_parameters and report.config is not None:
+        report.notes.extend(nvme_notes(report.config, report.num_parameters, spec.world_size))
     if report.num_parameters:
         report.estimates = [
             estimate_model_states(report.num_parameters, spec.world_size, stage, report.precision,
@@ -248,6 +252,47 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
 
     report.notes.extend(storage_warnings(spec) if spec.kubernetes.image else [])
     return report
+
+
+NVME_CHUNK_NUMEL = 4 << 20        # engine/zero/nvme.py's default chunk (elements per swap slot)
+
+
+def estimate_nvme_offload(num_parameters: int, world_size: int, stage: int, precision: str,
+                          buffer_count: int, chunk_numel: int = NVME_CHUNK_NUMEL) -> tuple[float, float]:
+    """(host RAM, NVMe) bytes per rank for ``offload_optimizer: nvme`` (engine/zero/nvme.py).
+
+    The swap files hold the fp32 master and the optimizer states (8 or 12 bytes per parameter, the
+    rank's 1/N); host memory keeps the reduced gradient partition and ``buffer_count`` chunk
+    buffers of master + states, instead of all of the states."""
+    _, grads, states = bytes_per_parameter(precision)
+    n = max(world_size, 1)
+    nvme = states * num_parameters / n
+    buffers = buffer_count * chunk_numel * states
+    host = grads * num_parameters / n + min(buffers, nvme)
+    return host, nvme
+
+
+def nvme_notes(cfg: Any, num_parameters: int, world_size: int) -> list[str]:
+    """``orch check``'s lines for NVMe offload: bytes per rank on the drive and in host memory."""
+    zero = cfg.zero_optimization
+    notes = []
+    if zero.offload_optimizer.device == "nvme":
+        host, nvme = estimate_nvme_offload(num_parameters, world_size, zero.stage, cfg.precision,
+                                           max(3, int(zero.offload_optimizer.buffer_count)))
+        cpu = estimate_model_states(num_parameters, world_size, zero.stage, cfg.precision, True, False).cpu_bytes
+        notes.append(f"NVMe offload: {human_bytes(nvme)} per rank in swap files under "
+                     f"{zero.offload_optimizer.nvme_path}; host RAM {human_bytes(host)} per rank (gradient "
+                     f"partition + {max(3, int(zero.offload_optimizer.buffer_count))} chunk buffers) instead of "
+                     f"{human_bytes(cpu)} with CPU offload. `orch doctor --nvme-path DIR` measures the drive")
+    if zero.offload_param.device == "nvme":
+        notes.append("NVMe offload of parameters is not implemented: stage 3's parameter partitions stay in "
+                     "host memory (the CPU-offload figures apply)")
+    if cfg.aio is not None:
+        notes += [f"ignored: {f}" for f in cfg.ignored_features() if str(f).startswith("aio")]
+        if zero.offload_optimizer.device == "nvme":
+            notes.append("aio: block_size sets the I/O request size, thread_count x queue_depth the I/O threads "
+                         "(at most 16)")
+    return notes
 
 
 def _offloaded(section: Any) -> bool:

@@ -1,0 +1,61 @@
+"""``orch check`` and ``orch doctor`` for NVMe offload: what a rank puts on the drive and keeps in
+RAM, which ``aio`` keys do nothing, and how fast (and whether O_DIRECT) the nvme_path is."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.check import estimate_nvme_offload
+from orchestrator.cli import app
+from tests.cli_process import run_orch
+
+runner = CliRunner()
+NVME_DS = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+           "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme",
+                                                                   "buffer_count": 4}},
+           "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
+                   "overlap_events": True}}
+
+
+def job(tmp_path: Path, ds: dict) -> str:
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    spec = {"name": "nvme", "nodes": 1, "procs_per_node": 2, "program": "engine.train",
+            "args": ["--model", "bench-100m"], "ds_config": "ds.json"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return str(tmp_path / "job.yaml")
+
+
+def test_check_says_what_each_rank_puts_on_the_drive_and_keeps_in_memory(tmp_path: Path) -> None:
+    result = run_orch("check", job(tmp_path, NVME_DS))       # a real process, as a user runs it
+    assert result.returncode == 0, result.stderr
+    host, nvme = estimate_nvme_offload(105_572_352, 2, 2, "bf16", 4)
+    assert nvme == 12 * 105_572_352 / 2                       # fp32 master + Adam m, v: the rank's half
+    assert host < nvme                                        # gradient partition + 4 chunk buffers
+    out = " ".join(result.stdout.split())
+    assert "offload: optimizer=nvme" in out
+    assert "NVMe offload: 604.1 MiB per rank in swap files under /local_nvme" in out
+    assert "host RAM 292.7 MiB per rank" in out and "instead of 704.8 MiB with CPU offload" in out
+    assert "ignored: aio.single_submit" in out and "ignored: aio.overlap_events" in out
+
+
+def test_check_says_parameter_nvme_offload_keeps_host_memory(tmp_path: Path) -> None:
+    ds = {**NVME_DS, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"}}}
+    result = runner.invoke(app, ["check", job(tmp_path, ds)])
+    assert result.exit_code == 0, result.output
+    assert "NVMe offload of parameters is not implemented" in " ".join(result.output.split())
+
+
+def test_doctor_measures_the_nvme_path_and_names_a_missing_one(tmp_path: Path) -> None:
+    from orchestrator.doctor_storage import nvme_probe
+
+    row = nvme_probe(tmp_path, nbytes=64 << 20)
+    assert row.ok and "GB/s" in row.detail and ("O_DIRECT works" in row.detail or "O_DIRECT refused" in row.detail)
+    assert list(tmp_path.iterdir()) == []                      # the scratch file is gone
+    missing = nvme_probe(tmp_path / "nope")
+    assert not missing.ok and "does not exist" in missing.detail
+    result = runner.invoke(app, ["doctor", "--nvme-path", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "nvme_path" in result.output          # a failed row fails the report
