@@ -192,8 +192,15 @@ def _collectives_under_the_comms_logger(verbose: bool) -> dict:
     comm.all_gather_partitions(torch.zeros(world * 50), 50, 40)  # chunked: several timed calls
     import engine.monitor
 
-    return {"rows": logger.summary(), "ledger": comm.ledger.by_op(), "lines": lines,
-            "table": logger.log_summary(), "deepspeed_style_call": engine.monitor.log_summary()}
+    out = {"rows": logger.summary(), "ledger": comm.ledger.by_op(), "lines": lines,
+           "table": logger.log_summary(), "deepspeed_style_call": engine.monitor.log_summary()}
+    # prof_all false: only the ops named in prof_ops are timed
+    only = Comm(book=CommLedger())
+    picky = CommsLogger(NS(verbose=False, debug=False, prof_all=False, prof_ops=["broadcast"]), only, out=lines.append)
+    only.all_reduce(torch.ones(4))
+    only.broadcast(torch.ones(4), src=0)
+    out["prof_ops_rows"] = picky.summary()
+    return out
 
 
 @pytest.mark.slow
@@ -218,6 +225,7 @@ def test_comms_logger_totals_equal_the_ledger() -> None:
     assert results[0]["table"].splitlines()[0].split() [:3] == ["Comm.", "Op", "Message"]
     assert results[1]["lines"] == []  # verbose lines come from rank 0 only
     assert results[0]["deepspeed_style_call"] == results[0]["table"]
+    assert [(r["op"], r["count"]) for r in results[0]["prof_ops_rows"]] == [("broadcast", 1)]
 
 
 def test_bus_bandwidth_follows_nccl_tests() -> None:
