@@ -60,7 +60,7 @@ def render(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
     it (ds_config.json, and on Kubernetes the ConfigMap's job.json) are named on stderr.
     """
     from .backends import get_backend
-    from .spec import load_spec
+    from .spec_report import load_spec_reporting_all as load_spec
 
     try:
         rendered = get_backend(_cluster(cluster)).dryrun(load_spec(spec, set_))
@@ -95,7 +95,7 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
     """Validate the spec and its ds_config for the job's world size; estimate memory per ZeRO stage."""
     from .backends import get_backend
     from .check import check_job, human_bytes
-    from .spec import load_spec
+    from .spec_report import load_spec_reporting_all as load_spec
 
     try:
         job = load_spec(spec, set_)
@@ -170,7 +170,7 @@ def submit(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
            follow: Annotated[bool, typer.Option(help="Show a live view until the job finishes.")] = False) -> None:
     """Submit a job to a cluster and record it in the registry."""
     from . import jobs
-    from .spec import load_spec
+    from .spec_report import load_spec_reporting_all as load_spec
 
     try:
         job = load_spec(spec, set_)

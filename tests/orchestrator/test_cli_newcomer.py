@@ -204,3 +204,56 @@ def test_doctor_on_helm_missing_and_present(tmp_path, monkeypatch) -> None:
     helm.chmod(0o755)
     status, detail = doctor_row(orch("doctor"), "helm")
     assert status == "OK" and "v3.14.2" in detail
+
+
+# -- orch check: every problem of the spec and its ds_config in one run ---------------------------
+
+def write_job(tmp_path: Path, spec: dict, ds_config: dict | None = None) -> Path:
+    if ds_config is not None:
+        (tmp_path / "ds_config.json").write_text(json.dumps(ds_config))
+        spec = {**spec, "ds_config": "ds_config.json"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def problem_lines(out: str) -> list[str]:
+    """The ``  - file: key: ...`` lines of an error (the error console never wraps them)."""
+    return [line.removeprefix("  - ") for line in out.splitlines() if line.startswith("  - ")]
+
+
+def test_check_reports_the_specs_and_the_ds_configs_problems_in_one_run(tmp_path) -> None:
+    job = write_job(tmp_path, {"name": "Tiny_GPT", "nodes": 1, "procs_per_node": 2, "max_restarts": -1},
+                    {"train_batch_size": 8, "zero_optimization": {"stage": 5},
+                     "fp16": {"enabled": True, "loss_scael": 0}})
+    out = orch("check", str(job), code=2)
+    assert "4 problems in" in out and "and its ds_config" in out
+    lines = problem_lines(out)
+    assert lines[0].startswith(f"{job}: name: 'Tiny_GPT' is not a DNS-1035 label") and "(e.g. 'gpt-tiny')" in lines[0]
+    assert lines[1].startswith(f"{job}: max_restarts:") and "greater than or equal to 0" in lines[1]
+    ds = str(tmp_path / "ds_config.json")
+    assert any(line.startswith(f"{ds}: zero_optimization.stage: must be <= 3, got 5") for line in lines)
+    assert any(line.startswith(f"{ds}: fp16.loss_scael: unknown key") and "did you mean 'loss_scale'" in line
+               for line in lines)
+    assert "Traceback" not in out
+
+
+def test_submit_of_such_a_spec_also_lists_everything_and_records_nothing(tmp_path) -> None:
+    job = write_job(tmp_path, {"name": "Tiny_GPT", "python": sys.executable},
+                    {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 5}})
+    out = orch("submit", str(job), code=2)
+    assert "2 problems" in out and "name: 'Tiny_GPT'" in out and "zero_optimization.stage: must be <= 3" in out
+    assert Registry().list(include_finished=True) == []
+
+
+def test_a_missing_ds_config_file_is_reported_with_the_specs_problems(tmp_path) -> None:
+    job = write_job(tmp_path, {"name": "Tiny_GPT", "ds_config": "nope.json"})
+    lines = problem_lines(orch("check", str(job), code=2))
+    assert len(lines) == 2 and f"ds_config: file {tmp_path / 'nope.json'} not found" in lines[1]
+
+
+def test_a_valid_spec_still_gets_the_ds_configs_problems_all_at_once(tmp_path) -> None:
+    job = write_job(tmp_path, {"name": "tiny-gpt", "args": ["--model", "tiny"]},
+                    {"train_batch_size": 8, "zero_optimization": {"stage": 5}, "gradient_clipping": -1})
+    out = " ".join(orch("check", str(job), code=2).split())
+    assert "zero_optimization.stage: must be <= 3, got 5" in out and "gradient_clipping" in out
