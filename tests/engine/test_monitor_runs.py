@@ -2,6 +2,7 @@
 killed and restarted by torchrun's elastic agent) and a DeepSpeed script, beside DeepSpeed itself."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import pytest
 
@@ -184,3 +186,35 @@ def test_csv_monitor_files_equal_deepspeeds(tmp_path: Path) -> None:
         for a, b in zip(ours_rows[1:], their_rows[1:]):
             assert float(a[1]) == pytest.approx(float(b[1]), rel=1e-5)
     assert ours["Train_Samples_lr.csv"].count("\r\n") == 5  # header + 4 steps, DeepSpeed's line ends
+
+
+def _both_csv_monitors(out: str) -> dict[str, dict[str, str]]:
+    """The same event stream through DeepSpeed 0.19.8's csvMonitor and orch's CsvMonitor."""
+    import deepspeed
+    from deepspeed.monitor.config import CSVConfig
+    from deepspeed.monitor.csv_monitor import csvMonitor
+
+    from engine.monitor.csv_monitor import CsvMonitor, csv_log_dir
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    events = [[("Train/Samples/lr", 1e-3 * s, 8 * s), ("Train/Samples/train_loss", 5.0 / s, 8 * s),
+               ("Train/Samples/elapsed_time_ms_forward", 12.5, 8 * s)] for s in range(1, 5)]
+    theirs = csvMonitor(CSVConfig(enabled=True, output_path=f"{out}/deepspeed", job_name="peer"))
+    ours = CsvMonitor(csv_log_dir(NS(output_path=f"{out}/orch", job_name="peer"), None), None)
+    for batch in events:
+        theirs.write_events(batch)
+        ours.write_events(batch)
+    ours.close()
+    return {"deepspeed": _csv_files(f"{out}/deepspeed/peer"), "orch": _csv_files(f"{out}/orch/peer")}
+
+
+@pytest.mark.peer
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed; "
+                    "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8")
+def test_csv_files_are_byte_for_byte_deepspeeds_for_the_same_events(tmp_path: Path) -> None:
+    from tests.dist_utils import run_distributed
+
+    found = run_distributed(_both_csv_monitors, 1, str(tmp_path), init=False, env={"DS_ACCELERATOR": "cpu"})[0]
+    assert found["orch"] == found["deepspeed"]
+    assert sorted(found["orch"]) == ["Train_Samples_elapsed_time_ms_forward.csv", "Train_Samples_lr.csv",
+                                     "Train_Samples_train_loss.csv"]
