@@ -23,9 +23,11 @@ from typing import Any
 
 # Comm methods that issue exactly one ledger-recorded collective per call, and the op they record.
 TIMED_METHODS = {"all_reduce": "all_reduce", "all_gather_into": "all_gather",
-                 "reduce_scatter_into": "reduce_scatter", "broadcast": "broadcast"}
+                 "reduce_scatter_into": "reduce_scatter", "all_to_all_into": "all_to_all", "broadcast": "broadcast"}
 # Positional tensor arguments before ``async_op`` (broadcast has no async form).
-TENSOR_ARGS = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 2}
+TENSOR_ARGS = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 2, "all_to_all": 2}
+# Ops whose ledger message is the second tensor argument (the input), not the first.
+INPUT_MESSAGE = frozenset({"reduce_scatter", "all_to_all"})
 
 
 @dataclass
@@ -42,7 +44,7 @@ def bandwidths_gbps(op: str, nbytes: int, ms: float, world: int) -> tuple[float,
     per_s = nbytes / (ms / 1000.0)
     if op == "all_reduce":
         alg, bus = 2 * per_s, per_s * 2 * (world - 1) / world
-    elif op in ("all_gather", "reduce_scatter"):
+    elif op in ("all_gather", "reduce_scatter", "all_to_all"):
         alg, bus = per_s, per_s * (world - 1) / world
     else:  # reduce, broadcast: one message crosses each link once
         alg = bus = per_s
@@ -79,7 +81,8 @@ class CommsLogger:
         self._sync = _device_sync(comm)
         self._ledger_start = comm.ledger.by_op()  # what moved before the logger started (model broadcast)
         for method, op in TIMED_METHODS.items():
-            setattr(comm, method, self._timed(getattr(comm, method), op))
+            if hasattr(comm, method):
+                setattr(comm, method, self._timed(getattr(comm, method), op))
         if getattr(comm.plan, "reduce", None) == "reduce_to_owner":
             comm.reduce_to_owners = self._timed_reduce_to_owners(comm.reduce_to_owners)
 
@@ -90,7 +93,7 @@ class CommsLogger:
         def timed(*args: Any, **kwargs: Any) -> Any:
             if not (self.comm.active and self.profiled(op)):
                 return call(*args, **kwargs)
-            message = args[1] if op == "reduce_scatter" else args[0]
+            message = args[1] if op in INPUT_MESSAGE else args[0]
             return self._measure(op, message.numel() * message.element_size(), call, args, kwargs)
         return timed
 

@@ -189,6 +189,7 @@ def _collectives_under_the_comms_logger(verbose: bool) -> dict:
     comm.all_gather_into(out, out[comm.rank * 64:(comm.rank + 1) * 64], async_op=True).wait()
     comm.reduce_scatter_into(torch.empty(32), torch.ones(world * 32))
     comm.broadcast(torch.ones(8), src=0)
+    comm.all_to_all_into(torch.empty(world * 6), torch.ones(world * 6))
     comm.all_gather_partitions(torch.zeros(world * 50), 50, 40)  # chunked: several timed calls
     import engine.monitor
 
@@ -218,7 +219,7 @@ def test_comms_logger_totals_equal_the_ledger() -> None:
             assert "[Caller Func: _collectives_under_the_comms_logger]" in row["op"] or "all_gather_partitions" in row["op"]
         ledger = {key.split("/")[0]: [e["calls"], e["elements"] * 4] for key, e in result["ledger"].items()}
         assert per_op == ledger, rank
-        assert set(ledger) == {"all_reduce", "all_gather", "reduce_scatter", "broadcast"}
+        assert set(ledger) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"}
     lines = results[0]["lines"]
     assert lines[0].startswith("comm op: all_reduce | [Caller Func: _collectives_under_the_comms_logger] | time (ms):")
     assert "algbw (Gbps)" in lines[0] and "busbw (Gbps)" in lines[0]
