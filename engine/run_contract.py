@@ -8,7 +8,9 @@ on every node; the two sides never import each other's code at run time, they sh
 * a run directory layout (``RunPaths``): the trainer writes ``status.json`` and
   ``metrics.jsonl`` there, node logs go to ``logs/``, a launcher asks for a checkpoint through
   the files in ``control/``;
-* the readers orch uses to follow a run (``read_status``, ``last_metrics``);
+* the readers orch uses to follow a run (``read_status``, ``last_metrics``, ``agent_restarts``)
+  and the writers any program's reporter uses (``write_status``, ``append_record``: the bundled
+  trainer, ``engine.integrations.transformers.OrchCallback`` for an HF Trainer script);
 * the defaults both sides show (``DEFAULT_CHECKPOINT_KEEP`` ...).
 
 Standard library only: ``orch`` imports this without paying for torch (its CLI must start fast),
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -28,6 +31,7 @@ from typing import Any
 ENV_JOB_NAME = "ORCH_JOB_NAME"                  # the job spec's name
 ENV_RUN_DIR = "ORCH_RUN_DIR"                    # where status.json / metrics.jsonl / logs go
 ENV_CHECKPOINT_DIR = "ORCH_CHECKPOINT_DIR"      # --save-dir default
+ENV_DS_CONFIG = "ORCH_DS_CONFIG"                # the job's ds_config on the nodes (when it has one)
 ENV_CHECKPOINT_EVERY = "ORCH_CHECKPOINT_EVERY"  # --save-every default
 ENV_CHECKPOINT_KEEP = "ORCH_CHECKPOINT_KEEP"    # --save-keep default
 ENV_CHECKPOINT_ASYNC = "ORCH_CHECKPOINT_ASYNC"  # "1": the spec's checkpoint.async_save
@@ -56,6 +60,7 @@ LOGS_DIR = "logs"
 CONTROL_DIR = "control"
 CHECKPOINTS_DIR = "checkpoints"
 HANG_DIR = "hang"
+TORCHELASTIC_DIR = "torchelastic"  # torchrun's --log-dir: <rdzv id>_<random>/attempt_<restart>/ per agent
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_REQUEST = "checkpoint-request"  # a launcher writes it: "checkpoint now"
 CHECKPOINT_DONE = "checkpoint-done"        # the trainer answers with the step it saved
@@ -114,6 +119,10 @@ class RunPaths:
     def tensorboard(self) -> Path:
         return self.run_dir / TENSORBOARD_DIR
 
+    @property
+    def torchelastic(self) -> Path:
+        return self.run_dir / TORCHELASTIC_DIR
+
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The trainer's ``status.json`` ({} while there is none, or it cannot be read)."""
@@ -145,6 +154,62 @@ def last_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if isinstance(record, dict) and record.get("kind", "train") == "train":
             return record
     return {}
+
+
+def write_status(run_dir: str | os.PathLike[str], state: str, **fields: Any) -> None:
+    """Replace ``status.json`` atomically (temp file + rename), so a reader never sees half a file.
+    ``state`` is running | finished | failed; ``time`` is added."""
+    path = RunPaths(run_dir).status
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"state": state, **fields, "time": time.time()}, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def append_record(run_dir: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append one record (``kind``: start | train | eval) to ``metrics.jsonl`` as one flushed line,
+    so a crash loses at most the line being written; ``time`` is added when missing."""
+    path = RunPaths(run_dir).metrics
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({**record, "time": record.get("time", time.time())}, default=float)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def agent_restarts(run_dir: str | os.PathLike[str]) -> int:
+    """Worker-group restarts the torchrun agents recorded, whatever program they ran.
+
+    Each agent started with ``--log-dir=<run dir>/torchelastic`` makes one directory
+    ``<rendezvous id>_<8 random characters>`` and in it ``attempt_<n>`` for every start of its
+    workers, ``n`` being the restart count torchrun also gives the workers
+    (``TORCHELASTIC_RESTART_COUNT``). Agents of one incarnation of the job share the rendezvous
+    id, and a restart shows on at least one of them, so the job's count is the largest ``n`` per
+    rendezvous id, summed over ids (a Slurm requeue starts a new id; its own count is Slurm's).
+    """
+    root = RunPaths(run_dir).torchelastic
+    try:
+        agents = [p for p in root.iterdir() if p.is_dir() and len(p.name) > 9]
+    except OSError:
+        return 0
+    most: dict[str, int] = {}
+    for agent in agents:
+        rdzv_id = agent.name[:-9]  # tempfile.mkdtemp(prefix=f"{rdzv_id}_"): 8 random characters
+        try:
+            attempts = [int(a.name.removeprefix("attempt_")) for a in agent.iterdir()
+                        if a.name.startswith("attempt_") and a.name[8:].isdigit()]
+        except OSError:
+            continue
+        most[rdzv_id] = max([most.get(rdzv_id, 0), *attempts])
+    return sum(most.values())
+
+
+def recorded_restarts(run_dir: str | os.PathLike[str]) -> int:
+    """The restarts a run directory shows: the torchrun agents' record (any program) or what the
+    program itself reported as ``restart_count`` (the bundled trainer, the HF callback: it also
+    counts the job's restarts, e.g. Slurm requeues), whichever saw more."""
+    reported = [read_status(run_dir).get("restart_count"), last_metrics(run_dir).get("restart_count")]
+    program = max((int(v) for v in reported if isinstance(v, (int, float))), default=0)
+    return max(program, agent_restarts(run_dir))
 
 
 def restart_count(env: Mapping[str, str] | None = None) -> int:

@@ -20,7 +20,7 @@ import jinja2
 from engine import run_contract as contract
 
 from . import __version__
-from .spec import JobSpec
+from .spec import ARG_PLACEHOLDERS, BUNDLED_TRAINER, JobSpec
 from .types import Placement
 
 
@@ -117,18 +117,49 @@ def rendezvous_id(spec: JobSpec, placement: Placement) -> str:
     return f"{spec.name}-{placement.job_token}" if placement.job_token else spec.name
 
 
-def program_argv(spec: JobSpec, placement: Placement) -> list[str]:
-    """What torchrun starts on every rank: ``-m engine.train ...`` or ``script.py ...``."""
-    argv = ["-m", spec.program] if spec.program_is_module else [spec.program]
+def placeholder_values(placement: Placement) -> dict[str, str]:
+    """What ``{ds_config}``, ``{checkpoint_dir}`` and ``{run_dir}`` in a job's ``args`` become on the
+    nodes: the paths this backend placed the files at (a Kubernetes pod's ConfigMap mount, the
+    Slurm run directory ...), so one spec works on every cluster."""
+    values = {"run_dir": placement.run_dir, "checkpoint_dir": placement.checkpoint_dir}
     if placement.ds_config_path is not None:
+        values["ds_config"] = placement.ds_config_path
+    return values
+
+
+def expand_args(args: list[str], placement: Placement) -> list[str]:
+    """The spec's ``args`` with each ``{name}`` of ``ARG_PLACEHOLDERS`` replaced; other braces stay."""
+    values = placeholder_values(placement)
+    expanded = []
+    for arg in args:
+        for name in ARG_PLACEHOLDERS:
+            if name in values:
+                arg = arg.replace("{" + name + "}", values[name])
+        expanded.append(arg)
+    return expanded
+
+
+def program_argv(spec: JobSpec, placement: Placement) -> list[str]:
+    """What torchrun starts on every rank: ``-m engine.train ...`` or ``script.py ...``.
+
+    Only the bundled trainer gets ``--deepspeed_config <path>`` appended: a user's program decides
+    how the ds_config reaches it (``{ds_config}`` in ``args``, or ``$ORCH_DS_CONFIG``), since an
+    unexpected flag kills scripts that parse strictly (HfArgumentParser)."""
+    argv = ["-m", spec.program] if spec.program_is_module else [spec.program]
+    if spec.program == BUNDLED_TRAINER and placement.ds_config_path is not None:
         argv += ["--deepspeed_config", placement.ds_config_path]
-    return argv + list(spec.args)
+    return argv + expand_args(list(spec.args), placement)
 
 
-def torchrun_options(spec: JobSpec) -> list[str]:
-    """torchrun flags common to all clusters (node count, procs, restarts)."""
-    return [f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.procs_per_node}",
-            f"--max-restarts={spec.max_restarts}"]
+def torchrun_options(spec: JobSpec, placement: Placement | None = None) -> list[str]:
+    """torchrun flags common to all clusters (node count, procs, restarts). With a placement, the
+    agents also keep their attempt record (``--log-dir``, one ``attempt_<restart>`` directory per
+    worker-group start) in the run directory, which is how orch counts worker restarts of any program."""
+    options = [f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.procs_per_node}",
+               f"--max-restarts={spec.max_restarts}"]
+    if placement is not None:
+        options.append(f"--log-dir={contract.RunPaths(placement.run_dir).torchelastic}")
+    return options
 
 
 def job_environment(spec: JobSpec, placement: Placement) -> dict[str, str]:
@@ -140,6 +171,8 @@ def job_environment(spec: JobSpec, placement: Placement) -> dict[str, str]:
         contract.ENV_CHECKPOINT_EVERY: str(spec.checkpoint.every_steps),
         contract.ENV_CHECKPOINT_KEEP: str(spec.checkpoint.keep),
     }
+    if placement.ds_config_path is not None:
+        env[contract.ENV_DS_CONFIG] = placement.ds_config_path
     if spec.checkpoint.async_save:
         env[contract.ENV_CHECKPOINT_ASYNC] = "1"
     if spec.gpus_per_node == 0:
@@ -162,7 +195,7 @@ def base_context(spec: JobSpec, placement: Placement) -> dict[str, Any]:
         "spec": spec,
         "placement": placement,
         "version": __version__,
-        "torchrun_options": torchrun_options(spec),
+        "torchrun_options": torchrun_options(spec, placement),
         "program_argv": program_argv(spec, placement),
         "job_env": job_environment(spec, placement),
     }

@@ -24,6 +24,8 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+$")
 BUNDLED_TRAINER = "engine.train"
+# ``{name}`` in a job's args that every backend replaces with where it placed the file (launch.py)
+ARG_PLACEHOLDERS = ("ds_config", "checkpoint_dir", "run_dir")
 
 
 class _Strict(BaseModel):
@@ -271,6 +273,9 @@ class JobSpec(_Strict):
         if self.nodes.elastic and self.max_restarts == 0:
             raise ValueError("nodes: an elastic range needs max_restarts >= 1 to re-form after a "
                              "node failure; set max_restarts: 3")
+        if self.ds_config is None and any("{ds_config}" in arg for arg in self.args):
+            raise ValueError("args: {ds_config} names the job's ds_config, but the spec has none; add "
+                             "ds_config: ds_config.json (or drop the argument)")
         return self
 
     # -- derived values used by every backend -------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.run_contract import RunPaths, last_metrics, read_status
+from engine.run_contract import RunPaths, read_status, recorded_restarts
 
 from ...errors import UserError
 from ...spec import JobSpec
@@ -85,7 +85,7 @@ class LocalBackend(RunDirBackend):
     def _status(self, ref: JobRef) -> JobStatus:
         run = Path(ref.run_dir)
         state = read_state(run)
-        restarts = _restart_count(run)
+        restarts = recorded_restarts(run)
         if state is None:
             return JobStatus(JobState.PENDING, "starting", restarts)
         nodes = {f"node-{k}": v["state"] for k, v in state["nodes"].items()}
@@ -130,11 +130,6 @@ class LocalBackend(RunDirBackend):
             for node in state["nodes"].values():
                 if alive(node["pid"]):
                     stop_tree(node["pid"], grace_s=5.0)
-
-
-def _restart_count(run: Path) -> int:
-    values = [read_status(run).get("restart_count"), last_metrics(run).get("restart_count")]
-    return max((int(v) for v in values if isinstance(v, (int, float))), default=0)
 
 
 def _trainer_progress_after(run: Path, when: float) -> bool:

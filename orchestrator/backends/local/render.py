@@ -49,7 +49,7 @@ def local_node_commands(spec: JobSpec, placement: Placement, rdzv_port: int) -> 
     rdzv_id = rendezvous_id(spec, placement)
     nodes = []
     for rank in range(spec.nodes.max):
-        argv = [placement.python, "-m", "torch.distributed.run", *torchrun_options(spec),
+        argv = [placement.python, "-m", "torch.distributed.run", *torchrun_options(spec, placement),
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv_port}", f"--rdzv-id={rdzv_id}",
                 "--rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10",
                 *program_argv(spec, placement)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.run_contract import read_status
+from engine.run_contract import agent_restarts, read_status
 
 from ...types import JobRef, JobState, JobStatus
 from .state import SlurmJobInfo, job_state, node_is_lost
@@ -20,11 +20,12 @@ def is_active(info: SlurmJobInfo) -> bool:
 
 def job_status(ref: JobRef, info: SlurmJobInfo | None, nodes: dict[str, str]) -> JobStatus:
     trainer = _trainer_status(Path(ref.run_dir))
-    trainer_restarts = int(trainer.get("restart_count") or 0)
+    trainer_restarts = max(int(trainer.get("restart_count") or 0), agent_restarts(ref.run_dir))
     if info is None:
         return _forgotten(ref, trainer, trainer_restarts)
     state, detail = job_state(info.state, info.restarts)
-    restarts = max(info.restarts, trainer_restarts)
+    # Slurm counts requeues; the torchrun agents' record adds worker restarts within each incarnation
+    restarts = max(info.restarts + agent_restarts(ref.run_dir), trainer_restarts)
     per_node: dict[str, str] = {}
     if is_active(info):
         per_node = {n: "NODE_FAIL" if node_is_lost(nodes.get(n, "")) else "RUNNING" for n in info.nodes}

@@ -18,9 +18,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine.run_contract import read_status, recorded_restarts
+
 from ...errors import UserError
 from ...launch import job_token
-from ...live import last_metrics, read_status
 from ...spec import JobSpec
 from ...types import JobRef, JobState, JobStatus, Rendered, Submission
 from ..base import RunDirBackend
@@ -115,7 +116,7 @@ def _wait_started(run: Path, proc: subprocess.Popen[bytes]) -> None:
 def _status(ref: JobRef) -> JobStatus:
     run = Path(ref.run_dir)
     state = read_state(run)
-    restarts = _restart_count(run)
+    restarts = recorded_restarts(run)
     if state is None:
         return JobStatus(JobState.PENDING, "starting", restarts)
     hosts = {name: h["state"] for name, h in state["hosts"].items()}
@@ -132,11 +133,6 @@ def _status(ref: JobRef) -> JobStatus:
             return JobStatus(JobState.RUNNING, f"continuing without lost host {', '.join(lost)}", restarts, hosts)
         return JobStatus(JobState.RESTARTING, f"lost host {', '.join(lost)}; survivors re-forming", restarts, hosts)
     return JobStatus(job_state, state.get("detail", ""), restarts, hosts)
-
-
-def _restart_count(run: Path) -> int:
-    values = [read_status(run).get("restart_count"), last_metrics(run).get("restart_count")]
-    return max((int(v) for v in values if isinstance(v, (int, float))), default=0)
 
 
 def make_backend() -> SshBackend:

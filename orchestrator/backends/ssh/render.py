@@ -91,7 +91,7 @@ def host_plans(spec: JobSpec, where: Placement, hosts: list[Host], rdzv_addr: st
     """One torchrun agent per host; the first host runs the c10d store (``is_host``)."""
     plans = []
     for rank, host in enumerate(hosts):
-        torchrun = [where.python, "-m", "torch.distributed.run", *torchrun_options(spec),
+        torchrun = [where.python, "-m", "torch.distributed.run", *torchrun_options(spec, where),
                     "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_addr}:{rdzv_port}",
                     f"--rdzv-id={rendezvous_id(spec, where)}",
                     f"--rdzv-conf=is_host={'true' if rank == 0 else 'false'},{RDZV_CONF}",

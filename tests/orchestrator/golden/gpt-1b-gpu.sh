@@ -8,18 +8,19 @@ export ORCH_RUN_DIR=/scratch/orch/runs/gpt-1b-20261125-000000
 export ORCH_CHECKPOINT_DIR=/scratch/orch/runs/gpt-1b-20261125-000000/checkpoints
 export ORCH_CHECKPOINT_EVERY=500
 export ORCH_CHECKPOINT_KEEP=3
+export ORCH_DS_CONFIG=/scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json
 export NCCL_DEBUG=WARN
 export ORCH_RESTART_COUNT=0
 
 # node 0 (log: /scratch/orch/runs/gpt-1b-20261125-000000/logs/node-0.log)
-ORCH_NODE_RANK=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
+ORCH_NODE_RANK=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --log-dir=/scratch/orch/runs/gpt-1b-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
 
 # node 1 (log: /scratch/orch/runs/gpt-1b-20261125-000000/logs/node-1.log)
-ORCH_NODE_RANK=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=8,9,10,11,12,13,14,15 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
+ORCH_NODE_RANK=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=8,9,10,11,12,13,14,15 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --log-dir=/scratch/orch/runs/gpt-1b-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
 
 # node 2 (log: /scratch/orch/runs/gpt-1b-20261125-000000/logs/node-2.log)
-ORCH_NODE_RANK=2 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=16,17,18,19,20,21,22,23 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
+ORCH_NODE_RANK=2 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=16,17,18,19,20,21,22,23 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --log-dir=/scratch/orch/runs/gpt-1b-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
 
 # node 3 (log: /scratch/orch/runs/gpt-1b-20261125-000000/logs/node-3.log)
-ORCH_NODE_RANK=3 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=24,25,26,27,28,29,30,31 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
+ORCH_NODE_RANK=3 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=24,25,26,27,28,29,30,31 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --log-dir=/scratch/orch/runs/gpt-1b-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &
 wait

@@ -8,12 +8,13 @@ export ORCH_RUN_DIR=/scratch/orch/runs/tiny-gpt-zero2-20261125-000000
 export ORCH_CHECKPOINT_DIR=/scratch/orch/runs/tiny-gpt-zero2-20261125-000000/checkpoints
 export ORCH_CHECKPOINT_EVERY=20
 export ORCH_CHECKPOINT_KEEP=2
+export ORCH_DS_CONFIG=/scratch/orch/runs/tiny-gpt-zero2-20261125-000000/ds_config.json
 export CUDA_VISIBLE_DEVICES=''
 export ORCH_RESTART_COUNT=0
 
 # node 0 (log: /scratch/orch/runs/tiny-gpt-zero2-20261125-000000/logs/node-0.log)
-ORCH_NODE_RANK=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-zero2 --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-zero2-20261125-000000/ds_config.json --model tiny --steps 60 &
+ORCH_NODE_RANK=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=1 --log-dir=/scratch/orch/runs/tiny-gpt-zero2-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-zero2 --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-zero2-20261125-000000/ds_config.json --model tiny --steps 60 &
 
 # node 1 (log: /scratch/orch/runs/tiny-gpt-zero2-20261125-000000/logs/node-1.log)
-ORCH_NODE_RANK=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-zero2 --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-zero2-20261125-000000/ds_config.json --model tiny --steps 60 &
+ORCH_NODE_RANK=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=1 --log-dir=/scratch/orch/runs/tiny-gpt-zero2-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-zero2 --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-zero2-20261125-000000/ds_config.json --model tiny --steps 60 &
 wait
