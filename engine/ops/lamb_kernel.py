@@ -31,7 +31,7 @@ import torch
 import triton.language as tl
 
 from . import autotune
-from .multi_tensor import TableCache, cdiv
+from .multi_tensor import TableCache
 from .scaling import GradMultiplier
 from .segments import SegmentPlan, lamb_step_size, trust_coefficients
 from .triton_common import (block_sum, is_interpreted, kernel, load_f32, optimizer_inputs, program_span, store,
@@ -133,7 +133,7 @@ def lamb_step(
         eps=eps, decay=decay, EPS_INSIDE=inside,
         **{k: tl_dtype(dtypes[k]) for k in ("P_DT", "G_DT", "M_DT", "V_DT")}, **options,
     )
-    per_program = torch.tensor([cdiv(n, config.block) for n in numels], device=device)
+    per_program = plan.programs_per_segment(config.block, device)
     sums = torch.stack([torch.segment_reduce(part, "sum", lengths=per_program)
                         for part in (partials[:n_prog], partials[n_prog:])])
     coeffs = trust_coefficients(plan.reduce(sums), plan.keys_on(device), max_coeff, min_coeff)

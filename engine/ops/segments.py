@@ -85,6 +85,14 @@ class SegmentPlan:
             self._keys_cache[key] = torch.tensor(keys, dtype=torch.long).to(device)
         return self._keys_cache[key]
 
+    def programs_per_segment(self, block: int, device: torch.device) -> torch.Tensor:
+        """How many ``block``-element programs cover each segment (cached: no upload per step)."""
+        key = f"programs:{block}:{device}"
+        if key not in self._keys_cache:
+            counts = [-(-n // block) for n in self.lengths]
+            self._keys_cache[key] = torch.tensor(counts, dtype=torch.long).to(device)
+        return self._keys_cache[key]
+
     def reduce(self, segment_sums: torch.Tensor) -> torch.Tensor:
         """``[2, n_segments]`` sums -> ``[2, n_keys]`` sums over every segment of each key, all ranks."""
         keys = self.keys_on(segment_sums.device)
