@@ -17,16 +17,23 @@ from rich.table import Table
 
 from engine.run_contract import last_metrics, read_status
 
+from .recovery import resuming_phrase
 from .registry import JobRecord, Registry
+from .types import JobState
 
 POLL_SECONDS = (0.5, 1.0, 2.0, 2.0, 5.0)  # back off, like submitit's watcher, but stay responsive
 
 
-def progress_line(run_dir: Path, *, with_metrics: bool = True) -> str:
+def progress_line(run_dir: Path, *, with_metrics: bool = True, job_state: JobState | None = None) -> str:
+    """The trainer's progress; while the job is RESTARTING its last attempt's "failed" is shown as
+    the recovery it is (where it stopped, where it resumes), "failed" is kept for failures."""
     status = read_status(run_dir)
     if not status:
         return ""
-    parts = [f"trainer {status.get('state', '?')}: step {status.get('step', '?')}/{status.get('total_steps', '?')}"]
+    recovering = status.get("state") == "failed" and job_state == JobState.RESTARTING
+    where = f"step {status.get('step', '?')}/{status.get('total_steps', '?')}"
+    parts = ([f"trainer restarting: stopped at {where}, {resuming_phrase(run_dir)}"] if recovering
+             else [f"trainer {status.get('state', '?')}: {where}"])
     if with_metrics:
         m = last_metrics(run_dir)
         for key, fmt in (("loss", "loss {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("tflops", "{:.3g} TFLOP/s"),
@@ -39,7 +46,7 @@ def progress_line(run_dir: Path, *, with_metrics: bool = True) -> str:
                                                if isinstance(v, (int, float)) and v > 0))
     line = ", ".join(parts)
     if status.get("state") == "failed" and status.get("error"):
-        line += f"\n  trainer error: {status['error']}"
+        line += f"\n  {'why it stopped' if recovering else 'trainer error'}: {status['error']}"
     return line
 
 

@@ -257,3 +257,50 @@ def test_a_valid_spec_still_gets_the_ds_configs_problems_all_at_once(tmp_path) -
                     {"train_batch_size": 8, "zero_optimization": {"stage": 5}, "gradient_clipping": -1})
     out = " ".join(orch("check", str(job), code=2).split())
     assert "zero_optimization.stage: must be <= 3, got 5" in out and "gradient_clipping" in out
+
+
+# -- orch status while a local elastic job recovers ------------------------------------------------
+
+def local_job_recovering(tmp_path: Path, *, lost_node: bool, max_restarts: int = 3) -> tuple[str, Path]:
+    """A local elastic job as its supervisor and trainer describe it mid-recovery: the supervisor
+    (this process stands in for it: alive) and the trainer's files in the run directory."""
+    import os
+    import time
+
+    from orchestrator.backends.local.supervisor import NodeRecord, SupervisorState, write_state
+
+    from orchestrator.registry import new_job_id
+
+    job_id, run = new_job_id("tiny-gpt-elastic"), tmp_path / "run"
+    (run / "local").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step-10")
+    (run / "job.json").write_text(json.dumps({"name": "tiny-gpt-elastic", "max_restarts": max_restarts}))
+    (run / "status.json").write_text(json.dumps({"state": "failed", "step": 13, "total_steps": 40,
+                                                 "error": "RuntimeError: Connection reset by peer",
+                                                 "time": time.time() - 5}))
+    nodes = {"0": NodeRecord(0, pid=1), "1": NodeRecord(1, pid=2),
+             "2": NodeRecord(2, pid=3, state="NODE_FAIL" if lost_node else "RUNNING",
+                             ended_at=time.time() if lost_node else None)}
+    write_state(run, SupervisorState(supervisor_pid=os.getpid(), rdzv_port=29500, nodes=nodes))
+    registry = Registry()
+    registry.add(job_id, "tiny-gpt-elastic", "local", str(run), {"name": "tiny-gpt-elastic"})
+    registry.set_native_id(job_id, f"pid:{os.getpid()}")
+    return job_id, run
+
+
+def test_a_local_elastic_job_that_lost_a_node_shows_its_recovery(tmp_path) -> None:
+    job_id, _ = local_job_recovering(tmp_path, lost_node=True)
+    out = orch("status", job_id)
+    assert f"{job_id}  local  RESTARTING" in out
+    assert "restarting after node-2 was lost; resuming from step 10" in out
+    assert "trainer restarting: stopped at step 13/40, resuming from step 10" in out and "failed" not in out
+
+
+def test_a_local_worker_failure_with_restarts_left_is_a_restart_and_without_a_failure(tmp_path) -> None:
+    job_id, _ = local_job_recovering(tmp_path, lost_node=False)
+    out = orch("status", job_id)
+    assert "RESTARTING" in out and "restarting after a worker stopped at step 13; resuming from step 10" in out
+    job_id, _ = local_job_recovering(tmp_path / "none-left", lost_node=False, max_restarts=0)
+    out = orch("status", job_id)
+    assert "RESTARTING" not in out and "trainer failed: step 13/40" in out

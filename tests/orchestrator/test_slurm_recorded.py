@@ -247,3 +247,79 @@ def test_cancel_runs_scancel_and_waits_until_slurm_reports_the_job_ended(tmp_pat
     assert result.exit_code == 0 and f"{job_id}: CANCELLED" in result.output
     assert slurm.calls("scancel") == ["4242"]
     assert Registry().get(job_id).state == JobState.CANCELLED
+
+
+# -- an elastic restart is shown as the recovery it is, "failed" is kept for failures --------------
+
+def trainer_wrote(job_id: str, *, latest: str | None = None, **status_json: object) -> Path:
+    """What the trainer leaves in the run directory: status.json, and checkpoints/latest."""
+    run = Path(Registry().get(job_id).run_dir)
+    (run / "status.json").write_text(json.dumps(status_json))
+    if latest is not None:
+        (run / "checkpoints").mkdir(exist_ok=True)
+        (run / "checkpoints" / "latest").write_text(latest)
+    return run
+
+
+def status_at_80_columns(job_id: str) -> str:
+    result = runner.invoke(app, ["status", job_id], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_an_elastic_job_recovering_from_a_lost_node_is_restarting_not_failed(tmp_path, slurm) -> None:
+    job_id = submit(tmp_path, slurm, nodes="1:2", max_restarts=2)
+    slurm.answer("squeue", squeue_row("4242", "RUNNING", nodes="n[1-2]"))
+    slurm.answer("sinfo", "n1|allocated\nn2|down*\n")
+    # n2 is gone: the ranks on n1 stopped in a collective, torchrun is re-forming on n1
+    trainer_wrote(job_id, latest="step-30", state="failed", step=33, total_steps=120,
+                  error="RuntimeError: [gloo] Connection closed by peer [10.0.0.2]:41234")
+    for _ in range(3):  # every poll of the recovery says the same
+        out = status_at_80_columns(job_id)
+        assert f"{job_id}  slurm  RESTARTING" in out
+        assert "restarting after node n2 was lost; resuming from step 30" in out
+        assert "trainer restarting: stopped at step 33/120, resuming from step 30" in out
+        assert "why it stopped: RuntimeError: [gloo] Connection closed by peer" in out
+        assert "failed" not in out
+    assert "RESTARTING" in runner.invoke(app, ["list"], env={"COLUMNS": "80"}).output
+
+    # the agents re-formed on n1 and the trainer resumed from step 30
+    trainer_wrote(job_id, state="running", step=31, total_steps=120, restart_count=1)
+    out = status_at_80_columns(job_id)
+    assert "RUNNING  restarts 1  node n2 lost; elastic job continuing on n1" in out
+    assert "trainer running: step 31/120" in out and "failed" not in out
+
+
+def test_a_worker_failure_without_restarts_left_is_a_failure(tmp_path, slurm) -> None:
+    job_id = submit(tmp_path, slurm, nodes="1:2", max_restarts=1)
+    slurm.answer("squeue", squeue_row("4242", "RUNNING", nodes="n1"))
+    slurm.answer("sinfo", "n1|allocated\n")
+    trainer_wrote(job_id, latest="step-60", state="failed", step=64, total_steps=120, restart_count=1,
+                  error="ValueError: loss is NaN")
+    out = status_at_80_columns(job_id)
+    assert "RUNNING" in out and "RESTARTING" not in out and "restarting" not in out
+    assert "trainer failed: step 64/120" in out and "trainer error: ValueError: loss is NaN" in out
+
+    slurm.answer("squeue", squeue_row("4242", "FAILED", nodes="n1", exit_code="256"))
+    out = status_at_80_columns(job_id)
+    assert "FAILED" in out and "exit code 1" in out and "trainer failed: step 64/120" in out
+
+
+def test_a_first_failure_with_restarts_left_restarts_from_the_latest_checkpoint(tmp_path, slurm) -> None:
+    job_id = submit(tmp_path, slurm, max_restarts=3)
+    slurm.answer("squeue", squeue_row("4242", "RUNNING", nodes="n[1-2]"))
+    slurm.answer("sinfo", "n1|allocated\nn2|allocated\n")
+    trainer_wrote(job_id, state="failed", step=12, total_steps=120, error="OSError: [Errno 5] EIO")
+    out = status_at_80_columns(job_id)
+    assert "RESTARTING" in out and "restarting after a worker stopped at step 12; starting over (no " \
+                                   "checkpoint yet)" in " ".join(out.split())
+
+
+def test_a_requeued_job_says_where_it_will_resume(tmp_path, slurm) -> None:
+    job_id = submit(tmp_path, slurm)
+    slurm.answer("squeue", squeue_row("4242", "PENDING", reason="BeginTime", restarts=1))
+    trainer_wrote(job_id, latest="step-30", state="failed", step=33, total_steps=120, error="node n2 failed")
+    out = status_at_80_columns(job_id)
+    assert "requeued (restart 1), waiting to start again (Slurm: BeginTime); will resume from step 30" in out
+    assert "trainer restarting: stopped at step 33/120, resuming from step 30" in out
+    assert "trainer failed" not in out

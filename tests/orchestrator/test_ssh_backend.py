@@ -131,7 +131,8 @@ def test_a_dead_host_leaves_the_elastic_job_training_on_the_others(tmp_path: Pat
     try:
         status = wait_until(lambda: (s := jobs.status(job.job_id)[1]).nodes.get("orch-h3") == "NODE_FAIL" and s,
                             60, "orch status to see the lost host")
-        assert "lost host orch-h3" in status.detail, status
+        # RESTARTING: "restarting after host orch-h3 was lost; ...", or already "continuing without lost host"
+        assert "host orch-h3 was lost" in status.detail or "lost host orch-h3" in status.detail, status
         resumed = wait_until(lambda: [r for r in train_records(run) if r["world_size"] == 2], 90,
                              "a step on the 2 surviving hosts", poll=0.25)
         assert resumed[0]["time"] - killed < 60, f"resumed after {resumed[0]['time'] - killed:.0f} s"

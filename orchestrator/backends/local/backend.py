@@ -19,6 +19,7 @@ from pathlib import Path
 from engine.run_contract import RunPaths, read_status, recorded_restarts
 
 from ...errors import UserError
+from ...recovery import recovering, restarting_detail
 from ...spec import JobSpec
 from ...types import JobRef, JobState, JobStatus, Rendered, Submission
 from ..base import RunDirBackend
@@ -100,7 +101,9 @@ class LocalBackend(RunDirBackend):
             lost = [k for k, v in nodes.items() if v == "NODE_FAIL"]
             if _trainer_progress_after(run, max(n["ended_at"] or 0 for n in state["nodes"].values())):
                 return JobStatus(JobState.RUNNING, f"continuing without {', '.join(lost)}", restarts, nodes)
-            return JobStatus(JobState.RESTARTING, f"lost {', '.join(lost)}; survivors re-forming", restarts, nodes)
+            return JobStatus(JobState.RESTARTING, restarting_detail(run, lost, node_word=""), restarts, nodes)
+        if job_state == JobState.RUNNING and recovering(run, restarts):  # torchrun restarts the workers
+            return JobStatus(JobState.RESTARTING, restarting_detail(run), restarts, nodes)
         return JobStatus(job_state, state.get("detail", ""), restarts, nodes)
 
     def logs(self, ref: JobRef, *, follow: bool = False, node: str | None = None) -> Iterator[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from engine.run_contract import agent_restarts, read_status
 
+from ...recovery import recovering, restarting_detail, resuming_phrase
 from ...types import JobRef, JobState, JobStatus
 from .state import SlurmJobInfo, job_state, node_is_lost
 
@@ -29,13 +30,20 @@ def job_status(ref: JobRef, info: SlurmJobInfo | None, nodes: dict[str, str]) ->
     per_node: dict[str, str] = {}
     if is_active(info):
         per_node = {n: "NODE_FAIL" if node_is_lost(nodes.get(n, "")) else "RUNNING" for n in info.nodes}
-        if state == JobState.RUNNING and not detail:
-            detail = _running_detail(ref, info, [n for n, s in per_node.items() if s == "NODE_FAIL"])
-    elif state in (JobState.PENDING, JobState.RESTARTING) and info.reason not in ("", "None"):
-        hint = _REASON_HINTS.get(info.reason.split(",")[0])
-        reason = info.reason + (f": {hint}" if hint else "")
-        detail = f"{detail} (Slurm: {reason})" if detail else f"waiting: {reason}"
-    elif state in (JobState.FAILED, JobState.NODE_FAIL, JobState.TIMEOUT):
+        lost = [n for n, s in per_node.items() if s == "NODE_FAIL"]
+        # the trainer's "failed" while torchrun still has restarts is a recovery, not the job's end
+        if state == JobState.RUNNING and recovering(ref.run_dir, restarts - info.restarts, info.restarts + 1):
+            state, detail = JobState.RESTARTING, restarting_detail(ref.run_dir, lost)
+        elif state == JobState.RUNNING and not detail:
+            detail = _running_detail(ref, info, lost)
+    else:
+        if state in (JobState.PENDING, JobState.RESTARTING) and info.reason not in ("", "None"):
+            hint = _REASON_HINTS.get(info.reason.split(",")[0])
+            reason = info.reason + (f": {hint}" if hint else "")
+            detail = f"{detail} (Slurm: {reason})" if detail else f"waiting: {reason}"
+        if state == JobState.RESTARTING:  # requeued: it starts again from the latest checkpoint
+            detail = f"{detail}; {resuming_phrase(ref.run_dir, later=True)}"
+    if state in (JobState.FAILED, JobState.NODE_FAIL, JobState.TIMEOUT):
         code = _exit_code(info)
         detail = ", ".join(p for p in (detail, code, f"Slurm job {ref.native_id}; see `orch logs {ref.job_id}`") if p)
     return JobStatus(state, detail or f"Slurm job {ref.native_id}", restarts, per_node)

@@ -22,6 +22,7 @@ from engine.run_contract import read_status, recorded_restarts
 
 from ...errors import UserError
 from ...launch import job_token
+from ...recovery import recovering, restarting_detail
 from ...spec import JobSpec
 from ...types import JobRef, JobState, JobStatus, Rendered, Submission
 from ..base import RunDirBackend
@@ -131,7 +132,9 @@ def _status(ref: JobRef) -> JobStatus:
         lost_at = max(h["ended_at"] or 0 for h in state["hosts"].values())
         if float(read_status(run).get("time") or 0) > lost_at:
             return JobStatus(JobState.RUNNING, f"continuing without lost host {', '.join(lost)}", restarts, hosts)
-        return JobStatus(JobState.RESTARTING, f"lost host {', '.join(lost)}; survivors re-forming", restarts, hosts)
+        return JobStatus(JobState.RESTARTING, restarting_detail(run, lost, node_word="host"), restarts, hosts)
+    if job_state == JobState.RUNNING and recovering(run, restarts):  # torchrun restarts the workers
+        return JobStatus(JobState.RESTARTING, restarting_detail(run), restarts, hosts)
     return JobStatus(job_state, state.get("detail", ""), restarts, hosts)
 
 
