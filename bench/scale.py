@@ -79,7 +79,11 @@ def run_child(model: str, stage: int, world: int, peer: bool, checkpointing: boo
     argv = [sys.executable, "-m", "bench.scale", "--child", "--model", model, "--stage", str(stage),
             "--world", str(world)] + (["--peer"] if peer else []) + (["--checkpointing"] if checkpointing else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"  {model} stage {stage} N={world}: no result within {timeout} s", file=sys.stderr)
+        return None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
