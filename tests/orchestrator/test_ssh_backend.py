@@ -93,6 +93,11 @@ def test_tiny_gpt_zero2_on_3_hosts_equals_the_local_run(hostfile: Path, ssh_host
         text = "\n".join(jobs.logs(ours.job_id, node=host))
         assert f"orch-ssh-agent started host={host}" in text and "orch-ssh-agent exit=0" in text
     assert "step     12/12" in "\n".join(jobs.logs(ours.job_id, node="orch-h1"))
+    followed = list(jobs.logs(ours.job_id, follow=True))  # `orch logs -f` of a finished job: all, then ends
+    assert {line.split("]")[0] + "]" for line in followed} == {f"[{h}]" for h in ssh_hosts.hosts}
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "status", ours.job_id], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "ssh  SUCCEEDED" in result.stdout, result.stdout + result.stderr
 
 
 def test_cancel_stops_every_process_on_every_host(hostfile: Path, ssh_hosts: SshLab) -> None:  # noqa: F811
