@@ -372,8 +372,8 @@ def k8s_node() -> Iterator[object]:
     """A node that runs pods: the project's own (tests/clusters/k8s_node.sh, with the PyTorchJob
     operator double running beside it for the session), or the cluster of ORCH_TEST_NODE_KUBECONFIG
     (which must run the real Kubeflow training operator). The local node is started here when it is
-    built but not running, and stopped at the end only if this session started it; the orch image
-    is refreshed from the working tree first (a no-op when nothing changed)."""
+    built but not running (its orch image refreshed from the working tree first), and stopped at
+    the end only if this session started it."""
     from tests.clusters import k8s_node as node
 
     given = os.environ.get("ORCH_TEST_NODE_KUBECONFIG")
@@ -386,11 +386,11 @@ def k8s_node() -> Iterator[object]:
         pytest.skip(f"the test Kubernetes node needs root; {node.ENABLE}")
     if not node.cache_ready():
         pytest.skip(f"the test Kubernetes node is not built; {node.ENABLE}")
-    images = node.script("images", timeout=1200)
-    if images.returncode != 0:
-        pytest.skip(f"k8s_node.sh images failed: {images.stderr[-800:]}; {node.ENABLE}")
     started = False
-    if not node.node_ready():
+    if not node.node_ready():  # a running node (.ci/k8s-node-up.sh) has the image of this tree already
+        images = node.script("images", timeout=1800)
+        if images.returncode != 0:
+            pytest.skip(f"k8s_node.sh images failed: {images.stderr[-800:]}; {node.ENABLE}")
         start_or_skip(["bash", str(node.SCRIPT), "start"], node.node_ready, node.ENABLE, timeout=600)
         started = True
     kubeconfig = node.NODE_DIR / "kubeconfig"
