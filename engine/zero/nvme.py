@@ -147,7 +147,7 @@ class NvmeOptimizerSwap:
     # -- files ----------------------------------------------------------------------------------
     def _create_files(self, numels: Sequence[int]) -> list[_GroupFile]:
         parts_spec = [("master", torch.float32)] + self.state_parts
-        chunk = self.settings.chunk_numel
+        chunk = min(self.settings.chunk_numel, round_up(max(numels, default=1), ALIGN))   # small models: less
         parts, at = [], 0
         for key, dtype in parts_spec:
             itemsize = torch.empty((), dtype=dtype).element_size()
