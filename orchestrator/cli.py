@@ -95,14 +95,16 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
     """Validate the spec and its ds_config for the job's world size; estimate memory per ZeRO stage."""
     from .backends import get_backend
     from .check import check_job, human_bytes
-    from .spec_report import load_spec_reporting_all as load_spec
+    from .spec_report import load_spec_reporting_all as load_spec, run_all
 
     try:
         job = load_spec(spec, set_)
-        get_backend(_cluster(cluster)).dryrun(job)  # rendering is part of the check (templates, quoting)
-        report = check_job(job, num_parameters=int(params) if params else None,
-                           gpu_memory_bytes=gpu_memory_gb * 1e9 if gpu_memory_gb else None,
-                           lenient=lenient, autotune=autotune)
+        backend = get_backend(_cluster(cluster))
+        _, report = run_all(  # rendering is part of the check (templates, quoting); both report
+            lambda: backend.dryrun(job),
+            lambda: check_job(job, num_parameters=int(params) if params else None,
+                              gpu_memory_bytes=gpu_memory_gb * 1e9 if gpu_memory_gb else None,
+                              lenient=lenient, autotune=autotune))
         if autotune:
             from .autotune import answer_for_report
 

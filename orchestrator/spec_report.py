@@ -10,6 +10,7 @@ line naming the file, the key and the fix.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,20 @@ def _validate(ds: Any, label: str) -> list[str]:
     except ConfigError as exc:
         return [f"{label}: {problem}" for problem in exc.problems]
     return []
+
+
+def run_all(*steps: Callable[[], Any]) -> list[Any]:
+    """Run every check step even when an earlier one finds problems (rendering for the cluster,
+    then the ds_config for the job's world size): their results, or one error listing what each
+    step found, so a user fixes everything in one edit."""
+    results, problems = [], []
+    for step in steps:
+        try:
+            results.append(step())
+        except UserError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError("\n".join(problems))
+    return results

@@ -304,3 +304,10 @@ def test_a_local_worker_failure_with_restarts_left_is_a_restart_and_without_a_fa
     job_id, _ = local_job_recovering(tmp_path / "none-left", lost_node=False, max_restarts=0)
     out = orch("status", job_id)
     assert "RESTARTING" not in out and "trainer failed: step 13/40" in out
+
+
+def test_check_reports_a_clusters_refusal_and_the_ds_configs_problems_together(tmp_path) -> None:
+    job = write_job(tmp_path, {"name": "tiny-gpt", "nodes": 2, "kubernetes": {"image": "orch:latest"}},
+                    {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 5}})
+    out = orch("check", str(job), "--cluster", "kubernetes", code=2)
+    assert "kubernetes.checkpoint_pvc" in out and "zero_optimization.stage: must be <= 3, got 5" in out

@@ -6,12 +6,11 @@ recorded squeue/sacct/sinfo output as well as on a real cluster.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from engine.run_contract import agent_restarts, read_status
 
-from ...recovery import recovering, restarting_detail, resuming_phrase
+from ...recovery import recovering, restarting_detail, resuming_phrase, spec_record
 from ...types import JobRef, JobState, JobStatus
 from .state import SlurmJobInfo, job_state, node_is_lost
 
@@ -62,7 +61,7 @@ _REASON_HINTS = {
 
 def _running_detail(ref: JobRef, info: SlurmJobInfo, lost: list[str]) -> str:
     """Where the job runs, and what a lost node means for it (elastic: it lives on)."""
-    spec = _spec_record(ref)
+    spec = spec_record(ref.run_dir)
     nodes = spec.get("nodes") if isinstance(spec.get("nodes"), dict) else {}
     high = nodes.get("max") or 0
     elastic = nodes.get("min") != nodes.get("max")
@@ -77,15 +76,6 @@ def _running_detail(ref: JobRef, info: SlurmJobInfo, lost: list[str]) -> str:
     if elastic and len(info.nodes) < high:
         return f"Slurm job {ref.native_id} on {', '.join(info.nodes)} ({len(info.nodes)} of up to {high} nodes)"
     return f"Slurm job {ref.native_id} on {', '.join(info.nodes)}"
-
-
-def _spec_record(ref: JobRef) -> dict:
-    """The spec as jobs.py keeps it in the run dir (job.json); {} if unreadable."""
-    try:
-        spec = json.loads((Path(ref.run_dir) / "job.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return spec if isinstance(spec, dict) else {}
 
 
 def _exit_code(info: SlurmJobInfo) -> str:
