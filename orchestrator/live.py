@@ -38,9 +38,13 @@ def progress_line(run_dir: Path, *, with_metrics: bool = True, job_state: JobSta
         m = last_metrics(run_dir)
         for key, fmt in (("loss", "loss {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("tflops", "{:.3g} TFLOP/s"),
                          ("mfu", "MFU {:.1%}"), ("lr", "lr {:.2e}"), ("world_size", "world {}"),
-                         ("restart_count", "restarts {}")):
+                         ("restart_count", "restarts {}"), ("comm_calls_per_step", "{:.0f} collectives/step")):
             if isinstance(m.get(key), (int, float)):
                 parts.append(fmt.format(m[key]))
+        if isinstance(m.get("comm_bytes_per_step"), (int, float)):
+            from .check import human_bytes
+
+            parts.append(f"comm {human_bytes(m['comm_bytes_per_step'])}/step per rank")
         if isinstance(m.get("breakdown_ms"), dict):
             parts.append("ms/step " + " ".join(f"{k} {v:.1f}" for k, v in m["breakdown_ms"].items()
                                                if isinstance(v, (int, float)) and v > 0))

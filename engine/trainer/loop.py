@@ -247,10 +247,20 @@ def log_train(run: Run, step: int, window: _Window) -> None:
         **run.monitor.throughput_fields(tokens_per_s, window.steps),
         "samples": run.sampler.consumed_samples, "world_size": run.world_size,
         "restart_count": restart_count(), "mem": mem, "mem_kind": mem_kind, "time": time.time(),
+        **_comm_fields(window.steps),
     }
     run.metrics.log(record)
     run.metrics.status("running", step=step, total_steps=run.args.steps, loss=loss,
                        world_size=run.world_size, restart_count=record["restart_count"])
+
+
+def _comm_fields(steps: int) -> dict[str, float]:
+    """What this rank's collectives moved per step since the last record (engine.comm's ledger)."""
+    from engine.comm import ledger
+
+    moved = ledger.mark_step()
+    return {"comm_bytes_per_step": moved["comm_bytes_sent"] / max(1, steps),
+            "comm_calls_per_step": moved["comm_calls"] / max(1, steps)}
 
 
 def resolve_run_dir(run_dir: str | None, rank: int, world: int) -> Path:

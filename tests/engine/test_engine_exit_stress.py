@@ -23,6 +23,7 @@ RUNS = int(os.environ.get("ORCH_EXIT_STRESS_RUNS", "30"))
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(RUNS * 600),
     pytest.mark.skipif(os.environ.get("ORCH_EXIT_STRESS") != "1",
                        reason="opt-in stress test: set ORCH_EXIT_STRESS=1 (30 two-rank runs, ~30 min)"),
 ]
@@ -49,6 +50,7 @@ def test_thirty_two_rank_runs_beside_a_cpu_burner_all_exit_cleanly(tmp_path) -> 
             aborted = "terminate called" in result.stderr or result.returncode != 0
             if aborted:
                 failures.append((i, stage, result.returncode, result.stderr[-1500:]))
+            print(f"run {i + 1}/{RUNS} (stage {stage}): {'ABORTED' if aborted else 'clean exit'}", flush=True)
     finally:
         burner.kill()
         burner.wait()

@@ -110,6 +110,8 @@ def test_two_ranks_under_torchrun_follow_the_single_process_curve(single_run, tm
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "run")
     assert {r["world_size"] for r in records} == {2}
+    # the communication ledger's per-step figures: stage 1 reduces and gathers every step
+    assert all(r["comm_bytes_per_step"] > 0 and r["comm_calls_per_step"] >= 2 for r in records), records
     two, one = losses(records), losses(read_metrics(single_run))
     assert sorted(two) == sorted(one)
     for step in one:
