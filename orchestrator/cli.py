@@ -270,7 +270,8 @@ def status(job: JobArg,
               f"{'  ' + record.detail if record.detail else ''}", markup=True)
     for node, node_state in sorted(st.nodes.items()):
         out.print(f"  node {node}: {node_state}")
-    line = progress_line(Path(record.run_dir), with_metrics=metrics, job_state=record.state)
+    line = progress_line(Path(record.run_dir), with_metrics=metrics, job_state=record.state,
+                         restarts=record.restarts)
     if line:
         out.print(f"  {line}", markup=False)  # plain text: trainer errors may hold [brackets]
     elif metrics:

@@ -17,20 +17,23 @@ from rich.table import Table
 
 from engine.run_contract import last_metrics, read_status
 
-from .recovery import resuming_phrase
+from .recovery import recovering as restarts_left, resuming_phrase
 from .registry import JobRecord, Registry
 from .types import JobState
 
 POLL_SECONDS = (0.5, 1.0, 2.0, 2.0, 5.0)  # back off, like submitit's watcher, but stay responsive
 
 
-def progress_line(run_dir: Path, *, with_metrics: bool = True, job_state: JobState | None = None) -> str:
-    """The trainer's progress; while the job is RESTARTING its last attempt's "failed" is shown as
-    the recovery it is (where it stopped, where it resumes), "failed" is kept for failures."""
+def progress_line(run_dir: Path, *, with_metrics: bool = True, job_state: JobState | None = None,
+                  restarts: int = 0) -> str:
+    """The trainer's progress. While the job recovers (RESTARTING, or RUNNING with restarts left,
+    e.g. a pod whose container restarts) its last attempt's "failed" is shown as the recovery it
+    is (where it stopped, where it resumes); "failed" is kept for failures."""
     status = read_status(run_dir)
     if not status:
         return ""
-    recovering = status.get("state") == "failed" and job_state == JobState.RESTARTING
+    recovering = status.get("state") == "failed" and (
+        job_state == JobState.RESTARTING or (job_state == JobState.RUNNING and restarts_left(run_dir, restarts)))
     where = f"step {status.get('step', '?')}/{status.get('total_steps', '?')}"
     parts = ([f"trainer restarting: stopped at {where}, {resuming_phrase(run_dir)}"] if recovering
              else [f"trainer {status.get('state', '?')}: {where}"])

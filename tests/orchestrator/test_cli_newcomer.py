@@ -311,3 +311,16 @@ def test_check_reports_a_clusters_refusal_and_the_ds_configs_problems_together(t
                     {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 5}})
     out = orch("check", str(job), "--cluster", "kubernetes", code=2)
     assert "kubernetes.checkpoint_pvc" in out and "zero_optimization.stage: must be <= 3, got 5" in out
+
+
+@pytest.mark.parametrize("state, restarts, shows", [
+    (JobState.RUNNING, 0, "trainer restarting: stopped at step 13/40, resuming from step 10"),  # e.g. a pod restarting
+    (JobState.RUNNING, 3, "trainer failed: step 13/40"),            # max_restarts used up: the job is ending
+    (JobState.FAILED, 0, "trainer failed: step 13/40"),
+])
+def test_the_progress_line_of_any_cluster_tells_recovery_from_failure(tmp_path, state, restarts, shows) -> None:
+    from orchestrator.live import progress_line
+
+    _, run = local_job_recovering(tmp_path, lost_node=False, max_restarts=3)
+    line = progress_line(run, with_metrics=False, job_state=state, restarts=restarts)
+    assert line.splitlines()[0] == shows
