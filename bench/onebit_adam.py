@@ -166,15 +166,23 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
             "warmup": FREEZE_STEP + 1, "steps": steps or (1 if quick else 3)}
     rounds = rounds or (1 if quick else 2)
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
-    loads = []
+    loads: list[float] = []
+    failed: list[str] = []
     for r in range(rounds):
         for world in worlds:
             order = CANDIDATES if r % 2 == 0 else tuple(reversed(CANDIDATES))
             for candidate in order:
                 loads.append(load_average())
-                results.setdefault((candidate, world), []).append(launch(candidate, world, spec))
+                try:
+                    results.setdefault((candidate, world), []).append(launch(candidate, world, spec))
+                except RuntimeError as exc:      # e.g. a rank killed for memory on a shared machine
+                    print(str(exc).splitlines()[0], "(SIGKILL: out of memory?)" if "-9" in str(exc) else "")
+                    failed.append(f"{candidate} @ {world} ranks")
+                    results.pop((candidate, world), None)
     fake = fake_world_bytes(fake_world, spec)
     rows = summarize(results, fake, fake_world, spec, quick)
+    rows += [{"benchmark": "onebit_adam", "name": name, "error": "launch failed (see the output above)"}
+             for name in failed]
     if record:
         record_rows(rows, loads, quick, rounds, spec)
     return rows
@@ -194,8 +202,10 @@ def summarize(results: dict, fake: dict[str, int], fake_world: int, spec: dict[s
                      "range_s": spread, "bytes_sent": med["bytes_sent"], "projected_25gbps_s": med["projected_s"],
                      "collective_s": med["collective_s"], "candidate": candidate, "world": world})
     for world in sorted({w for _, w in results}):
-        a = next(r for r in rows if r["world"] == world and r["candidate"] == "adam")
-        b = next(r for r in rows if r["world"] == world and r["candidate"] == "onebit")
+        a = next((r for r in rows if r.get("world") == world and r["candidate"] == "adam"), None)
+        b = next((r for r in rows if r.get("world") == world and r["candidate"] == "onebit"), None)
+        if a is None or b is None:
+            continue
         print(f"  {world} ranks: 1-bit/Adam step {b['median_s'] / a['median_s']:.2f}x, bytes "
               f"{b['bytes_sent'] / a['bytes_sent']:.4f}x (1/{a['bytes_sent'] / b['bytes_sent']:.1f}), "
               f"projected @25 Gb/s {b['projected_25gbps_s'] / a['projected_25gbps_s']:.2f}x")
