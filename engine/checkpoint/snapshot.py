@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..io import aligned_empty, byte_view
+from ..io.stream import copy_bytes
 
 __all__ = ["SnapshotArena"]
 
@@ -96,4 +97,4 @@ class SnapshotArena:
 
 def _copy_all(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for out, src in pending:
-        byte_view(out)[:] = byte_view(src)           # memcpy without torch's intra-op threads
+        copy_bytes(byte_view(out), byte_view(src))   # GIL released: the training thread goes on

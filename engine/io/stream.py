@@ -18,7 +18,7 @@ from .files import DirectFile, _address
 from .hashing import TreeHash
 from .pool import IOPool, shared_pool
 
-__all__ = ["FileRange", "StreamWriter", "hash_file"]
+__all__ = ["FileRange", "StreamWriter", "copy_bytes", "hash_file"]
 
 
 class StreamWriter:
@@ -133,10 +133,18 @@ class StreamWriter:
         self.file.close()
 
 
+def copy_bytes(dst: memoryview, src: memoryview) -> None:
+    """``dst[:] = src`` with the GIL released (numpy's copy loop), so copies on the I/O threads and
+    the training thread run in parallel; a memoryview assignment would hold the GIL throughout."""
+    import numpy as np
+
+    np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+
+
 def _copy_piece(buf: Any, at: int, piece: Any) -> None:
     """Put one source piece into a staging block at byte ``at``."""
     if isinstance(piece, memoryview):
-        byte_view(buf)[at:at + len(piece)] = piece
+        copy_bytes(byte_view(buf)[at:at + len(piece)], piece)
     elif isinstance(piece, FileRange):
         piece.read_into(byte_view(buf)[at:at + len(piece)])
     else:
