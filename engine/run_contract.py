@@ -212,18 +212,22 @@ def recorded_restarts(run_dir: str | os.PathLike[str]) -> int:
     return max(program, agent_restarts(run_dir))
 
 
-def restart_count(env: Mapping[str, str] | None = None) -> int:
-    """Restarts so far: the job's (orch / Slurm requeue) plus torchrun's worker restarts in it."""
+def job_restart_count(env: Mapping[str, str] | None = None) -> int:
+    """Restarts of the whole job so far: orch's count (``ORCH_RESTART_COUNT``), else Slurm's requeues."""
     source: Mapping[str, str] = os.environ if env is None else env
-
-    def read(name: str) -> int | None:
+    for name in (ENV_RESTART_COUNT, SLURM_RESTART_COUNT):
         raw = source.get(name, "").strip()
-        return int(raw) if raw.isdigit() else None
+        if raw.isdigit():
+            return int(raw)
+    return 0
 
-    job = read(ENV_RESTART_COUNT)
-    if job is None:
-        job = read(SLURM_RESTART_COUNT) or 0
-    return job + (read(TORCHELASTIC_RESTART_COUNT) or 0)
+
+def restart_count(env: Mapping[str, str] | None = None) -> int:
+    """Restarts so far as this process sees them: the job's (orch / Slurm requeue) plus torchrun's
+    restarts of this node's workers in it (``TORCHELASTIC_RESTART_COUNT``)."""
+    source: Mapping[str, str] = os.environ if env is None else env
+    raw = source.get(TORCHELASTIC_RESTART_COUNT, "").strip()
+    return job_restart_count(source) + (int(raw) if raw.isdigit() else 0)
 
 
 def cache_dir() -> Path:

@@ -77,6 +77,7 @@ class OrchCallback(TrainerCallback):
         self.run_dir = Path(explicit) if explicit else None
         self._last: tuple[float, int, int] | None = None  # (time, step, input tokens seen) at the last record
         self._status_at = 0.0
+        self._restarts = 0
 
     def _writes(self, state: Any) -> bool:
         return self.run_dir is not None and bool(state.is_world_process_zero)
@@ -84,7 +85,7 @@ class OrchCallback(TrainerCallback):
     def _status(self, state_name: str, args: Any, state: Any, **fields: Any) -> None:
         assert self.run_dir is not None
         contract.write_status(self.run_dir, state_name, step=state.global_step, total_steps=state.max_steps,
-                              world_size=args.world_size, restart_count=contract.restart_count(),
+                              world_size=args.world_size, restart_count=self._restarts,
                               program="transformers.Trainer", **fields)
         self._status_at = time.monotonic()
 
@@ -93,9 +94,13 @@ class OrchCallback(TrainerCallback):
             return
         assert self.run_dir is not None
         self._last = (time.monotonic(), state.global_step, int(state.num_input_tokens_seen or 0))
+        # This process's environment counts only its own agent's restarts (a node whose workers were
+        # restarted because another node's failed still sees 0); the agents' record counts the job's.
+        self._restarts = max(contract.restart_count(),
+                             contract.job_restart_count() + contract.agent_restarts(self.run_dir))
         contract.append_record(self.run_dir, {
             "kind": "start", "step": state.global_step, "total_steps": state.max_steps,
-            "world_size": args.world_size, "restart_count": contract.restart_count(),
+            "world_size": args.world_size, "restart_count": self._restarts,
             "global_batch": _global_batch(args), "program": "transformers.Trainer"})
         self._status("running", args, state)
 
@@ -124,7 +129,7 @@ class OrchCallback(TrainerCallback):
             "loss": float(logs["loss"]), "lr": _number(logs.get("learning_rate")),
             "grad_norm": _number(logs.get("grad_norm")), "samples_per_s": samples_per_s,
             "tokens_per_s": tokens_per_s, "step_time_s": elapsed / steps if steps > 0 else None,
-            "world_size": args.world_size, "restart_count": contract.restart_count(),
+            "world_size": args.world_size, "restart_count": self._restarts,
         }
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
