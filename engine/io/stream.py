@@ -9,6 +9,7 @@ same digest the writer computed, so verification runs at disk speed too.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +36,10 @@ class StreamWriter:
         self.pool = pool or shared_pool()
         self.file = DirectFile(path, "w", direct=direct)
         self.block = self.hasher.block
-        self.staging = _staging(max(2, buffers, self.pool.threads + 1), self.block)
+        # pinned torch buffers only where torch is in use (device tensors); else page-aligned mmap,
+        # so a torch-free caller (orch ckpt consolidate to .safetensors) never imports torch
+        self.staging = _staging(max(2, buffers, self.pool.threads + 1), self.block,
+                                torch_free="torch" not in sys.modules)
         self._segments: list[tuple[int, Any]] = []   # (offset in the block, source piece) copied later
         self._buf: Any = None
         self._fill = 0
@@ -147,8 +151,11 @@ def _copy_piece(buf: Any, at: int, piece: Any) -> None:
         copy_bytes(byte_view(buf)[at:at + len(piece)], piece)
     elif isinstance(piece, FileRange):
         piece.read_into(byte_view(buf)[at:at + len(piece)])
-    else:
-        buf[at:at + piece.numel()].copy_(piece)     # a device tensor's bytes
+    else:                                           # a device tensor's bytes
+        import torch
+
+        target = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8)
+        target[at:at + piece.numel()].copy_(piece)
 
 
 class FileRange:
