@@ -48,7 +48,8 @@ class ScaleReport:
     zero_volume: int                   # the ZeRO paper's bytes per rank per step
     calls: int                         # collectives per step
     model_state_bytes: int             # params + grads + fp32 master + optimizer states on this rank
-    model_state_formula: int           # the ZeRO paper's bytes per rank at the configured dtypes
+    model_state_formula: int           # the ZeRO paper's bytes per rank at the configured dtypes (stage 3:
+    #                                    plus the persistent parameters' full copy)
     activation_bytes: int              # saved for backward by one micro-batch
     peak_gathered_bytes: int = 0       # stage 3: most bytes of gathered units + staging at once
     largest_unit_bytes: int = 0        # stage 3: the largest fetch unit
@@ -181,7 +182,8 @@ def _report(eng: Any, opt: Any, world: int, stage: int, name: str, moved: dict[s
         bytes_sent=moved["comm_bytes_sent"], bytes_received=moved["comm_bytes_received"],
         zero_volume=zero_volume_bytes(stage, psi, world, dtype_bytes), calls=moved["comm_calls"],
         model_state_bytes=sum(states[k] for k in ("params", "grads", "master", "optimizer_states")),
-        model_state_formula=model_state_formula(stage, psi, world, dtype_bytes, grad_bytes),
+        model_state_formula=model_state_formula(stage, psi, world, dtype_bytes, grad_bytes)
+        + _persistent_bytes(opt, stage, dtype_bytes),
         activation_bytes=activations, seconds=elapsed, by_op=ledger.by_op())
     if stage == 3:
         units = [u for u in opt.store.units if not u.persistent]
@@ -190,6 +192,15 @@ def _report(eng: Any, opt: Any, world: int, stage: int, name: str, moved: dict[s
         prefetch = int(cfg.get("zero_optimization", {}).get("stage3_prefetch_bucket_size", 0) or 0)
         report.prefetch_bytes = prefetch * dtype_bytes
     return report
+
+
+def _persistent_bytes(opt: Any, stage: int, dtype_bytes: int) -> int:
+    """Stage 3 keeps its persistent (small) parameters whole on every rank, by design (DeepSpeed's
+    ``stage3_param_persistence_threshold``): the formula counts their full copy."""
+    if stage != 3:
+        return 0
+    return sum(opt.layout.params[i].numel for u in opt.store.units if u.persistent and not u.frozen
+               for i in u.params) * dtype_bytes
 
 
 def _grad_element_bytes(opt: Any, default: int) -> int:

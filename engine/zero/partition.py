@@ -167,7 +167,10 @@ class FlatLayout:
             for run in _runs_of_equal(keys):
                 sizes = [named[i][1].numel() for i in run]
                 numel = sum(sizes)
-                per_rank = math.ceil(math.ceil(numel / partition_count) / alignment) * alignment
+                # a span too small to give every rank a whole aligned block is padded per element:
+                # at 1024 ranks a 768-element bias would otherwise occupy 16 Ki elements
+                align = alignment if span_keys is None or numel >= partition_count * alignment else 1
+                per_rank = math.ceil(math.ceil(numel / partition_count) / align) * align
                 spans.append(Span(len(spans), g, numel, per_rank, canonical, buffer, local, len(entries), len(run)))
                 inner = 0
                 for i, size in zip(run, sizes):
