@@ -91,7 +91,11 @@ build() {
   local src=$WORK/src/kubernetes-$KUBE_VERSION
   if ! have_binaries; then
     log "building $BINARIES $KUBE_VERSION (~25 min on 2 cores, first time only; log: $WORK/build.log)"
-    (cd "$src" && GOCACHE=$WORK/gocache GOPROXY=off GOFLAGS= make \
+    # providerless: no in-tree cloud providers (AWS/Azure/GCE/vSphere SDKs), about a third less to
+    # compile; a static kubelet (CGO off, like the other three) shares every compiled package with
+    # them instead of compiling all of them a second time with cgo. The Go cache stays in the
+    # source tree's _output, so an interrupted build resumes where it stopped.
+    (cd "$src" && GOPROXY=off KUBE_STATIC_OVERRIDES=kubelet make GOFLAGS=-tags=providerless \
        WHAT="cmd/kube-apiserver cmd/kubelet cmd/kube-scheduler cmd/kube-controller-manager" \
        KUBE_GIT_VERSION=v$KUBE_VERSION KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR=20 KUBE_GIT_TREE_STATE=clean \
        KUBE_GIT_COMMIT=0000000000000000000000000000000000000000 GOLDFLAGS="-s -w") >"$WORK/build.log" 2>&1 \
@@ -104,7 +108,7 @@ build() {
   gcc -Os -static -o "$BIN/pause" "$src/build/pause/linux/pause.c"
   log "binaries built in $(( $(ts) - t0 )) s"
   # the source tree and Go cache (3.3 GB) are only needed to build
-  [ "${ORCH_K8S_KEEP_SOURCE:-0}" = 1 ] || rm -rf "$WORK/src" "$WORK/gocache"
+  [ "${ORCH_K8S_KEEP_SOURCE:-0}" = 1 ] || rm -rf "$WORK/src"
 }
 
 # --------------------------------------------------------------------------------------------

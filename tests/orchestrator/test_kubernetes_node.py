@@ -71,6 +71,16 @@ class NodeSession:
 
         return [r.job_id for r in Registry().list(include_finished=True)]
 
+    def created_job(self, timeout: float = 300) -> str:
+        """The newest job's id once its PyTorchJob exists (the record carries namespace/name)."""
+        from orchestrator.registry import Registry
+
+        def created() -> str | None:
+            records = Registry().list(include_finished=True)
+            return records[0].job_id if records and "/" in records[0].native_id else None
+
+        return self.node.wait_for(created, timeout, "the job's PyTorchJob in the registry")
+
     def run_dir(self, job_name: str) -> Path:
         return self.shared / job_name / "run"
 
@@ -124,7 +134,7 @@ def local_reference(tmp_path: Path, example: str, name: str, *sets: str) -> dict
 def test_submit_follow_trains_to_succeeded_with_the_local_backends_losses(session: NodeSession, tmp_path: Path) -> None:
     job = session.job_file("tiny-gpt-zero2", "zero2-node")
     submit = session.orch_background("submit", str(job), "--cluster", "kubernetes", "--follow")
-    job_id = session.node.wait_for(lambda: (session.job_ids() or [None])[0], 120, "the job in `orch list`")
+    job_id = session.created_job()
     follow_logs = session.orch_background("logs", job_id, "-f")
     submitted, _ = submit.communicate(timeout=1200)
     assert submit.returncode == 0 and "SUCCEEDED" in submitted, submitted
@@ -162,7 +172,7 @@ def test_elastic_job_resumes_from_the_latest_checkpoint_after_a_worker_container
     job = session.job_file("tiny-gpt-elastic", name, args=["--model", "tiny", "--steps", "40"],
                            checkpoint={"every_steps": 10, "keep": 3})
     submit = session.orch_background("submit", str(job), "--cluster", "kubernetes", "--follow")
-    job_id = session.node.wait_for(lambda: (session.job_ids() or [None])[0], 120, "the job in `orch list`")
+    job_id = session.created_job()
     run_dir = session.run_dir(name)
     session.node.wait_for(lambda: latest_step(run_dir) >= 15, 900, "step 15")
     session.node.kill_container(session.namespace, f"{name}-worker-2")
