@@ -216,17 +216,25 @@ def lab_lock(timeout_s: float = 1200) -> object | None:
     return exclusive_lock(SLURM_LAB / "orch-users.lock", timeout_s)
 
 
+_HELD_LOCKS: dict[Path, object] = {}
+
+
 def exclusive_lock(path: Path, timeout_s: float) -> object | None:
-    """An exclusive flock on ``path``, held until the process ends; None if not had in time."""
+    """An exclusive flock on ``path``, held until the process ends; None if not had in time.
+    Re-entrant within the process: a session fixture imported by two test modules is two
+    fixtures, and the second must not wait for the first."""
     import fcntl
     import time
 
+    if path in _HELD_LOCKS and not _HELD_LOCKS[path].closed:  # type: ignore[attr-defined]
+        return _HELD_LOCKS[path]
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "w")  # noqa: SIM115 - held until the process ends
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _HELD_LOCKS[path] = handle
             return handle
         except BlockingIOError:
             if time.monotonic() > deadline:
