@@ -8,24 +8,8 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
 
-
-NO_CONFIG = "NO CONFIG"        # installed, but nothing says which cluster to use
-UNREACHABLE = "UNREACHABLE"    # installed and configured, but the cluster does not answer
-
-
-@dataclass(frozen=True)
-class Probe:
-    name: str
-    ok: bool
-    detail: str
-    optional: bool = False   # a missing optional piece (e.g. helm) does not fail the report
-    problem: str = "MISSING"  # the status word when not ok: MISSING, NO_CONFIG or UNREACHABLE
-
-    @property
-    def status(self) -> str:
-        return "OK" if self.ok else self.problem
+from .doctor_probe import NO_CONFIG, UNREACHABLE, Probe  # noqa: F401  (re-exported)
 
 
 def _safe(name: str, fn: Callable[[], Probe], optional: bool = False) -> Probe:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .doctor import NO_CONFIG, UNREACHABLE, Probe
+from .doctor_probe import NO_CONFIG, UNREACHABLE, Probe
 
 SLURM_CONF_FILES = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf", "/usr/local/etc/slurm.conf")
 SLURM_FIX = "set SLURM_CONF or run on a login node"

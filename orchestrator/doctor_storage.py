@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .doctor import Probe
+from .doctor_probe import Probe
 
 __all__ = ["nvme_probe"]
 

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .flops_profiler import ModuleProfile, StepProfile
+from .flops_profile import ModuleProfile, StepProfile
 
 RULE = "-" * 30
 
