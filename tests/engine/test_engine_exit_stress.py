@@ -49,7 +49,9 @@ def test_thirty_two_rank_runs_beside_a_cpu_burner_all_exit_cleanly(tmp_path) -> 
             result = trainer_runs.run_trainer(*args, ranks=2, timeout=600)
             aborted = "terminate called" in result.stderr or result.returncode != 0
             if aborted:
-                failures.append((i, stage, result.returncode, result.stderr[-1500:]))
+                why = [line for line in result.stderr.splitlines()
+                       if "rror" in line or "terminate" in line or "Signal" in line][:12]
+                failures.append((i, stage, result.returncode, why))
             print(f"run {i + 1}/{RUNS} (stage {stage}): {'ABORTED' if aborted else 'clean exit'}", flush=True)
     finally:
         burner.kill()
