@@ -13,8 +13,12 @@ persistent small params      2 × their count    gathered all the time (stage3_p
 gathered units, buckets      bounded            stage3_max_live_parameters, reduce_bucket_size
 ===========================  =================  =================================================
 
-The partitions are exactly the ``FlatLayout`` slices stages 1-2 use (same groups, same ranges),
-so checkpoints, ``load_full`` and resharding between any stage and world size work unchanged.
+The partitions are ``FlatLayout`` slices with the same groups and canonical order as stages 1-2,
+but every fetch unit's parameters form spans sharded evenly over the ranks on their own
+(stage3_units.py plans the units, partition.py lays them out): a gather is one all-gather into
+the unit's buffer and a gradient bucket one reduce-scatter into the owner's shard, whatever N.
+Checkpoints describe every parameter's ranges, so ``load_full`` and resharding between any stage,
+layout and world size work unchanged.
 Under fp32 (and no offload split) the master partition *is* the parameter partition.
 
 Frozen parameters (``requires_grad=False``, Φ elements: a frozen base model under adapters) are
@@ -26,7 +30,7 @@ them whole from rank 0 as the other stages do, gathered one unit at a time.
 
 Who does what: ``PartitionedParams`` (stage3_params.py) holds the partition and gathers/releases
 fetch units; ``ParamCoordinator`` (stage3_hooks.py) decides when, from module hooks, the fetch
-trace and the budgets; the ``GradientReducer`` (reduction.py) reduce-scatters every micro-step's
+trace and the budgets; the ``SpanReducer`` (stage3_reduction.py) reduce-scatters every micro-step's
 gradients into ``grad_partition`` (accumulating across micro-steps: a full gradient never
 outlives its backward); the step is base.py's, after which the updated master is cast into the
 partition and the persistent parameters are gathered again.
