@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from ..errors import UserError
 from ..io import TreeHash, hash_file
 
 __all__ = [
@@ -58,7 +59,7 @@ _REQUIRED = ("tag", "global_step", "world_size", "zero_stage", "partition_count"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be saved or loaded; the message names the file and what to do."""
 
     def __init__(self, message: str, path: Optional[Path | str] = None) -> None:
