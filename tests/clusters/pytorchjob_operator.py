@@ -323,9 +323,9 @@ class PyTorchJobOperator:
             update_condition(status, "Created", "True", reason("Created"),
                              f"PyTorchJob {job['metadata']['name']} is created.")
         self.reconcile_job(job, status)
-        if status != (raw.get("status") or {}):
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, job["metadata"]["namespace"], PLURAL, job["metadata"]["name"], {"status": status})
+        if status != (raw.get("status") or {}):  # UpdateJobStatusInApiServer: the whole status, not a merge
+            self.custom.replace_namespaced_custom_object_status(
+                GROUP, VERSION, job["metadata"]["namespace"], PLURAL, job["metadata"]["name"], {**raw, "status": status})
 
     def reconcile_job(self, job: dict[str, Any], status: dict[str, Any]) -> None:
         """common/job.go ReconcileJobs."""
@@ -335,7 +335,8 @@ class PyTorchJobOperator:
             self.clean_up(job, status, pods)
             if has_condition(status, "Succeeded"):
                 for replica in (status.get("replicaStatuses") or {}).values():
-                    replica["succeeded"] = replica.get("succeeded", 0) + replica.pop("active", 0)
+                    replica["succeeded"] = replica.get("succeeded", 0) + replica.get("active", 0)
+                    replica["active"] = 0
             return
         if run_policy.get("suspend"):
             self.delete_pods_and_services(job, status, pods)

@@ -181,7 +181,7 @@ def test_elastic_job_resumes_from_the_latest_checkpoint_after_a_worker_container
     submitted, _ = submit.communicate(timeout=1500)
     assert submit.returncode == 0 and "SUCCEEDED" in submitted, submitted
     status = session.orch("status", job_id).stdout
-    assert "worker-2: Succeeded, 1 restarts" in status or "worker-2: " in status and "1 restart" in status, status
+    assert "SUCCEEDED" in status and "restarts 1" in status, status  # the killed container's restart
 
     # the killed container came back; every agent resumed from the latest complete checkpoint
     restarted_from = int((session.checkpoints(name) / "latest").read_text().strip().removeprefix("step-")) \
