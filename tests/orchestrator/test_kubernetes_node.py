@@ -181,7 +181,8 @@ def test_elastic_job_resumes_from_the_latest_checkpoint_after_a_worker_container
     submitted, _ = submit.communicate(timeout=1500)
     assert submit.returncode == 0 and "SUCCEEDED" in submitted, submitted
     status = session.orch("status", job_id).stdout
-    assert "SUCCEEDED" in status and "restarts 1" in status, status  # the killed container's restart
+    restarts = int(status.split("restarts ", 1)[1].split()[0])
+    assert "SUCCEEDED" in status and restarts >= 1, status  # the killed container's restart, recorded
 
     # the killed container came back; every agent resumed from the latest complete checkpoint
     restarted_from = int((session.checkpoints(name) / "latest").read_text().strip().removeprefix("step-")) \
