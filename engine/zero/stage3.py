@@ -93,24 +93,7 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.stage = 3
         self.model_dtype, self.device = model_dtype, device
         self.offload = offload or OffloadSettings()
-        trainable = [[(n, full_shape_view(p)) for n, p in named] for _, named in groups]
-        self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
-        frozen = frozen_params(module, set(map(id, self.params)), model_dtype)
-        self.frozen_params: list[nn.Parameter] = [p for _, p in frozen]
-        frozen_group = [[(n, full_shape_view(p)) for n, p in frozen]] if frozen else []
-        store_groups = trainable + frozen_group
-        named_all = [item for group in store_groups for item in group]
-        plans = plan_units(module, self.params + self.frozen_params, [t.numel() for _, t in named_all],
-                           [n for n, _ in named_all], trainable=len(self.params),
-                           persistence_threshold=settings.param_persistence_threshold,
-                           model_persistence_threshold=settings.model_persistence_threshold)
-        keys = unit_keys(plans, len(named_all))
-        group_keys, at = [], 0
-        for group in store_groups:
-            group_keys.append(keys[at:at + len(group)])
-            at += len(group)
-        self.layout = FlatLayout.build(trainable, comm.world_size, span_keys=group_keys[:len(trainable)])
-        store_layout = FlatLayout.build(store_groups, comm.world_size, span_keys=group_keys)
+        plans, store_layout = self._plan_layout(groups, module, settings, comm)
         self._rank = comm.rank
         self._prescale = model_dtype == torch.float16
 
@@ -150,6 +133,31 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.overflow = False
 
     # -- set-up -------------------------------------------------------------------------------
+
+    def _plan_layout(self, groups: Sequence[tuple[Mapping[str, Any], NamedParams]], module: nn.Module,
+                     settings: Stage3Settings, comm: Comm) -> tuple[Any, FlatLayout]:
+        """Fetch units over trainable then frozen parameters, and the even-per-unit layouts: the
+        trainable groups' (``self.layout``, what the optimizer owns) and the whole store's."""
+        trainable = [[(n, full_shape_view(p)) for n, p in named] for _, named in groups]
+        self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
+        frozen = frozen_params(module, set(map(id, self.params)), self.model_dtype)
+        self.frozen_params: list[nn.Parameter] = [p for _, p in frozen]
+        frozen_group = [[(n, full_shape_view(p)) for n, p in frozen]] if frozen else []
+        store_groups = trainable + frozen_group
+        named_all = [item for group in store_groups for item in group]
+        plans = plan_units(module, self.params + self.frozen_params, [t.numel() for _, t in named_all],
+                           [n for n, _ in named_all], trainable=len(self.params),
+                           persistence_threshold=settings.param_persistence_threshold,
+                           model_persistence_threshold=settings.model_persistence_threshold)
+        keys = unit_keys(plans, len(named_all))
+        group_keys, at = [], 0
+        for group in store_groups:
+            group_keys.append(keys[at:at + len(group)])
+            at += len(group)
+        self.layout = FlatLayout.build(trainable, comm.world_size, span_keys=group_keys[:len(trainable)])
+        store_layout = FlatLayout.build(store_groups, comm.world_size, span_keys=group_keys)
+        return plans, store_layout
+
     def _full_value(self, index: int) -> torch.Tensor:
         """Parameter ``index``'s full value, identical on every rank (rank 0's, or the Init shards')."""
         p = self.store.params[index]
