@@ -149,6 +149,7 @@ def simulate(model_factory: Callable[[], nn.Module], ds_config: dict[str, Any], 
     from engine.comm import ledger
 
     cfg = copy.deepcopy(ds_config)
+    ledger.reset()   # the report's by_op is this simulation's alone, not the process's history
     with fake_world(world, rank):
         stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
         with (engine.zero.Init(config_dict_or_path=cfg) if stage == 3 else contextlib.nullcontext()):
