@@ -201,7 +201,7 @@ def _autotuned(job: Any) -> Any:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                "help_option_names": []})
 def launch(ctx: typer.Context) -> None:
-    """Run a `deepspeed ...` command line as an orch job: orch launch [deepspeed options] train.py [args].
+    """Run a `deepspeed ...` command line as an orch job: orch launch DS_OPTIONS train.py ARGS...
 
     One machine runs on the local cluster, a --hostfile on the ssh cluster, --launcher slurm on
     Slurm; the job is submitted and followed (--dry-run prints its spec). `orch launch --help`
