@@ -31,7 +31,7 @@ def _spec(args: list[str], env_value: str, partition: str, image: str = "img"):
         "name": "inject-test", "nodes": 2, "procs_per_node": 2, "args": args,
         "ds_config": {"train_batch_size": 8}, "env": {"USER_VALUE": env_value},
         "slurm": {"partition": partition},
-        "kubernetes": {"image": image, "annotations": {"team": env_value}},
+        "kubernetes": {"image": image, "annotations": {"team": env_value}, "checkpoint_pvc": "ckpts"},
     })
 
 
@@ -83,7 +83,7 @@ def test_manifest_structure_is_unchanged_by_values(args, env_value, image) -> No
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
     (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
     assert container["command"][-len(args):] == args
-    assert {e["name"]: e["value"] for e in container["env"]}["USER_VALUE"] == env_value
+    assert {e["name"]: e.get("value") for e in container["env"]}["USER_VALUE"] == env_value
     assert container["image"] == image
     assert job["metadata"]["annotations"]["team"] == env_value
 
