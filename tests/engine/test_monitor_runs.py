@@ -179,13 +179,14 @@ def test_csv_monitor_files_equal_deepspeeds(tmp_path: Path) -> None:
     ours, theirs = found["orch"], found["deepspeed"]
     assert sorted(ours) == sorted(theirs) == ["Train_Samples_lr.csv", "Train_Samples_train_loss.csv"]
     for name in theirs:
-        ours_rows = [row.split(",") for row in ours[name].split("\r\n") if row]
-        their_rows = [row.split(",") for row in theirs[name].split("\r\n") if row]
+        ours_rows = [row.split(",") for row in ours[name].splitlines()]
+        their_rows = [row.split(",") for row in theirs[name].splitlines()]
         assert ours_rows[0] == their_rows[0]                                  # header: step,<name>
         assert [r[0] for r in ours_rows] == [r[0] for r in their_rows]        # the same steps (samples)
-        for a, b in zip(ours_rows[1:], their_rows[1:]):
+        for a, b in zip(ours_rows[1:], their_rows[1:]):                       # lr may differ in the last ulp
             assert float(a[1]) == pytest.approx(float(b[1]), rel=1e-5)
-    assert ours["Train_Samples_lr.csv"].count("\r\n") == 5  # header + 4 steps, DeepSpeed's line ends
+        assert ours[name].count("\r\n") == theirs[name].count("\r\n")        # DeepSpeed's line ends
+    assert len(ours["Train_Samples_lr.csv"].splitlines()) == 5               # header + 4 steps
 
 
 def _both_csv_monitors(out: str) -> dict[str, dict[str, str]]:
