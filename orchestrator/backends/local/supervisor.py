@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.run_contract import RunPaths
 
+from .. import outcome
 from .proctree import stop_tree
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -68,20 +69,10 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
 
 def final_state(nodes: list[NodeRecord], elastic: bool, cancelled: bool) -> tuple[str, str]:
     """The job's state from its nodes' fates."""
-    if cancelled:
-        return "CANCELLED", "cancelled by user"
-    ok = [n for n in nodes if n.state == "SUCCEEDED"]
-    lost = [n for n in nodes if n.state == "NODE_FAIL"]
-    failed = [n for n in nodes if n.state == "FAILED"]
-    lost_text = ", ".join(f"node {n.rank} (signal {-(n.exit_code or 0)})" for n in lost)
-    if len(ok) == len(nodes):
-        return "SUCCEEDED", ""
-    if ok and elastic and not failed:
-        return "SUCCEEDED", f"finished on {len(ok)} of {len(nodes)} nodes after losing {lost_text}"
-    if failed:
-        first = failed[0]
-        return "FAILED", f"node {first.rank} exited with code {first.exit_code}; see logs/node-{first.rank}.log"
-    return "NODE_FAIL", f"lost {lost_text}"
+    return outcome.final_state(
+        nodes, elastic, cancelled, noun="nodes",
+        lost_name=lambda n: f"node {n.rank} (signal {-(n.exit_code or 0)})",
+        failure=lambda n: f"node {n.rank} exited with code {n.exit_code}; see logs/node-{n.rank}.log")
 
 
 class Supervisor:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, IO
 
+from .. import outcome
 from .agent import EXIT_MARK, RESTART_WORKERS, START_MARK
 from .remote import ssh_argv
 
@@ -99,19 +100,9 @@ def host_outcome(ssh_code: int, remote_code: int | None, last_line: str) -> tupl
 
 
 def final_state(hosts: list[HostRecord], elastic: bool, cancelled: bool) -> tuple[str, str]:
-    if cancelled:
-        return "CANCELLED", "cancelled by user"
-    ok = [h for h in hosts if h.state == "SUCCEEDED"]
-    lost = [h.host for h in hosts if h.state == "NODE_FAIL"]
-    failed = [h for h in hosts if h.state == "FAILED"]
-    if len(ok) == len(hosts):
-        return "SUCCEEDED", ""
-    if ok and elastic and not failed:
-        return "SUCCEEDED", f"finished on {len(ok)} of {len(hosts)} hosts after losing {', '.join(lost)}"
-    if failed:
-        first = failed[0]
-        return "FAILED", f"{first.host} {first.detail}; see logs/{first.host}.log"
-    return "NODE_FAIL", f"lost {', '.join(lost)}"
+    """The job's state from its hosts' fates."""
+    return outcome.final_state(hosts, elastic, cancelled, noun="hosts", lost_name=lambda h: h.host,
+                               failure=lambda h: f"{h.host} {h.detail}; see logs/{h.host}.log")
 
 
 class Supervisor:
