@@ -142,7 +142,7 @@ def test_user_env_follows_orchs_variables_sorted_and_may_replace_them() -> None:
     env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
     names = [e["name"] for e in env]
     assert names == ["PYTHONUNBUFFERED", "ORCH_JOB_NAME", "ORCH_CHECKPOINT_DIR", "ORCH_CHECKPOINT_EVERY",
-                     "ORCH_CHECKPOINT_KEEP", "ALPHA", "ORCH_RUN_DIR", "ZED", "ORCH_POD_IP"]
+                     "ORCH_CHECKPOINT_KEEP", "ALPHA", "ORCH_RUN_DIR", "ZED", "ORCH_POD_IP", "ORCH_POD_NAME"]
     assert {e["name"]: e.get("value") for e in env}["ORCH_RUN_DIR"] == "/mine"
     assert "CUDA_VISIBLE_DEVICES" not in names  # a CPU job just requests no GPU on Kubernetes
 
@@ -200,3 +200,21 @@ def test_dryrun_shows_the_manifest_and_the_configmap_files_without_a_cluster(tmp
     assert rendered.kind == "manifest" and rendered.text == render_manifest(spec).text
     assert set(rendered.files) == {"ds_config.json", "job.json"}
     assert json.loads(rendered.files["job.json"])["nodes"] == "1:3"
+
+
+@pytest.mark.parametrize("example", ["tiny-gpt-zero2", "tiny-gpt-elastic"])
+def test_each_pod_keeps_its_torchrun_attempts_on_the_run_volume_under_a_name_no_restart_repeats(example: str) -> None:
+    """torchrun's --log-dir is the pod's own directory on the run volume (where orch counts worker
+    restarts of any program); its rendezvous name is the pod IP plus a PID that a restarted
+    container does not repeat (the pod's shared PID namespace)."""
+    job = _job(example)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
+        assert pod["shareProcessNamespace"] is True
+        assert "--local-addr=$(ORCH_POD_IP)" in container["command"]
+        assert "--log-dir=/orch/run/torchelastic/$(ORCH_POD_NAME)" in container["command"]
+        fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+        assert fields == {"ORCH_POD_IP": "status.podIP", "ORCH_POD_NAME": "metadata.name"}
+        assert {"mountPath": "/orch/run"}.items() <= next(
+            m for m in container["volumeMounts"] if m["mountPath"] == "/orch/run").items()

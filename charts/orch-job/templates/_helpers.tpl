@@ -107,12 +107,14 @@ with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 {{- end -}}
 
 {{/* The torchrun command: per-job flags only; PET_* come from the operator. --local-addr is the
-     pod's IP (ORCH_POD_IP, from the downward API): a unique rendezvous node name per pod. Only the
-     bundled trainer gets --deepspeed_config; {ds_config}, {checkpoint_dir}, {run_dir} in args
-     become the pod's paths (as orch renders them). */}}
+     pod's IP (ORCH_POD_IP, from the downward API): a unique rendezvous node name per pod (and per
+     container start, with the pod's shared PID namespace). --log-dir keeps each pod's torchrun
+     attempts on the run volume (ORCH_POD_NAME), where orch counts restarts. Only the bundled
+     trainer gets --deepspeed_config; {ds_config}, {checkpoint_dir}, {run_dir} in args become the
+     pod's paths (as orch renders them). */}}
 {{- define "orch-job.command" -}}
 {{- $v := .Values -}}
-{{- $cmd := list (get $v "python" | default "python") "-m" "torch.distributed.run" (printf "--nproc-per-node=%d" (int $v.procs_per_node)) (printf "--max-restarts=%d" (int $v.max_restarts)) "--local-addr=$(ORCH_POD_IP)" -}}
+{{- $cmd := list (get $v "python" | default "python") "-m" "torch.distributed.run" (printf "--nproc-per-node=%d" (int $v.procs_per_node)) (printf "--max-restarts=%d" (int $v.max_restarts)) "--local-addr=$(ORCH_POD_IP)" "--log-dir=/orch/run/torchelastic/$(ORCH_POD_NAME)" -}}
 {{- if or (hasSuffix ".py" $v.program) (contains "/" $v.program) -}}
 {{- $cmd = append $cmd $v.program -}}
 {{- else -}}
@@ -138,6 +140,7 @@ with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 {{- range $base }}{{ if not (hasKey $user (index . 0)) }}{{ $env = append $env (dict "name" (index . 0) "value" (index . 1)) }}{{ end }}{{ end -}}
 {{- range $key := keys $user | sortAlpha }}{{ $env = append $env (dict "name" $key "value" (toString (get $user $key))) }}{{ end -}}
 {{- $env = append $env (dict "name" "ORCH_POD_IP" "valueFrom" (dict "fieldRef" (dict "fieldPath" "status.podIP"))) -}}
+{{- $env = append $env (dict "name" "ORCH_POD_NAME" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.name"))) -}}
 {{- toJson $env -}}
 {{- end -}}
 
@@ -171,7 +174,7 @@ with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 {{- $resources := include "orch-job.resources" . | fromJson -}}
 {{- if $resources }}{{ $_ := set $container "resources" $resources }}{{ end -}}
 {{- $_ := set $container "volumeMounts" $mounts -}}
-{{- $pod := dict "containers" (list $container) "volumes" $volumes -}}
+{{- $pod := dict "shareProcessNamespace" true "containers" (list $container) "volumes" $volumes -}}
 {{- with get $k "service_account" }}{{ $_ := set $pod "serviceAccountName" . }}{{ end -}}
 {{- with $k.node_selector }}{{ $_ := set $pod "nodeSelector" . }}{{ end -}}
 {{- with $k.tolerations }}{{ $_ := set $pod "tolerations" . }}{{ end -}}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine import run_contract as contract
+
 from ...launch import rendezvous_id
 from ...spec import JobSpec
 from ...types import Placement
@@ -38,6 +40,7 @@ JOB_ID_ANNOTATION = "orch.dev/job-id"
 MANAGERS = ("kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue")
 
 POD_IP_ENV = "ORCH_POD_IP"         # the downward API's status.podIP, for torchrun's --local-addr
+POD_NAME_ENV = "ORCH_POD_NAME"     # the downward API's metadata.name: each pod's torchrun --log-dir
 
 # Where a pod finds its ds_config (the ConfigMap) and writes its run files.
 CONFIG_MOUNT = "/etc/orch"
@@ -67,19 +70,28 @@ def replica_counts(spec: JobSpec) -> dict[str, int]:
     return counts
 
 
+def agent_log_dir(placement: Placement) -> str:
+    """torchrun's ``--log-dir`` in a pod: ``<run dir>/torchelastic/<pod name>`` on the run volume.
+    One directory per pod (the pod name is stable across container restarts and the operator's
+    re-creation of a failed pod), in which every start of torchrun makes ``<rdzv id>_<random>/``
+    with one ``attempt_<n>`` per start of its workers: restarts.py counts both from it."""
+    return f"{contract.RunPaths(placement.run_dir).torchelastic}/$({POD_NAME_ENV})"
+
+
 def container_command(spec: JobSpec, placement: Placement, program_argv: list[str]) -> list[str]:
     """torchrun reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT and, for elastic jobs,
     PET_RDZV_ENDPOINT/BACKEND/ID and PET_MAX_RESTARTS from the environment the operator injects
     (training-operator release-1.9, pkg/controller.v1/pytorch/envvar.go, master.go, elastic.go), so
     only per-job flags are given.
 
-    ``--local-addr`` is the pod's own IP (``$(ORCH_POD_IP)``, expanded by the kubelet from the
-    downward API): torchrun names a rendezvous node after its address and PID, and two agents with
-    the same hostname and PID 1 (hostNetwork pods on one node) would otherwise get the same name and
-    hang in the rendezvous; the address is also what other nodes reach this one at."""
+    torchrun names its rendezvous node ``<local addr>_<pid>_<n>``, and a node that finds its name
+    among the participants of a completed round takes that round as its own. ``--local-addr`` is the
+    pod's IP (``$(ORCH_POD_IP)``, expanded by the kubelet from the downward API), which keeps pods
+    apart and is what the others reach this one at; the PID keeps container restarts within one pod
+    apart, as the pod shares one PID namespace (``shareProcessNamespace``, see pod_values)."""
     return [placement.python, "-m", "torch.distributed.run",
             f"--nproc-per-node={spec.procs_per_node}", f"--max-restarts={spec.max_restarts}",
-            f"--local-addr=$({POD_IP_ENV})", *program_argv]
+            f"--local-addr=$({POD_IP_ENV})", f"--log-dir={agent_log_dir(placement)}", *program_argv]
 
 
 def container_env(spec: JobSpec, job_env: dict[str, str]) -> list[dict[str, str]]:
@@ -97,7 +109,14 @@ def container_env(spec: JobSpec, job_env: dict[str, str]) -> list[dict[str, str]
 
 def pod_values(spec: JobSpec, placement: Placement, program_argv: list[str],
                job_env: dict[str, str]) -> dict[str, Any]:
-    """What every pod of the job looks like, whichever Kubernetes job kind runs it."""
+    """What every pod of the job looks like, whichever Kubernetes job kind runs it.
+
+    The pod's containers share one PID namespace (its sandbox's, which outlives a container):
+    a restarted container's torchrun then gets a new PID, hence a new rendezvous node name.
+    In a PID namespace of its own it would be PID 1 again, named like the agent that was
+    killed, and would take the dead agent's place in the finished round while the others
+    start a new one: the rendezvous then waits on it until its store times out (60 s) and
+    every agent of the job fails."""
     k = spec.kubernetes
     labels = {MANAGED_BY: "orch", JOB_LABEL: spec.name, **k.labels}
     resources: dict[str, dict[str, Any]] = {key: dict(val) for key, val in k.resources.items()}
@@ -111,7 +130,8 @@ def pod_values(spec: JobSpec, placement: Placement, program_argv: list[str],
         "image": k.image or DEFAULT_IMAGE,
         "command": container_command(spec, placement, program_argv),
         "container_env": container_env(spec, job_env),
-        "field_env": [{"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "field_env": [{"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                      {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": PORT_NAME, "containerPort": spec.rdzv_port or MASTER_PORT, "protocol": "TCP"}],
         "resources": resources,
         "volume_mounts": mounts,
