@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flags("save_keep"), type=int,
                    help=f"keep the newest K checkpoints (default ${contract.ENV_CHECKPOINT_KEEP} or "
                         f"{contract.DEFAULT_CHECKPOINT_KEEP})")
-    p.add_argument(*_flags("log_every"), type=int, help="log every N steps (default: ds_config steps_per_print)")
+    p.add_argument(*_flags("log_every"), type=int,
+                   help="log every N steps (default: ds_config steps_per_print): the only steps that wait for "
+                        "the device, and where a launcher's checkpoint request is answered")
     p.add_argument(*_flags("eval_every"), type=int, default=0, help="evaluate every N steps (0 = never)")
     p.add_argument(*_flags("eval_iters"), type=int, default=4, help="micro-batches per rank in one evaluation")
     p.add_argument(*_flags("watchdog_timeout"), type=float, metavar="SECONDS",

@@ -153,7 +153,8 @@ def collective_timeout(watchdog_s: float) -> Any:
 
 @dataclass
 class _Window:
-    """Steps since the last log record: their summed loss and the wall time they took."""
+    """Steps since the last log record: their summed loss (a device tensor, never read between
+    log steps) and the wall time they took."""
 
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
@@ -164,34 +165,68 @@ class _Window:
         self.steps += 1
 
 
+@dataclass(frozen=True)
+class WindowFigures:
+    """A log window's figures on the host, the same on every rank."""
+
+    loss: float                 # mean over the window's steps and over the ranks
+    grad_norm: float | None     # the last step's global gradient norm
+    checkpoint_requested: bool  # a launcher asked rank 0 for a checkpoint
+
+
 def loop(run: Run, start: int) -> None:
-    args, state = run.args, {"sampler": run.sampler}
     window = _Window()
-    for step in range(start + 1, args.steps + 1):
-        window.add(train_step(run, step))
-        paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
-        if args.eval_every and step % args.eval_every == 0:
-            # Before the step's train record, so the last line of metrics.jsonl is a train record.
-            with run.monitor.phase("eval", step):
-                run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
-        _maybe_checkpoint(run, step, state)
-        window.start += time.perf_counter() - paused
-        if step % run.log_every == 0 or step == args.steps:
-            log_train(run, step, window)
-            window = _Window()
-        run.monitor.beat(step)
-    if run.checkpointer.every and run.checkpointer.last_saved_step != args.steps:
-        with run.monitor.phase("checkpoint", args.steps):
-            run.checkpointer.save(run.engine, args.steps, state)
+    for step in range(start + 1, run.args.steps + 1):
+        window = iteration(run, step, window)
+    if run.checkpointer.every and run.checkpointer.last_saved_step != run.args.steps:
+        with run.monitor.phase("checkpoint", run.args.steps):
+            run.checkpointer.save(run.engine, run.args.steps, {"sampler": run.sampler})
 
 
-def _maybe_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
-    with run.monitor.phase("checkpoint-request", step):  # a collective: rank 0 spreads a launcher's request
-        due = run.checkpointer.due(step) or _any_rank(run.checkpointer.requested(), run.world_size)
-    if due:
+def iteration(run: Run, step: int, window: _Window) -> _Window:
+    """One step of the loop; returns the log window to continue with.
+
+    Between log steps nothing here waits for the device: the loss stays a device tensor and no
+    collective runs. A log step (every ``log_every`` steps, and the last) makes one collective and
+    one device-to-host copy (``summarize``) that carry the loss, the gradient norm and rank 0's
+    view of a launcher's checkpoint request, so a request is answered at the next log step.
+    (With ``wall_clock_breakdown`` the step timer also synchronises at every phase; step_timer.py.)
+    """
+    window.add(train_step(run, step))
+    logging = step % run.log_every == 0 or step == run.args.steps
+    figures = summarize(run, step, window) if logging else None   # step time: the device catches up here
+    paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
+    if run.args.eval_every and step % run.args.eval_every == 0:
+        # Before the step's train record, so the last line of metrics.jsonl is a train record.
+        with run.monitor.phase("eval", step):
+            run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
+    if run.checkpointer.due(step) or (figures is not None and figures.checkpoint_requested):
         with run.monitor.phase("checkpoint", step):
-            run.checkpointer.save(run.engine, step, state)
+            run.checkpointer.save(run.engine, step, {"sampler": run.sampler})
         run.monitor.beat(step)   # a long save is progress, not a hang
+    window.start += time.perf_counter() - paused
+    if figures is not None:
+        log_train(run, step, window, figures)
+        window = _Window()
+    run.monitor.beat(step)
+    return window
+
+
+def summarize(run: Run, step: int, window: _Window) -> WindowFigures:
+    """The window's figures on the host: one all_reduce of a device tensor and one copy back."""
+    import torch
+
+    with run.monitor.phase("metrics", step):
+        loss = (window.loss_sum.detach().float() / window.steps).reshape(())
+        norm = run.engine.get_global_grad_norm()
+        values = [loss, loss.new_full((), 1.0 if run.checkpointer.requested() else 0.0)]
+        if torch.is_tensor(norm):
+            values.append(norm.detach().float().reshape(()).to(loss.device))
+        stacked = _sum_across_ranks(torch.stack(values), run.world_size)
+        host = stacked.tolist()
+    world = run.world_size
+    grad_norm = host[2] / world if torch.is_tensor(norm) else (None if norm is None else float(norm))
+    return WindowFigures(host[0] / world, grad_norm, host[1] > 0)
 
 
 def train_step(run: Run, step: int) -> Any:
@@ -233,16 +268,14 @@ def evaluate(run: Run) -> float:
     return _mean_across_ranks(torch.stack(losses).mean(), run.world_size)
 
 
-def log_train(run: Run, step: int, window: _Window) -> None:
-    with run.monitor.phase("metrics", step):  # a collective: the loss averaged over ranks
-        loss = _mean_across_ranks(window.loss_sum / window.steps, run.world_size)
+def log_train(run: Run, step: int, window: _Window, figures: WindowFigures) -> None:
     elapsed = time.perf_counter() - window.start
     tokens_per_s = run.sampler.global_batch_size * run.source.seq_len * window.steps / elapsed
     engine_ = run.engine
     mem, mem_kind = peak_memory_bytes()
     record = {
-        "kind": "train", "step": step, "total_steps": run.args.steps, "loss": loss,
-        "lr": engine_.get_lr()[0], "grad_norm": engine_.get_global_grad_norm(),
+        "kind": "train", "step": step, "total_steps": run.args.steps, "loss": figures.loss,
+        "lr": engine_.get_lr()[0], "grad_norm": figures.grad_norm,
         "loss_scale": _loss_scale(engine_), "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window.steps,
         **run.monitor.throughput_fields(tokens_per_s, window.steps),
         "samples": run.sampler.consumed_samples, "world_size": run.world_size,
@@ -250,7 +283,7 @@ def log_train(run: Run, step: int, window: _Window) -> None:
         **_comm_fields(window.steps),
     }
     run.metrics.log(record)
-    run.metrics.status("running", step=step, total_steps=run.args.steps, loss=loss,
+    run.metrics.status("running", step=step, total_steps=run.args.steps, loss=figures.loss,
                        world_size=run.world_size, restart_count=record["restart_count"])
 
 
@@ -310,17 +343,13 @@ def _mean_across_ranks(value: Any, world: int) -> float:
     return float(value)
 
 
-def _any_rank(flag: bool, world: int) -> bool:
-    """True on every rank if it is true on any (a collective: every rank must call it)."""
-    if world == 1:
-        return flag
-    import torch
-    import torch.distributed as dist
+def _sum_across_ranks(value: Any, world: int) -> Any:
+    """``value`` summed over the ranks, in place (a device tensor: right for NCCL)."""
+    if world > 1:
+        import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        dist.all_reduce(value)
+    return value
 
 
 def _default_optimizer(lr: float) -> Any:

@@ -7,6 +7,8 @@ watchdog (every rank). The training loop only calls ``phase``, ``beat`` and the 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +48,22 @@ class Monitor:
     watchdog: Watchdog | None = None
     engine_monitoring: Any = None  # the engine's EngineMonitoring (W&B/Comet/CSV, comms logger)
 
+    first_step: int | None = None  # this process's first step (compilation happens there)
+
     def phase(self, name: str, step: int, micro_step: int | None = None, micro_steps: int | None = None) -> Any:
+        if step == self.first_step and self.watchdog is not None:
+            return self._compiling_phase(name, step, micro_step, micro_steps)
         return self.timer.phase(name, step, micro_step, micro_steps)
+
+    @contextmanager
+    def _compiling_phase(self, name: str, step: int, micro_step: int | None,
+                         micro_steps: int | None) -> Iterator[None]:
+        """The first step's phases each count as progress: that is where Triton kernels and a
+        ``torch.compile``d model compile, which may take minutes but is not a hang."""
+        with self.timer.phase(name, step, micro_step, micro_steps):
+            yield
+        if self.watchdog is not None:
+            self.watchdog.progress()
 
     def started(self, step: int, total: int, model: str, resumed_from: Path | None) -> None:
         """Status, the ``start`` record and the opening lines; then the watchdog starts."""
@@ -61,6 +77,7 @@ class Monitor:
             "peak_tflops": peak.flops / 1e12 if peak else None, "peak_source": peak.source if peak else None,
             "wall_clock_breakdown": self.timer.breakdown, "watchdog_timeout_s": self.watchdog_timeout,
         })
+        self.first_step = step + 1
         if resumed_from is not None:
             self.metrics.info(f"resumed from {resumed_from} at step {step}")
         self.metrics.info(f"MFU against {peak.flops / 1e12:.3g} TFLOP/s per device ({peak.source})" if peak else

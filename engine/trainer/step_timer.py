@@ -5,7 +5,8 @@ The trainer runs every piece of a step inside ``timer.phase(name, step)``. Two r
 * the step-time breakdown that DeepSpeed users switch on with ``"wall_clock_breakdown": true``:
   milliseconds per step in each phase, averaged over the steps since the last log record. On a
   GPU each phase boundary synchronises the device (as DeepSpeed's timers do), which is why it
-  is off by default;
+  is off by default: without it nothing in the trainer synchronises between log steps (the loop
+  reads the loss back only at a log step; tests/engine/test_trainer_host_syncs.py counts it);
 * the hang watchdog (watchdog.py), which reports the phase a stuck rank was in. That
   costs one attribute assignment per phase, so it is always on.
 

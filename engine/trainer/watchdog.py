@@ -3,7 +3,8 @@
 A distributed job that hangs (one rank stuck in a data loader, a deadlock, a rank that never
 enters a collective the others wait in) otherwise sits silent until the collective timeout,
 often 30 minutes or more, and leaves nothing to debug. Each rank runs a small thread that the
-trainer feeds after every completed step (``beat``). When ``timeout_s`` passes without one,
+trainer feeds after every completed step and checkpoint save (``beat``), and after each phase of
+its first step, where kernels compile (``progress``). When ``timeout_s`` passes without one,
 the thread
 
 1. writes ``<run_dir>/hang/rank-<r>.txt``: the phase the rank was in (from the trainer's
@@ -77,6 +78,11 @@ class Watchdog:
         self._last_beat = time.monotonic()
         self._last_step = step
         self._arm_fallback()
+
+    def progress(self) -> None:
+        """A part of a step completed (the first step's compiling phases): the clock restarts, the
+        last completed step stays."""
+        self.beat(self._last_step)
 
     def stop(self) -> None:
         self._stop.set()

@@ -241,12 +241,14 @@ def test_resume_from_latest_continues_the_same_curve_on_more_ranks(single_run, t
 
 @needs_checkpoints
 def test_a_launcher_checkpoint_request_is_answered(tmp_path):
-    # The Slurm template asks for a checkpoint before the time limit through these files.
+    # The Slurm template asks for a checkpoint before the time limit through these files; the
+    # trainer answers at its next log step (the one step in a log window that reads back from the
+    # device and runs a collective of its own).
     control = tmp_path / "run" / "control"
     control.mkdir(parents=True)
     (control / "checkpoint-request").write_text("0\n")
-    result = run_trainer("--deepspeed_config", str(write_config(tmp_path)), "--steps", "3",
+    result = run_trainer("--deepspeed_config", str(write_config(tmp_path)), "--steps", "5", "--log-every", "2",
                          "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (control / "checkpoint-done").read_text().strip() == "1"
+    assert (control / "checkpoint-done").read_text().strip() == "2"
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
