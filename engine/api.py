@@ -22,6 +22,7 @@ from .log import get_logger
 from .optimizers import build_optimizer, rebind_optimizer
 from .precision import build_loss_scaler, precision_policy
 from .schedulers import build_scheduler
+from .zero.grad_precision import GradientPrecision
 from .zero.nvme import NvmeOptimizerSwap, NvmeSettings
 from .zero.offload import OffloadSettings
 from .zero.stage12 import Stage12Optimizer, ZeroSettings
@@ -123,7 +124,7 @@ def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optim
     """Stage 3's optimizer or stages 0-2's, from the config's ``zero_optimization`` section."""
     offload = OffloadSettings.from_config(cfg.zero_optimization)
     common = dict(comm=comm, model_dtype=model_dtype, loss_scaler=build_loss_scaler(cfg), device=device,
-                  offload=offload)
+                  offload=offload, grads=GradientPrecision.from_config(cfg, comm.world_size))
     if cfg.zero_optimization.stage == 3:
         opt = Stage3Optimizer(groups, make_optimizer, module=model, settings=_stage3_settings(cfg), **common)
     else:

@@ -153,7 +153,10 @@ class Engine(CheckpointMethods, nn.Module):
     def get_lr(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
-    def get_global_grad_norm(self) -> Optional[float]:
+    def get_global_grad_norm(self) -> Optional[torch.Tensor]:
+        """The last step's gradient norm as a 0-dim device tensor (None before the first step), as
+        DeepSpeed's ZeRO engines return it: reading it (``float()``) is a host sync, so convert it
+        only when logging."""
         return self.optimizer.global_grad_norm
 
     @property
@@ -232,8 +235,9 @@ class Engine(CheckpointMethods, nn.Module):
         every = self.config.steps_per_print
         if every and self.global_rank == 0 and self.counters.global_steps % every == 0:
             lr = ", ".join(f"{x:.3e}" for x in self.get_lr())
+            norm = self.get_global_grad_norm()
             log.info(f"step={self.counters.global_steps} skipped={self.counters.skipped_steps} lr=[{lr}] "
-                     f"loss_scale={self.loss_scale:g} grad_norm={self.get_global_grad_norm()}")
+                     f"loss_scale={self.loss_scale:g} grad_norm={None if norm is None else f'{float(norm):.4g}'}")
 
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:

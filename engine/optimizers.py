@@ -73,22 +73,26 @@ def takes_scale_kwargs(optimizer: Optimizer) -> bool:
     return "grad_scale" in names and "clip_coef" in names
 
 
-def step_with_multiplier(optimizer: Optimizer, grad_divisor: float, clip_coef: float,
+def step_with_multiplier(optimizer: Optimizer, grad_divisor: float, clip_coef: float | torch.Tensor,
                          lowp_out: Optional[list[torch.Tensor]] = None) -> bool:
     """One optimizer step on gradient ``grad / grad_divisor * clip_coef``.
 
-    An optimizer whose ``step`` takes ``grad_scale``/``clip_coef`` (engine.ops' fused kernels)
-    receives them and reads the gradient once, and also refreshes ``lowp_out`` (the model's
-    bf16/fp16 copies of the parameters) in the same pass; any other optimizer gets the gradient
-    multiplied in place. Returns whether ``lowp_out`` was written.
+    ``clip_coef`` may be a device tensor (the ZeRO step's ``clamp(max_norm / norm, max=1)``): it
+    is never read on the host. An optimizer whose ``step`` takes ``grad_scale``/``clip_coef``
+    (engine.ops' fused kernels) receives them and reads the gradient once, and also refreshes
+    ``lowp_out`` (the model's bf16/fp16 copies of the parameters) in the same pass; any other
+    optimizer gets the gradient multiplied in place. Returns whether ``lowp_out`` was written.
     """
+    as_tensor = isinstance(clip_coef, torch.Tensor)
     if takes_scale_kwargs(optimizer):
         optimizer.step(grad_scale=grad_divisor if grad_divisor != 1.0 else None,
-                       clip_coef=clip_coef if clip_coef != 1.0 else None, lowp_out=lowp_out)
+                       clip_coef=clip_coef if as_tensor or clip_coef != 1.0 else None, lowp_out=lowp_out)
         return lowp_out is not None
-    factor = clip_coef / grad_divisor
-    if factor != 1.0:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if as_tensor and grads:
+        factor = clip_coef.to(device=grads[0].device, dtype=torch.float32) / grad_divisor
         torch._foreach_mul_(grads, factor)
+    elif not as_tensor and clip_coef / grad_divisor != 1.0:
+        torch._foreach_mul_(grads, clip_coef / grad_divisor)
     optimizer.step()
     return False

@@ -75,10 +75,14 @@ class ScaleReport:
                                "staging_ratio": self.staging_ratio}
 
 
-def zero_volume_bytes(stage: int, parameters: int, world: int, element_bytes: int = 2) -> int:
-    """Bytes one rank sends per step by the ZeRO paper: (2 or 3)·Ψ·(N−1)/N elements."""
-    factor = 3 if stage == 3 else 2 if stage in (1, 2) else 2
-    return factor * parameters * (world - 1) * element_bytes // world
+def zero_volume_bytes(stage: int, parameters: int, world: int, element_bytes: int = 2,
+                      grad_bytes: int | None = None) -> int:
+    """Bytes one rank sends per step by the ZeRO paper: (2 or 3)·Ψ·(N−1)/N elements, i.e. one
+    reduction of the gradients (in their accumulation dtype, ``grad_bytes``: fp32 by default,
+    engine/zero/grad_precision.py) plus one (stages 1-2) or two (stage 3) gathers of the parameters."""
+    gathers = 2 if stage == 3 else 1
+    per_element = gathers * element_bytes + (element_bytes if grad_bytes is None else grad_bytes)
+    return per_element * parameters * (world - 1) // world
 
 
 def model_state_formula(stage: int, parameters: int, world: int, param_bytes: int = 2, grad_bytes: int = 2) -> int:
@@ -181,7 +185,7 @@ def _report(eng: Any, opt: Any, world: int, stage: int, name: str, moved: dict[s
     report = ScaleReport(
         world=world, stage=stage, model=name, parameters=psi,
         bytes_sent=moved["comm_bytes_sent"], bytes_received=moved["comm_bytes_received"],
-        zero_volume=zero_volume_bytes(stage, psi, world, dtype_bytes), calls=moved["comm_calls"],
+        zero_volume=zero_volume_bytes(stage, psi, world, dtype_bytes, grad_bytes), calls=moved["comm_calls"],
         model_state_bytes=sum(states[k] for k in ("params", "grads", "master", "optimizer_states")),
         model_state_formula=model_state_formula(stage, psi, world, dtype_bytes, grad_bytes)
         + _persistent_bytes(opt, stage, dtype_bytes),

@@ -6,7 +6,10 @@ memory come on top):
 * per stage, the ZeRO paper's figures (arXiv:1910.02054, section 3): with mixed-precision Adam
   every parameter costs 2 bytes (fp16/bf16 weights) + 2 (gradients) + 12 (fp32 master, momentum,
   variance) = 16 bytes; stage 1 partitions the 12, stage 2 also the gradient, stage 3 everything
-  across the N data-parallel ranks. fp32 training has 4 + 4 + 8. ``offload_optimizer`` moves
+  across the N data-parallel ranks. fp32 training has 4 + 4 + 8. orch's engine accumulates and
+  reduces bf16/fp16 gradients in fp32 unless ``data_types.grad_accum_dtype`` says "bf16"/"fp16"
+  (engine/zero/grad_precision.py), so its gradients cost 4 bytes, not the paper's 2: 18Ψ/N at
+  stage 3, 2Ψ + 16Ψ/N at stage 2, 6Ψ + 12Ψ/N at stage 1. ``offload_optimizer`` moves
   the master, the optimizer states and (stages 2-3) the gradient partition to CPU memory, as
   orch's engine does (engine/zero/offload.py); ``offload_param`` (stage 3) the parameter partition.
   With ``offload_optimizer.device: nvme`` the master and states go to swap files instead and
@@ -60,6 +63,7 @@ class CheckReport:
     world_size: int
     batch: Any | None = None                 # engine.config.BatchSizes
     precision: str = "fp32"
+    grad_accum_dtype: str = "fp32"           # data_types.grad_accum_dtype, resolved
     stage: int = 0
     num_parameters: int | None = None
     estimates: list[MemoryEstimate] = field(default_factory=list)
@@ -72,15 +76,19 @@ class CheckReport:
     preset: Any | None = None                                    # the bundled trainer's model preset
 
 
-def bytes_per_parameter(precision: str) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer states incl. fp32 master) bytes per parameter for Adam."""
-    return (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+def bytes_per_parameter(precision: str, grad_accum_dtype: str = "fp32") -> tuple[int, int, int]:
+    """(weights, gradients, optimizer states incl. fp32 master) bytes per parameter for Adam;
+    gradients take the accumulation dtype's size (fp32 unless the ds_config says otherwise)."""
+    if precision == "fp32":
+        return 4, 4, 8
+    return 2, 4 if grad_accum_dtype == "fp32" else 2, 12
 
 
 def estimate_model_states(num_parameters: int, world_size: int, stage: int, precision: str,
-                          offload_optimizer: bool = False, offload_param: bool = False) -> MemoryEstimate:
+                          offload_optimizer: bool = False, offload_param: bool = False,
+                          grad_accum_dtype: str = "fp32") -> MemoryEstimate:
     """Per-GPU (and per-rank CPU) bytes of model states for one ZeRO stage."""
-    w, g, o = bytes_per_parameter(precision)
+    w, g, o = bytes_per_parameter(precision, grad_accum_dtype)
     n = max(world_size, 1)
     weights = w / n if stage >= 3 else w
     grads = g / n if stage >= 2 else g
@@ -223,6 +231,7 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
         report.notes.extend(config_notes)
         report.batch = cfg.batch
         report.precision = cfg.precision
+        report.grad_accum_dtype = cfg.grad_accum_dtype
         report.stage = cfg.zero_optimization.stage
         report.notes.extend(cfg.migrations)
         if spec.nodes.elastic and cfg.batch is not None:
@@ -240,7 +249,7 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
     if report.num_parameters:
         report.estimates = [
             estimate_model_states(report.num_parameters, spec.world_size, stage, report.precision,
-                                  offload_opt, offload_par)
+                                  offload_opt, offload_par, report.grad_accum_dtype)
             for stage in range(4)
         ]
         report.options = memory_options(report.num_parameters, report.largest_layer_parameters,
@@ -258,13 +267,14 @@ NVME_CHUNK_NUMEL = 4 << 20        # engine/zero/nvme.py's default chunk (element
 
 
 def estimate_nvme_offload(num_parameters: int, world_size: int, stage: int, precision: str,
-                          buffer_count: int, chunk_numel: int = NVME_CHUNK_NUMEL) -> tuple[float, float]:
+                          buffer_count: int, chunk_numel: int = NVME_CHUNK_NUMEL,
+                          grad_accum_dtype: str = "fp32") -> tuple[float, float]:
     """(host RAM, NVMe) bytes per rank for ``offload_optimizer: nvme`` (engine/zero/nvme.py).
 
     The swap files hold the fp32 master and the optimizer states (8 or 12 bytes per parameter, the
     rank's 1/N); host memory keeps the reduced gradient partition and ``buffer_count`` chunk
     buffers of master + states, instead of all of the states."""
-    _, grads, states = bytes_per_parameter(precision)
+    _, grads, states = bytes_per_parameter(precision, grad_accum_dtype)
     n = max(world_size, 1)
     nvme = states * num_parameters / n
     buffers = buffer_count * chunk_numel * states
@@ -278,8 +288,10 @@ def nvme_notes(cfg: Any, num_parameters: int, world_size: int) -> list[str]:
     notes = []
     if zero.offload_optimizer.device == "nvme":
         host, nvme = estimate_nvme_offload(num_parameters, world_size, zero.stage, cfg.precision,
-                                           max(3, int(zero.offload_optimizer.buffer_count)))
-        cpu = estimate_model_states(num_parameters, world_size, zero.stage, cfg.precision, True, False).cpu_bytes
+                                           max(3, int(zero.offload_optimizer.buffer_count)),
+                                           grad_accum_dtype=cfg.grad_accum_dtype)
+        cpu = estimate_model_states(num_parameters, world_size, zero.stage, cfg.precision, True, False,
+                                    cfg.grad_accum_dtype).cpu_bytes
         notes.append(f"NVMe offload: {human_bytes(nvme)} per rank in swap files under "
                      f"{zero.offload_optimizer.nvme_path}; host RAM {human_bytes(host)} per rank (gradient "
                      f"partition + {max(3, int(zero.offload_optimizer.buffer_count))} chunk buffers) instead of "

@@ -36,6 +36,11 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
 JobArg = Annotated[str, typer.Argument(help="Job id (see `orch list`).", show_default=False)]
 
 
+def _grad_accum_words(report: Any) -> str:
+    """", gradients summed in fp32" for bf16/fp16 jobs (data_types.grad_accum_dtype)."""
+    return "" if report.precision == "fp32" else f", gradients summed in {report.grad_accum_dtype}"
+
+
 def _fail(exc: UserError) -> NoReturn:
     err.print(f"[bold red]error:[/] {exc}", markup=True)
     raise typer.Exit(exc.exit_code)
@@ -116,7 +121,8 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
     if report.batch is not None:
         b = report.batch
         out.print(f"batch: train_batch_size {b.train_batch_size} = micro {b.micro} x accumulation "
-                  f"{b.gradient_accumulation_steps} x {report.world_size} ranks; precision {report.precision}; "
+                  f"{b.gradient_accumulation_steps} x {report.world_size} ranks; precision {report.precision}"
+                  f"{_grad_accum_words(report)}; "
                   f"ZeRO stage {report.stage}")
     for note in report.notes:
         out.print(f"note: {note}")
@@ -126,7 +132,7 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
             out.print(f"  {fit.describe()}")
     if report.estimates:
         table = Table(title=f"model states per GPU, {report.num_parameters:,} parameters, "
-                            f"{report.world_size} ranks ({report.precision})")
+                            f"{report.world_size} ranks ({report.precision}{_grad_accum_words(report)})")
         table.add_column("ZeRO stage")
         table.add_column("per GPU", justify="right")
         table.add_column("CPU per rank", justify="right")

@@ -32,6 +32,18 @@ class IgnoredFeature:
         return f"{self.path}: {self.reason}"
 
 
+def _grad_accum_problems(cfg: Config) -> list[tuple[str, str, str]]:
+    """``data_types.grad_accum_dtype`` must be fp32 or the training precision: summing in a
+    narrower or different format than the gradients have only loses bits."""
+    chosen, precision = cfg.data_types.grad_accum_dtype, cfg.precision
+    if chosen is None or chosen in ("fp32", precision):
+        return []
+    allowed = '"fp32"' if precision == "fp32" else f'"fp32" (the default) or "{precision}"'
+    return [("data_types.grad_accum_dtype",
+             f'"{chosen}" gradient accumulation does not fit {precision} training',
+             f"set it to {allowed}, or remove it")]
+
+
 def unsupported_problems(cfg: Config) -> list[tuple[str, str, str]]:
     """(path, message, hint) for every enabled feature that would silently change results."""
     out: list[tuple[str, str, str]] = []
@@ -58,6 +70,7 @@ def unsupported_problems(cfg: Config) -> list[tuple[str, str, str]]:
             "remove it: the engine steps the optimizer at accumulation boundaries, as DeepSpeed's default does")
     if cfg.gradient_allreduce_op != "mean":
         bad("gradient_allreduce_op", 'summed gradients ("sum")', 'remove it or set "mean"')
+    out.extend(_grad_accum_problems(cfg))
     for key in ("param_dtype", "buffer_dtype"):
         if getattr(cfg.data_types, key) is not None:
             bad(f"data_types.{key}", f"data_types.{key}", "remove it; precision comes from bf16/fp16")

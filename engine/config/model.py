@@ -122,6 +122,12 @@ class EngineConfig(Section):
         return "bf16" if self.bf16.enabled else "fp32"
 
     @property
+    def grad_accum_dtype(self) -> str:
+        """"fp32" | "bf16" | "fp16": where gradients are accumulated and reduced
+        (``data_types.grad_accum_dtype``; fp32 unless the config says otherwise)."""
+        return self.data_types.grad_accum_dtype or "fp32"
+
+    @property
     def migrations(self) -> list[str]:
         """One line per deprecated or aliased key that was rewritten while loading."""
         return list(self._migrations)

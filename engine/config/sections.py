@@ -12,7 +12,7 @@ from typing import Any, Optional
 from pydantic import Field
 
 from .errors import Problem
-from .types import Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, Str, choice
+from .types import AliasedDType, Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, Str, choice
 
 OffloadDevice = choice("none", "cpu", "nvme", case_insensitive=False)
 CheckpointHash = choice("xxh3_128", "sha256", case_insensitive=False)
@@ -212,9 +212,15 @@ class CheckpointConfig(Section):
 
 
 class DataTypesConfig(Section):
-    """``data_types``: dtype of gradient accumulation (and DeepSpeed's newer param/buffer dtypes)."""
+    """``data_types``: dtype of gradient accumulation (and DeepSpeed's newer param/buffer dtypes).
 
-    grad_accum_dtype: Optional[DType] = None
+    ``grad_accum_dtype`` is where bf16/fp16 gradients are summed over micro-steps and ranks.
+    Unset means fp32 here (DeepSpeed's unset means the model dtype): every gradient bucket, and
+    the gradient partition or buffer the optimizer reads, are fp32, which costs 2 extra bytes per
+    gradient element the rank holds (2Ψ/N at stages 2-3, 2Ψ at stages 0-1). ``"bf16"``/``"fp16"``
+    (the model dtype) keep the low-precision sums DeepSpeed uses by default."""
+
+    grad_accum_dtype: Optional[AliasedDType] = None
     param_dtype: Optional[DType] = None
     buffer_dtype: Optional[DType] = None
 

@@ -80,6 +80,18 @@ def choice(*allowed: str, case_insensitive: bool = True) -> Any:
 # DeepSpeed spells precision names several ways; these are the ones its config accepts.
 DType = choice("fp32", "fp16", "bf16")
 
+# DeepSpeed's DtypeEnum (runtime/config.py) also reads these spellings where it parses a dtype
+# itself (``data_types``); they mean the canonical names above.
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "torch.float32": "fp32", "float16": "fp16", "half": "fp16",
+                 "torch.float16": "fp16", "bfloat16": "bf16", "torch.bfloat16": "bf16"}
+
+
+def _dtype_alias(value: Any) -> Any:
+    return DTYPE_ALIASES.get(value.lower(), value) if isinstance(value, str) else value
+
+
+AliasedDType = Annotated[DType, BeforeValidator(_dtype_alias)]
+
 
 class Section(BaseModel):
     """Base of every ds_config section: unknown keys are errors, field names are DeepSpeed's keys.

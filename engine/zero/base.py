@@ -5,8 +5,9 @@ live, not in how the update is made. Both own, per optimizer parameter group, on
 slice (``_masters``, wrapped as ``master_params`` for the inner torch optimizer) and find this
 rank's reduced gradient for it with ``_own_grads()``. The step is then the same everywhere:
 
-gradient norm over all partitions (one all-reduce of a scalar), overflow check, one combined
-multiplier (1/loss scale, 1/world size, clip coefficient) handed to the optimizer (engine.ops'
+gradient norm over all partitions (one all-reduce of a device scalar), overflow check (the step's
+one host sync), one combined multiplier (1/loss scale, 1/world size, the clip coefficient as a
+device tensor) handed to the optimizer (engine.ops'
 fused optimizers apply it while reading the gradient, and write the low-precision copy in the
 same pass), then ``_publish_params`` makes the updated weights visible to the model.
 
@@ -15,7 +16,6 @@ The accessors at the end (``master_partition``, ``optimizer_state_partitions``, 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -47,11 +47,11 @@ class PartitionedOptimizer:
     offload: OffloadSettings
     _masters: list[torch.Tensor]
     _rank: int
-    _prescale: bool
+    reducer: Any
     _fused_step: bool
     _lowp_grads: bool
     device: torch.device
-    global_grad_norm: Optional[float] = None
+    global_grad_norm: Optional[torch.Tensor] = None   # device tensor; float() it only to log
     overflow: bool = False
     nvme: Any = None     # NVMe offload (nvme.py): masters and states stream from swap files
 
@@ -98,23 +98,28 @@ class PartitionedOptimizer:
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> bool:
-        """One optimizer step at an accumulation boundary; False when skipped for overflow."""
+        """One optimizer step at an accumulation boundary; False when skipped for overflow.
+
+        The norm and the clip coefficient stay device tensors (the fused optimizers read the
+        coefficient on the device). The one host sync of the step is the overflow bool: a step
+        with inf/nan gradients must be skipped, not applied, and the dynamic loss scaler
+        (fp16) must halve its scale for the next step, both host-side decisions that cannot
+        wait a step. DeepSpeed's ZeRO optimizers take the same one bool per step."""
         self.reduce_gradients()
         self._reduction_consumed()
         grads = self._own_grads()
         if self.offload.optimizer:
             synchronize(self.device)  # device-to-host gradient copies must have landed
-        local = self.local_gradients
-        divisor = self.loss_scaler.loss_scale * (1 if self._prescale or local else self.comm.world_size)
-        norm = self._global_norm(grads, local) / divisor
+        divisor = self._grad_divisor()
+        norm = self._global_norm(grads, self.local_gradients) / divisor
         self.global_grad_norm = norm
-        self.overflow = not math.isfinite(norm)
+        self.overflow = not bool(torch.isfinite(norm))      # the step's one host sync (see above)
         if self.overflow:
             self.loss_scaler.update(True)
             self.zero_grad()
             return False
         clip = self.settings.gradient_clipping
-        clip_coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        clip_coef = torch.clamp(clip / (norm + 1e-6), max=1.0) if clip > 0 else 1.0
         if self.nvme is not None:      # writes the model's copy chunk by chunk, then publish as usual
             self.nvme.step(grads, divisor, clip_coef)
             self.loss_scaler.update(False)
@@ -132,14 +137,22 @@ class PartitionedOptimizer:
         self._publish_params(copied)
         return True
 
+    def _grad_divisor(self) -> float:
+        """What the reduced gradients are divided by: the loss scale and, for averaging, the
+        world size over what each rank already divided by before the sum (grad_precision.py)."""
+        if self.local_gradients:
+            return self.loss_scaler.loss_scale
+        return self.loss_scaler.loss_scale * self.comm.world_size / self.reducer.predivide
+
     @property
     def local_gradients(self) -> bool:
         """Whether this step's gradients stay unreduced: the inner optimizer (1-bit Adam after its
         warm-up) averages its momentum across the ranks itself."""
         return bool(getattr(self.optimizer, "averages_itself", False))
 
-    def _global_norm(self, grads: Sequence[torch.Tensor], local: bool = False) -> float:
-        """L2 norm of the reduced gradient over all partitions (inf/nan when it overflowed).
+    def _global_norm(self, grads: Sequence[torch.Tensor], local: bool = False) -> torch.Tensor:
+        """L2 norm of the reduced gradient over all partitions, a 0-dim fp32 device tensor
+        (inf/nan when it overflowed): one all-reduce of the squared sum, no host sync.
 
         ``local``: gradients were not reduced; the norm is the root mean square of the ranks'
         local norms, so every rank clips alike and skips an overflowed step together."""
@@ -151,8 +164,9 @@ class PartitionedOptimizer:
         if self.layout.partition_count > 1 or (local and self.comm.world_size > 1):
             square = square.to(self.device) if self.comm.backend == "nccl" else square
             self.comm.all_reduce(square)
-        value = square.item() / (self.comm.world_size if local else 1)
-        return math.sqrt(value) if math.isfinite(value) else float("inf")
+        if local and self.comm.world_size > 1:
+            square = square / self.comm.world_size
+        return square.sqrt()
 
     def _build_inner_optimizer(self, groups: Sequence[tuple[Mapping[str, Any], Any]],
                                make_optimizer: Callable[[list[dict[str, Any]]], Optimizer]) -> None:

@@ -42,21 +42,24 @@ class GradientReducer:
     """Reduces ``params``' gradients bucket by bucket (see the module docstring).
 
     ``flat_grads``/``grad_views`` (stages 0/1) or ``grad_partition`` (stages 2/3) say where the
-    reduced gradients live; ``rank`` is whose partition this rank owns; ``prescale`` divides
-    by the world size before summing (fp16 sums overflow); ``eager`` reduces each bucket as
-    soon as it is complete even without ``overlap`` (always true when partitioned: the
-    gradient is freed as it arrives, so it must be staged then).
+    reduced gradients live; ``rank`` is whose partition this rank owns; ``dtype`` is the
+    accumulation dtype (staging buckets and the reduction; grad_precision.py); ``predivide`` is
+    what every rank divides its gradients by before the sum (1: nothing), applied only when
+    there is more than one rank. Partitioned reducers stage each gradient as it arrives (it is
+    freed then); ``accumulate`` adds each pass's reduced gradients to the partition (every
+    micro-step reduces) instead of overwriting it.
     """
 
     def __init__(self, layout: FlatLayout, params: Sequence[nn.Parameter], comm: Comm, *, bucket_numel: int,
-                 rank: int, dtype: torch.dtype, device: torch.device, overlap: bool, prescale: bool,
+                 rank: int, dtype: torch.dtype, device: torch.device, overlap: bool, predivide: float = 1.0,
                  flat_grads: Optional[torch.Tensor] = None, grad_views: Sequence[torch.Tensor] = (),
                  grad_partition: Optional[torch.Tensor] = None, accumulate: bool = False) -> None:
         if (flat_grads is None) == (grad_partition is None):
             raise ValueError("GradientReducer needs exactly one of flat_grads and grad_partition")
         self.layout, self.params, self.comm = layout, list(params), comm
         self.rank, self.dtype, self.device = rank, dtype, device
-        self.overlap, self.prescale, self.accumulate = overlap, prescale, accumulate
+        self.overlap, self.accumulate = overlap, accumulate
+        self.predivide = float(predivide) if comm.active else 1.0
         self.flat_grads, self.grad_views, self.grad_partition = flat_grads, list(grad_views), grad_partition
         self.partitioned = grad_partition is not None
         self.buckets = self._make_buckets(bucket_numel)
@@ -193,8 +196,8 @@ class GradientReducer:
             data = self._buffers[bucket.index][:bucket.numel]
         else:
             data = self.flat_grads[bucket.start:bucket.end]
-        if self.prescale and self.comm.active:
-            data.mul_(1.0 / self.comm.world_size)
+        if self.predivide != 1.0:
+            data.mul_(1.0 / self.predivide)
         self._inflight.append((bucket, self._reduce(data, bucket, async_op)))
         if not async_op:
             self._complete_oldest()

@@ -19,8 +19,12 @@ Stage 2 never holds all gradients at once: a post-accumulate-grad hook hands eac
 gradient to the ``GradientReducer`` (reduction.py), which stages it in a bucket buffer, frees
 it, reduces full buckets (asynchronously when ``overlap_comm``) and keeps the owner's slice.
 
-Gradient accumulation communicates nothing until the boundary micro-step: gradients stay
-local (in ``p.grad``) and only the boundary's backward reduces, as DDP's ``no_sync`` does.
+Gradients accumulate and are reduced in ``grad_dtype`` (fp32 by default under bf16/fp16,
+``data_types.grad_accum_dtype``; grad_precision.py). Stages 0/1 accumulate in the flat buffer
+(fp32: 4Ψ instead of 2Ψ) and communicate nothing until the boundary micro-step, as DDP's
+``no_sync`` does. Stage 2 does the same when it sums in the model's dtype (gradients stay in
+``p.grad``); summing in fp32 it reduces every micro-step into its fp32 partition (4Ψ/N) as
+DeepSpeed's stage 2 does, since keeping unreduced fp32 gradients would need a full 4Ψ buffer.
 
 The step itself is base.py's. Under fp32 the master partition *is* the slice of
 ``flat_params`` (no copy), and so is its gradient. With ``offload_optimizer`` (offload.py) the
@@ -42,6 +46,7 @@ from ..precision import LossScaler
 from .base import PartitionedOptimizer
 from .inner_links import link_inner_optimizer
 from .offload import OffloadSettings, copy_between, host_empty, host_zeros
+from .grad_precision import GradientPrecision, set_grad_dtype
 from .partition import FlatLayout
 from .reduction import GradientOrderError, GradientReducer
 
@@ -74,7 +79,7 @@ class Stage12Optimizer(PartitionedOptimizer):
     def __init__(self, groups: Sequence[tuple[Mapping[str, Any], NamedParams]],
                  make_optimizer: Callable[[list[dict[str, Any]]], Optimizer], *, settings: ZeroSettings,
                  comm: Comm, model_dtype: torch.dtype, loss_scaler: LossScaler, device: torch.device,
-                 offload: Optional[OffloadSettings] = None) -> None:
+                 offload: Optional[OffloadSettings] = None, grads: Optional[GradientPrecision] = None) -> None:
         if settings.stage not in (0, 1, 2):
             raise ValueError(f"Stage12Optimizer implements stages 0-2, got {settings.stage}")
         self.settings, self.comm, self.loss_scaler = settings, comm, loss_scaler
@@ -87,7 +92,11 @@ class Stage12Optimizer(PartitionedOptimizer):
         self.layout = FlatLayout.build([list(named) for _, named in groups], partition_count=count)
         self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
         self._rank = comm.rank if count > 1 else 0   # whose partition this rank updates
-        self._prescale = model_dtype == torch.float16  # average before summing: fp16 sums overflow
+        precision = grads or GradientPrecision()
+        self.grad_dtype = precision.dtype_for(model_dtype)
+        # stage 2 summing in a wider dtype than the model's reduces every micro-step into the
+        # (wide) partition: holding the unreduced gradients instead would take a full-size buffer
+        self._reduce_every_pass = self.stage == 2 and self.grad_dtype != model_dtype
 
         self.flat_params = self._adopt_params(device)
         comm.broadcast(self.flat_params, src=0)       # every rank starts from rank 0's weights
@@ -105,12 +114,13 @@ class Stage12Optimizer(PartitionedOptimizer):
 
         self.reducer = GradientReducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
-            dtype=model_dtype, device=device, overlap=settings.overlap_comm, prescale=self._prescale,
-            flat_grads=self.flat_grads, grad_views=self._grad_views, grad_partition=self.grad_partition)
+            dtype=self.grad_dtype, device=device, overlap=settings.overlap_comm,
+            predivide=precision.predivide_for(model_dtype, comm.world_size), flat_grads=self.flat_grads,
+            grad_views=self._grad_views, grad_partition=self.grad_partition, accumulate=self._reduce_every_pass)
         self.buckets = self.reducer.buckets
         for i, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(functools.partial(self._on_grad_ready, i))
-        self.global_grad_norm: Optional[float] = None
+        self.global_grad_norm: Optional[torch.Tensor] = None
         self.overflow = False
 
     # -- set-up -------------------------------------------------------------------------------
@@ -147,19 +157,23 @@ class Stage12Optimizer(PartitionedOptimizer):
     def _make_grad_storage(self, device: torch.device) -> None:
         """Stage 2: this rank's gradient partition only (in host memory when offloading).
         Stages 0/1: a flat buffer that every ``p.grad`` is a view of, so autograd accumulates
-        straight into what gets reduced."""
+        straight into what gets reduced (in ``grad_dtype``: autograd casts each micro-step's
+        gradient into it, torch's ``Parameter.grad_dtype``)."""
+        dtype = self.grad_dtype
         if self.stage == 2:
             if self.offload.optimizer:
-                self.grad_partition = host_zeros(self.layout.partition_numel, self.model_dtype, self.offload)
+                self.grad_partition = host_zeros(self.layout.partition_numel, dtype, self.offload)
             else:
-                self.grad_partition = torch.zeros(self.layout.partition_numel, dtype=self.model_dtype, device=device)
+                self.grad_partition = torch.zeros(self.layout.partition_numel, dtype=dtype, device=device)
             return
-        self.flat_grads = torch.zeros(self.layout.padded_numel, dtype=self.model_dtype, device=device)
+        self.flat_grads = torch.zeros(self.layout.padded_numel, dtype=dtype, device=device)
         self._grad_views = [self._view(self.flat_grads, i) for i in range(len(self.params))]
         for p, view in zip(self.params, self._grad_views):
+            if dtype != self.model_dtype:
+                set_grad_dtype(p, dtype)
             p.grad = view
         if self.offload.optimizer:
-            self._host_grads = host_empty(self.layout.partition_numel, self.model_dtype, self.offload)
+            self._host_grads = host_empty(self.layout.partition_numel, dtype, self.offload)
 
     def _make_masters(self, device: torch.device) -> list[torch.Tensor]:
         """One fp32 master slice per group: views into flat_params (fp32) or into self.master."""
@@ -181,7 +195,7 @@ class Stage12Optimizer(PartitionedOptimizer):
     def begin_backward(self, boundary: bool) -> None:
         """Called before each backward; only the boundary micro-step's backward communicates
         (and not even that one while a 1-bit optimizer averages its momentum itself)."""
-        if boundary and not self.local_gradients:
+        if (boundary or self._reduce_every_pass) and not self.local_gradients:
             self.reducer.begin_pass()
         else:
             self.reducer.active = False

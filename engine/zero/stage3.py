@@ -7,7 +7,9 @@ state                        bytes              where (offload.py)
 ===========================  =================  =================================================
 low-precision params         2Ψ/N               ``partition`` (device; host with offload_param)
 frozen params                2Φ/N               the store's partition, after ``partition``
-gradients                    2Ψ/N               ``grad_partition`` (host with offload_optimizer)
+gradients                    4Ψ/N (2Ψ/N)        ``grad_partition`` in ``grad_dtype``: fp32 by default,
+                                                   bf16/fp16 with ``data_types.grad_accum_dtype``
+                                                   (host with offload_optimizer)
 fp32 master + Adam m, v      12Ψ/N              ``master`` + optimizer state (host when offloaded)
 persistent small params      2 × their count    gathered all the time (stage3_params.py)
 gathered units, buckets      bounded            stage3_max_live_parameters, reduce_bucket_size
@@ -48,6 +50,7 @@ from torch.optim import Optimizer
 from ..comm import Comm
 from ..precision import LossScaler
 from .base import PartitionedOptimizer
+from .grad_precision import GradientPrecision
 from .offload import OffloadSettings, copy_between, host_zeros
 from .partition import FlatLayout
 from .stage3_reduction import SpanReducer
@@ -88,14 +91,16 @@ class Stage3Optimizer(PartitionedOptimizer):
     def __init__(self, groups: Sequence[tuple[Mapping[str, Any], NamedParams]],
                  make_optimizer: Callable[[list[dict[str, Any]]], Optimizer], *, module: nn.Module,
                  settings: Stage3Settings, comm: Comm, model_dtype: torch.dtype, loss_scaler: LossScaler,
-                 device: torch.device, offload: Optional[OffloadSettings] = None) -> None:
+                 device: torch.device, offload: Optional[OffloadSettings] = None,
+                 grads: Optional[GradientPrecision] = None) -> None:
         self.settings, self.comm, self.loss_scaler = settings, comm, loss_scaler
         self.stage = 3
         self.model_dtype, self.device = model_dtype, device
         self.offload = offload or OffloadSettings()
         plans, store_layout = self._plan_layout(groups, module, settings, comm)
         self._rank = comm.rank
-        self._prescale = model_dtype == torch.float16
+        precision = grads or GradientPrecision()
+        self.grad_dtype = precision.dtype_for(model_dtype)
 
         if self.offload.param:
             whole = host_zeros(store_layout.partition_numel, model_dtype, self.offload)
@@ -111,9 +116,9 @@ class Stage3Optimizer(PartitionedOptimizer):
 
         numel = self.layout.partition_numel
         if self.offload.optimizer:
-            self.grad_partition = host_zeros(numel, model_dtype, self.offload)
+            self.grad_partition = host_zeros(numel, self.grad_dtype, self.offload)
         else:
-            self.grad_partition = torch.zeros(numel, dtype=model_dtype, device=device)
+            self.grad_partition = torch.zeros(numel, dtype=self.grad_dtype, device=device)
         self.master_is_view = model_dtype == torch.float32 and self.offload.optimizer == self.offload.param
         self.master: Optional[torch.Tensor] = None
         self._masters = self._make_masters()
@@ -121,15 +126,16 @@ class Stage3Optimizer(PartitionedOptimizer):
 
         self.reducer = SpanReducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
-            dtype=model_dtype, device=device, overlap=settings.overlap_comm, prescale=self._prescale,
-            grad_partition=self.grad_partition, accumulate=True)
+            dtype=self.grad_dtype, device=device, overlap=settings.overlap_comm,
+            predivide=precision.predivide_for(model_dtype, comm.world_size), grad_partition=self.grad_partition,
+            accumulate=True)
         self.coordinator = ParamCoordinator(
             module, self.store, self.reducer, prefetch_numel=settings.prefetch_bucket_size,
             max_live_numel=settings.max_live_parameters, max_reuse_distance=settings.max_reuse_distance)
         for i, p in enumerate(self.store.params):   # lets GatheredParameters / register_external_parameter find us
             p.__dict__["_zero3_owner"] = (weakref.ref(self), i)
             mark_partitioned(p, self.store.layout.params[i].shape)
-        self.global_grad_norm: Optional[float] = None
+        self.global_grad_norm: Optional[torch.Tensor] = None
         self.overflow = False
 
     # -- set-up -------------------------------------------------------------------------------

@@ -44,17 +44,30 @@ def test_zero2_estimate_matches_deepspeeds_table(offload: bool, cpu_gib: float, 
 
 def test_zero_paper_figures_per_stage_and_what_offload_moves() -> None:
     psi, n = 1_000_000, 8
-    z3 = estimate_model_states(psi, n, 3, "bf16")
+    bf16 = {"grad_accum_dtype": "bf16"}       # the paper's 2-byte gradients (DeepSpeed's default)
+    z3 = estimate_model_states(psi, n, 3, "bf16", **bf16)
     assert z3.gpu_bytes == pytest.approx(16 * psi / n) and z3.cpu_bytes == 0
     # offload_optimizer: gradients, master and Adam states (14Ψ/N) to the host; offload_param the rest
-    z3o = estimate_model_states(psi, n, 3, "bf16", offload_optimizer=True)
+    z3o = estimate_model_states(psi, n, 3, "bf16", offload_optimizer=True, **bf16)
     assert z3o.gpu_bytes == pytest.approx(2 * psi / n) and z3o.cpu_bytes == pytest.approx(14 * psi / n)
-    z3oo = estimate_model_states(psi, n, 3, "bf16", offload_optimizer=True, offload_param=True)
+    z3oo = estimate_model_states(psi, n, 3, "bf16", offload_optimizer=True, offload_param=True, **bf16)
     assert z3oo.gpu_bytes == 0 and z3oo.cpu_bytes == pytest.approx(16 * psi / n)
-    z2o = estimate_model_states(psi, n, 2, "bf16", offload_optimizer=True)
+    z2o = estimate_model_states(psi, n, 2, "bf16", offload_optimizer=True, **bf16)
     assert z2o.gpu_bytes == pytest.approx(2 * psi) and z2o.cpu_bytes == pytest.approx(14 * psi / n)
-    z1o = estimate_model_states(psi, n, 1, "bf16", offload_optimizer=True)   # stage 1 keeps full gradients
+    z1o = estimate_model_states(psi, n, 1, "bf16", offload_optimizer=True, **bf16)   # stage 1 keeps full gradients
     assert z1o.gpu_bytes == pytest.approx(4 * psi) and z1o.cpu_bytes == pytest.approx(12 * psi / n)
+
+
+def test_fp32_gradient_accumulation_costs_two_bytes_per_gradient_element_held() -> None:
+    """The engine's default under bf16: gradients summed in fp32, so the gradient share a rank holds
+    doubles: the partition at stages 2-3, the whole gradient at stage 1."""
+    psi, n = 1_000_000, 8
+    assert estimate_model_states(psi, n, 3, "bf16").gpu_bytes == pytest.approx(18 * psi / n)
+    assert estimate_model_states(psi, n, 2, "bf16").gpu_bytes == pytest.approx(2 * psi + 16 * psi / n)
+    assert estimate_model_states(psi, n, 1, "bf16").gpu_bytes == pytest.approx(6 * psi + 12 * psi / n)
+    z3o = estimate_model_states(psi, n, 3, "bf16", offload_optimizer=True)   # the fp32 partition goes to the host
+    assert z3o.gpu_bytes == pytest.approx(2 * psi / n) and z3o.cpu_bytes == pytest.approx(16 * psi / n)
+    assert estimate_model_states(psi, n, 3, "fp32").gpu_bytes == pytest.approx(16 * psi / n)   # unchanged
 
 
 @pytest.mark.parametrize("gpu_gib, expected", [
