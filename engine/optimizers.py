@@ -43,10 +43,10 @@ def build_optimizer(optimizer_cfg: Any, param_groups: list[dict[str, Any]]) -> O
         return FusedLion(param_groups, **kwargs)
     if kind == "lamb":
         return FusedLamb(param_groups, **optimizer_cfg.engine_kwargs())
-    if kind == "onebitadam":
-        from .onebit import OnebitAdam
+    if kind in ("onebitadam", "zerooneadam", "onebitlamb"):
+        from .onebit import COMPRESSED_OPTIMIZERS
 
-        return OnebitAdam(param_groups, **optimizer_cfg.engine_kwargs())
+        return COMPRESSED_OPTIMIZERS[kind](param_groups, **optimizer_cfg.engine_kwargs())
     raise ValueError(f"optimizer kind {kind!r} has no implementation in engine/optimizers.py")
 
 

@@ -139,6 +139,17 @@ class OneBitLambParams(_CompressedParams):
     factor_min: NonNegFloat = 0.5
     factor_threshold: NonNegFloat = 0.1
 
+    def _check(self) -> list[Problem]:
+        problems = super()._check()
+        if not self.coeff_beta < 1.0:
+            problems.append(("coeff_beta", f"must be in [0, 1), got {self.coeff_beta!r}",
+                             "it is the running average's decay of the trust ratio (DeepSpeed's default 0.9)"))
+        for low, high in (("min_coeff", "max_coeff"), ("factor_min", "factor_max")):
+            if getattr(self, low) > getattr(self, high):
+                problems.append((low, f"is larger than {high} ({getattr(self, low)} > {getattr(self, high)})",
+                                 f"the value is clamped to [{low}, {high}]: swap them"))
+        return problems
+
 
 def _amsgrad_problem(amsgrad: bool, owner: str) -> list[Problem]:
     return [("amsgrad", f"AMSGrad is not supported ({owner} rejects it in DeepSpeed too)", "remove amsgrad")] \
@@ -152,7 +163,7 @@ def _beta_problems(betas: tuple[float, float]) -> list[Problem]:
 # canonical type -> (params model, kind(params) for resolved_kind())
 SUPPORTED_OPTIMIZERS: dict[str, type[_Params]] = {
     "Adam": AdamParams, "AdamW": AdamParams, "SGD": SGDParams, "Lion": LionParams, "Lamb": LambParams,
-    "OneBitAdam": OneBitAdamParams,
+    "OneBitAdam": OneBitAdamParams, "ZeroOneAdam": ZeroOneAdamParams, "OneBitLamb": OneBitLambParams,
 }
 # DeepSpeed's compressed-communication optimizers: its engine refuses every one of them with ZeRO
 # ("assert not self.zero_optimization(), '1bit-Adam is not compatible with ZeRO'", zero_optimization()
@@ -160,12 +171,10 @@ SUPPORTED_OPTIMIZERS: dict[str, type[_Params]] = {
 COMPRESSED_OPTIMIZERS = ("OneBitAdam", "ZeroOneAdam", "OneBitLamb")
 _DS_REFUSAL = {"OneBitAdam": "1bit-Adam is not compatible with ZeRO", "ZeroOneAdam": "0/1 Adam is not compatible with ZeRO",
                "OneBitLamb": "1bit-Lamb is not compatible with ZeRO"}
-# Validated (their params are DeepSpeed's), but refused by type until the engine implements them.
-NOT_YET_IMPLEMENTED: dict[str, type[_Params]] = {"ZeroOneAdam": ZeroOneAdamParams, "OneBitLamb": OneBitLambParams}
 # Names DeepSpeed accepts that orch's engine does not implement (DeepSpeed's own optimizers
 # and the torch.optim classes it would look up by name).
 KNOWN_UNSUPPORTED_OPTIMIZERS = (
-    "ZeroOneAdam", "OneBitLamb", "MuAdam", "MuAdamW", "MuSGD", "Muon", "Adagrad",
+    "MuAdam", "MuAdamW", "MuSGD", "Muon", "Adagrad",
     "Adadelta", "Adafactor", "Adamax", "ASGD", "LBFGS", "NAdam", "RAdam", "RMSprop", "Rprop", "SparseAdam",
 )
 
@@ -184,12 +193,6 @@ class OptimizerConfig(Section):
     def _check(self) -> list[Problem]:
         canon = {name.lower(): name for name in SUPPORTED_OPTIMIZERS}
         name = canon.get(self.type.lower())
-        pending = {n.lower(): n for n in NOT_YET_IMPLEMENTED}.get(self.type.lower())
-        if pending is not None:
-            self.params, problems = _validated_params(NOT_YET_IMPLEMENTED[pending], self.params)
-            return problems + [("type", f"optimizer type {self.type!r} is accepted by DeepSpeed (<= 0.18) but not "
-                                f"implemented by orch's engine yet", "use OneBitAdam (same compressed momentum "
-                                "exchange) or Adam/Lamb; see docs/ds_config.md")]
         if name is None:
             return [_unsupported("type", self.type, list(SUPPORTED_OPTIMIZERS), KNOWN_UNSUPPORTED_OPTIMIZERS,
                                  "optimizer")]
@@ -201,7 +204,8 @@ class OptimizerConfig(Section):
         return problems
 
     def resolved_kind(self) -> str:
-        """"adamw" | "adam_l2" | "sgd" | "lion" | "lamb" | "onebitadam": the update rule that will run.
+        """"adamw" | "adam_l2" | "sgd" | "lion" | "lamb" | "onebitadam" | "zerooneadam" |
+        "onebitlamb": the update rule that will run.
 
         DeepSpeed: ``AdamW`` is always decoupled weight decay; ``Adam`` is too unless
         ``adam_w_mode`` is false, in which case weight decay is classic L2 added to the gradient.
@@ -329,7 +333,7 @@ def optimizer_combination_problems(cfg: Any) -> list[Problem]:
     if opt is None:
         return []
     stage = cfg.zero_optimization.stage
-    name = {n.lower(): n for n in (*SUPPORTED_OPTIMIZERS, *NOT_YET_IMPLEMENTED)}.get(opt.type.lower(), opt.type)
+    name = {n.lower(): n for n in SUPPORTED_OPTIMIZERS}.get(opt.type.lower(), opt.type)
     if name in COMPRESSED_OPTIMIZERS and stage > 0:
         return [("optimizer.type", f"{name} does not work with ZeRO (stage {stage}): its compressed momentum "
                  f"exchange replaces ZeRO's gradient reduction; DeepSpeed refuses it too ({_DS_REFUSAL[name]!r})",

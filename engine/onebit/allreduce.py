@@ -21,6 +21,7 @@ at zero after a load, which the paper's analysis tolerates).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -42,8 +43,9 @@ class CompressedAllReduce:
         self.server_error = torch.zeros(self.chunk, dtype=torch.float32, device=device)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Replace ``x`` (``numel`` elements) by the compressed average over the ranks; return it."""
+    def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The compressed average of ``x`` (``numel`` elements) over the ranks, written to ``out``
+        (default: ``x`` itself); returns it."""
         comm, world = self.comm, self.comm.world_size
         flat = x.reshape(-1)
         self.buffer[:self.numel].copy_(flat)
@@ -61,8 +63,9 @@ class CompressedAllReduce:
         server_scales = torch.empty(world, dtype=torch.float32, device=scale.device)
         comm.all_gather_into(server_scales, server_scale)
         unpack_sum(all_signs.view(1, -1), server_scales.view(1, world), self.buffer, impl=self.impl)
-        flat.copy_(self.buffer[:self.numel])
-        return x
+        out = x if out is None else out
+        out.reshape(-1).copy_(self.buffer[:self.numel])
+        return out
 
     def reset_errors(self) -> None:
         self.worker_error.zero_()

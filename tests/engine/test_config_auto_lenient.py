@@ -94,15 +94,35 @@ def test_deepspeeds_optimizer_names_load_with_their_params(name):
     assert cfg.optimizer.resolved_kind() in ("lamb", "onebitadam")
 
 
-@pytest.mark.parametrize("name,key", [("ZeroOneAdam", "var_freeze_step"), ("OneBitLamb", "coeff_beta")])
-def test_zero_one_adam_and_one_bit_lamb_are_validated_then_refused_with_a_reason(name, key):
-    with pytest.raises(ConfigError, match=f"optimizer.type: optimizer type '{name}' is accepted by DeepSpeed"):
-        load_config({"train_batch_size": 8, "optimizer": {"type": name, "params": {key: 10}}}, world_size=1)
+@pytest.mark.parametrize("name,key,kind", [("ZeroOneAdam", "var_freeze_step", "zerooneadam"),
+                                            ("zerooneadam", "local_step_clipper", "zerooneadam"),
+                                            ("OneBitLamb", "coeff_beta", "onebitlamb"),
+                                            ("OnebitLamb", "factor_threshold", "onebitlamb")])
+def test_zero_one_adam_and_one_bit_lamb_load_with_deepspeeds_defaults(name, key, kind):
+    cfg = load_config({"train_batch_size": 8, "optimizer": {"type": name, "params": {key: 0.5 if "coeff" in key
+                                                                                     or "factor" in key else 10}}},
+                      world_size=1)
+    assert cfg.optimizer.resolved_kind() == kind
+    params = cfg.optimizer.params
+    if kind == "zerooneadam":
+        assert (params["var_update_scaler"], params["local_step_scaler"]) == (16, 32678)
+    else:
+        assert (params["max_coeff"], params["min_coeff"], params["factor_max"], params["factor_min"]) == (10.0, 0.01, 4.0, 0.5)
     with pytest.raises(ConfigError, match=f"optimizer.params.{key}x: unknown key; did you mean '{key}'"):
         load_config({"train_batch_size": 8, "optimizer": {"type": name, "params": {key + "x": 10}}}, world_size=1)
 
 
-@pytest.mark.parametrize("name,quote", [("OneBitAdam", "1bit-Adam"), ("onebitadam", "1bit-Adam")])
+def test_one_bit_lamb_bounds_are_checked():
+    with pytest.raises(ConfigError, match="optimizer.params.factor_min: is larger than factor_max"):
+        load_config({"train_batch_size": 8, "optimizer": {"type": "OneBitLamb", "params": {"factor_min": 5.0}}},
+                    world_size=1)
+    with pytest.raises(ConfigError, match="optimizer.params.coeff_beta: must be in"):
+        load_config({"train_batch_size": 8, "optimizer": {"type": "OneBitLamb", "params": {"coeff_beta": 1.0}}},
+                    world_size=1)
+
+
+@pytest.mark.parametrize("name,quote", [("OneBitAdam", "1bit-Adam"), ("onebitadam", "1bit-Adam"),
+                                        ("ZeroOneAdam", "0/1 Adam"), ("OneBitLamb", "1bit-Lamb")])
 def test_compressed_optimizers_with_zero_are_refused_as_deepspeed_does(name, quote):
     raw = {"train_batch_size": 8, "zero_optimization": {"stage": 1}, "optimizer": {"type": name}}
     with pytest.raises(ConfigError, match=f"{quote} is not compatible with ZeRO"):

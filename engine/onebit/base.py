@@ -1,0 +1,151 @@
+"""What DeepSpeed's compressed-communication optimizers share (1-bit Adam, 0/1 Adam, 1-bit LAMB).
+
+Each is a torch optimizer over the engine's flat fp32 master tensors (one per parameter group
+at ZeRO stage 0) or over plain parameters. The engine talks to them through three hooks:
+
+- ``attach_comm(comm)``: the data-parallel group the momentum (or gradient) is averaged over;
+- ``set_live_numel(master, n)``: only the first ``n`` elements of a flat master are parameters,
+  the rest is alignment padding, which is never compressed (it would dilute the scale);
+- ``averages_itself``: asked before each step; True when the coming step's gradients must stay
+  local because the optimizer averages them (compressed) itself.
+
+This base keeps the per-tensor ``CompressedAllReduce`` (its error-feedback buffers persist
+across steps), the step count, and the gradient in fp32 with the loss scale and clip factor
+applied. Subclasses implement ``_step_tensors``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+
+from ..comm import Comm
+from ..ops.fused_optimizers import LowpList, _check_hyper
+from ..ops.scaling import GradMultiplier, Scalar
+from .allreduce import CompressedAllReduce
+
+
+class CompressedOptimizer(torch.optim.Optimizer):
+    """Base of the compressed-communication optimizers; see the module docstring."""
+
+    name = "CompressedOptimizer"
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, cuda_aware: bool = False,
+                 comm_backend_name: str = "nccl", impl: str = "auto") -> None:
+        _check_hyper(self.name, lr=defaults["lr"], eps=defaults["eps"], weight_decay=defaults["weight_decay"],
+                     betas=defaults["betas"])
+        defaults = {**defaults, "betas": (float(defaults["betas"][0]), float(defaults["betas"][1]))}
+        super().__init__(params, defaults)
+        # cuda_aware / comm_backend_name choose DeepSpeed's transport (MPI, NCCL, HCCL); orch's
+        # collectives pick theirs from the process group, so both are accepted and kept for show.
+        self.cuda_aware, self.comm_backend_name, self.impl = bool(cuda_aware), comm_backend_name, impl
+        self.comm: Optional[Comm] = None
+        self._reducers: dict[int, CompressedAllReduce] = {}
+        self._live: dict[int, int] = {}
+
+    # -- what the engine asks -----------------------------------------------------------------------
+    def attach_comm(self, comm: Comm) -> None:
+        """The data-parallel group the momentum is averaged over."""
+        self.comm = comm
+
+    def set_live_numel(self, param: torch.Tensor, numel: int) -> None:
+        """Only ``param``'s first ``numel`` elements are real (a flat partition's tail is padding)."""
+        self._live[id(param)] = int(numel)
+        self._reducers.pop(id(param), None)
+
+    @property
+    def steps_taken(self) -> int:
+        state = self._first_state()
+        return int(state["step"]) if state else 0
+
+    @property
+    def averages_itself(self) -> bool:
+        return False
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None, *, grad_scale: Scalar = None, clip_coef: Scalar = None,
+             lowp_out: LowpList = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        multiplier = GradMultiplier(grad_scale, clip_coef)
+        entries = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    entries.append((group, p, self._fp32_grad(p, multiplier)))
+        if entries:
+            self._step_tensors(entries)
+        if lowp_out is not None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            for p, lowp in zip(params, lowp_out):
+                if lowp is not None:
+                    lowp.copy_(p.view(lowp.shape))
+        return loss
+
+    def _step_tensors(self, entries: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        """``p``'s state, created with ``step`` 0 and zero moments on first use."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        return state
+
+    def _first_state(self) -> dict[str, Any]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state and self.state[p]:
+                    return self.state[p]
+        return {}
+
+    @staticmethod
+    def _fp32_grad(p: torch.Tensor, multiplier: GradMultiplier) -> torch.Tensor:
+        if multiplier.is_identity and p.grad.dtype == torch.float32:
+            return p.grad
+        return multiplier.apply([p.grad], torch.float32)[0]
+
+    def _comm(self) -> Comm:
+        if self.comm is None:
+            self.comm = Comm()
+        return self.comm
+
+    @property
+    def world_size(self) -> int:
+        return self._comm().world_size
+
+    def live(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The flat view of ``t`` (shaped like ``p``) that holds parameters, padding excluded."""
+        return t.view(-1)[:self._live.get(id(p), t.numel())]
+
+    def average(self, p: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``t`` (shaped like ``p``) averaged over the ranks by the compressed all-reduce, written
+        to ``out`` (default: ``t`` itself); ``p``'s error-feedback buffers carry what was lost."""
+        out = t if out is None else out
+        if self.world_size == 1:
+            return out.copy_(t) if out is not t else out
+        self._reducer(p)(self.live(p, t), out=self.live(p, out))
+        return out
+
+    def reset_errors(self) -> None:
+        for reducer in self._reducers.values():
+            reducer.reset_errors()
+
+    def _reducer(self, p: torch.Tensor) -> CompressedAllReduce:
+        reducer = self._reducers.get(id(p))
+        if reducer is None:
+            numel = self._live.get(id(p), p.numel())
+            reducer = self._reducers[id(p)] = CompressedAllReduce(self._comm(), numel, p.device, impl=self.impl)
+        return reducer
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Errors are per rank and not checkpointed: they restart at zero (as in DeepSpeed)."""
+        super().load_state_dict(state_dict)
+        self.reset_errors()
