@@ -12,8 +12,8 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 from engine.run_contract import RunPaths, read_status, recorded_restarts
@@ -22,13 +22,13 @@ from ...errors import UserError
 from ...recovery import recovering, restarting_detail
 from ...spec import JobSpec
 from ...types import JobRef, JobState, JobStatus, Rendered, Submission
+from .. import supervised
 from ..base import RunDirBackend
 from . import render as local_render
 from .proctree import alive, stop_tree
 from .render import local_rdzv_port
 from .supervisor import read_state
 
-START_TIMEOUT_S = 60.0
 
 
 def free_port() -> int:
@@ -65,20 +65,11 @@ class LocalBackend(RunDirBackend):
     @staticmethod
     def _wait_started(run: Path, proc: subprocess.Popen[bytes]) -> None:
         """Return once the supervisor has bound the store and started the nodes (or say why not)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            state = read_state(run)
-            if state is not None:
-                if state["state"] == "FAILED" and not state["nodes"]:
-                    raise UserError(f"local job could not start: {state['detail']}",
-                                    hint=f"see {run / 'local' / 'supervisor.log'}")
-                return
-            if proc.poll() is not None:
-                log = (run / "local" / "supervisor.log").read_text(errors="replace")[-2000:]
-                raise UserError(f"local supervisor exited with code {proc.returncode} before starting:\n{log}")
-            time.sleep(0.1)
-        raise UserError(f"local supervisor did not start within {START_TIMEOUT_S:.0f} s",
-                        hint=f"see {run / 'local' / 'supervisor.log'}")
+        def refuse_unstarted(state: dict[str, Any]) -> None:
+            if state["state"] == "FAILED" and not state["nodes"]:
+                raise UserError(f"local job could not start: {state['detail']}",
+                                hint=f"see {run / 'local' / 'supervisor.log'}")
+        supervised.wait_started("local", run, proc, read_state, refuse_unstarted)
 
     def status(self, refs: list[JobRef]) -> dict[str, JobStatus]:
         return {ref.job_id: self._status(ref) for ref in refs}

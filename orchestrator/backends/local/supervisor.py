@@ -21,7 +21,7 @@ from typing import Any
 
 from engine.run_contract import RunPaths
 
-from .. import outcome
+from .. import supervised
 from .proctree import stop_tree
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -69,7 +69,7 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
 
 def final_state(nodes: list[NodeRecord], elastic: bool, cancelled: bool) -> tuple[str, str]:
     """The job's state from its nodes' fates."""
-    return outcome.final_state(
+    return supervised.final_state(
         nodes, elastic, cancelled, noun="nodes",
         lost_name=lambda n: f"node {n.rank} (signal {-(n.exit_code or 0)})",
         failure=lambda n: f"node {n.rank} exited with code {n.exit_code}; see logs/node-{n.rank}.log")

@@ -25,13 +25,13 @@ from ...launch import job_token
 from ...recovery import recovering, restarting_detail
 from ...spec import JobSpec
 from ...types import JobRef, JobState, JobStatus, Rendered, Submission
+from .. import supervised
 from ..base import RunDirBackend
 from ..local.proctree import alive, stop_tree
 from . import render as ssh_render
 from .preflight import preflight
 from .supervisor import CANCEL_GRACE_S, PLAN_FILE, read_state
 
-START_TIMEOUT_S = 60.0
 
 
 class SshBackend(RunDirBackend):
@@ -61,7 +61,7 @@ class SshBackend(RunDirBackend):
             proc = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.ssh.supervisor", submission.run_dir],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, close_fds=True)
-        _wait_started(run, proc)
+        supervised.wait_started("ssh", run, proc, read_state)
         return JobRef(submission.job_id, "ssh", f"pid:{proc.pid}", submission.run_dir)
 
     def status(self, refs: list[JobRef]) -> dict[str, JobStatus]:
@@ -99,19 +99,6 @@ class SshBackend(RunDirBackend):
             raise UserError(f"the ssh supervisor of job {ref.job_id} did not stop in time; its ssh clients were "
                             "killed, so every host agent stops its processes when it sees the connection close",
                             hint=f"see {ref.run_dir}/ssh/supervisor.log")
-
-
-def _wait_started(run: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if read_state(run) is not None:
-            return
-        if proc.poll() is not None:
-            log = (run / "ssh" / "supervisor.log").read_text(errors="replace")[-2000:]
-            raise UserError(f"ssh supervisor exited with code {proc.returncode} before starting:\n{log}")
-        time.sleep(0.1)
-    raise UserError(f"ssh supervisor did not start within {START_TIMEOUT_S:.0f} s",
-                    hint=f"see {run / 'ssh' / 'supervisor.log'}")
 
 
 def _status(ref: JobRef) -> JobStatus:

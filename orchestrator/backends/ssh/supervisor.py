@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, IO
 
-from .. import outcome
+from .. import supervised
 from .agent import EXIT_MARK, RESTART_WORKERS, START_MARK
 from .remote import ssh_argv
 
@@ -101,7 +101,7 @@ def host_outcome(ssh_code: int, remote_code: int | None, last_line: str) -> tupl
 
 def final_state(hosts: list[HostRecord], elastic: bool, cancelled: bool) -> tuple[str, str]:
     """The job's state from its hosts' fates."""
-    return outcome.final_state(hosts, elastic, cancelled, noun="hosts", lost_name=lambda h: h.host,
+    return supervised.final_state(hosts, elastic, cancelled, noun="hosts", lost_name=lambda h: h.host,
                                failure=lambda h: f"{h.host} {h.detail}; see logs/{h.host}.log")
 
 

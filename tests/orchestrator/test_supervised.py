@@ -1,4 +1,4 @@
-"""How a supervised job ends, decided once for the local and ssh backends (orchestrator/backends/outcome.py)."""
+"""How a supervised job ends, decided once for the local and ssh backends (orchestrator/backends/supervised.py)."""
 from __future__ import annotations
 
 from orchestrator.backends.local.supervisor import NodeRecord
