@@ -8,8 +8,8 @@ on every node; the two sides never import each other's code at run time, they sh
 * a run directory layout (``RunPaths``): the trainer writes ``status.json`` and
   ``metrics.jsonl`` there, node logs go to ``logs/``, a launcher asks for a checkpoint through
   the files in ``control/``;
-* the readers orch uses to follow a run (``read_status``, ``last_metrics``, ``agent_restarts``)
-  and the writers any program's reporter uses (``write_status``, ``append_record``: the bundled
+* the readers orch uses to follow a run (``read_status``, ``last_metrics``, ``agent_restarts``,
+  ``agent_attempts``) and the writers any program's reporter uses (``write_status``, ``append_record``: the bundled
   trainer, ``engine.integrations.transformers.OrchCallback`` for an HF Trainer script);
 * the defaults both sides show (``DEFAULT_CHECKPOINT_KEEP`` ...).
 
@@ -176,30 +176,40 @@ def append_record(run_dir: str | os.PathLike[str], record: Mapping[str, Any]) ->
         f.write(line + "\n")
 
 
-def agent_restarts(run_dir: str | os.PathLike[str]) -> int:
-    """Worker-group restarts the torchrun agents recorded, whatever program they ran.
-
-    Each agent started with ``--log-dir=<run dir>/torchelastic`` makes one directory
-    ``<rendezvous id>_<8 random characters>`` and in it ``attempt_<n>`` for every start of its
-    workers, ``n`` being the restart count torchrun also gives the workers
-    (``TORCHELASTIC_RESTART_COUNT``). Agents of one incarnation of the job share the rendezvous
-    id, and a restart shows on at least one of them, so the job's count is the largest ``n`` per
-    rendezvous id, summed over ids (a Slurm requeue starts a new id; its own count is Slurm's).
-    """
-    root = RunPaths(run_dir).torchelastic
+def agent_attempts(log_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """The torchrun agents that kept their record in ``log_dir`` (their ``--log-dir``): for each
+    agent's directory ``<rendezvous id>_<8 random characters>``, the highest ``attempt_<n>`` in it,
+    ``n`` being the restart count torchrun also gives the workers (``TORCHELASTIC_RESTART_COUNT``).
+    An agent makes its directory when it first starts its workers, so one that died in the
+    rendezvous has none."""
     try:
-        agents = [p for p in root.iterdir() if p.is_dir() and len(p.name) > 9]
+        agents = [p for p in Path(log_dir).iterdir() if p.is_dir() and len(p.name) > 9 and p.name[-9] == "_"]
     except OSError:
-        return 0
-    most: dict[str, int] = {}
+        return {}
+    out: dict[str, int] = {}
     for agent in agents:
-        rdzv_id = agent.name[:-9]  # tempfile.mkdtemp(prefix=f"{rdzv_id}_"): 8 random characters
         try:
             attempts = [int(a.name.removeprefix("attempt_")) for a in agent.iterdir()
                         if a.name.startswith("attempt_") and a.name[8:].isdigit()]
         except OSError:
             continue
-        most[rdzv_id] = max([most.get(rdzv_id, 0), *attempts])
+        if attempts:
+            out[agent.name] = max(attempts)
+    return out
+
+
+def agent_restarts(run_dir: str | os.PathLike[str]) -> int:
+    """Worker-group restarts the torchrun agents recorded, whatever program they ran.
+
+    Each agent started with ``--log-dir=<run dir>/torchelastic`` keeps its record there
+    (``agent_attempts``). Agents of one incarnation of the job share the rendezvous id, and a
+    restart shows on at least one of them, so the job's count is the largest ``n`` per
+    rendezvous id, summed over ids (a Slurm requeue starts a new id; its own count is Slurm's).
+    """
+    most: dict[str, int] = {}
+    for agent, attempt in agent_attempts(RunPaths(run_dir).torchelastic).items():
+        rdzv_id = agent[:-9]  # tempfile.mkdtemp(prefix=f"{rdzv_id}_"): 8 random characters
+        most[rdzv_id] = max(most.get(rdzv_id, 0), attempt)
     return sum(most.values())
 
 

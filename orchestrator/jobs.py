@@ -76,10 +76,20 @@ def status(job: str, registry: Registry | None = None) -> tuple[JobRecord, JobSt
     registry = registry or Registry()
     rec = registry.get(job)
     if rec.state.finished:
-        return rec, JobStatus(rec.state, rec.detail, rec.restarts)
+        return rec, JobStatus(rec.state, rec.detail, rec.restarts, recorded_nodes(rec))
     st = get_backend(rec.cluster).status([rec.ref]).get(rec.job_id, JobStatus(JobState.UNKNOWN))
     registry.update_state(rec.job_id, st.state, st.detail, st.restarts)
     return registry.get(rec.job_id), st
+
+
+def recorded_nodes(record: JobRecord) -> dict[str, str]:
+    """A finished job's per-node lines from its run directory's records, where its backend keeps
+    any (Kubernetes: each pod's restarts, after the pods are gone); none otherwise."""
+    try:
+        recorded = getattr(get_backend(record.cluster), "recorded_nodes", None)
+    except UserError:  # the cluster's backend is no longer installed: the record still shows
+        return {}
+    return recorded(record.ref) if recorded is not None else {}
 
 
 def logs(job: str, *, follow: bool = False, node: str | None = None,

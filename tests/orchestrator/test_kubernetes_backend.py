@@ -163,12 +163,15 @@ def test_status_shows_each_pod_and_its_restarts(k8s) -> None:
         k8s.core.patch_namespaced_pod_status(name, k8s.namespace, {"status": {
             "phase": "Running", "containerStatuses": [{
                 "name": "pytorch", "image": "img", "imageID": "", "ready": True, "restartCount": restarts,
-                "state": {"running": {"startedAt": T0}}}]}})
+                "state": {"running": {"startedAt": T0}},
+                "lastState": {"terminated": {"exitCode": 137, "reason": "Error", "startedAt": T0, "finishedAt": T0}}
+                if restarts else {}}]}})
     k8s.set_status("tiny-gpt-zero2", {"conditions": [cond("Created"), cond("Running")],
                                       "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 1}}})
     result = orch("status", job_id)
     assert "RUNNING  restarts 2" in result.output, result.output
-    assert "node master-0: Running" in result.output and "node worker-0: Running, 2 restarts" in result.output
+    assert "node master-0: Running\n" in result.output, result.output
+    assert "node worker-0: Running, restarts 2: container restarted 2 (last exit 137 (SIGKILL))" in result.output
     metrics = orch("status", job_id, "--metrics")
     assert metrics.exit_code == 0 and f"orch logs {job_id}" in metrics.output, metrics.output
 

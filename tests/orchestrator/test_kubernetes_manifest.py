@@ -141,7 +141,7 @@ def test_user_env_follows_orchs_variables_sorted_and_may_replace_them() -> None:
     job = yaml.safe_load(render_manifest(spec).text)
     env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
     names = [e["name"] for e in env]
-    assert names == ["PYTHONUNBUFFERED", "ORCH_JOB_NAME", "ORCH_CHECKPOINT_DIR", "ORCH_CHECKPOINT_EVERY",
+    assert names == ["PYTHONUNBUFFERED", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "ORCH_JOB_NAME", "ORCH_CHECKPOINT_DIR", "ORCH_CHECKPOINT_EVERY",
                      "ORCH_CHECKPOINT_KEEP", "ALPHA", "ORCH_RUN_DIR", "ZED", "ORCH_POD_IP", "ORCH_POD_NAME"]
     assert {e["name"]: e.get("value") for e in env}["ORCH_RUN_DIR"] == "/mine"
     assert "CUDA_VISIBLE_DEVICES" not in names  # a CPU job just requests no GPU on Kubernetes

@@ -129,11 +129,13 @@ with `get`/`hasKey` because `helm lint --strict` renders with missingkey=error.
 {{- end -}}
 
 {{/* Container env: orch's variables in a fixed order (unless the user sets one), then the
-     user's env sorted by name (the order orch renders too). */}}
+     user's env sorted by name (the order orch renders too). TORCH_DISABLE_SHARE_RDZV_TCP_STORE:
+     a restarted container's agent could not join a running job otherwise (see orch's
+     orchestrator/backends/kubernetes/manifest.py, container_env). */}}
 {{- define "orch-job.env" -}}
 {{- $v := .Values -}}
 {{- $user := $v.env | default dict -}}
-{{- $base := list (list "PYTHONUNBUFFERED" "1") (list "ORCH_JOB_NAME" (include "orch-job.name" .)) (list "ORCH_RUN_DIR" "/orch/run") (list "ORCH_CHECKPOINT_DIR" (include "orch-job.checkpointDir" .)) (list "ORCH_CHECKPOINT_EVERY" (toString (int $v.checkpoint.every_steps))) (list "ORCH_CHECKPOINT_KEEP" (toString (int $v.checkpoint.keep))) -}}
+{{- $base := list (list "PYTHONUNBUFFERED" "1") (list "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "1") (list "ORCH_JOB_NAME" (include "orch-job.name" .)) (list "ORCH_RUN_DIR" "/orch/run") (list "ORCH_CHECKPOINT_DIR" (include "orch-job.checkpointDir" .)) (list "ORCH_CHECKPOINT_EVERY" (toString (int $v.checkpoint.every_steps))) (list "ORCH_CHECKPOINT_KEEP" (toString (int $v.checkpoint.keep))) -}}
 {{- if include "orch-job.hasDsConfig" . }}{{ $base = append $base (list "ORCH_DS_CONFIG" "/etc/orch/ds_config.json") }}{{ end -}}
 {{- if $v.checkpoint.async_save }}{{ $base = append $base (list "ORCH_CHECKPOINT_ASYNC" "1") }}{{ end -}}
 {{- $env := list -}}

@@ -32,11 +32,15 @@ from .client import REQUEST_TIMEOUT_S, Connection, api_error, connect
 from .manifest import (GROUP, JOB_FILE, JOB_ID_ANNOTATION, JOB_LABEL, KIND, MANAGED_BY, PLURAL, VERSION,
                        config_map, config_map_name, job_file_text, owner_reference, pod_placement)
 from .render import render
+from . import restarts
 from .status import job_status, pod_states
 from .validate import check_job
 
 T = TypeVar("T")
 CONFIGMAP_LIMIT = 1024 * 1024  # the API server refuses larger ConfigMaps (etcd value limit)
+# a job that ended this way gets its run directory copied once: its restart record outlives its pods
+FINAL_COPY_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.TIMEOUT)
+FINAL_COPY_TIMEOUT_S = 60.0
 
 
 class KubernetesBackend(BackendBase):
@@ -225,28 +229,56 @@ class KubernetesBackend(BackendBase):
             return JobStatus(JobState.UNKNOWN, f"PyTorchJob {ref.native_id} now belongs to "
                                                f"{'orch job ' + owner if owner else 'another submitter'}")
         st = job_status(obj)
+        if st.state in FINAL_COPY_STATES:
+            self._copy_finished_run(ref, obj)
         mine = [p for p in pods.get(meta["name"], [])
-                if any(r.controller and r.uid == meta.get("uid") for r in (p.metadata.owner_references or []))]
-        if mine:
-            st.nodes, st.restarts = pod_states(mine)
+                if any(r.get("controller") and r.get("uid") == meta.get("uid")
+                       for r in p["metadata"].get("ownerReferences") or [])]
+        phases, seen = pod_states(mine)
+        per_node = restarts.merged(seen, restarts.recorded(ref.run_dir, meta["name"]))
+        if phases or per_node:
+            st.nodes, st.restarts = restarts.node_lines(phases, per_node), restarts.job_restarts(per_node)
         return st
 
-    def _pods_by_job(self, namespace: str, names: list[str]) -> dict[str, list[Any]]:
-        """The operator's pods of these jobs; empty if pods may not be listed (status still works)."""
+    def _copy_finished_run(self, ref: JobRef, obj: dict[str, Any]) -> None:
+        """Copy a job's run directory once it ended (run_reader.py), so that its restart record
+        (and metrics) stay readable after its pods and the job are gone. Best effort: a cluster
+        that refuses the reader pod still shows the restarts its pods' statuses show."""
+        from .run_reader import FINAL_COPY_MARK, fetch_run_dir
+
+        mark = Path(ref.run_dir, FINAL_COPY_MARK)
+        if mark.exists():
+            return
+        try:
+            fetch_run_dir(self.conn.core(), self._where(ref)[0], obj, Path(ref.run_dir),
+                          timeout=FINAL_COPY_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - any refusal leaves the live view, never breaks status
+            return
+        mark.touch()
+
+    def _pods_by_job(self, namespace: str, names: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The operator's pods of these jobs (API JSON); empty if pods may not be listed (status still works)."""
+        import json
+
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
         selector = (f"{k8s_logs.OPERATOR_LABEL}={k8s_logs.OPERATOR_NAME},"
                     f"{k8s_logs.JOB_NAME_LABEL} in ({','.join(names)})")
         try:
-            items = self.conn.core().list_namespaced_pod(namespace, label_selector=selector,
-                                                         _request_timeout=self.timeout).items
-        except (ApiException, urllib3.exceptions.HTTPError, OSError):
+            response = self.conn.core().list_namespaced_pod(namespace, label_selector=selector,
+                                                            _request_timeout=self.timeout, _preload_content=False)
+            items = json.loads(response.data)["items"]
+        except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError, KeyError):
             return {}
-        out: dict[str, list[Any]] = {}
+        out: dict[str, list[dict[str, Any]]] = {}
         for pod in items:
-            out.setdefault((pod.metadata.labels or {}).get(k8s_logs.JOB_NAME_LABEL, ""), []).append(pod)
+            out.setdefault((pod["metadata"].get("labels") or {}).get(k8s_logs.JOB_NAME_LABEL, ""), []).append(pod)
         return out
+
+    def recorded_nodes(self, ref: JobRef) -> dict[str, str]:
+        """A finished job's restarts per pod, from its run directory's copy (its pods may be gone)."""
+        return restarts.node_lines({}, restarts.recorded(ref.run_dir, ref.native_id.partition("/")[2]))
 
     def logs(self, ref: JobRef, *, follow: bool = False, node: str | None = None) -> Iterator[str]:
         namespace, name = self._where(ref)

@@ -41,6 +41,7 @@ MANAGERS = ("kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue")
 
 POD_IP_ENV = "ORCH_POD_IP"         # the downward API's status.podIP, for torchrun's --local-addr
 POD_NAME_ENV = "ORCH_POD_NAME"     # the downward API's metadata.name: each pod's torchrun --log-dir
+RDZV_STORE_SHARING = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # see container_env
 
 # Where a pod finds its ds_config (the ConfigMap) and writes its run files.
 CONFIG_MOUNT = "/etc/orch"
@@ -99,8 +100,16 @@ def container_env(spec: JobSpec, job_env: dict[str, str]) -> list[dict[str, str]
 
     Sorting the user's part makes the list the same as the Helm chart's, whose templates can
     only walk a map in key order. A user value for one of orch's names replaces it.
+
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torchrun's c10d rendezvous otherwise publishes the
+    workers' store address (``MASTER_ADDR``) only in the first round an agent takes part in as
+    rank 0 (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py, ``next_rendezvous``). An
+    agent that joins a running job later - a killed container restarted by the kubelet - then
+    waits for that key in its first round, whose rank 0 never writes it again, until the store
+    times out (60 s) and every agent of the job fails. Without the sharing, rank 0 publishes it
+    every round and the workers start their own store, as torchrun did before it shared one.
     """
-    base = {"PYTHONUNBUFFERED": "1", **job_env}
+    base = {"PYTHONUNBUFFERED": "1", RDZV_STORE_SHARING: "1", **job_env}
     # On Kubernetes a CPU job simply requests no GPU; masking devices is the kubelet's job.
     base.pop("CUDA_VISIBLE_DEVICES", None)
     items = [(k, v) for k, v in base.items() if k not in spec.env] + sorted(spec.env.items())

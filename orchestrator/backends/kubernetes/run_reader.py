@@ -25,6 +25,7 @@ from ...errors import UserError
 from .manifest import CONTAINER_NAME, JOB_LABEL, MANAGED_BY, RUN_DIR, owner_reference
 
 READER_ROLE = "orch.dev/role"
+FINAL_COPY_MARK = ".copied-after-end"  # in the local run dir: the finished job's files were copied
 # tar of the run directory without checkpoints (they are not on this mount) nor the big trace files
 READ_COMMAND = "cd /orch/run && tar -czf - --exclude='./tensorboard' . | base64"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...types import JobState, JobStatus
+from .restarts import PodRestarts, from_pod, node_name
 
 # checked in this order: a finished job may still carry an old Running=True condition
 _PRECEDENCE: tuple[tuple[str, JobState], ...] = (
@@ -71,17 +72,11 @@ def _with_counts(detail: str, nodes: dict[str, str]) -> str:
     return f"{detail} ({'; '.join(f'{k}: {v}' for k, v in nodes.items())})"
 
 
-def pod_states(pods: list[Any]) -> tuple[dict[str, str], int]:
-    """Per-node state from the job's pods (``worker-0: Running``) and the most restarts of any pod."""
-    nodes: dict[str, str] = {}
-    restarts = 0
+def pod_states(pods: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, PodRestarts]]:
+    """Per node (``worker-0``): its pod's phase, and the restarts its status shows (API JSON)."""
+    phases, seen = {}, {}
     for pod in pods:
-        labels = pod.metadata.labels or {}
-        rtype = labels.get("training.kubeflow.org/replica-type", "pod")
-        index = labels.get("training.kubeflow.org/replica-index", "?")
-        phase = (pod.status.phase if pod.status else None) or "Pending"
-        statuses = (pod.status.container_statuses if pod.status else None) or []
-        count = sum(int(s.restart_count or 0) for s in statuses)
-        restarts = max(restarts, count)
-        nodes[f"{rtype.lower()}-{index}"] = phase + (f", {count} restarts" if count else "")
-    return nodes, restarts
+        node = node_name(pod)
+        phases[node] = (pod.get("status") or {}).get("phase") or "Pending"
+        seen[node] = from_pod(pod)
+    return phases, seen
