@@ -10,8 +10,9 @@
 #                                build it a second time.
 #   .ci/k8s-node-up.sh [up]      orch's thin image layer from this tree, then etcd + API server +
 #                                containerd + kubelet + scheduler + controller-manager + DNS (~1 min).
-# The tests find the node through tests/shared_env.py (k8s_node) and leave it up; .ci/k8s-down.sh
-# stops it. Without root or on another OS this does nothing and the tier skips with a reason.
+# .ci/run runs `prepare` in the background beside the test suite; the suite runs the node tier last
+# and its k8s_node fixture (tests/shared_env.py) waits for that build, then builds the image layer
+# and starts the node itself (and stops it at the end). Run `up` by hand to keep a node running. Without root or on another OS this does nothing and the tier skips with a reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then

@@ -10,6 +10,12 @@ import yaml
 from tests.shared_env import REPO, pytorchjob_crd_path
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The real-node tier runs last: CI builds that node beside the rest of the suite (the fixture
+    waits for the build), so every other test runs while Kubernetes compiles."""
+    items.sort(key=lambda item: "k8s_node" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache (CPU peak probe, kernel autotune) for the whole session: measured once."""

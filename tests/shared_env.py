@@ -392,8 +392,9 @@ def k8s_node() -> Iterator[object]:
         return
     if os.geteuid() != 0:
         pytest.skip(f"the test Kubernetes node needs root; {node.ENABLE}")
+    background = node.wait_for_background_prepare()
     if not node.cache_ready():
-        pytest.skip(f"the test Kubernetes node is not built; {node.ENABLE}")
+        pytest.skip(f"the test Kubernetes node is not built{'; ' + background if background else ''}; {node.ENABLE}")
     started = False
     if not node.node_ready():  # a running node (.ci/k8s-node-up.sh) has the image of this tree already
         images = node.script("images", timeout=1800)

@@ -33,6 +33,24 @@ def cache_ready() -> bool:
     return all((CACHE_DIR / "bin" / b).exists() for b in bins) and any((CACHE_DIR / "images").glob("base-*.layer.tar"))
 
 
+def wait_for_background_prepare() -> str:
+    """Wait for a `.ci/k8s-node-up.sh prepare` that CI started beside the tests, if one runs.
+
+    CI builds the node's binaries and base image (about 25 minutes the first time) while the rest of
+    the suite runs, and puts the node tier last; .ci/run names the build's pid in
+    ORCH_K8S_NODE_PREPARE_PID. Returns what happened, for a skip message."""
+    pid = os.environ.get("ORCH_K8S_NODE_PREPARE_PID", "")
+    if not pid.isdigit():
+        return ""
+    limit = float(os.environ.get("ORCH_K8S_NODE_PREPARE_TIMEOUT", "3600"))
+    deadline = time.monotonic() + limit
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(5)
+    if Path(f"/proc/{pid}").exists():
+        return f"the background node build (pid {pid}) was still running after {limit:.0f} s"
+    return "the background node build ended (log: /tmp/orch-ci-node-prepare.log)"
+
+
 def node_ready() -> bool:
     try:
         return script("status", timeout=30).returncode == 0
