@@ -18,14 +18,14 @@ Until step 3's rename the previous checkpoint is what ``latest`` names and it is
 between 3 and 4 both are complete; after 4 the new one is ``latest``. A directory without a
 manifest is never loaded, and a ``*.tmp`` directory is never mistaken for a checkpoint.
 
-``save_checkpoint`` with ``async_save`` snapshots the shard into reusable (pinned) host memory
-(snapshot.py) and hands steps 2-4
-to a background thread (async_save.py); the next save (or load) waits for it.
+Device tensors reach the writer through one reusable pinned host arena per engine (snapshot.py),
+copied without blocking and waited for once. ``save_checkpoint`` with ``async_save`` snapshots
+the whole shard into the same arena and hands steps 2-4 to a background thread (async_save.py);
+the next save (or load) waits for it.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import io
 import json
 import time
@@ -46,7 +46,7 @@ from .rng import capture_rng
 from .snapshot import SnapshotArena
 from .state_names import model_names
 from ..io import StreamWriter, TreeHash
-from .tensorfile import TensorEntry, write_tensor_file
+from .tensorfile import TensorEntry, write_tensor_files
 
 __all__ = ["SaveJob", "finalize", "prepare", "prune", "save_checkpoint", "write_shards"]
 
@@ -165,23 +165,46 @@ def _collect(engine: Any, job: SaveJob, client_state: dict[str, Any], snapshot: 
     names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
     whole = _gather_partitioned_frozen(opt, exclude_frozen)   # first: a collective on every rank
     keys, groups = _optimizer_state(opt)
-    arena = snapshot_arena(engine) if snapshot else None
-    copy_ = arena.copy if arena is not None else _as_is
-    job.files = _shard_files(opt, keys, job.rank, functools.partial(arena.copy, deferred=True) if arena else copy_)
+    job.files = _shard_files(opt, keys, job.rank, _as_is)
     if job.rank == 0:
         extras = [(n, whole.get(id(t), t)) for n, t in names.extras
                   if not (exclude_frozen and isinstance(t, torch.nn.Parameter))]
         if extras:
-            entries = [TensorEntry(n, _dtype(t), tuple(t.shape), [copy_(t)]) for n, t in extras]
+            entries = [TensorEntry(n, _dtype(t), tuple(t.shape), [_as_is(t)]) for n, t in extras]
             job.files[EXTRA_FILE] = ("extra", entries)
         job.header = _header(engine, job, names, extras, keys, groups, client_state, snapshot)
-    if arena is not None:
-        arena.start(opt.optimizer)
-        job.ready = arena.wait
+    job.ready = stage_host_copies(engine, job.files, snapshot)
+
+
+_DEFERRABLE = ("master", "optimizer")   # never written by forward/backward (snapshot.py says why)
+
+
+def stage_host_copies(engine: Any, files: Mapping[str, tuple[str, list[TensorEntry]]],
+                      snapshot: bool) -> Optional[Callable[[], None]]:
+    """Put the tensors the writer reads into the engine's reused host arena (snapshot.py): every
+    tensor of an asynchronous save, the device tensors of a synchronous one (non-blocking copies
+    into pinned memory; a synchronous save reads CPU tensors in place). Returns what the writer
+    calls before it reads: one wait for all the copies (None when nothing was staged)."""
+    staged = [(kind, entry) for kind, entries in files.values() for entry in entries
+              if any(_staged(c, snapshot) for c in entry.chunks)]
+    if not staged:
+        return None
+    arena = snapshot_arena(engine)
+    arena.reserve([c for _, entry in staged for c in entry.chunks if _staged(c, snapshot)])
+    for kind, entry in staged:
+        deferred = snapshot and kind in _DEFERRABLE
+        entry.chunks = [arena.copy(c, deferred=deferred) if _staged(c, snapshot) else c for c in entry.chunks]
+    arena.start(engine.optimizer.optimizer)
+    return arena.wait
+
+
+def _staged(chunk: Any, snapshot: bool) -> bool:
+    return torch.is_tensor(chunk) and (snapshot or chunk.device.type != "cpu")
 
 
 def snapshot_arena(engine: Any) -> SnapshotArena:
-    """The engine's reusable snapshot memory, reset for a new save (the previous one was waited for)."""
+    """The engine's reusable host arena (every save, synchronous or not), reset for a new save
+    (the previous one was waited for)."""
     arena = engine.__dict__.get("_checkpoint_arena")
     if arena is None:
         arena = engine.__dict__["_checkpoint_arena"] = SnapshotArena()
@@ -413,11 +436,10 @@ def write_shards(job: SaveJob) -> dict[str, dict[str, Any]]:
     """Write and fsync this rank's files into ``<tag>.tmp``; returns their manifest records."""
     if job.ready is not None:
         job.ready()
-    records = {}
-    for name, (kind, entries) in job.files.items():
-        meta = {"format": "pt", "producer": "orch", "kind": kind, "rank": str(job.rank)}
-        records[name] = (write_tensor_file(job.tmp / name, entries, meta, hasher=job.hasher)
-                         | {"rank": job.rank, "kind": kind})
+    files = [(job.tmp / name, entries, {"format": "pt", "producer": "orch", "kind": kind, "rank": str(job.rank)})
+             for name, (kind, entries) in job.files.items()]
+    records = {name: record | {"rank": job.rank, "kind": kind} for (name, (kind, _)), record
+               in zip(job.files.items(), write_tensor_files(files, hasher=job.hasher))}
     if job.rank == 0 and job.objects:
         data = io.BytesIO()
         torch.save(job.objects, data)

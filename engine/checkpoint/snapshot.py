@@ -1,12 +1,15 @@
-"""The host copy an asynchronous save writes from: reusable pinned memory, filled and handed over.
+"""The host copy a save writes from: reusable pinned memory, filled without blocking and handed over.
 
-An asynchronous save must copy the shard before training changes it. Allocating that copy per
-save costs page faults over the whole shard every time (and, with CUDA, pinning cannot happen
-at all for fresh pageable memory, so device-to-host copies would be synchronous). The arena
-keeps one page-aligned (pinned with CUDA) buffer per engine and hands out consecutive views of
-it; the next save reuses it once the previous writer has finished (save.py waits for it first).
-The large copies (master, optimizer states) happen on a background thread while the next
-forward and backward run (``SnapshotArena`` says why that is safe).
+Every save of an engine stages through one arena: the tensors a writer reads are copied into a
+page-aligned buffer (pinned with CUDA) that is allocated at the first save, at the size that save
+needs, and reused by every later one (grown only if a save needs more). On a GPU the copies are
+``non_blocking`` device-to-host copies into pinned memory, queued back to back, and the writer
+waits once (an event) before reading, instead of a pageable ``.cpu()`` per tensor while the other
+ranks wait in the save's next collective. Page-aligned copies also go to disk straight from the
+arena (engine.io). A synchronous save on CPU needs no copy (the writer reads the tensors while the
+training thread waits for it); an asynchronous save copies everything, because training changes
+the tensors while the writer runs. Its large copies (master, optimizer states) happen on a
+background thread while the next forward and backward run (``SnapshotArena`` says why that is safe).
 """
 from __future__ import annotations
 
@@ -43,20 +46,26 @@ class SnapshotArena:
         self._guarded: set[int] = set()
 
     def reset(self) -> None:
-        """Called when no writer reads the arena any more (the previous save was waited for).
-        The buffer is (re)made here, at the size the last save needed, so it fits from then on."""
+        """Called when no writer reads the arena any more (the previous save was waited for)."""
         self.wait()
-        if self._cursor and (self._buffer is None or self._cursor > self._buffer.numel()):
-            self._buffer = None                       # drop the old one before making the new
-            self._buffer = aligned_empty(self._cursor, self.pin)
         self._cursor = 0
 
+    def reserve(self, tensors: Any) -> None:
+        """Make the buffer hold ``tensors`` (copied next, in this order): allocated once, at the
+        first save, and again only when a save needs more than any before it."""
+        needed = 0
+        for t in tensors:
+            needed = _aligned(needed) + t.numel() * t.element_size()
+        if needed and (self._buffer is None or needed > self._buffer.numel()):
+            self._buffer = None                       # drop the old one before making the new
+            self._buffer = aligned_empty(needed, self.pin)
+
     def copy(self, tensor: torch.Tensor, deferred: bool = False) -> torch.Tensor:
-        """A host copy of ``tensor`` inside the arena (same dtype and shape); a plain copy while
-        the arena is smaller than this save (its first save, or a larger shard than before)."""
+        """A host copy of ``tensor`` inside the arena (same dtype and shape); a plain copy when it
+        does not fit (a tensor not ``reserve``d) or is not contiguous."""
         t = tensor.detach()
         nbytes = t.numel() * t.element_size()
-        start = -(-self._cursor // _ALIGN) * _ALIGN
+        start = _aligned(self._cursor)
         self._cursor = start + nbytes
         if self._buffer is None or start + nbytes > self._buffer.numel() or not t.is_contiguous():
             return t.to("cpu", copy=True)
@@ -69,7 +78,7 @@ class SnapshotArena:
 
     def start(self, optimizer: Any) -> None:
         """Copy the deferred tensors in the background; ``optimizer``'s next step waits for them."""
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             self._event = torch.cuda.Event()
             self._event.record()                       # device-to-host copies queued by ``copy``
         if id(optimizer) not in self._guarded and hasattr(optimizer, "register_step_pre_hook"):
@@ -93,6 +102,10 @@ class SnapshotArena:
     @property
     def nbytes(self) -> int:
         return 0 if self._buffer is None else int(self._buffer.numel())
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGN) * _ALIGN
 
 
 def _copy_all(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

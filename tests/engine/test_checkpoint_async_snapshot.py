@@ -26,3 +26,25 @@ def test_every_async_save_holds_the_state_it_was_called_with(tmp_path: Path) -> 
         other = build(2, "bf16", seed=9)
         other.load_checkpoint(tmp_path, tag=tag)
         assert differences(state, full_state(other)) == [], tag
+
+
+def test_consecutive_saves_reuse_one_host_arena_and_write_the_same_bytes(tmp_path: Path) -> None:
+    """The arena is allocated at the first save and every later save copies into the same memory;
+    what reaches the disk is byte for byte what a save straight from the tensors writes."""
+    eng, sampler = build(2, "bf16", async_save=True), Sampler()
+    train(eng, sampler, 2)
+    eng.save_checkpoint(tmp_path, tag="async-1")
+    eng.wait_for_checkpoint()
+    arena = eng.__dict__["_checkpoint_arena"]
+    first = (arena._buffer.data_ptr(), arena.nbytes)
+    assert first[1] > 0                                      # allocated by the first save, not the second
+    eng.save_checkpoint(tmp_path, tag="direct", async_save=False)   # CPU tensors: written in place
+    eng.save_checkpoint(tmp_path, tag="async-2")
+    eng.wait_for_checkpoint()
+    assert (arena._buffer.data_ptr(), arena.nbytes) == first
+    shards = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    assert shards, "no shard files written"
+    for name in shards:
+        direct = (tmp_path / "direct" / name).read_bytes()
+        assert (tmp_path / "async-1" / name).read_bytes() == direct, name
+        assert (tmp_path / "async-2" / name).read_bytes() == direct, name
