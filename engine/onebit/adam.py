@@ -29,6 +29,7 @@ class OnebitAdam(CompressedOptimizer):
     """1-bit Adam over the engine's flat master partitions; see the module docstring."""
 
     name = "OnebitAdam"
+    folds_grad_factor = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, freeze_step: int = 100000,
                  bias_correction: bool = True, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -55,13 +56,37 @@ class OnebitAdam(CompressedOptimizer):
                 continue                                 # DeepSpeed's initialization step
             beta1, beta2 = group["betas"]
             m, v = state["exp_avg"], state["exp_avg_sq"]
-            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+            factor = self.grad_factor(p)
+            m.mul_(beta1).add_(g, alpha=(1.0 - beta1) * factor)
             if compressed:
                 self.average(p, m)
             else:
-                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            update = v.sqrt().add_(float(group["eps"]))
-            torch.div(m, update, out=update)             # one temporary for the whole update
-            if group["weight_decay"] > 0.0:
-                update.add_(p, alpha=float(group["weight_decay"]))
-            p.add_(update, alpha=-float(group["lr"]))
+                v.mul_(beta2).addcmul_(g, g, value=(1.0 - beta2) * factor * factor)
+            adam_update(p, m, v, float(group["lr"]), float(group["eps"]), float(group["weight_decay"]))
+
+
+def adam_update(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, eps: float,
+                weight_decay: float) -> None:
+    """``p -= lr * (m / (sqrt(v) + eps) + weight_decay * p)``, block by block through one cached
+    buffer: memory traffic of reading p, m, v and writing p, and no Ψ-sized temporary."""
+    flat_p, flat_m, flat_v = p.view(-1), m.view(-1), v.view(-1)
+    block = _BLOCK if p.device.type == "cpu" else flat_p.numel()     # one pass per op on a GPU
+    buffer = _update_buffer(p.device, min(block, flat_p.numel()))
+    for lo in range(0, flat_p.numel(), block):
+        hi = min(lo + block, flat_p.numel())
+        update = torch.sqrt(flat_v[lo:hi], out=buffer[:hi - lo]).add_(eps)
+        torch.div(flat_m[lo:hi], update, out=update)
+        if weight_decay > 0.0:
+            update.add_(flat_p[lo:hi], alpha=weight_decay)
+        flat_p[lo:hi].add_(update, alpha=-lr)
+
+
+_BLOCK = 1 << 18
+_BUFFERS: dict[str, torch.Tensor] = {}
+
+
+def _update_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    key = str(device)
+    if key not in _BUFFERS or _BUFFERS[key].numel() < numel:
+        _BUFFERS[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return _BUFFERS[key]

@@ -38,7 +38,9 @@ class CompressedAllReduce:
         unit = world * (world * 8 // math.gcd(world, 8))
         self.padded = -(-self.numel // unit) * unit
         self.chunk = self.padded // world
-        self.buffer = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        # the server's average (chunk), and without exact fit the padded input and output too
+        self.buffer = torch.zeros(self.chunk if self.numel == self.padded else self.padded, dtype=torch.float32,
+                                  device=device)
         self.worker_error = torch.zeros(self.padded, dtype=torch.float32, device=device)
         self.server_error = torch.zeros(self.chunk, dtype=torch.float32, device=device)
 
@@ -48,9 +50,12 @@ class CompressedAllReduce:
         (default: ``x`` itself); returns it."""
         comm, world = self.comm, self.comm.world_size
         flat = x.reshape(-1)
-        self.buffer[:self.numel].copy_(flat)
-        self.buffer[self.numel:].zero_()
-        signs, scale = compress(self.buffer, self.worker_error, 1, impl=self.impl)
+        out_flat = flat if out is None else out.reshape(-1)
+        exact = self.numel == self.padded           # no padding: compress from x, decompress into out
+        if not exact:
+            self.buffer[:self.numel].copy_(flat)
+            self.buffer[self.numel:].zero_()
+        signs, scale = compress(flat if exact else self.buffer, self.worker_error, 1, impl=self.impl)
         received = torch.empty_like(signs)
         comm.all_to_all_into(received, signs)
         worker_scales = torch.empty(world, dtype=torch.float32, device=scale.device)
@@ -62,10 +67,11 @@ class CompressedAllReduce:
         comm.all_gather_into(all_signs, server_signs)
         server_scales = torch.empty(world, dtype=torch.float32, device=scale.device)
         comm.all_gather_into(server_scales, server_scale)
-        unpack_sum(all_signs.view(1, -1), server_scales.view(1, world), self.buffer, impl=self.impl)
-        out = x if out is None else out
-        out.reshape(-1).copy_(self.buffer[:self.numel])
-        return out
+        unpack_sum(all_signs.view(1, -1), server_scales.view(1, world), out_flat if exact else self.buffer,
+                   impl=self.impl)
+        if not exact:
+            out_flat.copy_(self.buffer[:self.numel])
+        return x if out is None else out
 
     def reset_errors(self) -> None:
         self.worker_error.zero_()

@@ -30,6 +30,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
     """Base of the compressed-communication optimizers; see the module docstring."""
 
     name = "CompressedOptimizer"
+    # Whether _step_tensors takes the gradient's factor (1/loss scale x clip) as a number to fold
+    # into its own arithmetic; otherwise the gradient arrives already multiplied.
+    folds_grad_factor = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, cuda_aware: bool = False,
                  comm_backend_name: str = "nccl", impl: str = "auto") -> None:
@@ -43,6 +46,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self.comm: Optional[Comm] = None
         self._reducers: dict[int, CompressedAllReduce] = {}
         self._live: dict[int, int] = {}
+        self._factors: dict[int, float] = {}
 
     # -- what the engine asks -----------------------------------------------------------------------
     def attach_comm(self, comm: Comm) -> None:
@@ -76,7 +80,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    entries.append((group, p, self._fp32_grad(p, multiplier)))
+                    g, factor = self._grad_and_factor(p, multiplier)
+                    if self.folds_grad_factor:
+                        self._factors[id(p)] = factor
+                    elif factor != 1.0:
+                        g = g.mul_(factor) if g is not p.grad else g.mul(factor)
+                    entries.append((group, p, g))
         if entries:
             self._step_tensors(entries)
         if lowp_out is not None:
@@ -107,10 +116,17 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return {}
 
     @staticmethod
-    def _fp32_grad(p: torch.Tensor, multiplier: GradMultiplier) -> torch.Tensor:
-        if multiplier.is_identity and p.grad.dtype == torch.float32:
-            return p.grad
-        return multiplier.apply([p.grad], torch.float32)[0]
+    def _grad_and_factor(p: torch.Tensor, multiplier: GradMultiplier) -> tuple[torch.Tensor, float]:
+        """(fp32 gradient, the number still to multiply it by): an fp32 gradient with plain-number
+        factors is not copied (one pass over Ψ saved); otherwise a multiplied fp32 copy and 1."""
+        scale, clip = multiplier.grad_scale, multiplier.clip_coef
+        if p.grad.dtype == torch.float32 and not any(torch.is_tensor(x) for x in (scale, clip)):
+            return p.grad, (1.0 / float(scale) if scale is not None else 1.0) * (float(clip) if clip is not None else 1.0)
+        return multiplier.apply([p.grad], torch.float32)[0], 1.0
+
+    def grad_factor(self, p: torch.Tensor) -> float:
+        """For ``folds_grad_factor`` optimizers: what this step's gradient of ``p`` is to be multiplied by."""
+        return self._factors.get(id(p), 1.0)
 
     def _comm(self) -> Comm:
         if self.comm is None:

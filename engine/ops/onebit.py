@@ -12,6 +12,8 @@ path), "auto" picks as the optimizers do (Triton on CUDA, torch on CPU).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .dispatch import resolve
@@ -49,56 +51,91 @@ def unpack_sum(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, fact
 
 
 def compress_torch(x: torch.Tensor, error: torch.Tensor, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    value = error.add_(x)                         # the compensated value, built in the error buffer
+    """The CPU path: one full pass (``error += x``, normalised so that -0.0 reads as +0.0 the way
+    ``>= 0`` does, then the chunk norms), then, block by block while the block is in cache,
+    the signs, their packing and the error update (``error -= copysign(scale, value)``), all
+    into reused workspace buffers (fresh multi-MiB tensors each step cost page faults)."""
+    value = error.add_(x).add_(0.0)
     chunks = value.view(n_chunks, -1)
     width = chunks.shape[1]
     scales = torch.linalg.vector_norm(chunks, dim=1, dtype=torch.float32).div_(width ** 0.5)
     bits = torch.empty(value.numel() // 8, dtype=torch.uint8, device=value.device)
-    for c in range(n_chunks):                     # in blocks: temporaries stay at a few MiB
-        for lo in range(0, width, _BLOCK):
-            piece = chunks[c, lo:lo + _BLOCK]
-            positive = piece >= 0
-            start = (c * width + lo) // 8
-            bits[start:start + piece.numel() // 8] = pack_signs(positive)
-            signs = positive.to(piece.dtype).mul_(2.0).sub_(1.0)
-            piece.sub_(signs.mul_(scales[c].to(piece.dtype)))   # error = value - scale * sign
+    work = _workspace(value.device)
+    for c, lo, hi in _blocks(n_chunks, width):
+        piece = chunks[c, lo:hi]
+        n = hi - lo
+        start = (c * width + lo) // 8
+        positive = torch.ge(piece, 0, out=work.positive[:n])
+        pack_signs(positive, out=bits[start:start + n // 8], words=work.words[:n // 8])
+        signed = torch.copysign(scales[c].to(piece.dtype).expand(n), piece, out=work.values[:n].to(piece.dtype))
+        piece.sub_(signed)                        # error = value - scale * sign
     return bits, scales
 
 
-def pack_signs(positive: torch.Tensor) -> torch.Tensor:
+def pack_signs(positive: torch.Tensor, out: Optional[torch.Tensor] = None,
+               words: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eight booleans to a byte, the first in the high bit: the 8 bytes of each group, read as one
     little-endian int64, times _PACK puts bit ``b_i`` at bit ``63 - i`` with no carries (every
-    product term lands on its own bit), so the top byte is the packed value."""
-    words = positive.view(torch.uint8).view(-1, 8).contiguous().view(torch.int64).view(-1)
-    return ((words * _PACK) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+    product term lands on its own bit), so the top byte (byte 7) is the packed value."""
+    packed = positive.view(torch.uint8).view(torch.int64)
+    product = torch.mul(packed, _PACK, out=words) if words is not None else packed * _PACK
+    top = product.view(torch.uint8).view(-1, 8)[:, 7]
+    return out.copy_(top) if out is not None else top.clone()
 
 
 def unpack_sum_torch(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, factor: float,
                      accumulate: bool) -> torch.Tensor:
+    """Decompression as a table look-up: for row ``r`` and chunk ``c`` the 256 possible bytes map
+    to 8 values ``±factor·scale[r, c]`` (a [n_chunks·256, 8] table), so a block of packed bytes,
+    offset by ``256·chunk`` as int32, is one ``index_select`` straight into the output (row 0)
+    or into a cached block added to it (the other rows)."""
     n_rows, row_bytes = bits.shape
     n_chunks = scales.shape[1]
     chunk_bytes = row_bytes // n_chunks
-    table = _sign_table(bits.device)
-    step = _BLOCK // 8
-    for lo in range(0, row_bytes, step):          # in blocks of the output: bounded temporaries
-        hi = min(row_bytes, lo + step)
-        chunk = torch.arange(lo, hi, device=bits.device) // chunk_bytes
-        total = out[lo * 8:hi * 8].view(-1, 8) if accumulate else None
-        acc = None
+    tables = (_sign_table(bits.device)[None, None] * (scales.to(torch.float32) * factor)[:, :, None, None])
+    tables = tables.view(n_rows, n_chunks * 256, 8)
+    work = _workspace(bits.device)
+    rows_out = out.view(-1, 8)
+    for c, lo, hi in _blocks(n_chunks, chunk_bytes, _BLOCK // 8):
+        start, n = c * chunk_bytes + lo, hi - lo
+        dest = rows_out[start:start + n]
         for r in range(n_rows):
-            signs = torch.nn.functional.embedding(bits[r, lo:hi].long(), table)
-            signs.mul_((scales[r][chunk] * factor)[:, None])
-            acc = signs if acc is None else acc.add_(signs)
-        assert acc is not None
-        if total is not None:
-            acc.add_(total)
-        out[lo * 8:hi * 8].copy_(acc.view(-1))
+            index = work.index[:n].copy_(bits[r, start:start + n]).add_(256 * c)
+            if r == 0 and not accumulate:
+                torch.index_select(tables[r], 0, index, out=dest)
+            else:
+                dest.add_(torch.index_select(tables[r], 0, index, out=work.values[:8 * n].view(n, 8)))
     return out
 
 
-_BLOCK = 1 << 22
+_BLOCK = 1 << 18                                  # elements per block: 1 MiB of fp32, cache-sized
 _PACK = sum(1 << (63 - 9 * i) for i in range(8)) - (1 << 64)   # as a signed int64
 _TABLES: dict[str, torch.Tensor] = {}
+
+
+def _blocks(n_chunks: int, width: int, block: int = _BLOCK) -> list[tuple[int, int, int]]:
+    """(chunk, lo, hi) pieces of at most ``block`` elements (multiples of 8) inside each chunk."""
+    return [(c, lo, min(width, lo + block)) for c in range(n_chunks) for lo in range(0, width, block)]
+
+
+class _Workspace:
+    """Block-sized buffers reused by every compression and decompression on one device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.positive = torch.empty(_BLOCK, dtype=torch.bool, device=device)
+        self.words = torch.empty(_BLOCK // 8, dtype=torch.int64, device=device)
+        self.values = torch.empty(_BLOCK, dtype=torch.float32, device=device)
+        self.index = torch.empty(_BLOCK // 8, dtype=torch.int32, device=device)
+
+
+_WORKSPACES: dict[str, _Workspace] = {}
+
+
+def _workspace(device: torch.device) -> _Workspace:
+    key = str(device)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = _Workspace(device)
+    return _WORKSPACES[key]
 
 
 def _sign_table(device: torch.device) -> torch.Tensor:
