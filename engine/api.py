@@ -23,6 +23,7 @@ from .optimizers import build_optimizer, rebind_optimizer
 from .precision import build_loss_scaler, precision_policy
 from .schedulers import build_scheduler
 from .zero.grad_precision import GradientPrecision
+from .zero.host_threads import apply_host_optimizer_threads
 from .zero.nvme import NvmeOptimizerSwap, NvmeSettings
 from .zero.offload import OffloadSettings
 from .zero.stage12 import Stage12Optimizer, ZeroSettings
@@ -123,6 +124,8 @@ def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optim
                     model_dtype: torch.dtype, device: torch.device) -> Union[Stage12Optimizer, Stage3Optimizer]:
     """Stage 3's optimizer or stages 0-2's, from the config's ``zero_optimization`` section."""
     offload = OffloadSettings.from_config(cfg.zero_optimization)
+    if offload.optimizer:
+        apply_host_optimizer_threads(rank=comm.rank)
     common = dict(comm=comm, model_dtype=model_dtype, loss_scaler=build_loss_scaler(cfg), device=device,
                   offload=offload, grads=GradientPrecision.from_config(cfg, comm.world_size))
     if cfg.zero_optimization.stage == 3:

@@ -109,7 +109,8 @@ class PartitionedOptimizer:
         self._reduction_consumed()
         grads = self._own_grads()
         if self.offload.optimizer:
-            synchronize(self.device)  # device-to-host gradient copies must have landed
+            self.reducer.flush_host()  # the side stream's device-to-host gradient copies have landed
+            synchronize(self.device)  # and the compute stream's
         divisor = self._grad_divisor()
         norm = self._global_norm(grads, self.local_gradients) / divisor
         self.global_grad_norm = norm

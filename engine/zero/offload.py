@@ -8,8 +8,11 @@ arXiv:2101.06840): the device keeps only what forward and backward touch. Here:
   completes (engine/zero/reduction.py), so the transfers overlap the rest of backward;
 * the step runs on the host with engine.ops' FusedAdamW, which on CPU tensors is torch's fused
   CPU AdamW (measured as fast as DeepSpeedCPUAdam, ~0.65 ns/parameter on 2 threads);
-* the updated partition is cast and copied back to the device (asynchronously from pinned
-  memory), where stages 1-2 all-gather it and stage 3 keeps it as the rank's partition.
+* the host step writes the updated partition in the model's dtype straight into a pinned
+  staging buffer (the fp32 -> bf16 cast happens on the host, in the optimizer's own pass: no
+  fp32 copy and no temporary on the device), which ``HostPublish`` copies to the device on the
+  side stream (copy_stream.py); stages 1-2 all-gather it there, stage 3 keeps it as the rank's
+  partition.
 
 ``offload_param: {device: cpu}`` (stage 3 only) keeps the low-precision parameter partition in
 host memory as well; each module's pieces are copied to the device when it is gathered.
@@ -22,11 +25,13 @@ NVMe offload is not implemented: ``device: nvme`` keeps the states in CPU memory
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-__all__ = ["OffloadSettings", "copy_between", "host_empty", "host_zeros", "synchronize"]
+from .copy_stream import CopyStream, CopyTicket
+
+__all__ = ["HostPublish", "OffloadSettings", "copy_between", "host_empty", "host_zeros", "synchronize"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +84,39 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (e.g. copies into host memory) before the host reads."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
+
+class HostPublish:
+    """Updated host values of one device partition, on their way back (see the module docstring).
+
+    ``targets(ranges)`` are the pinned host views the host optimizer writes (``lowp_out``);
+    ``send(dst, lo, hi, master)`` casts ``master`` into the buffer first when the optimizer did not
+    write it, copies ``[lo, hi)`` to ``dst`` on the side stream and makes the compute stream wait
+    for it (the all-gather or forward that reads ``dst`` comes next). The host writes the buffer
+    again only after the previous step's copies have read it (``_wait_reads``)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, settings: OffloadSettings, device: torch.device) -> None:
+        self.buffer = host_empty(numel, dtype, settings)
+        self.copies = CopyStream(device)
+        self._reads: list[CopyTicket] = []
+
+    def targets(self, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+        self._wait_reads()
+        return [self.buffer[lo:hi] for lo, hi in ranges]
+
+    def send(self, dst: torch.Tensor, lo: int, hi: int, master: Optional[torch.Tensor] = None) -> None:
+        view = self.buffer[lo:hi]
+        if master is not None:
+            self._wait_reads()
+            view.copy_(master)                     # the cast, on the host
+        ticket = self.copies.copy(dst, view)
+        ticket.ready_on_device()
+        self._reads.append(ticket)
+
+    def _wait_reads(self) -> None:
+        for ticket in self._reads:
+            ticket.ready_on_host()
+        self._reads.clear()
+
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()

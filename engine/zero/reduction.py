@@ -10,7 +10,8 @@ summed across ranks with ``Comm.reduce_to_owners``; afterwards
   bucket staging buffer and frees it; when a bucket's reduction completes, the owner copies (or,
   with ``accumulate``, adds) its slice into the rank's gradient partition. That partition may live
   in CPU memory (``offload_optimizer``): the copy is then the device-to-host transfer, issued
-  as each bucket completes so it overlaps the rest of backward.
+  on a side stream as each bucket completes so it overlaps the rest of backward
+  (offload_grads.py); ``flush_host`` waits for them before the host reads the partition.
 
 Buckets are reduced in one fixed order on every rank (collectives must match across ranks),
 the reverse of layout order because backward finishes the last parameters first; a bucket
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 from ..comm import Comm, Handle
+from .copy_stream import CopyTicket
+from .offload_grads import HostGradSink
 from .partition import Bucket, FlatLayout
 
 __all__ = ["GradientOrderError", "GradientReducer"]
@@ -75,6 +78,12 @@ class GradientReducer:
         self._buffers: dict[int, torch.Tensor] = {}   # partitioned: bucket index -> staging buffer
         self._free: list[torch.Tensor] = []
         self.pool: list[torch.Tensor] = []             # every staging buffer ever allocated
+        # offload_optimizer: reduced pieces go to the host partition on a side stream; a bucket
+        # buffer is written again only after those copies have read it
+        offloaded = grad_partition is not None and grad_partition.device.type != torch.device(device).type
+        self.sink: Optional[HostGradSink] = HostGradSink(device, dtype) if offloaded else None
+        self._reads: list[CopyTicket] = []             # copies reading the bucket being delivered
+        self._reuse_after: dict[int, list[CopyTicket]] = {}
 
     def _make_buckets(self, bucket_numel: int) -> list[Bucket]:
         return self.layout.buckets(bucket_numel)
@@ -174,6 +183,8 @@ class GradientReducer:
                 self._complete_oldest()
             if self._free:
                 buf = self._free.pop()
+                for ticket in self._reuse_after.pop(id(buf), ()):
+                    ticket.ready_on_device()   # the host copies of its last bucket have read it
             else:
                 buf = torch.empty(max(b.numel for b in self.buckets), dtype=self.dtype, device=self.device)
                 self.pool.append(buf)
@@ -214,6 +225,9 @@ class GradientReducer:
             return
         buf = self._buffers.pop(bucket.index)
         self._deliver(buf, bucket)
+        if self._reads:
+            self._reuse_after[id(buf)] = self._reads
+            self._reads = []
         self._free.append(buf)
 
     def _deliver(self, buf: torch.Tensor, bucket: Bucket) -> None:
@@ -226,10 +240,21 @@ class GradientReducer:
                 self._into_partition(self.grad_partition[local:local + hi - lo], buf[lo:hi])
 
     def _into_partition(self, target: torch.Tensor, reduced: torch.Tensor) -> None:
-        if self.accumulate:  # a host-side add needs the data now: a blocking transfer
-            target.add_(reduced.to(target.device))
+        if self.sink is not None and target.device != reduced.device:   # offload: beside backward
+            self._reads.append(self.sink.deliver(target, reduced, self.accumulate))
+        elif self.accumulate:
+            target.add_(reduced)
         else:
-            target.copy_(reduced, non_blocking=target.device != reduced.device)
+            target.copy_(reduced)
+
+    def flush_host(self) -> None:
+        """Offload: every reduced piece is in the host partition (before the host reads or clears it)."""
+        if self.sink is not None:
+            self.sink.flush()
 
     def pool_bytes(self) -> int:
+        """Device bucket buffers (the host staging of offload is counted by ``host_staging_bytes``)."""
         return sum(b.numel() * b.element_size() for b in self.pool)
+
+    def host_staging_bytes(self) -> int:
+        return self.sink.nbytes() if self.sink is not None else 0

@@ -45,7 +45,7 @@ from ..comm import Comm
 from ..precision import LossScaler
 from .base import PartitionedOptimizer
 from .inner_links import link_inner_optimizer
-from .offload import OffloadSettings, copy_between, host_empty, host_zeros
+from .offload import HostPublish, OffloadSettings, copy_between, host_empty, host_zeros
 from .grad_precision import GradientPrecision, set_grad_dtype
 from .partition import FlatLayout
 from .reduction import GradientOrderError, GradientReducer
@@ -108,6 +108,7 @@ class Stage12Optimizer(PartitionedOptimizer):
 
         self.master_is_view = model_dtype == torch.float32 and not self.offload.optimizer
         self.master: Optional[torch.Tensor] = None
+        self._publish: Optional[HostPublish] = None
         self._masters = self._make_masters(device)
         self._build_inner_optimizer(groups, make_optimizer)
         link_inner_optimizer(self.optimizer, self.layout, self.master_params, self._rank, comm, device)
@@ -233,17 +234,33 @@ class Stage12Optimizer(PartitionedOptimizer):
         return out
 
     def _lowp_targets(self) -> Optional[list[torch.Tensor]]:
+        publish = self._offload_publish()
+        if publish is not None:   # the host step writes the model's dtype into pinned staging
+            return publish.targets([(g.local_offset, g.local_offset + g.partition_numel) for g in self.layout.groups])
         if self._masters[0].device != self.flat_params.device:
-            return None   # offloaded: the host step cannot write device memory; _publish_params copies
+            return None
         return [self.flat_params.narrow(0, lo, hi - lo)
                 for lo, hi in (g.partition_range(self._rank) for g in self.layout.groups)]
+
+    def _offload_publish(self) -> Optional[HostPublish]:
+        """offload_optimizer (not NVMe, which writes the model's copy itself): the pinned staging
+        the host step's results go back through (offload.py), made on first use."""
+        if not self.offload.optimizer or self.nvme is not None:
+            return None
+        if self._publish is None:
+            self._publish = HostPublish(self.layout.partition_numel, self.model_dtype, self.offload, self.device)
+        return self._publish
 
     @torch.no_grad()
     def _publish_params(self, local_copied: bool = False) -> None:
         """Updated master partitions -> model parameters on every rank."""
+        publish = self._offload_publish()
         for g, master in zip(self.layout.groups, self._masters):
             lo, hi = g.partition_range(self._rank)
-            if not self.master_is_view and not local_copied:
+            if publish is not None:
+                publish.send(self.flat_params[lo:hi], g.local_offset, g.local_offset + g.partition_numel,
+                             None if local_copied else master)
+            elif not self.master_is_view and not local_copied:
                 copy_between(self.flat_params[lo:hi], master)
             if self.layout.partition_count > 1:
                 flat = self.flat_params[g.buffer_offset:g.buffer_offset + g.padded_numel]
@@ -252,6 +269,7 @@ class Stage12Optimizer(PartitionedOptimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients (the flat buffers are zeroed and kept, never freed)."""
         if self.stage == 2:
+            self.reducer.flush_host()
             self.grad_partition.zero_()
             for p in self.params:
                 p.grad = None

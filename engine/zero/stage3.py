@@ -51,7 +51,7 @@ from ..comm import Comm
 from ..precision import LossScaler
 from .base import PartitionedOptimizer
 from .grad_precision import GradientPrecision
-from .offload import OffloadSettings, copy_between, host_zeros
+from .offload import HostPublish, OffloadSettings, copy_between, host_zeros
 from .partition import FlatLayout
 from .stage3_reduction import SpanReducer
 from .stage12 import ZeroSettings
@@ -121,6 +121,7 @@ class Stage3Optimizer(PartitionedOptimizer):
             self.grad_partition = torch.zeros(numel, dtype=self.grad_dtype, device=device)
         self.master_is_view = model_dtype == torch.float32 and self.offload.optimizer == self.offload.param
         self.master: Optional[torch.Tensor] = None
+        self._publish: Optional[HostPublish] = None
         self._masters = self._make_masters()
         self._build_inner_optimizer(groups, make_optimizer)
 
@@ -215,18 +216,35 @@ class Stage3Optimizer(PartitionedOptimizer):
         return [self.grad_partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
 
     def _lowp_targets(self) -> Optional[list[torch.Tensor]]:
+        ranges = [(g.local_offset, g.local_offset + g.partition_numel) for g in self.layout.groups]
+        publish = self._offload_publish()
+        if publish is not None:   # the host step writes the model's dtype into pinned staging
+            return publish.targets(ranges)
         if self.partition.device != self._masters[0].device:
             return None
-        return [self.partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+        return [self.partition[lo:hi] for lo, hi in ranges]
+
+    def _offload_publish(self) -> Optional[HostPublish]:
+        """offload_optimizer with the partition on the device (not NVMe, which writes it itself):
+        the pinned staging the host step's results go back through (offload.py)."""
+        if not self.offload.optimizer or self.offload.param or self.nvme is not None:
+            return None
+        if self._publish is None:
+            self._publish = HostPublish(self.layout.partition_numel, self.model_dtype, self.offload, self.device)
+        return self._publish
 
     @torch.no_grad()
     def _publish_params(self, local_copied: bool = False) -> None:
-        if not self.master_is_view and not local_copied:
+        publish = self._offload_publish()
+        if publish is not None:
+            publish.send(self.partition, 0, self.layout.partition_numel, None if local_copied else self.master)
+        elif not self.master_is_view and not local_copied:
             copy_between(self.partition, self.master)
         self.store.release_all()
         self.store.refresh_persistent()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self.reducer.flush_host()
         self.grad_partition.zero_()
         for p in self.params:
             p.grad = None

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..comm import Comm, Handle
+from .copy_stream import CopyStream
 from .offload import copy_between
 from .partition import FlatLayout, Span
 from .stage3_units import UnitPlan
@@ -109,6 +110,7 @@ class PartitionedParams:
         self.partition = partition
         self.world = layout.partition_count
         self.use_all_reduce = comm.plan.gather == "all_reduce" or not comm.active
+        self.copies = CopyStream(device)    # offload_param's host-to-device copies
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.units: list[FetchUnit] = []
         self.unit_of: list[int] = [-1] * len(self.params)
@@ -190,8 +192,7 @@ class PartitionedParams:
         elif len(rows) == 1:
             view, piece = rows[0]
             if piece.device != unit.full.device:      # offload_param: the piece comes over first
-                copy_between(view[self.rank], piece)
-                piece = view[self.rank]
+                piece = self._over_to_device([piece])
             unit.handle = self.comm.all_gather_into(view.reshape(-1), piece, async_op=async_op)
         else:
             unit.handle = self._gather_rows(unit, rows, async_op)
@@ -203,14 +204,25 @@ class PartitionedParams:
     def _gather_rows(self, unit: FetchUnit, rows: list[tuple[torch.Tensor, torch.Tensor]], async_op: bool) -> Handle:
         """Several spans in one all-gather: this rank's pieces side by side, rows of every rank back."""
         width = sum(piece.numel() for _, piece in rows)
-        send = torch.empty(width, dtype=self.dtype, device=self.device)
-        pos = 0
-        for _, piece in rows:
-            copy_between(send[pos:pos + piece.numel()], piece)
-            pos += piece.numel()
+        if rows[0][1].device != unit.full.device:    # offload_param: packed on the way over
+            send = self._over_to_device([piece for _, piece in rows])
+        else:
+            send = torch.empty(width, dtype=self.dtype, device=self.device)
+            pos = 0
+            for _, piece in rows:
+                send[pos:pos + piece.numel()].copy_(piece)
+                pos += piece.numel()
         unit.staging = torch.empty(width * self.world, dtype=self.dtype, device=self.device)
         self.staging_numel += unit.staging.numel()
         return self.comm.all_gather_into(unit.staging, send, async_op=async_op)
+
+    def _over_to_device(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """offload_param: this rank's host pieces of a unit, copied to the device on the side stream
+        (copy_stream.py); the collective issued next on the compute stream waits for them."""
+        sent, ticket = self.copies.to_device(pieces)
+        ticket.ready_on_device()
+        self.copies.consumed_on_current(sent)
+        return sent
 
     def _note_peak(self) -> None:
         self.peak_live_bytes = max(self.peak_live_bytes,
