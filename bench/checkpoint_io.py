@@ -99,6 +99,17 @@ def _drop_page_cache(root: Path) -> None:
     dist.barrier()
 
 
+def _prune(save_dir: Path, rank: int) -> None:
+    """Keep only the newest checkpoint, outside the timed region (what ``keep=1`` would do)."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        from engine.checkpoint.save import prune
+
+        prune(save_dir, 1)
+    dist.barrier()
+
+
 def _disk_direct_bandwidth(root: Path, gib: int = 1) -> tuple[float, float]:
     """(write, read) GB/s of ``dd`` with O_DIRECT on the checkpoint's filesystem."""
     import re
@@ -167,7 +178,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         dcp.load({f"rank{rank}": dcp_target}, checkpoint_id=str(root / f"dcp-{i}"))
 
     for i in range(rounds):       # loads read cold: every file's page cache is dropped first
-        times["save"].append(_barrier_time(lambda: eng.save_checkpoint(root / "ckpt", tag=f"round-{i}", keep=1)))
+        times["save"].append(_barrier_time(lambda: eng.save_checkpoint(root / "ckpt", tag=f"round-{i}")))
+        _prune(root / "ckpt", rank)     # deleting the previous checkpoint (keep=1) is not timed: the peers delete nothing
         times["torch.save"].append(_barrier_time(lambda: peer_save(False)))
         times["torch.save+fsync"].append(_barrier_time(lambda: peer_save(True)))
         times["dcp.save"].append(_barrier_time(lambda: dcp_save(i)))
@@ -193,7 +205,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
 
     def save_then_step(kind: str, tag: str) -> None:
         t0 = time.perf_counter()
-        async_eng.save_checkpoint(root / "async", tag=tag, keep=1, async_save=kind == "async")
+        async_eng.save_checkpoint(root / "async", tag=tag, async_save=kind == "async")
         stall[f"{kind} call"].append(time.perf_counter() - t0)
         _step(async_eng, width)
 
@@ -201,7 +213,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         stall["step"].append(_barrier_time(lambda: _step(async_eng, width)))
         stall["async save + step"].append(_barrier_time(lambda: save_then_step("async", f"a{i}")))
         async_eng.wait_for_checkpoint()
+        _prune(root / "async", rank)
         stall["sync save + step"].append(_barrier_time(lambda: save_then_step("sync", f"s{i}")))
+        _prune(root / "async", rank)
     if rank == 0:
         out.put({"times": times, "stall": stall, "disk": disk, "bytes": shard_bytes, "peer_bytes": int(peer_bytes.item()),
                  "checkpoint": str(root / "ckpt" / f"round-{rounds - 1}")})
@@ -281,7 +295,7 @@ def run(quick: bool = False) -> list[dict]:
         params = layers * (WIDTH * WIDTH + WIDTH) / 1e6
         print(f"2 gloo ranks, ZeRO-2 fp32, {layers} x Linear({WIDTH},{WIDTH}) = {params:.1f}M "
               f"parameters; checkpoint shards {gb:.2f} GB (torch.save files {result['peer_bytes'] / 1e9:.2f} GB); "
-              f"median of {rounds}; warm page cache for loads")
+              f"median of {rounds}; every load reads a cold page cache; deleting old checkpoints is not timed")
         disk_w, disk_r = result["disk"]
         print(f"disk direct bandwidth (dd, O_DIRECT, 1 GiB, same filesystem): write {disk_w:.2f} GB/s, "
               f"read {disk_r:.2f} GB/s; load average {os.getloadavg()[0]:.1f}")

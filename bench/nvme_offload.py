@@ -61,7 +61,7 @@ def worker(candidate: str, workload: peers.Workload, steps: int, warmup: int, ou
 
 
 def verdicts(results: dict[str, peers.Result]) -> list[str]:
-    ours, cpu, ds = (results.get(c) for c in CANDIDATES)
+    cpu, ours, ds = (results.get(c) for c in CANDIDATES)     # CANDIDATES: orch-cpu, orch-nvme, deepspeed-nvme
     out = []
     if ours and ours.launches and ds and ds.launches:
         t, m = ours.step_s / ds.step_s, ours.rss_mb / ds.rss_mb

@@ -26,12 +26,13 @@ import torch
 
 from .collective import Group
 from .manifest import (EXTRA_FILE, OBJECTS_FILE, CheckpointError, file_problem, list_checkpoints, read_latest,
-                       read_manifest, validate_tag)
+                       read_manifest, read_verified_file, validate_tag)
 from .reshard import plan_reads, source_runs, target_pieces
 from .rng import restore_rng
 from .async_save import AsyncWriter
 from .state_names import ModelNames, model_names, unwrap
 from ..io import DirectFile, aligned_empty, shared_pool
+from ..io.stream import copy_bytes
 from .tensorfile import ITEMSIZE
 
 __all__ = ["load_checkpoint", "read_partition"]
@@ -62,7 +63,7 @@ def load_checkpoint(engine: Any, load_dir: str | Path, tag: Optional[str] = None
     with_optimizer = load_optimizer_states and not load_module_only
     problems = []
     for name in answer:
-        manifest, problem = _open_verified(load_dir / name, group, with_optimizer)
+        manifest, problem, preloaded = _open_verified(load_dir / name, group, with_optimizer)
         if problem is None:
             break
         problems.append(problem)
@@ -77,7 +78,7 @@ def load_checkpoint(engine: Any, load_dir: str | Path, tag: Optional[str] = None
         raise CheckpointError(f"no intact checkpoint in {load_dir}: " + "; ".join(problems), load_dir)
     client_state = restore(engine, load_dir / name, manifest, group, strict=load_module_strict,
                            optimizer=with_optimizer, scheduler=load_lr_scheduler_states and not load_module_only,
-                           module_only=load_module_only)
+                           module_only=load_module_only, preloaded=preloaded)
     return str(load_dir / name), client_state
 
 
@@ -95,9 +96,13 @@ def _candidates(load_dir: Path, tag: Optional[str], fallback: bool) -> list[str]
         return str(exc)
 
 
-def _open_verified(ckpt_dir: Path, group: Group,
-                   with_optimizer: bool) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-    """Collective: rank 0's manifest for everyone, and every needed file's checksum checked by some rank."""
+def _open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool) -> tuple[Optional[dict[str, Any]], Optional[str],
+                                                                              dict[str, torch.Tensor]]:
+    """Collective: rank 0's manifest for everyone, and every needed file's checksum checked by some rank.
+
+    The rank's own shards (at the saved world size) are read whole while they are verified, in one
+    direct pass (``read_verified_file``); their bytes come back as the third value, so the
+    partition is not read again. The other files are checked through the page cache."""
     found: tuple[Optional[dict[str, Any]], Optional[str]] = (None, None)
     if group.rank == 0:
         try:
@@ -106,29 +111,37 @@ def _open_verified(ckpt_dir: Path, group: Group,
             found = (None, str(exc))
     manifest, problem = group.broadcast(found)
     if problem:
-        return None, problem
+        return None, problem, {}
     names = sorted(n for n, rec in manifest["files"].items() if with_optimizer or rec.get("kind") != "optimizer")
-    mine = [file_problem(ckpt_dir, n, manifest["files"][n], keep_in_cache=True)
-            for n in _verified_by(names, manifest, group.rank, group.world_size)]
+    own, others = _verified_by(names, manifest, group.rank, group.world_size)
+    preloaded, mine = {}, []
+    for n in own:
+        problem, data = read_verified_file(ckpt_dir, n, manifest["files"][n])
+        mine.append(problem)
+        if data is not None:
+            preloaded[n] = data
+    mine += [file_problem(ckpt_dir, n, manifest["files"][n], keep_in_cache=True) for n in others]
     problems = [p for found in group.all_gather([p for p in mine if p]) for p in found]
-    return manifest, "; ".join(problems) or None
+    return manifest, "; ".join(problems) or None, (preloaded if not problems else {})
 
 
-def _verified_by(names: list[str], manifest: Mapping[str, Any], rank: int, world: int) -> list[str]:
-    """The files ``rank`` checks: at the saved world size a rank's own shards (it reads them next,
-    from the page cache the check filled), the others round-robin; every file exactly once."""
+def _verified_by(names: list[str], manifest: Mapping[str, Any], rank: int, world: int) -> tuple[list[str], list[str]]:
+    """The files ``rank`` checks: at the saved world size its own shards (first list: it reads them
+    whole), the others round-robin (second list); every file exactly once over the ranks."""
     same_world = manifest.get("world_size") == world
     owned = {n: manifest["files"][n].get("rank") for n in names if manifest["files"][n].get("kind") in
              ("master", "optimizer")} if same_world else {}
     rest = [n for n in names if n not in owned]
-    return [n for n, r in owned.items() if r == rank] + rest[rank::world]
+    return [n for n, r in owned.items() if r == rank], rest[rank::world]
 
 
 # -- restoring ------------------------------------------------------------------------------------
 
 def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Group, *, strict: bool = True,
-            optimizer: bool = True, scheduler: bool = True, module_only: bool = False) -> dict[str, Any]:
-    """Put a verified checkpoint into ``engine``; returns its client_state."""
+            optimizer: bool = True, scheduler: bool = True, module_only: bool = False,
+            preloaded: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, Any]:
+    """Put a verified checkpoint into ``engine``; returns its client_state. ``preloaded``: files
+    already in memory (name -> bytes), read from there instead of the disk."""
     opt = engine.optimizer
     names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
     _check_compatible(manifest, names, opt, strict=strict, optimizer=optimizer, ckpt_dir=ckpt_dir)
@@ -138,7 +151,7 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
     owned = frozen.owned() if frozen is not None else {}
     error = None
     try:
-        buffers = read_partition(ckpt_dir, manifest, opt, names, group.rank, keys)
+        buffers = read_partition(ckpt_dir, manifest, opt, names, group.rank, keys, preloaded)
         extras = _read_extras(ckpt_dir, manifest, skip={n for n, t in names.extras if id(t) in owned})
         pieces = _read_frozen_pieces(ckpt_dir, manifest, names, owned)
         objects = _read_objects(ckpt_dir, manifest)
@@ -206,33 +219,42 @@ def _check_extras(manifest: Mapping[str, Any], names: ModelNames, *, strict: boo
 
 
 def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names: ModelNames, rank: int,
-                   keys: list[str]) -> dict[str, torch.Tensor]:
+                   keys: list[str], preloaded: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """This rank's new local partition of the master weights and of each state in ``keys`` (CPU).
 
     Only the byte ranges that hold elements of this rank's partition are read. Elements the
-    checkpoint lacks (non-strict loads) keep the current master value and zero states.
+    checkpoint lacks (non-strict loads) keep the current master value and zero states. A tensor
+    whose file is ``preloaded`` and saved with exactly this partition's layout is a view of the
+    preloaded bytes (no copy); other pieces are copied from them.
     """
+    preloaded = preloaded or {}
     layout = opt.layout
     owner = rank if layout.partition_count > 1 else 0
     params = [(n, e.offset, e.numel) for n, e in zip(names.params, layout.params)]
     segments = [(s.canonical_start, s.canonical_end, s.local_start) for s in layout.segments(owner)]
     reads = plan_reads(target_pieces(params, segments), source_runs(manifest["params"]))
     gaps = _uncovered(layout.partition_numel, reads)
-    out = {"master": _aligned_tensor(layout.partition_numel, torch.float32)}
+    kinds = [("master", "master")] + [(k, "optimizer") for k in keys]
+    out = {key: view for key, kind in kinds
+           if (view := _identity_view(manifest, preloaded, reads, kind, key, rank, layout.partition_numel)) is not None}
+    reads_for = {key: [] if key in out else reads for key, _ in kinds}
+    if "master" not in out:
+        out["master"] = _aligned_tensor(layout.partition_numel, torch.float32)
     current = opt.master_partition() if gaps and getattr(opt, "nvme", None) is not None else None
     for lo, hi in gaps:                 # padding, and (non-strict) parameters the checkpoint lacks
         out["master"][lo:hi] = (current[lo:hi] if current is not None
                                 else _current_master(opt.master_params, layout, lo, hi))
     for key in keys:
-        out[key] = _aligned_tensor(layout.partition_numel, getattr(torch, _tensor_dtype(manifest, key)))
+        if key not in out:
+            out[key] = _aligned_tensor(layout.partition_numel, getattr(torch, _tensor_dtype(manifest, key)))
         for lo, hi in gaps:
             out[key][lo:hi] = 0
-    with _Files(ckpt_dir) as files:
-        for key, shard_kind in [("master", "master")] + [(k, "optimizer") for k in keys]:
+    with _Files(ckpt_dir, preloaded) as files:
+        for key, shard_kind in kinds:
             buf = out[key]
             item = buf.element_size()
             raw = _bytes_of(buf)
-            for r in reads:
+            for r in reads_for[key]:
                 name = manifest["shards"][shard_kind][r.rank]
                 tensor = manifest["files"][name]["tensors"][key]
                 if ITEMSIZE[tensor["dtype"]] != item:
@@ -240,6 +262,24 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
                                           f"{buf.dtype}", ckpt_dir / name)
                 files.read(name, tensor["offset"] + r.src * item, raw[r.dst * item:(r.dst + r.length) * item])
     return out
+
+
+def _identity_view(manifest: Mapping[str, Any], preloaded: Mapping[str, torch.Tensor], reads: list[Any], kind: str,
+                   key: str, rank: int, numel: int) -> Optional[torch.Tensor]:
+    """Tensor ``key`` of this rank's preloaded shard as a view, when the checkpoint's partition is
+    this one element for element (same world size and layout: every read copies run r of the
+    rank's own file to the same place); else None."""
+    name = manifest["shards"][kind][rank] if rank < len(manifest["shards"][kind]) else None
+    data = preloaded.get(name) if name else None
+    if data is None or any(r.rank != rank or r.src != r.dst for r in reads):
+        return None
+    saved = manifest["files"][name]["tensors"].get(key)
+    if saved is None or list(saved["shape"]) != [numel]:
+        return None
+    item = ITEMSIZE[saved["dtype"]]
+    if saved["offset"] % item:
+        return None
+    return data[saved["offset"]:saved["offset"] + numel * item].view(getattr(torch, saved["dtype"]))
 
 
 def _aligned_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -289,13 +329,20 @@ class _Files:
     at once (split over the I/O threads, O_DIRECT where offset, length and buffer are aligned) and
     ``__exit__`` waits for all of them, naming the file if one is shorter than the manifest says."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, preloaded: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         self.root = root
+        self.preloaded = preloaded or {}
         self.files: dict[str, DirectFile] = {}
         self.pool = shared_pool()
         self.requests: list[tuple[str, Any]] = []
 
     def read(self, name: str, offset: int, view: memoryview) -> None:
+        data = self.preloaded.get(name)
+        if data is not None:      # already in memory, verified
+            if offset + len(view) > data.numel():
+                raise CheckpointError(f"{self.root / name} is shorter than the manifest says", self.root / name)
+            copy_bytes(view, _bytes_of(data[offset:offset + len(view)]))
+            return
         file = self.files.get(name)
         if file is None:     # through the page cache: the checksum pass has just read these files
             file = self.files[name] = DirectFile(self.root / name, "r", direct=False)

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from ..errors import UserError
-from ..io import TreeHash, hash_file
+from ..io import TreeHash, hash_file, read_verified
 
 __all__ = [
     "CheckpointEntry", "CheckpointError", "EXTRA_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MANIFEST",
     "OBJECTS_FILE", "TMP_SUFFIX", "file_problem", "list_checkpoints", "master_file", "optim_file",
-    "read_latest", "read_manifest", "resolve_checkpoint", "sha256_file", "shard_files", "validate_tag",
+    "read_latest", "read_manifest", "read_verified_file", "resolve_checkpoint", "sha256_file", "shard_files", "validate_tag",
 ]
 
 FORMAT = "orch-checkpoint"
@@ -171,26 +171,42 @@ def sha256_file(path: Path) -> tuple[int, str]:
 def file_problem(ckpt_dir: Path, name: str, record: Mapping[str, Any], keep_in_cache: bool = False) -> Optional[str]:
     """None when ``name`` has the size and checksum the manifest records, else what is wrong.
     ``keep_in_cache``: the caller reads the file next (see ``engine.io.hash_file``)."""
-    path = Path(ckpt_dir) / name
+    def measure(path: Path, hasher: TreeHash) -> tuple[int, str, None]:
+        return (*hash_file(path, hasher, keep_in_cache=keep_in_cache), None)
+
+    return _checked(Path(ckpt_dir) / name, record, measure)[0]
+
+
+def read_verified_file(ckpt_dir: Path, name: str, record: Mapping[str, Any]) -> tuple[Optional[str], Any]:
+    """``(problem, bytes)``: the whole file in one aligned uint8 tensor, read once and verified on
+    the way (``engine.io.read_verified``); ``bytes`` is None when there is a problem, and for
+    format-1 (flat sha256) records, which are only checked."""
+    problem, data = _checked(Path(ckpt_dir) / name, record, read_verified)
+    return problem, (data if problem is None else None)
+
+
+def _checked(path: Path, record: Mapping[str, Any], measure: Any) -> tuple[Optional[str], Any]:
+    """``measure(path, hasher) -> (size, digest, data)`` against the record: (problem, data)."""
+    data = None
     try:
         if "hash" in record:
             hasher = TreeHash.of_record(dict(record))
-            size, digest = hash_file(path, hasher, keep_in_cache=keep_in_cache)
+            size, digest, data = measure(path, hasher)
             expected, algorithm = record["digest"], hasher.algorithm
         else:                                   # format 1: a flat sha256 of the file
             size, digest = sha256_file(path)
             expected, algorithm = record["sha256"], "sha256"
     except FileNotFoundError:
-        return f"{path} is missing (listed in the manifest)"
+        return f"{path} is missing (listed in the manifest)", None
     except (KeyError, ValueError) as exc:
-        return f"the manifest's checksum record for {path} is malformed ({exc})"
-    except OSError as exc:
-        return f"{path} cannot be read: {exc}"
+        return f"the manifest's checksum record for {path} is malformed ({exc})", None
+    except (OSError, EOFError) as exc:
+        return f"{path} cannot be read: {exc}", None
     if size != record["bytes"]:
-        return f"{path} has {size} bytes, the manifest records {record['bytes']} (truncated or overwritten)"
+        return f"{path} has {size} bytes, the manifest records {record['bytes']} (truncated or overwritten)", None
     if digest != expected:
-        return f"{path} fails its {algorithm} check (the file is corrupt)"
-    return None
+        return f"{path} fails its {algorithm} check (the file is corrupt)", None
+    return None, data
 
 
 @dataclass(frozen=True)

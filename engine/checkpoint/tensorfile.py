@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from ..io import FileRange, StreamWriter, TreeHash
+from ..io.stream import write_phase
 
 __all__ = ["DTYPE_CODES", "ITEMSIZE", "TensorEntry", "read_header", "read_into", "tensor_bytes",
-           "write_tensor_file"]
+           "write_tensor_file", "write_tensor_files"]
 
 DTYPE_CODES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
@@ -34,7 +35,7 @@ ITEMSIZE = {
     "complex64": 8,
 }
 _DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
-_ALIGN = 4096          # data starts on a page boundary (O_DIRECT reads of whole tensors, mmap)
+_ALIGN = 4096          # data starts where the first tensor's memory starts in its page (a boundary by default)
 
 
 @dataclass
@@ -72,7 +73,14 @@ def _uint8() -> Any:
     return torch.uint8
 
 
-def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, Any]]:
+def _data_phase(entries: Sequence[TensorEntry]) -> int:
+    """Where in a page the data should start: where the first tensor's memory starts, so its bytes
+    past the first block are written straight from it (a page boundary when that is unknown)."""
+    first = next((e for e in entries if e.nbytes and e.chunks), None)
+    return write_phase(first.chunks[0]) if first is not None and not first.reused else 0
+
+
+def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str], phase: int = 0) -> tuple[bytes, dict[str, Any]]:
     table: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offsets = {}
     pos = 0
@@ -83,7 +91,7 @@ def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) -> tupl
         offsets[e.name] = pos
         pos += e.nbytes
     text = json.dumps(table, separators=(",", ":")).encode("utf-8")
-    text += b" " * ((-(8 + len(text))) % _ALIGN)
+    text += b" " * ((phase - (8 + len(text))) % _ALIGN)      # safetensors allows trailing spaces
     start = 8 + len(text)
     tensors = {e.name: {"dtype": e.dtype, "shape": list(e.shape), "offset": start + offsets[e.name]} for e in entries}
     return struct.pack("<Q", len(text)) + text, tensors
@@ -98,22 +106,38 @@ def write_tensor_file(path: Path, entries: Sequence[TensorEntry], metadata: Mapp
     A chunk may be a tensor (any device), a byte buffer, or an ``engine.io.FileRange`` (copied
     from another file, e.g. an NVMe swap file, without passing through other memory).
     """
-    head, tensors = _header(entries, metadata or {})
-    writer = StreamWriter(path, hasher=hasher)
+    return write_tensor_files([(path, entries, metadata or {})], fsync=fsync, hasher=hasher)[0]
+
+
+def write_tensor_files(files: Sequence[tuple[Path, Sequence[TensorEntry], Mapping[str, str]]], fsync: bool = True,
+                       hasher: Optional[TreeHash] = None) -> list[dict[str, Any]]:
+    """``write_tensor_file`` for several files at once: every file's blocks are queued before the
+    first is closed, so the I/O threads write the files side by side instead of draining (and
+    fsyncing) one before starting the next."""
+    writers: list[tuple[StreamWriter, dict[str, Any]]] = []
     try:
-        writer.write(head)
-        for e in entries:
-            written = 0
-            for chunk in e.chunks:
-                writer.write(chunk, reused=e.reused)
-                written += _nbytes(chunk)
-            if written != e.nbytes:
-                raise ValueError(f"tensor {e.name!r}: chunks hold {written} bytes, its shape needs {e.nbytes}")
-        record = writer.close(fsync=fsync)
+        for path, entries, metadata in files:
+            head, tensors = _header(entries, metadata, _data_phase(entries))
+            writer = StreamWriter(path, hasher=hasher, size=len(head) + sum(e.nbytes for e in entries))
+            writers.append((writer, tensors))
+            writer.write(head)
+            for e in entries:
+                _write_entry(writer, e)
+            writer.finish()             # its last block goes out; the staging buffer is free for the next file
+        return [writer.close(fsync=fsync) | {"tensors": tensors} for writer, tensors in writers]
     except BaseException:
-        writer.abort()
+        for writer, _ in writers:
+            writer.abort()
         raise
-    return record | {"tensors": tensors}
+
+
+def _write_entry(writer: StreamWriter, entry: TensorEntry) -> None:
+    written = 0
+    for chunk in entry.chunks:
+        writer.write(chunk, reused=entry.reused)
+        written += _nbytes(chunk)
+    if written != entry.nbytes:
+        raise ValueError(f"tensor {entry.name!r}: chunks hold {written} bytes, its shape needs {entry.nbytes}")
 
 
 def _nbytes(chunk: Any) -> int:

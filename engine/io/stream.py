@@ -19,7 +19,7 @@ from .files import DirectFile, _address
 from .hashing import TreeHash
 from .pool import IOPool, shared_pool
 
-__all__ = ["FileRange", "StreamWriter", "copy_bytes", "hash_file"]
+__all__ = ["FileRange", "StreamWriter", "copy_bytes", "hash_file", "write_phase"]
 
 
 class StreamWriter:
@@ -31,10 +31,17 @@ class StreamWriter:
     """
 
     def __init__(self, path: Path | str, hasher: Optional[TreeHash] = None, pool: Optional[IOPool] = None,
-                 buffers: int = 4, direct: Optional[bool] = None) -> None:
+                 buffers: int = 4, direct: Optional[bool] = None, size: Optional[int] = None) -> None:
         self.hasher = hasher or TreeHash()
         self.pool = pool or shared_pool()
         self.file = DirectFile(path, "w", direct=direct)
+        if size:        # the final size, known: reserve it (a full disk fails now, not mid-stream), and
+            try:        # the direct writes land inside the file instead of extending it one at a time
+                self.file.allocate(round_up(size, ALIGN))
+            except BaseException:
+                self.file.truncate(0)          # a failed reservation may have taken what was free
+                self.file.close()
+                raise
         self.block = self.hasher.block
         # pinned torch buffers only where torch is in use (device tensors); else page-aligned mmap,
         # so a torch-free caller (orch ckpt consolidate to .safetensors) never imports torch
@@ -54,8 +61,11 @@ class StreamWriter:
         piece), so it is copied into the staging block now instead of by the I/O thread."""
         source = _source(data)
         pos, total = 0, len(source)
-        pos = self._write_in_place(source) if not reused else 0
         while pos < total:
+            if not reused:              # at a block boundary, page-aligned memory goes out in place
+                pos += self._write_in_place(source[pos:])
+                if pos == total:
+                    break
             n = min(total - pos, self.block - self._fill)
             if self._buf is None:
                 self._buf = self.staging.acquire()      # blocks while every staging buffer is in flight
@@ -71,7 +81,9 @@ class StreamWriter:
 
     def _write_in_place(self, source: Any) -> int:
         """Whole blocks of a page-aligned source at a block boundary go to the disk straight from
-        the source (no staging copy); returns how many bytes were handled so."""
+        the source (no staging copy); returns how many bytes were handled so. A source whose
+        address matches its place in the file modulo the page size (``write_phase``) gets here
+        after the staged head that fills the first block."""
         if self._fill or not isinstance(source, memoryview) or len(source) < self.block:
             return 0
         address = _address(source)
@@ -111,6 +123,10 @@ class StreamWriter:
         finally:
             self.staging.release(buf)
 
+    def finish(self) -> None:
+        """No more data: the last partial block goes to the I/O threads now (``close`` waits for it)."""
+        self._flush()
+
     def close(self, fsync: bool = True) -> dict[str, Any]:
         """Finish the file; returns ``{"bytes", "digest", "hash", "hash_block"}``."""
         try:
@@ -135,6 +151,20 @@ class StreamWriter:
             self.staging.release(self._buf)
             self._buf = None
         self.file.close()
+
+
+def write_phase(data: Any) -> int:
+    """Where in a page ``data`` (a CPU tensor or buffer about to be written) starts: a file laid
+    out so that this piece begins at the same place in a page lets its whole blocks be written
+    in place (``StreamWriter._write_in_place``); 0 for anything else."""
+    if isinstance(data, FileRange) or (hasattr(data, "device") and data.device.type != "cpu"):
+        return 0
+    try:
+        source = _source(data)
+    except (TypeError, ValueError):
+        return 0
+    address = _address(source) if isinstance(source, memoryview) and len(source) else None
+    return 0 if address is None else address % ALIGN
 
 
 def copy_bytes(dst: memoryview, src: memoryview) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 from engine.checkpoint.manifest import CheckpointError
 from engine.io import DirectFile, FileRange, StreamWriter, TreeHash, hash_file
 from tests.checkpoint_cases import Sampler, build, differences, full_state, train
+from tests.engine.test_nvme_offload import small_mount  # noqa: F401 - a fixture
 
 
 def _save(root: Path, **checkpoint) -> dict:
@@ -112,3 +114,45 @@ def test_page_aligned_memory_is_written_in_place_with_the_same_digest(tmp_path: 
     data = (tmp_path / "out.bin").read_bytes()
     assert data == source.numpy().tobytes() + b"tail"
     assert hash_file(tmp_path / "out.bin", hasher) == (len(data), record["digest"])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_reserved_write_and_a_one_pass_read_give_the_same_bytes_and_digest(direct: bool, tmp_path: Path) -> None:
+    from engine.io import read_verified
+
+    hasher = TreeHash(block=64 << 10)
+    tensor = torch.arange(50_000, dtype=torch.float32)[1:]      # not page-aligned: staged
+    size = 4 + (tensor.numel() * 4)
+    writer = StreamWriter(tmp_path / "out.bin", hasher=hasher, direct=direct, size=size)
+    writer.write(b"head")
+    writer.write(tensor)
+    record = writer.close()
+    data = (tmp_path / "out.bin").read_bytes()
+    assert data == b"head" + tensor.numpy().tobytes()         # reserved, then exactly the bytes written
+    got_size, digest, buffer = read_verified(tmp_path / "out.bin", hasher)
+    assert (got_size, digest) == (size, record["digest"]) == hash_file(tmp_path / "out.bin", hasher)
+    assert buffer.numpy().tobytes() == data and buffer.data_ptr() % 4096 == 0
+
+
+def test_a_full_disk_fails_when_the_file_is_reserved_not_midway(small_mount: Any) -> None:
+    disk = small_mount("1m")
+    with pytest.raises(OSError, match="No space left"):
+        StreamWriter(disk / "big.bin", size=4 << 20)
+    assert (disk / "big.bin").stat().st_size == 0          # what the reservation took is given back
+
+
+def test_a_shard_starts_its_data_where_the_tensor_starts_in_its_page_and_reads_back(tmp_path: Path) -> None:
+    from engine.checkpoint.tensorfile import TensorEntry, read_header, write_tensor_files
+
+    hasher = TreeHash(block=64 << 10)
+    first, second = torch.randn(100_003)[5:], torch.randn(30_000)      # not page-aligned memory
+    entries = [TensorEntry("first", "float32", (first.numel(),), [first]),
+               TensorEntry("second", "float32", (second.numel(),), [second])]
+    record = write_tensor_files([(tmp_path / "shard.safetensors", entries, {"kind": "test"})], hasher=hasher)[0]
+    header = read_header(tmp_path / "shard.safetensors")
+    assert header["first"]["offset"] % 4096 == first.data_ptr() % 4096   # its whole blocks went out in place
+    data = (tmp_path / "shard.safetensors").read_bytes()
+    for name, tensor in (("first", first), ("second", second)):
+        at = header[name]["offset"]
+        assert data[at:at + tensor.numel() * 4] == tensor.numpy().tobytes()
+    assert hash_file(tmp_path / "shard.safetensors", hasher) == (len(data), record["digest"])
