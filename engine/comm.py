@@ -28,6 +28,7 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from . import flight_recorder
 from .comm_ledger import CommLedger, ledger
 from .errors import UserError
 from .log import get_logger
@@ -128,6 +129,7 @@ def init_distributed(dist_backend: Optional[str] = None, auto_mpi_discovery: boo
         env.setdefault("MASTER_PORT", str(distributed_port))
         init_method = "env://"
     backend = dist_backend or default_backend()
+    flight_recorder.enable(backend)   # read by torch when the group is created: hang reports need it
     kwargs: dict[str, object] = {"timeout": timeout} if timeout is not None else {}
     if backend == "nccl":   # this rank's GPU, known to NCCL from the start (no guessing on GPU 0)
         kwargs["device_id"] = select_device()

@@ -135,7 +135,9 @@ def build_monitor(args: TrainerArgs, run_dir: Path, rank: int, world: int, model
 def prepare_distributed(args: TrainerArgs) -> None:
     """Before the process group exists: let the watchdog see the last collectives."""
     if args.watchdog_timeout > 0:
-        enable_flight_recorder()
+        from engine.comm import default_backend
+
+        enable_flight_recorder(default_backend())
 
 
 def _peak(device: Any, dtype: Any) -> Peak | None:

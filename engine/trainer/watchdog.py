@@ -9,8 +9,8 @@ the thread
 
 1. writes ``<run_dir>/hang/rank-<r>.txt``: the phase the rank was in (from the trainer's
    StepTimer), the Python stack of every thread (``faulthandler``), and the last collectives
-   this rank entered from torch.distributed's flight recorder (gloo and NCCL; the trainer
-   turns it on by setting ``TORCH_FR_BUFFER_SIZE`` when unset);
+   this rank entered from torch.distributed's flight recorder (NCCL's own for an NCCL group, the
+   generic one for gloo; ``engine.init_distributed`` turns it on, engine/flight_recorder.py);
 2. prints a line saying so, and hands the same message to torchrun's error file so the
    launcher's failure summary names the dumps;
 3. waits a short while for the other ranks' dumps (all watchdogs fire within about one poll
@@ -35,12 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine import flight_recorder
 from engine.log import ALL_RANKS, TRAINER, get_logger
 from engine.run_contract import ENV_TEST_STALL, ENV_WATCHDOG_TIMEOUT, RunPaths
 from engine.trainer.step_timer import Position
 
 HANG_EXIT_CODE = 124  # as GNU timeout: "the command timed out"
-FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
+FLIGHT_RECORDER_ENV = flight_recorder.BUFFER_ENV
 LAST_COLLECTIVES = 8
 
 log = get_logger(TRAINER)
@@ -166,25 +167,28 @@ class Watchdog:
 
 def last_collectives(limit: int = LAST_COLLECTIVES) -> tuple[list[str], str]:
     """(lines, note): this rank's newest flight-recorder entries, one line each, oldest first;
-    when there are none, ``note`` says why."""
+    when there are none, ``note`` says why. NCCL's recorder for an NCCL group, the generic one
+    for gloo (engine.flight_recorder)."""
     try:
         import torch.distributed as dist
-        from torch._C import _distributed_c10d as c10d
 
         if not (dist.is_available() and dist.is_initialized()):
             return [], "(no process group: a single-process run)"
-        data = json.loads(c10d._dump_fr_trace_json(True, False))
+        backend = str(dist.get_backend())
+        data = flight_recorder.dump(backend)
     except Exception as exc:  # noqa: BLE001 - a private API: say why, never fail the dump
         return [], f"(flight recorder unavailable in this torch: {exc.__class__.__name__}: {exc})"
     entries = data.get("entries") or []
     if not entries:
-        return [], f"(none recorded: set {FLIGHT_RECORDER_ENV}=2000 before the process group is created)"
+        return [], (f"(none recorded by {flight_recorder.dump_function_name(backend)}: set "
+                    f"{FLIGHT_RECORDER_ENV}=2000 before the process group is created)")
     return [_describe_entry(e) for e in entries[-limit:]], ""
 
 
 def _describe_entry(e: dict[str, Any]) -> str:
-    # gloo reports every entry as "scheduled"; "retired" is what tells a finished collective.
-    done = "completed" if e.get("retired") else f"NOT completed ({e.get('state', '?')})"
+    # gloo reports every entry as "scheduled" and marks finished ones "retired"; NCCL's recorder
+    # moves an entry's state to "completed" when its CUDA event fires.
+    done = "completed" if e.get("retired") or e.get("state") == "completed" else f"NOT completed ({e.get('state', '?')})"
     return (f"#{e.get('collective_seq_id', '?')} {e.get('profiling_name', '?')} "
             f"group {e.get('process_group', ['?'])[-1]} sizes {e.get('input_sizes')} "
             f"{e.get('input_dtypes')}: {done}")
@@ -218,9 +222,10 @@ def _write_torchelastic_error(message: str) -> None:
         pass
 
 
-def enable_flight_recorder(entries: int = 2000) -> None:
-    """Ask torch.distributed to record recent collectives (call before creating the process group)."""
-    os.environ.setdefault(FLIGHT_RECORDER_ENV, str(entries))
+def enable_flight_recorder(backend: str, entries: int = flight_recorder.DEFAULT_ENTRIES) -> None:
+    """Ask torch.distributed to record recent collectives (call before creating the process group;
+    ``engine.init_distributed`` does too)."""
+    flight_recorder.enable(backend, entries)
 
 
 def stall_if_requested(rank: int, step: int) -> None:
