@@ -18,11 +18,10 @@ from tests.dist_utils import run_distributed
 
 CASES = [(stage, precision) for stage in (1, 2, 3) for precision in ("bf16", "fp16")]
 
-# What a non-logging step of the trainer may still read back, by where it is read:
-# engine/zero/base.py `_global_norm` turns the global gradient norm into a Python float (the
-# clip coefficient and fp16's overflow decision are taken on the host from it). That is one
-# sync per step at every stage and precision; fp16's dynamic loss scaling needs that one
-# overflow bool per step in any case. Nothing else in the loop, the engine or the monitor syncs.
+# What a non-logging step of the trainer may still read back, by where it is read: the ZeRO step's
+# overflow bool (engine/zero/base.py, ``bool(torch.isfinite(norm))``): whether to skip the step and,
+# under fp16, how the dynamic loss scale moves. One per step at every stage and precision (the
+# norm and the clip coefficient stay device tensors). Nothing in the loop or the monitor syncs.
 ENGINE_SYNCS = {"bf16": ["engine/zero/base.py"], "fp16": ["engine/zero/base.py"]}
 # Conversions the Python-level counter sees but that never wait for a GPU: the fused optimizer's
 # ``step`` counter is a CPU tensor on GPU runs too (engine/ops/fused_optimizers.py says so).
