@@ -23,6 +23,7 @@ import torch
 from ..comm import Comm
 from ..ops.fused_optimizers import LowpList, _check_hyper
 from ..ops.scaling import GradMultiplier, Scalar
+from ..ops.segments import SegmentSpec
 from .allreduce import CompressedAllReduce
 
 
@@ -44,7 +45,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         # collectives pick theirs from the process group, so both are accepted and kept for show.
         self.cuda_aware, self.comm_backend_name, self.impl = bool(cuda_aware), comm_backend_name, impl
         self.comm: Optional[Comm] = None
-        self._reducers: dict[int, CompressedAllReduce] = {}
+        self._reducers: dict[Any, CompressedAllReduce] = {}
+        self._specs: dict[int, SegmentSpec] = {}
         self._live: dict[int, int] = {}
         self._factors: dict[int, float] = {}
 
@@ -148,6 +150,41 @@ class CompressedOptimizer(torch.optim.Optimizer):
         if self.world_size == 1:
             return out.copy_(t) if out is not t else out
         self._reducer(p)(self.live(p, t), out=self.live(p, out))
+        return out
+
+    def set_segments(self, param: torch.Tensor, spec: Optional[SegmentSpec]) -> None:
+        """Where each model parameter lies in a flat master (the engine's hook, shared with LAMB)."""
+        if spec is not None:
+            self._specs[id(param)] = spec
+        self._reducers = {k: r for k, r in self._reducers.items() if not (isinstance(k, tuple) and k[0] == id(param))}
+
+    def segment_views(self, p: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        """``t`` (shaped like ``p``) as flat views, one per model parameter, padding at the end cut off."""
+        spec = self._specs.get(id(p))
+        live = self.live(p, t)
+        if spec is None:
+            return [live]
+        out, start = [], 0
+        for n in spec.lengths:
+            n = min(n, live.numel() - start)
+            if n > 0:
+                out.append(live[start:start + n])
+            start += max(n, 0)
+        return out
+
+    def average_per_parameter(self, p: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As ``average``, but each model parameter compressed on its own (its own scales and
+        error buffers), as DeepSpeed's 0/1 Adam does: one scale over parameters of very
+        different magnitudes would drown the small ones."""
+        out = t if out is None else out
+        if self.world_size == 1:
+            return out.copy_(t) if out is not t else out
+        for i, (src, dst) in enumerate(zip(self.segment_views(p, t), self.segment_views(p, out))):
+            key = (id(p), i)
+            reducer = self._reducers.get(key)
+            if reducer is None:
+                reducer = self._reducers[key] = CompressedAllReduce(self._comm(), src.numel(), p.device, impl=self.impl)
+            reducer(src, out=dst)
         return out
 
     def reset_errors(self) -> None:

@@ -62,7 +62,6 @@ class OnebitLamb(CompressedOptimizer):
         self.freeze_step = int(freeze_step)
         self.coeff_beta, self.factor_threshold = float(coeff_beta), float(factor_threshold)
         self.factor_max, self.factor_min = float(factor_max), float(factor_min)
-        self._specs: dict[int, SegmentSpec] = {}
         self._vectors: dict[int, dict[str, torch.Tensor]] = {}
         self._lengths: dict[int, torch.Tensor] = {}
 
@@ -71,9 +70,7 @@ class OnebitLamb(CompressedOptimizer):
         self._lengths.pop(id(param), None)
 
     def set_segments(self, param: torch.Tensor, spec: Optional[SegmentSpec]) -> None:
-        """Where each parameter lies in a flat master (the engine's hook, shared with LAMB)."""
-        if spec is not None:
-            self._specs[id(param)] = spec
+        super().set_segments(param, spec)
         self._vectors.pop(id(param), None)
         self._lengths.pop(id(param), None)
 

@@ -16,9 +16,10 @@ rule as DeepSpeed's runtime/fp16/onebit/zoadam.py ran it (removed from DeepSpeed
   all-reduce, the momentum becomes ``-u / lrs`` and the averaged update is applied. The interval
   doubles every ``local_step_scaler`` steps, up to ``local_step_clipper`` (the paper's H).
 
-Where orch differs, and why: a flat master (one per parameter group) is compressed as one
-tensor with one scale per rank chunk, where DeepSpeed compresses each parameter on its own; and
-on one rank the variance phase's non-variance steps update ``m`` with the plain gradient (the
+Each model parameter is compressed on its own (its own scales and error buffers, one compressed
+all-reduce per parameter), as in DeepSpeed: a single scale over the whole flat master would drown
+the small parameters' gradients (measured on the bundled tiny GPT: +60 % loss against +1 %).
+Where orch differs, and why: on one rank the variance phase's non-variance steps update ``m`` with the plain gradient (the
 paper's rule at n = 1), where DeepSpeed's code skips the momentum update. The policy counters
 and ``u`` live in the optimizer state, so checkpoints carry them and a resumed run continues
 the same schedule (DeepSpeed restarts them at load); the error buffers restart at zero.
@@ -104,7 +105,7 @@ class ZeroOneAdam(CompressedOptimizer):
         if variance_step:                                  # g is the all-reduced average
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         else:                                              # g is local: average it, 1 bit per element
-            g = self.average(p, g, out=torch.zeros_like(g))
+            g = self.average_per_parameter(p, g, out=torch.zeros_like(g))
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         p.sub_(self._update(group, p, m, self._denominator(group, v)), alpha=float(group["lr"]))
         if variance_step:
@@ -130,7 +131,7 @@ class ZeroOneAdam(CompressedOptimizer):
         if t % state["local_step_interval"] == 0:          # synchronise the ranks
             p.sub_(u)                                      # undo the local steps
             u.mul_(denom)
-            self.average(p, u)
+            self.average_per_parameter(p, u)
             torch.div(u, -state["lrs"], out=m)
             p.add_(u.div_(denom))
             u.zero_()

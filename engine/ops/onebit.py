@@ -51,23 +51,29 @@ def unpack_sum(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, fact
 
 
 def compress_torch(x: torch.Tensor, error: torch.Tensor, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU path: one full pass (``error += x``, normalised so that -0.0 reads as +0.0 the way
-    ``>= 0`` does, then the chunk norms), then, block by block while the block is in cache,
-    the signs, their packing and the error update (``error -= copysign(scale, value)``), all
-    into reused workspace buffers (fresh multi-MiB tensors each step cost page faults)."""
-    value = error.add_(x).add_(0.0)
-    chunks = value.view(n_chunks, -1)
+    """The CPU path, two passes over memory, each block worked on while it is in cache: first
+    ``error += x`` and the chunks' sums of squares, then the signs, their packing and the error
+    update (``error -= copysign(scale, value + 0.0)``: adding 0.0 makes -0.0 read as +0.0, the
+    way ``>= 0`` does), all through reused workspace buffers (a fresh multi-MiB tensor each
+    step costs page faults)."""
+    chunks = error.view(n_chunks, -1)
     width = chunks.shape[1]
-    scales = torch.linalg.vector_norm(chunks, dim=1, dtype=torch.float32).div_(width ** 0.5)
-    bits = torch.empty(value.numel() // 8, dtype=torch.uint8, device=value.device)
-    work = _workspace(value.device)
-    for c, lo, hi in _blocks(n_chunks, width):
-        piece = chunks[c, lo:hi]
-        n = hi - lo
+    values = x.reshape(n_chunks, -1)
+    blocks = _blocks(n_chunks, width)
+    sums = torch.zeros(n_chunks, dtype=torch.float32, device=error.device)
+    for c, lo, hi in blocks:
+        piece = chunks[c, lo:hi].add_(values[c, lo:hi])
+        sums[c] += torch.dot(piece.float(), piece.float())
+    scales = sums.sqrt_().div_(width ** 0.5)
+    bits = torch.empty(error.numel() // 8, dtype=torch.uint8, device=error.device)
+    work = _workspace(error.device)
+    for c, lo, hi in blocks:
+        piece, n = chunks[c, lo:hi], hi - lo
         start = (c * width + lo) // 8
         positive = torch.ge(piece, 0, out=work.positive[:n])
         pack_signs(positive, out=bits[start:start + n // 8], words=work.words[:n // 8])
-        signed = torch.copysign(scales[c].to(piece.dtype).expand(n), piece, out=work.values[:n].to(piece.dtype))
+        signed = torch.add(piece, 0.0, out=work.values[:n]) if piece.dtype == torch.float32 else piece.float() + 0.0
+        torch.copysign(scales[c].expand(n), signed, out=signed)
         piece.sub_(signed)                        # error = value - scale * sign
     return bits, scales
 

@@ -4,7 +4,7 @@ DeepSpeed 0.18; 0.19.8 removed it with 1-bit Adam, so no DeepSpeed peer can run 
 
 The reference keeps one weight vector, momentum and update accumulator per rank (the local-step
 phase lets the ranks drift apart between synchronisations) and runs the compressed all-reduce of
-test_engine_onebit.py. The schedule is shortened so that 20 steps cover every phase: variance
+test_engine_onebit.py on each parameter tensor separately, as DeepSpeed does. The schedule is shortened so that 20 steps cover every phase: variance
 steps every step, then every 2nd and 4th step (``var_update_scaler`` 2), compressed-gradient
 steps in between, the variance frozen from step 10, and local steps at intervals 1, 2, then 4 (see test_the_schedule_covers_every_phase)
 (``local_step_scaler`` 2, ``local_step_clipper`` 4).
@@ -73,6 +73,16 @@ def fresh_errors(world: int, n: int) -> tuple[list[torch.Tensor], list[torch.Ten
             [torch.zeros(padded // world, dtype=torch.float64) for _ in range(world)])
 
 
+def per_parameter_allreduce(vectors: list[torch.Tensor], sizes: list[int], errors: dict) -> torch.Tensor:
+    """DeepSpeed's 0/1 Adam compresses each parameter on its own, with its own error buffers."""
+    out = []
+    for k, pieces in enumerate(zip(*(v.split(sizes) for v in vectors))):
+        if k not in errors:
+            errors[k] = fresh_errors(len(vectors), sizes[k])
+        out.append(compressed_allreduce_reference(list(pieces), *errors[k]))
+    return torch.cat(out)
+
+
 @functools.lru_cache(maxsize=None)
 def zoadam_reference(world: int, steps: int = STEPS) -> tuple[list[float], list[str]]:
     """(mean loss per step, the phase of each step) by DeepSpeed's rule, every rank simulated."""
@@ -81,7 +91,7 @@ def zoadam_reference(world: int, steps: int = STEPS) -> tuple[list[float], list[
     momenta = [torch.zeros(n, dtype=torch.float64) for _ in range(world)]
     accumulators = [torch.zeros(n, dtype=torch.float64) for _ in range(world)]
     v = torch.zeros(n, dtype=torch.float64)
-    worker_errors, server_errors = fresh_errors(world, n)
+    sizes, errors = [p.numel() for p in ranks.params], {}
     var_interval, var_counter, local_interval, local_counter, lrs = 1, 0, 1, 0, 0.0
     losses, phases = [], []
     for t in range(1, steps + 1):
@@ -92,14 +102,14 @@ def zoadam_reference(world: int, steps: int = STEPS) -> tuple[list[float], list[
             continue
         frozen = t - 1 >= max(SCHEDULE["var_freeze_step"] + 1, 2)
         if frozen and t - 2 < max(SCHEDULE["var_freeze_step"] + 1, 2):
-            worker_errors, server_errors = fresh_errors(world, n)
+            errors.clear()
         if not frozen:
             variance_step = t % var_interval == 0
             if variance_step:
                 g = sum(grads) / world
                 v = BETAS[1] * v + (1 - BETAS[1]) * g * g
             else:
-                g = compressed_allreduce_reference(grads, worker_errors, server_errors)
+                g = per_parameter_allreduce(grads, sizes, errors)
             phases.append("variance" if variance_step else "1-bit gradient")
             for r in range(world):
                 momenta[r] = BETAS[0] * momenta[r] + (1 - BETAS[0]) * g
@@ -117,7 +127,7 @@ def zoadam_reference(world: int, steps: int = STEPS) -> tuple[list[float], list[
             ranks.weights[r] = ranks.weights[r] - LR * update
             accumulators[r] = accumulators[r] - LR * update
         if t % local_interval == 0:
-            synced = compressed_allreduce_reference([a * denom for a in accumulators], worker_errors, server_errors)
+            synced = per_parameter_allreduce([a * denom for a in accumulators], sizes, errors)
             for r in range(world):
                 ranks.weights[r] = ranks.weights[r] - accumulators[r] + synced / denom
                 momenta[r] = -synced / lrs
