@@ -98,6 +98,7 @@ def _case(model: str, stage: int, *, gas: int, clip: float | None, optimizer: st
     return {"model": model, "config": cfg, "tolerance": tolerance}
 
 
+BF16_SUMS = {"data_types": {"grad_accum_dtype": "bf16"}}
 CASES: dict[str, dict[str, Any]] = {
     # A small LM whose parameter count does not split evenly over 2 ranks (padding), with
     # weight-decay / no-decay parameter groups, accumulation over 2 micro-batches, tight clipping.
@@ -110,9 +111,11 @@ CASES: dict[str, dict[str, Any]] = {
                                        scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 5}}),
     # The same GPT at stage 2 with the clipping default left to each library (DeepSpeed: 1.0).
     "zero2-gpt-default-clipping": _case("gpt", 2, gas=2, clip=None),
-    # bf16 model weights, fp32 master weights and optimizer states.
-    "zero1-bf16-tinylm-accumulate-clip": _case("tinylm", 1, gas=2, clip=0.1, bf16=True),
-    "zero2-bf16-tinylm-accumulate-clip": _case("tinylm", 2, gas=2, clip=0.1, bf16=True, tolerance=BF16_REORDERED),
+    # bf16 model weights, fp32 master weights and optimizer states; gradients summed in bf16, which is
+    # DeepSpeed's default (orch's is fp32: the key makes both libraries do the same)
+    "zero1-bf16-tinylm-accumulate-clip": _case("tinylm", 1, gas=2, clip=0.1, bf16=True, top=BF16_SUMS),
+    "zero2-bf16-tinylm-accumulate-clip": _case("tinylm", 2, gas=2, clip=0.1, bf16=True, tolerance=BF16_REORDERED,
+                                               top=BF16_SUMS),
     # The other schedules, with DeepSpeed's parameter names (OneCycle also cycles Adam's beta1).
     "zero1-warmup-decay": _case("tinylm", 1, gas=1, clip=0.5, scheduler={
         "type": "WarmupDecayLR", "params": {"total_num_steps": STEPS, "warmup_num_steps": 3, "warmup_max_lr": 1e-2}}),
