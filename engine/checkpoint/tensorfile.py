@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from ..io import FileRange, StreamWriter, TreeHash
-from ..io.stream import write_phase
 
 __all__ = ["DTYPE_CODES", "ITEMSIZE", "TensorEntry", "read_header", "read_into", "tensor_bytes",
            "write_tensor_file", "write_tensor_files"]
@@ -35,7 +34,7 @@ ITEMSIZE = {
     "complex64": 8,
 }
 _DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
-_ALIGN = 4096          # data starts where the first tensor's memory starts in its page (a boundary by default)
+_ALIGN = 4096          # data starts on a page boundary (O_DIRECT reads of whole tensors, mmap)
 
 
 @dataclass
@@ -73,14 +72,7 @@ def _uint8() -> Any:
     return torch.uint8
 
 
-def _data_phase(entries: Sequence[TensorEntry]) -> int:
-    """Where in a page the data should start: where the first tensor's memory starts, so its bytes
-    past the first block are written straight from it (a page boundary when that is unknown)."""
-    first = next((e for e in entries if e.nbytes and e.chunks), None)
-    return write_phase(first.chunks[0]) if first is not None and not first.reused else 0
-
-
-def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str], phase: int = 0) -> tuple[bytes, dict[str, Any]]:
+def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, Any]]:
     table: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offsets = {}
     pos = 0
@@ -91,7 +83,7 @@ def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str], phase: 
         offsets[e.name] = pos
         pos += e.nbytes
     text = json.dumps(table, separators=(",", ":")).encode("utf-8")
-    text += b" " * ((phase - (8 + len(text))) % _ALIGN)      # safetensors allows trailing spaces
+    text += b" " * ((-(8 + len(text))) % _ALIGN)
     start = 8 + len(text)
     tensors = {e.name: {"dtype": e.dtype, "shape": list(e.shape), "offset": start + offsets[e.name]} for e in entries}
     return struct.pack("<Q", len(text)) + text, tensors
@@ -117,7 +109,7 @@ def write_tensor_files(files: Sequence[tuple[Path, Sequence[TensorEntry], Mappin
     writers: list[tuple[StreamWriter, dict[str, Any]]] = []
     try:
         for path, entries, metadata in files:
-            head, tensors = _header(entries, metadata, _data_phase(entries))
+            head, tensors = _header(entries, metadata)
             writer = StreamWriter(path, hasher=hasher, size=len(head) + sum(e.nbytes for e in entries))
             writers.append((writer, tensors))
             writer.write(head)

@@ -19,7 +19,7 @@ from .files import DirectFile, _address
 from .hashing import TreeHash
 from .pool import IOPool, shared_pool
 
-__all__ = ["FileRange", "StreamWriter", "copy_bytes", "hash_file", "write_phase"]
+__all__ = ["FileRange", "StreamWriter", "copy_bytes", "hash_file"]
 
 
 class StreamWriter:
@@ -81,9 +81,9 @@ class StreamWriter:
 
     def _write_in_place(self, source: Any) -> int:
         """Whole blocks of a page-aligned source at a block boundary go to the disk straight from
-        the source (no staging copy); returns how many bytes were handled so. A source whose
-        address matches its place in the file modulo the page size (``write_phase``) gets here
-        after the staged head that fills the first block."""
+        the source (no staging copy); returns how many bytes were handled so. A page-aligned
+        tensor placed after a header (a shard's data starts on a page) gets here once the staged
+        head has filled the first block."""
         if self._fill or not isinstance(source, memoryview) or len(source) < self.block:
             return 0
         address = _address(source)
@@ -151,20 +151,6 @@ class StreamWriter:
             self.staging.release(self._buf)
             self._buf = None
         self.file.close()
-
-
-def write_phase(data: Any) -> int:
-    """Where in a page ``data`` (a CPU tensor or buffer about to be written) starts: a file laid
-    out so that this piece begins at the same place in a page lets its whole blocks be written
-    in place (``StreamWriter._write_in_place``); 0 for anything else."""
-    if isinstance(data, FileRange) or (hasattr(data, "device") and data.device.type != "cpu"):
-        return 0
-    try:
-        source = _source(data)
-    except (TypeError, ValueError):
-        return 0
-    address = _address(source) if isinstance(source, memoryview) and len(source) else None
-    return 0 if address is None else address % ALIGN
 
 
 def copy_bytes(dst: memoryview, src: memoryview) -> None:

@@ -141,18 +141,17 @@ def test_a_full_disk_fails_when_the_file_is_reserved_not_midway(small_mount: Any
     assert (disk / "big.bin").stat().st_size == 0          # what the reservation took is given back
 
 
-def test_a_shard_starts_its_data_where_the_tensor_starts_in_its_page_and_reads_back(tmp_path: Path) -> None:
-    from engine.checkpoint.tensorfile import TensorEntry, read_header, write_tensor_files
+def test_a_page_aligned_tensor_after_a_header_goes_in_place_past_the_first_block(tmp_path: Path) -> None:
+    from engine.io import aligned_empty
 
     hasher = TreeHash(block=64 << 10)
-    first, second = torch.randn(100_003)[5:], torch.randn(30_000)      # not page-aligned memory
-    entries = [TensorEntry("first", "float32", (first.numel(),), [first]),
-               TensorEntry("second", "float32", (second.numel(),), [second])]
-    record = write_tensor_files([(tmp_path / "shard.safetensors", entries, {"kind": "test"})], hasher=hasher)[0]
-    header = read_header(tmp_path / "shard.safetensors")
-    assert header["first"]["offset"] % 4096 == first.data_ptr() % 4096   # its whole blocks went out in place
-    data = (tmp_path / "shard.safetensors").read_bytes()
-    for name, tensor in (("first", first), ("second", second)):
-        at = header[name]["offset"]
-        assert data[at:at + tensor.numel() * 4] == tensor.numpy().tobytes()
-    assert hash_file(tmp_path / "shard.safetensors", hasher) == (len(data), record["digest"])
+    source = aligned_empty(5 * hasher.block)                  # what an async save's arena hands the writer
+    source.copy_(torch.randint(0, 255, (source.numel(),), dtype=torch.uint8))
+    header = b"h" * 4096                                      # a shard's header ends on a page boundary
+    writer = StreamWriter(tmp_path / "out.bin", hasher=hasher, size=len(header) + source.numel())
+    writer.write(header)
+    writer.write(source)                                      # staged up to the first block, then in place
+    record = writer.close()
+    data = (tmp_path / "out.bin").read_bytes()
+    assert data == header + source.numpy().tobytes()
+    assert hash_file(tmp_path / "out.bin", hasher) == (len(data), record["digest"])
