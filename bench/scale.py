@@ -1,12 +1,14 @@
 """Scale table: the engine as one rank of 8-1024 NCCL ranks, simulated on CPU, beside FSDP2.
 
-    python -m bench.scale                         # the recorded table (minutes per row on 2 cores)
+    python -m bench.scale                         # the recorded table (bench-100m, 350m, 1b, 3b; stages 1-3)
     python -m bench.scale --quick                 # bench-100m at N = 8 and 64
     python -m bench.scale --world 64 --stage 3 --model 350m --checkpointing
 
 Each row runs in a fresh process (engine/scale_sim.py): torch's fake process group of N ranks,
 the NCCL collective plan, bf16, AdamW, micro-batch 1, short sequences; stage 3 builds the model
-under ``engine.zero.Init``. Columns, per rank per steady-state step:
+under ``engine.zero.Init``. Initial values are not drawn and matrix products are not computed
+(engine/sim_modes.py: nothing measured depends on values), for orch and FSDP2 alike, so a 3B
+row takes about a minute of CPU. Columns, per rank per steady-state step:
 
 * ``bytes/ZeRO``: bytes this rank sends (ledger) ÷ the ZeRO paper's 2Ψ·(N−1)/N (stages 1-2) or
   3Ψ·(N−1)/N (stage 3) bf16 elements. Goal ≤ 1.05.
@@ -32,7 +34,7 @@ from typing import Any, Optional
 from bench.common import REPO
 
 WORLDS = (8, 64, 256, 1024)
-TABLE = ([("bench-100m", s) for s in (1, 2, 3)] + [("350m", 3), ("1b", 3)])
+TABLE = [(m, s) for m in ("bench-100m", "350m", "1b", "3b") for s in (1, 2, 3)]
 QUICK = [("bench-100m", s) for s in (1, 2, 3)]
 SEQ_LEN = 32
 

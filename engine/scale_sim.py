@@ -19,7 +19,7 @@ Stage 3 builds the model under ``engine.zero.Init``, so only ``1/N`` of it plus 
 is ever resident: a billions-of-parameters model is simulated on a laptop. ``fsdp2_step`` runs
 torch's FSDP2 on the same model under the same fake group, its collectives counted by the same
 rules, as the peer. ``python -m bench.scale`` prints the table; ``orch check JOB --simulate``
-runs one configuration at a job's own world size.
+runs one configuration at a job's own world size (scale_job.py).
 """
 from __future__ import annotations
 
@@ -55,7 +55,10 @@ class ScaleReport:
     largest_unit_bytes: int = 0        # stage 3: the largest fetch unit
     prefetch_bytes: int = 0            # stage 3: stage3_prefetch_bucket_size in bytes
     seconds: float = 0.0               # wall time of the simulated step (CPU; not a GPU figure)
-    by_op: dict[str, Any] = field(default_factory=dict)
+    offloaded_bytes: int = 0           # the part of model_state_bytes offload keeps in host memory
+    buffer_bytes: int = 0              # reduce buckets (staging for gradient reductions)
+    by_op: dict[str, Any] = field(default_factory=dict)        # since the simulation began (Init included)
+    step_by_op: dict[str, Any] = field(default_factory=dict)   # the measured step only
 
     @property
     def volume_ratio(self) -> float:
@@ -98,8 +101,18 @@ def model_state_formula(stage: int, parameters: int, world: int, param_bytes: in
 
 
 @contextlib.contextmanager
-def fake_world(world: int, rank: int = 0) -> Iterator[None]:
-    """A fake process group of ``world`` ranks with this process as ``rank``, using the NCCL plan."""
+def fake_world(world: int, rank: int = 0, fill_gathers: bool = True) -> Iterator[None]:
+    """A fake process group of ``world`` ranks with this process as ``rank``, using the NCCL plan.
+
+    The engine's all-gathers skip the fake backend (which copies the local piece into every
+    rank's slot, ~1 ms per MB of CPU: most of a 7B step) and only go to the ledger: no data moves
+    under a fake group anyway. Their outputs are zero-filled (a memset: finite weights, so a step
+    is never skipped for a non-finite gradient norm), or with ``fill_gathers=False`` left as they
+    are, for runs under ``sim_modes.ShapesOnlyCompute``, which keeps every kernel that reads
+    gathered weights from reading them (``simulate`` checks that the measured step was not skipped).
+    Reduce-scatters, too, only zero their output (the owner's shard: ``1/N`` of the message),
+    which the fake backend leaves unwritten when it is not a slice of the input.
+    """
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -110,9 +123,14 @@ def fake_world(world: int, rank: int = 0) -> Iterator[None]:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     saved = comm.PLANS.get("fake")
     comm.PLANS["fake"] = comm.PLANS["nccl"]
+    gather = comm._all_gather_single
+    comm._all_gather_single = _zero_fill if fill_gathers else _no_gather
+    scatter = comm._reduce_scatter_single
+    comm._reduce_scatter_single = _zero_fill
     try:
         yield
     finally:
+        comm._all_gather_single, comm._reduce_scatter_single = gather, scatter
         if saved is None:
             comm.PLANS.pop("fake", None)
         else:
@@ -120,22 +138,56 @@ def fake_world(world: int, rank: int = 0) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _saved_bytes() -> tuple[contextlib.AbstractContextManager, Callable[[], int]]:
-    """A context counting the bytes autograd saves for backward (distinct storages)."""
+def _model_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if cfg.get(key, {}).get("enabled") is True:
+            return dtype
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Build a whole (stage 0-2) model in the dtype the engine will cast it to: half the host memory
+    when values are not drawn anyway (stage 3's ``zero.Init`` casts each piece as it is cut)."""
+    if dtype is None:
+        yield
+        return
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _zero_fill(output: torch.Tensor, data: torch.Tensor, group: Any = None, async_op: bool = False) -> None:
+    """A collective of a fake group as the engine sees it: the output zero-filled, no work to wait for."""
+    output.zero_()
+
+
+def _no_gather(output: torch.Tensor, local: torch.Tensor, group: Any = None, async_op: bool = False) -> None:
+    """The all-gather of a fake group as the engine sees it: nothing written, no work to wait for."""
+
+
+def _saved_bytes(model: nn.Module) -> tuple[contextlib.AbstractContextManager, Callable[[], int]]:
+    """A context counting the bytes autograd saves for backward (distinct storages), the model's
+    weights excluded: at stage 3 they are views of gathered units, counted as staging instead."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen.setdefault(storage.data_ptr(), storage.nbytes())
+        ptr = t.untyped_storage().data_ptr()
+        # the weights' storages of this moment: a released unit's memory may hold activations later
+        if ptr not in seen and all(p.untyped_storage().data_ptr() != ptr for p in model.parameters() if p.numel()):
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     return ctx, lambda: sum(seen.values())
 
 
-def _train_step(step: Callable[[torch.Tensor], torch.Tensor], backward: Callable[[torch.Tensor], None],
-                tokens: torch.Tensor, count_activations: bool) -> int:
-    ctx, saved = _saved_bytes()
+def _train_step(model: nn.Module, step: Callable[[torch.Tensor], torch.Tensor],
+                backward: Callable[[torch.Tensor], None], tokens: torch.Tensor, count_activations: bool) -> int:
+    ctx, saved = _saved_bytes(model)
     with ctx if count_activations else contextlib.nullcontext():
         loss = step(tokens)
     backward(loss)
@@ -143,20 +195,27 @@ def _train_step(step: Callable[[torch.Tensor], torch.Tensor], backward: Callable
 
 
 def simulate(model_factory: Callable[[], nn.Module], ds_config: dict[str, Any], *, world: int, rank: int = 0,
-             vocab_size: int, seq_len: int = 32, model_name: str = "model", steps: int = 2) -> ScaleReport:
+             vocab_size: int, seq_len: int = 32, model_name: str = "model", steps: int = 2,
+             shapes_only: bool = True) -> ScaleReport:
     """Run ``steps`` training steps of the engine as ``rank`` of a fake world of ``world`` ranks.
 
     The last step is measured (the first allocates optimizer state and records stage 3's fetch
-    trace). Micro-batch and accumulation come from ``ds_config``.
+    trace). Micro-batch and accumulation come from ``ds_config``. ``shapes_only`` (sim_modes.py)
+    builds the model without drawing initial values and runs matrix products and attention as
+    zero-filled outputs of the right shape: nothing measured depends on values, and a 7B step
+    takes seconds.
     """
     import engine
     from engine.comm import ledger
+    from engine.sim_modes import NoInitValues, shapes_only as no_arithmetic
 
     cfg = copy.deepcopy(ds_config)
     ledger.reset()   # the report's by_op is this simulation's alone, not the process's history
-    with fake_world(world, rank):
+    with fake_world(world, rank, fill_gathers=not shapes_only):
         stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-        with (engine.zero.Init(config_dict_or_path=cfg) if stage == 3 else contextlib.nullcontext()):
+        with (engine.zero.Init(config_dict_or_path=cfg) if stage == 3 else contextlib.nullcontext()), \
+                (NoInitValues() if shapes_only else contextlib.nullcontext()), \
+                _default_dtype(_model_dtype(cfg) if shapes_only and stage < 3 else None):
             model = model_factory()
         eng, opt, _, _ = engine.initialize(model=model, config=cfg)
         micro, accumulation = eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
@@ -164,14 +223,31 @@ def simulate(model_factory: Callable[[], nn.Module], ds_config: dict[str, Any], 
         activations = 0
         for i in range(steps):
             ledger.mark_step()
+            before = ledger.by_op()
             started = time.perf_counter()
-            for _ in range(accumulation):
-                measured = _train_step(lambda t: eng(t, t), eng.backward, tokens, i == steps - 1)
-                activations = max(activations, measured)
-            eng.step()
+            with no_arithmetic(shapes_only):
+                for _ in range(accumulation):
+                    measured = _train_step(model, lambda t: eng(t, t), eng.backward, tokens, i == steps - 1)
+                    activations = max(activations, measured)
+                eng.step()
             elapsed = time.perf_counter() - started
             moved = ledger.mark_step()
-        return _report(eng, opt, world, stage, model_name, moved, activations, elapsed, cfg)
+        if eng.was_step_skipped():
+            raise RuntimeError("the simulated step was skipped (non-finite gradients): its numbers would not be "
+                               "a training step's")
+        report = _report(eng, opt, world, stage, model_name, moved, activations, elapsed, cfg)
+        report.step_by_op = _difference(ledger.by_op(), before)
+        return report
+
+
+def _difference(after: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    out = {}
+    for key, now in after.items():
+        then = before.get(key, {})
+        delta = {k: v - then.get(k, 0) for k, v in now.items()}
+        if delta.get("calls"):
+            out[key] = delta
+    return out
 
 
 def _report(eng: Any, opt: Any, world: int, stage: int, name: str, moved: dict[str, int], activations: int,
@@ -189,7 +265,9 @@ def _report(eng: Any, opt: Any, world: int, stage: int, name: str, moved: dict[s
         model_state_bytes=sum(states[k] for k in ("params", "grads", "master", "optimizer_states")),
         model_state_formula=model_state_formula(stage, psi, world, dtype_bytes, grad_bytes)
         + _persistent_bytes(opt, stage, dtype_bytes),
-        activation_bytes=activations, seconds=elapsed, by_op=ledger.by_op())
+        activation_bytes=activations, seconds=elapsed, by_op=ledger.by_op(),
+        offloaded_bytes=opt.offloaded_bytes() if hasattr(opt, "offloaded_bytes") else 0,
+        buffer_bytes=states.get("buffers", 0))
     if stage == 3:
         units = [u for u in opt.store.units if not u.persistent]
         report.peak_gathered_bytes = opt.live_peak_bytes
@@ -217,7 +295,7 @@ def _grad_element_bytes(opt: Any, default: int) -> int:
 
 def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Module], list[nn.Module]], *,
                world: int, rank: int = 0, vocab_size: int, seq_len: int = 32, micro_batch: int = 1,
-               steps: int = 2) -> dict[str, int]:
+               steps: int = 2, shapes_only: bool = True) -> dict[str, int]:
     """torch's FSDP2 (``fully_shard`` per block and at the root, bf16 parameters and reductions) on
     the same model under the same fake group: ``{"bytes_sent", "bytes_received", "calls"}`` per step,
     counted by the ledger's rules."""
@@ -225,6 +303,7 @@ def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Modu
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .comm_ledger import CommLedger, record_torch_collectives
+    from .sim_modes import shapes_only as no_arithmetic
 
     with fake_world(world, rank):
         with torch.device("meta"):
@@ -242,10 +321,11 @@ def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Modu
         book = CommLedger()
         for _ in range(steps):
             book.reset()
-            with record_torch_collectives(book):
+            with record_torch_collectives(book), no_arithmetic(shapes_only):
                 model(tokens, tokens).backward()
                 optimizer.step()
                 optimizer.zero_grad()
         dist.barrier()
         totals = book.totals()
     return totals
+

@@ -96,10 +96,17 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
               help="Unknown ds_config keys DeepSpeed ignores become notes (near-typos stay errors).")] = False,
           autotune: Annotated[bool, typer.Option(
               help="Answer the ds_config's autotuning section (ZeRO stage, offload, micro-batch) from the "
-                   "memory estimate, without trials.")] = False) -> None:
+                   "memory estimate, without trials.")] = False,
+          simulate: Annotated[bool, typer.Option(
+              help="Run the engine for one step as rank 0 of the job's world (fake process group, NCCL plan) "
+                   "and print what one GPU holds and moves, with a verdict against --gpu-memory-gb "
+                   "(default 80).")] = False,
+          preset: Annotated[Optional[str], typer.Option(
+              help="With --simulate: the bundled model preset to simulate (default: the trainer's --model; "
+                   "needed for a job's own program).")] = None) -> None:
     """Validate the spec and its ds_config for the job's world size; estimate memory per ZeRO stage."""
     from .backends import get_backend
-    from .check import check_job, human_bytes
+    from .check import check_job
     from .spec_report import load_spec_reporting_all as load_spec, run_all
 
     try:
@@ -131,21 +138,42 @@ def check(spec: SpecArg, cluster: ClusterOpt = "local", set_: SetOpt = None,
         for fit in report.autotune.candidates:
             out.print(f"  {fit.describe()}")
     if report.estimates:
-        table = Table(title=f"model states per GPU, {report.num_parameters:,} parameters, "
-                            f"{report.world_size} ranks ({report.precision}{_grad_accum_words(report)})")
-        table.add_column("ZeRO stage")
-        table.add_column("per GPU", justify="right")
-        table.add_column("CPU per rank", justify="right")
+        _print_estimates(report, gpu_memory_gb)
+    if simulate:
+        _print_simulation(job, preset, gpu_memory_gb)
+
+
+def _print_estimates(report: Any, gpu_memory_gb: Optional[float]) -> None:
+    from .check import human_bytes
+
+    table = Table(title=f"model states per GPU, {report.num_parameters:,} parameters, "
+                        f"{report.world_size} ranks ({report.precision}{_grad_accum_words(report)})")
+    table.add_column("ZeRO stage")
+    table.add_column("per GPU", justify="right")
+    table.add_column("CPU per rank", justify="right")
+    if gpu_memory_gb:
+        table.add_column(f"fits {gpu_memory_gb:g} GB")
+    for est in report.estimates:
+        row = [f"{est.stage}{' (configured)' if est.stage == report.stage else ''}",
+               human_bytes(est.gpu_bytes), human_bytes(est.cpu_bytes)]
         if gpu_memory_gb:
-            table.add_column(f"fits {gpu_memory_gb:g} GB")
-        for est in report.estimates:
-            row = [f"{est.stage}{' (configured)' if est.stage == report.stage else ''}",
-                   human_bytes(est.gpu_bytes), human_bytes(est.cpu_bytes)]
-            if gpu_memory_gb:
-                row.append("yes" if est.gpu_bytes < gpu_memory_gb * 1e9 else "no")
-            table.add_row(*row)
-        out.print(table)
-        out.print("(model states only: activations, buffers and fragmentation come on top)")
+            row.append("yes" if est.gpu_bytes < gpu_memory_gb * 1e9 else "no")
+        table.add_row(*row)
+    out.print(table)
+    out.print("(model states only: activations, buffers and fragmentation come on top)")
+
+
+def _print_simulation(job: Any, preset: Optional[str], gpu_memory_gb: Optional[float]) -> None:
+    from .check_simulate import DEFAULT_GPU_MEMORY_GB, describe_simulation, simulate_spec
+
+    err.print(f"simulating one step as rank 0 of {job.world_size} ranks ...")
+    try:
+        sim = simulate_spec(job, preset=preset,
+                            gpu_memory_gb=DEFAULT_GPU_MEMORY_GB if gpu_memory_gb is None else gpu_memory_gb)
+    except UserError as exc:
+        _fail(exc)
+    for line in describe_simulation(sim):
+        out.print(line)
 
 
 @app.command()

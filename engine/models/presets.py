@@ -80,6 +80,7 @@ PRESETS: dict[str, GPTConfig] = {
     "350m": GPTConfig(n_layer=24, d_model=1024, n_head=16, vocab_size=50304, seq_len=1024),
     "1b": GPTConfig(n_layer=18, d_model=2048, n_head=16, vocab_size=50304, seq_len=2048),
     "3b": GPTConfig(n_layer=36, d_model=2560, n_head=20, vocab_size=50304, seq_len=2048),
+    "7b": GPTConfig(n_layer=32, d_model=4096, n_head=32, vocab_size=50304, seq_len=2048),
 }
 
 
