@@ -12,8 +12,9 @@ row takes about a minute of CPU. Columns, per rank per steady-state step:
 
 * ``bytes/ZeRO``: bytes this rank sends (ledger) ÷ the ZeRO paper's 2Ψ·(N−1)/N (stages 1-2) or
   3Ψ·(N−1)/N (stage 3) bf16 elements. Goal ≤ 1.05.
-* ``vs FSDP2``: our bytes ÷ FSDP2's (``fully_shard`` per block and the root, bf16 parameters
-  and reductions) on the same model under the same fake group. Goal ≤ 1.0.
+* ``vs FSDP2``: our bytes ÷ FSDP2's (``fully_shard`` per block and the root, bf16 parameters,
+  reductions in the engine's gradient dtype: fp32 unless ``data_types.grad_accum_dtype`` says
+  otherwise) on the same model under the same fake group. Goal ≤ 1.0.
 * ``staging/unit``: stage 3's peak of gathered units + staging buffers ÷ (largest fetch unit +
   the prefetch bucket). A tied embedding stays gathered from the head's backward to the
   embedding's, so a block's unit sits beside it: expect a little over 1.
@@ -69,8 +70,13 @@ def one_row(model: str, stage: int, world: int, peer: bool, checkpointing: bool)
                       vocab_size=preset.vocab_size, seq_len=SEQ_LEN, model_name=model)
     row = report.as_dict()
     if peer:
+        import torch
+
+        grads = next(iter(report.step_by_op.get(k) and k.split("/")[1] for k in report.step_by_op
+                          if k.startswith("reduce_scatter/")), "bfloat16")
         fsdp = fsdp2_step(lambda: build_model(model, seq_len=SEQ_LEN), lambda m: list(m.blocks), world=world,
-                          vocab_size=preset.vocab_size, seq_len=SEQ_LEN, steps=1)
+                          vocab_size=preset.vocab_size, seq_len=SEQ_LEN, steps=1,
+                          reduce_dtype=getattr(torch, grads))   # the engine's gradient dtype (fp32 by default)
         row["fsdp2_bytes_sent"] = fsdp["bytes_sent"]
         row["fsdp2_calls"] = fsdp["calls"]
     return row

@@ -295,10 +295,10 @@ def _grad_element_bytes(opt: Any, default: int) -> int:
 
 def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Module], list[nn.Module]], *,
                world: int, rank: int = 0, vocab_size: int, seq_len: int = 32, micro_batch: int = 1,
-               steps: int = 2, shapes_only: bool = True) -> dict[str, int]:
-    """torch's FSDP2 (``fully_shard`` per block and at the root, bf16 parameters and reductions) on
-    the same model under the same fake group: ``{"bytes_sent", "bytes_received", "calls"}`` per step,
-    counted by the ledger's rules."""
+               steps: int = 2, shapes_only: bool = True, reduce_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """torch's FSDP2 (``fully_shard`` per block and at the root, bf16 parameters, reductions in
+    ``reduce_dtype``: pass the engine's gradient dtype for a like-for-like peer) on the same model under
+    the same fake group: ``{"bytes_sent", "bytes_received", "calls"}`` per step, counted by the ledger's rules."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -308,7 +308,7 @@ def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Modu
     with fake_world(world, rank):
         with torch.device("meta"):
             model = model_factory()
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
         for block in blocks(model):
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
