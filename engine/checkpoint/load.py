@@ -31,8 +31,9 @@ from .reshard import plan_reads, source_runs, target_pieces
 from .rng import restore_rng
 from .async_save import AsyncWriter
 from .state_names import ModelNames, model_names, unwrap
-from ..io import DirectFile, aligned_empty, shared_pool
-from ..io.stream import copy_bytes
+from .stream_load import PartitionReader
+from ..io import aligned_empty
+from .ranged_reads import RangedReads, tensor_bytes_view
 from .tensorfile import ITEMSIZE
 
 __all__ = ["load_checkpoint", "read_partition"]
@@ -63,7 +64,8 @@ def load_checkpoint(engine: Any, load_dir: str | Path, tag: Optional[str] = None
     with_optimizer = load_optimizer_states and not load_module_only
     problems = []
     for name in answer:
-        manifest, problem, preloaded = _open_verified(load_dir / name, group, with_optimizer)
+        manifest, problem, preloaded = _open_verified(load_dir / name, group, with_optimizer,
+                                                      whole=getattr(engine.optimizer, "nvme", None) is None)
         if problem is None:
             break
         problems.append(problem)
@@ -96,13 +98,14 @@ def _candidates(load_dir: Path, tag: Optional[str], fallback: bool) -> list[str]
         return str(exc)
 
 
-def _open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool) -> tuple[Optional[dict[str, Any]], Optional[str],
-                                                                              dict[str, torch.Tensor]]:
+def _open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool,
+                   whole: bool = True) -> tuple[Optional[dict[str, Any]], Optional[str], dict[str, torch.Tensor]]:
     """Collective: rank 0's manifest for everyone, and every needed file's checksum checked by some rank.
 
     The rank's own shards (at the saved world size) are read whole while they are verified, in one
     direct pass (``read_verified_file``); their bytes come back as the third value, so the
-    partition is not read again. The other files are checked through the page cache."""
+    partition is not read again (``whole``; an NVMe-offloaded engine streams instead, stream_load.py).
+    The other files are checked through the page cache."""
     found: tuple[Optional[dict[str, Any]], Optional[str]] = (None, None)
     if group.rank == 0:
         try:
@@ -114,6 +117,8 @@ def _open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool) -> tuple[
         return None, problem, {}
     names = sorted(n for n, rec in manifest["files"].items() if with_optimizer or rec.get("kind") != "optimizer")
     own, others = _verified_by(names, manifest, group.rank, group.world_size)
+    if not whole:
+        own, others = [], own + others
     preloaded, mine = {}, []
     for n in own:
         problem, data = read_verified_file(ckpt_dir, n, manifest["files"][n])
@@ -149,9 +154,11 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
     keys = list(manifest["optimizer"]["state_keys"]) if optimizer else []
     frozen = getattr(opt, "frozen_shares", None)      # stage 3: frozen parameters are partitioned
     owned = frozen.owned() if frozen is not None else {}
+    nvme = getattr(opt, "nvme", None)      # NVMe offload: streamed into the swap files (stream_load.py)
     error = None
     try:
-        buffers = read_partition(ckpt_dir, manifest, opt, names, group.rank, keys, preloaded)
+        buffers = (read_partition(ckpt_dir, manifest, opt, names, group.rank, keys, preloaded) if nvme is None
+                   else {"reader": PartitionReader(ckpt_dir, manifest, _plan(manifest, opt, names, group.rank))})
         extras = _read_extras(ckpt_dir, manifest, skip={n for n, t in names.extras if id(t) in owned})
         pieces = _read_frozen_pieces(ckpt_dir, manifest, names, owned)
         objects = _read_objects(ckpt_dir, manifest)
@@ -160,7 +167,10 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
     error = group.first_error(error)
     if error:
         raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {error}", ckpt_dir)
-    opt.load_master_partition(buffers.pop("master"))   # and publishes it to the model, as a step does
+    if nvme is None:
+        opt.load_master_partition(buffers.pop("master"))   # and publishes it to the model, as a step does
+    else:
+        _stream_into_swap(opt, manifest, buffers.pop("reader"), names, keys, optimizer)
     _apply_extras(engine.module, extras)
     if frozen is not None:
         frozen.load(pieces)          # a collective: every rank, pieces or not
@@ -229,10 +239,7 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
     """
     preloaded = preloaded or {}
     layout = opt.layout
-    owner = rank if layout.partition_count > 1 else 0
-    params = [(n, e.offset, e.numel) for n, e in zip(names.params, layout.params)]
-    segments = [(s.canonical_start, s.canonical_end, s.local_start) for s in layout.segments(owner)]
-    reads = plan_reads(target_pieces(params, segments), source_runs(manifest["params"]))
+    reads = _plan(manifest, opt, names, rank)
     gaps = _uncovered(layout.partition_numel, reads)
     kinds = [("master", "master")] + [(k, "optimizer") for k in keys]
     out = {key: view for key, kind in kinds
@@ -249,7 +256,7 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
             out[key] = _aligned_tensor(layout.partition_numel, getattr(torch, _tensor_dtype(manifest, key)))
         for lo, hi in gaps:
             out[key][lo:hi] = 0
-    with _Files(ckpt_dir, preloaded) as files:
+    with RangedReads(ckpt_dir, preloaded) as files:
         for key, shard_kind in kinds:
             buf = out[key]
             item = buf.element_size()
@@ -262,6 +269,36 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
                                           f"{buf.dtype}", ckpt_dir / name)
                 files.read(name, tensor["offset"] + r.src * item, raw[r.dst * item:(r.dst + r.length) * item])
     return out
+
+
+def _plan(manifest: Mapping[str, Any], opt: Any, names: ModelNames, rank: int) -> list[Any]:
+    """The reads that fill this rank's new local partition (reshard.py)."""
+    layout = opt.layout
+    owner = rank if layout.partition_count > 1 else 0
+    params = [(n, e.offset, e.numel) for n, e in zip(names.params, layout.params)]
+    segments = [(s.canonical_start, s.canonical_end, s.local_start) for s in layout.segments(owner)]
+    return plan_reads(target_pieces(params, segments), source_runs(manifest["params"]))
+
+
+def _stream_into_swap(opt: Any, manifest: Mapping[str, Any], reader: PartitionReader, names: ModelNames,
+                      keys: list[str], optimizer: bool) -> None:
+    """NVMe offload: master and ``keys`` go chunk by chunk into the swap files (never whole in host
+    memory), with the saved scalars (``step``) when the optimizer is loaded; then published."""
+    olds = _saved_groups(opt, manifest, names)
+    scalars = [_scalars(old["scalars"]) if keys else {} for old in olds] if optimizer else None
+    opt.nvme.load_streamed(reader.fill, ["master", *keys], scalars)
+    opt._publish_params(True)
+
+
+def _saved_groups(opt: Any, manifest: Mapping[str, Any], names: ModelNames) -> list[Mapping[str, Any]]:
+    """Per optimizer group of this engine, the saved group its first parameter came from."""
+    saved_groups = manifest["optimizer"]["groups"]
+    group_of = {p["name"]: p["group"] for p in manifest["params"]}
+    first_name: dict[int, str] = {}
+    for name, entry in zip(names.params, opt.layout.params):
+        first_name.setdefault(entry.group, name)
+    return [saved_groups[min(group_of.get(first_name.get(g, ""), g), len(saved_groups) - 1)]
+            for g in range(len(opt.master_params))]
 
 
 def _identity_view(manifest: Mapping[str, Any], preloaded: Mapping[str, torch.Tensor], reads: list[Any], kind: str,
@@ -310,11 +347,7 @@ def _current_master(master_params: list[torch.Tensor], layout: Any, lo: int, hi:
     return torch.cat(parts) if parts else torch.empty(0)
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor (reads land directly in it)."""
-    if not t.numel():
-        return memoryview(bytearray())
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+_bytes_of = tensor_bytes_view
 
 
 def _tensor_dtype(manifest: Mapping[str, Any], key: str) -> str:
@@ -324,65 +357,12 @@ def _tensor_dtype(manifest: Mapping[str, Any], key: str) -> str:
     raise CheckpointError(f"the manifest lists optimizer state {key!r} but no optimizer shard")
 
 
-class _Files:
-    """Ranged reads of a checkpoint's files through engine.io's pool: every ``read`` is submitted
-    at once (split over the I/O threads, O_DIRECT where offset, length and buffer are aligned) and
-    ``__exit__`` waits for all of them, naming the file if one is shorter than the manifest says."""
-
-    def __init__(self, root: Path, preloaded: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-        self.root = root
-        self.preloaded = preloaded or {}
-        self.files: dict[str, DirectFile] = {}
-        self.pool = shared_pool()
-        self.requests: list[tuple[str, Any]] = []
-
-    def read(self, name: str, offset: int, view: memoryview) -> None:
-        data = self.preloaded.get(name)
-        if data is not None:      # already in memory, verified
-            if offset + len(view) > data.numel():
-                raise CheckpointError(f"{self.root / name} is shorter than the manifest says", self.root / name)
-            copy_bytes(view, _bytes_of(data[offset:offset + len(view)]))
-            return
-        file = self.files.get(name)
-        if file is None:     # through the page cache: the checksum pass has just read these files
-            file = self.files[name] = DirectFile(self.root / name, "r", direct=False)
-        self.requests.append((name, self.pool.submit_read(file, view, offset)))
-
-    def wait(self) -> None:
-        requests, self.requests = self.requests, []
-        problems = {}
-        for name, request in requests:
-            try:
-                request.wait()
-            except (EOFError, OSError) as exc:
-                problems.setdefault(name, exc)
-        for name, exc in problems.items():
-            raise CheckpointError(f"{self.root / name} is shorter than the manifest says: {exc}"
-                                  if isinstance(exc, EOFError) else f"cannot read {self.root / name}: {exc}",
-                                  self.root / name)
-
-    def __enter__(self) -> "_Files":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            if exc[0] is None:
-                self.wait()
-            else:
-                for _, request in self.requests:
-                    for f in request.futures:
-                        f.exception()
-        finally:
-            for file in self.files.values():
-                file.close()
-
-
 def _read_extras(ckpt_dir: Path, manifest: Mapping[str, Any], skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     if not manifest.get("extras"):
         return {}
     tensors = manifest["files"][EXTRA_FILE]["tensors"]
     out = {}
-    with _Files(ckpt_dir) as files:
+    with RangedReads(ckpt_dir) as files:
         for name, t in tensors.items():
             if name in skip:
                 continue
@@ -402,7 +382,7 @@ def _read_frozen_pieces(ckpt_dir: Path, manifest: Mapping[str, Any], names: Mode
         return {}
     tensors = manifest["files"][EXTRA_FILE]["tensors"]
     out: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    with _Files(ckpt_dir) as files:
+    with RangedReads(ckpt_dir) as files:
         for name, param in names.extras:
             runs, saved = owned.get(id(param)), tensors.get(name)
             if runs is None or saved is None:
@@ -442,24 +422,15 @@ def _apply_optimizer(opt: Any, manifest: Mapping[str, Any], buffers: Mapping[str
     """Optimizer states, scalars (``step``) and hyperparameters, through the optimizer's own loader."""
     inner = opt.optimizer
     sd = inner.state_dict()
-    saved_groups = manifest["optimizer"]["groups"]
-    group_of = {p["name"]: p["group"] for p in manifest["params"]}
-    first_name = {}
-    for name, entry in zip(names.params, opt.layout.params):
-        first_name.setdefault(entry.group, name)
+    olds = _saved_groups(opt, manifest, names)
     state = {}
-    nvme = getattr(opt, "nvme", None)
-    if nvme is not None:                       # the states go to the swap files, the rest as below
-        olds = [saved_groups[min(group_of.get(first_name.get(g, ""), g), len(saved_groups) - 1)]
-                for g in range(len(opt.master_params))]
-        nvme.load_partitions(dict(buffers), [_scalars(old["scalars"]) if buffers else {} for old in olds])
+    if getattr(opt, "nvme", None) is not None:   # the states are in the swap files already (streamed)
         for pg, old in zip(inner.param_groups, olds):
             for key, value in old["hyper"].items():
                 if key in pg and _numeric(value):
                     pg[key] = _like(pg[key], value)
         return
-    for g, (mp, pg) in enumerate(zip(opt.master_params, sd["param_groups"])):
-        old = saved_groups[min(group_of.get(first_name.get(g, ""), g), len(saved_groups) - 1)]
+    for g, (mp, pg, old) in enumerate(zip(opt.master_params, sd["param_groups"], olds)):
         layout_group = opt.layout.groups[g]
         lo, hi = layout_group.local_offset, layout_group.local_offset + layout_group.partition_numel
         st: dict[str, Any] = {key: buf[lo:hi].to(mp.device) for key, buf in buffers.items()}

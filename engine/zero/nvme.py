@@ -36,7 +36,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -332,6 +332,27 @@ class NvmeOptimizerSwap:
             self.write(part, g, None if scalars is None else scalars[g])
             if "master" in part:
                 target.copy_(part["master"])
+
+    @torch.no_grad()
+    def load_streamed(self, fill: Callable[[str, int, int, torch.Tensor], None], keys: Sequence[str],
+                      scalars: Optional[list[dict[str, Any]]] = None) -> None:
+        """Replace tensors ``keys`` chunk by chunk: ``fill(key, lo, hi, view)`` writes elements
+        ``[lo, hi)`` of the rank's new partition into the chunk's view (its current values are
+        there already). Host memory holds one chunk buffer; ``master`` also goes to the model's
+        copy. ``scalars``: per group, as ``load_partitions``."""
+        buf = self._buffers[0]
+        for g, (lg, gf, target) in enumerate(zip(self.opt.layout.groups, self.files, self._targets())):
+            for k in range(gf.chunks):
+                lo, hi = gf.bounds(k)
+                self.pool.submit_read(gf.file, byte_view(buf)[:gf.slot_bytes], k * gf.slot_bytes).wait()
+                views = gf.views(buf, hi - lo)
+                for key in keys:
+                    fill(key, lg.local_offset + lo, lg.local_offset + hi, views[key])
+                if "master" in keys and target is not None:
+                    target[lo:hi].copy_(views["master"])
+                self.pool.submit_write(gf.file, byte_view(buf)[:gf.slot_bytes], k * gf.slot_bytes).wait()
+            if scalars is not None:
+                self.scalars[g] = dict(scalars[g])
 
     def load_full_states(self, full_states: Any) -> None:
         """``load_full``'s optimizer states: full canonical vectors, sharded here, and scalars."""
