@@ -18,7 +18,7 @@ compression errors are per rank and restart at zero after a load, as in DeepSpee
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -57,28 +57,45 @@ class OnebitAdam(CompressedOptimizer):
             beta1, beta2 = group["betas"]
             m, v = state["exp_avg"], state["exp_avg_sq"]
             factor = self.grad_factor(p)
+            hyper = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+            if compressed and self.world_size > 1:
+                self._fused_compressed_step(p, m, v, g, beta1, (1.0 - beta1) * factor, hyper)
+                continue
             m.mul_(beta1).add_(g, alpha=(1.0 - beta1) * factor)
             if compressed:
                 self.average(p, m)
             else:
                 v.mul_(beta2).addcmul_(g, g, value=(1.0 - beta2) * factor * factor)
-            adam_update(p, m, v, float(group["lr"]), float(group["eps"]), float(group["weight_decay"]))
+            adam_update(p, m, v, *hyper)
+
+    def _fused_compressed_step(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                               beta1: float, coef: float, hyper: tuple[float, float, float]) -> None:
+        """The compressed step in fewer passes over memory: the momentum update happens inside
+        the compression's first pass and each block of the averaged momentum updates its
+        parameters as soon as it is decompressed (same arithmetic, same bits, as the separate
+        passes). The padding after the live part is updated after it."""
+        self.average_momentum(p, m, g, beta1, coef, lambda lo, hi: adam_update(p, m, v, *hyper, lo=lo, hi=hi))
+        live = self._live.get(id(p), p.numel())
+        if live < p.numel():
+            adam_update(p, m, v, *hyper, lo=live)
 
 
 def adam_update(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, eps: float,
-                weight_decay: float) -> None:
-    """``p -= lr * (m / (sqrt(v) + eps) + weight_decay * p)``, block by block through one cached
-    buffer: memory traffic of reading p, m, v and writing p, and no Ψ-sized temporary."""
+                weight_decay: float, lo: int = 0, hi: Optional[int] = None) -> None:
+    """``p -= lr * (m / (sqrt(v) + eps) + weight_decay * p)`` over elements ``[lo, hi)`` (default:
+    all), block by block through one cached buffer: memory traffic of reading p, m, v and
+    writing p, and no Ψ-sized temporary."""
     flat_p, flat_m, flat_v = p.view(-1), m.view(-1), v.view(-1)
-    block = _BLOCK if p.device.type == "cpu" else flat_p.numel()     # one pass per op on a GPU
-    buffer = _update_buffer(p.device, min(block, flat_p.numel()))
-    for lo in range(0, flat_p.numel(), block):
-        hi = min(lo + block, flat_p.numel())
-        update = torch.sqrt(flat_v[lo:hi], out=buffer[:hi - lo]).add_(eps)
-        torch.div(flat_m[lo:hi], update, out=update)
+    end = flat_p.numel() if hi is None else hi
+    block = _BLOCK if p.device.type == "cpu" else max(end - lo, 1)     # one pass per op on a GPU
+    buffer = _update_buffer(p.device, min(block, max(end - lo, 1)))
+    for start in range(lo, end, block):
+        stop = min(start + block, end)
+        update = torch.sqrt(flat_v[start:stop], out=buffer[:stop - start]).add_(eps)
+        torch.div(flat_m[start:stop], update, out=update)
         if weight_decay > 0.0:
-            update.add_(flat_p[lo:hi], alpha=weight_decay)
-        flat_p[lo:hi].add_(update, alpha=-lr)
+            update.add_(flat_p[start:stop], alpha=weight_decay)
+        flat_p[start:stop].add_(update, alpha=-lr)
 
 
 _BLOCK = 1 << 18

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..comm import Comm
-from ..ops.onebit import compress, unpack_sum
+from ..ops.onebit import BlockDone, MomentumInput, compress, unpack_sum
 
 
 class CompressedAllReduce:
@@ -45,17 +45,25 @@ class CompressedAllReduce:
         self.server_error = torch.zeros(self.chunk, dtype=torch.float32, device=device)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None, *,
+                 momentum: Optional[MomentumInput] = None, then: Optional[BlockDone] = None) -> torch.Tensor:
         """The compressed average of ``x`` (``numel`` elements) over the ranks, written to ``out``
-        (default: ``x`` itself); returns it."""
+        (default: ``x`` itself); returns it. ``momentum``: average ``beta1 * x + coef * grad``
+        instead, computed inside the compression; ``then(lo, hi)``: called for each block of the
+        result as soon as it is written (see ``engine.ops.onebit``)."""
         comm, world = self.comm, self.comm.world_size
         flat = x.reshape(-1)
         out_flat = flat if out is None else out.reshape(-1)
         exact = self.numel == self.padded           # no padding: compress from x, decompress into out
         if not exact:
-            self.buffer[:self.numel].copy_(flat)
+            if momentum is None:
+                self.buffer[:self.numel].copy_(flat)
+            else:
+                torch.mul(flat, momentum.beta1, out=self.buffer[:self.numel])
+                self.buffer[:self.numel].add_(momentum.grad.reshape(-1), alpha=momentum.coef)
             self.buffer[self.numel:].zero_()
-        signs, scale = compress(flat if exact else self.buffer, self.worker_error, 1, impl=self.impl)
+        signs, scale = compress(flat if exact else self.buffer, self.worker_error, 1, impl=self.impl,
+                                momentum=momentum if exact else None)
         received = torch.empty_like(signs)
         comm.all_to_all_into(received, signs)
         worker_scales = torch.empty(world, dtype=torch.float32, device=scale.device)
@@ -68,9 +76,11 @@ class CompressedAllReduce:
         server_scales = torch.empty(world, dtype=torch.float32, device=scale.device)
         comm.all_gather_into(server_scales, server_scale)
         unpack_sum(all_signs.view(1, -1), server_scales.view(1, world), out_flat if exact else self.buffer,
-                   impl=self.impl)
+                   impl=self.impl, then=then if exact else None)
         if not exact:
             out_flat.copy_(self.buffer[:self.numel])
+            if then is not None:
+                then(0, self.numel)
         return x if out is None else out
 
     def reset_errors(self) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from ..comm import Comm
 from ..ops.fused_optimizers import LowpList, _check_hyper
+from ..ops.onebit import BlockDone, MomentumInput
 from ..ops.scaling import GradMultiplier, Scalar
 from ..ops.segments import SegmentSpec
 from .allreduce import CompressedAllReduce
@@ -151,6 +152,18 @@ class CompressedOptimizer(torch.optim.Optimizer):
             return out.copy_(t) if out is not t else out
         self._reducer(p)(self.live(p, t), out=self.live(p, out))
         return out
+
+    def average_momentum(self, p: torch.Tensor, m: torch.Tensor, g: torch.Tensor, beta1: float, coef: float,
+                         then: BlockDone) -> None:
+        """``m <- average(beta1 * m + coef * g)`` over the ranks (world > 1), the momentum update
+        done inside the compression's first pass, and ``then(lo, hi)`` called on each block of
+        the live part as soon as it is final (the parameter update, while the block is in cache);
+        the padding after the live part gets the plain momentum update and is left to the caller."""
+        live = self._live.get(id(p), p.numel())
+        tail_m = m.view(-1)[live:]
+        if tail_m.numel():
+            tail_m.mul_(beta1).add_(g.view(-1)[live:], alpha=coef)
+        self._reducer(p)(self.live(p, m), momentum=MomentumInput(self.live(p, g), beta1, coef), then=then)
 
     def set_segments(self, param: torch.Tensor, spec: Optional[SegmentSpec]) -> None:
         """Where each model parameter lies in a flat master (the engine's hook, shared with LAMB)."""
