@@ -122,7 +122,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _grad_and_factor(p: torch.Tensor, multiplier: GradMultiplier) -> tuple[torch.Tensor, float]:
         """(fp32 gradient, the number still to multiply it by): an fp32 gradient with plain-number
         factors is not copied (one pass over Ψ saved); otherwise a multiplied fp32 copy and 1."""
-        scale, clip = multiplier.grad_scale, multiplier.clip_coef
+        scale, clip = (_host_number(x, p.device) for x in (multiplier.grad_scale, multiplier.clip_coef))
         if p.grad.dtype == torch.float32 and not any(torch.is_tensor(x) for x in (scale, clip)):
             return p.grad, (1.0 / float(scale) if scale is not None else 1.0) * (float(clip) if clip is not None else 1.0)
         return multiplier.apply([p.grad], torch.float32)[0], 1.0
@@ -215,3 +215,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Errors are per rank and not checkpointed: they restart at zero (as in DeepSpeed)."""
         super().load_state_dict(state_dict)
         self.reset_errors()
+
+
+def _host_number(value: Scalar, device: torch.device) -> Scalar:
+    """A CPU tensor factor for CPU parameters as a plain number: reading it costs no device sync,
+    and a number folds into the momentum update, where a tensor costs a fresh Ψ-sized gradient
+    copy every step (the clip coefficient whenever gradient clipping is on)."""
+    if torch.is_tensor(value) and value.device.type == "cpu" and device.type == "cpu":
+        return float(value)
+    return value
