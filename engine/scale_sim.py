@@ -19,7 +19,7 @@ Stage 3 builds the model under ``engine.zero.Init``, so only ``1/N`` of it plus 
 is ever resident: a billions-of-parameters model is simulated on a laptop. ``fsdp2_step`` runs
 torch's FSDP2 on the same model under the same fake group, its collectives counted by the same
 rules, as the peer. ``python -m bench.scale`` prints the table; ``orch check JOB --simulate``
-runs one configuration at a job's own world size (scale_job.py).
+runs one configuration at a job's own world size (trainer/scale_job.py).
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Why: the memory estimate of ``orch check`` is a formula; the simulation runs the engine itself,
 as rank 0 of the job's ``nodes × procs_per_node`` ranks under torch's fake process group with
-the NCCL plan, on the job's model and ds_config, for one step (engine/scale_job.py), and reads
+the NCCL plan, on the job's model and ds_config, for one step (engine/trainer/scale_job.py), and reads
 what that rank would hold and move: "will this OOM or crawl on 512 GPUs?" answered before
-anything is submitted. It runs in a child process (``python -m engine.scale_job``): torch never
+anything is submitted. It runs in a child process (``python -m engine.trainer.scale_job``): torch never
 loads into the CLI, and a 7B model's partitions are freed with the child.
 
 The model comes from the bundled trainer's ``--model`` preset (its ``--seq-len``, micro-batch
@@ -56,8 +56,8 @@ def _trainer_args(spec: JobSpec, preset: Optional[str]) -> list[str]:
 
 def simulation_argv(spec: JobSpec, config_path: Path, *, preset: Optional[str] = None,
                     gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -> list[str]:
-    """The child's command line: ``python -m engine.scale_job --world N ... -- <trainer args>``."""
-    argv = [sys.executable, "-m", "engine.scale_job", "--world", str(spec.world_size),
+    """The child's command line: ``python -m engine.trainer.scale_job --world N ... -- <trainer args>``."""
+    argv = [sys.executable, "-m", "engine.trainer.scale_job", "--world", str(spec.world_size),
             "--gpu-memory-gb", f"{gpu_memory_gb:g}"]
     if preset:
         argv += ["--preset", preset]
@@ -66,7 +66,7 @@ def simulation_argv(spec: JobSpec, config_path: Path, *, preset: Optional[str] =
 
 def simulate_spec(spec: JobSpec, *, preset: Optional[str] = None, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
                   timeout: float = SIMULATION_TIMEOUT_S) -> dict[str, Any]:
-    """Run the simulation for ``spec``; the child's answer (engine.scale_job.JobSimulation as a dict)."""
+    """Run the simulation for ``spec``; the child's answer (engine.trainer.scale_job.JobSimulation as a dict)."""
     if gpu_memory_gb <= 0:
         raise UserError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb:g}")
     if preset:

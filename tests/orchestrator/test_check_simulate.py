@@ -1,7 +1,7 @@
 """``orch check JOB --simulate``: a user asks whether a job fits and how much it moves before submitting it.
 
 The command runs the engine for one step as rank 0 of the job's world under torch's fake process
-group (engine/scale_job.py in a child process) and prints per-GPU memory, collectives per step
+group (engine/trainer/scale_job.py in a child process) and prints per-GPU memory, collectives per step
 and a verdict. What it prints must be what the scale simulator measures for the same model,
 ds_config and world size.
 """

@@ -1,4 +1,4 @@
-"""One job's scale simulation: ``orch check JOB --simulate`` runs this as ``python -m engine.scale_job``.
+"""One job's scale simulation: ``orch check JOB --simulate`` runs this as ``python -m engine.trainer.scale_job``.
 
 Why: "will this OOM or crawl on 512 GPUs?" should be answered on a laptop before anything is
 submitted. The job's own trainer arguments and ds_config are read exactly as the bundled
@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["JobSimulation", "main", "simulate_job"]
 
@@ -35,7 +35,7 @@ MEMORY_HEADROOM = 0.9     # of the GPU's memory: the CUDA context, allocator cac
 
 @dataclass
 class JobSimulation:
-    """The answer for one job (JSON on stdout of ``python -m engine.scale_job``)."""
+    """The answer for one job (JSON on stdout of ``python -m engine.trainer.scale_job``)."""
 
     model: str
     world: int
@@ -170,7 +170,7 @@ def simulate_job(trainer_argv: Sequence[str], *, world: int, preset_name: Option
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.scale_job",
+        prog="python -m engine.trainer.scale_job",
         description="Simulate one step of the bundled trainer as rank 0 of WORLD NCCL ranks (fake process "
                     "group) and print what one GPU holds and moves, as JSON. Trainer arguments follow `--`.")
     parser.add_argument("--world", type=int, required=True, help="ranks in the job (nodes x GPUs per node)")
