@@ -18,7 +18,7 @@ NODE_DIR = Path(os.environ.get("ORCH_K8S_NODE", "/tmp/orch-k8s-node"))
 CACHE_DIR = Path(os.environ.get("ORCH_K8S_CACHE", "/var/cache/orch-k8s"))
 IMAGE = os.environ.get("ORCH_K8S_IMAGE", "k8s.local/orch:dev")
 ENABLE = ("run `sudo tests/clusters/k8s_node.sh up` once (Debian 12, root: builds Kubernetes 1.20 from Debian's "
-          "source, ~30 min of 2 CPUs and ~15 GB the first time; cached in /var/cache/orch-k8s), or set "
+          "source, ~5 min on 2 idle CPUs (far longer under load) and ~15 GB the first time; cached in /var/cache/orch-k8s), or set "
           "ORCH_TEST_NODE_KUBECONFIG (+ ORCH_TEST_NODE_IMAGE) to a disposable cluster that runs the Kubeflow "
           "training operator and can share a ReadWriteMany volume")
 
@@ -36,7 +36,7 @@ def cache_ready() -> bool:
 def wait_for_background_prepare() -> str:
     """Wait for a `.ci/k8s-node-up.sh prepare` that CI started beside the tests, if one runs.
 
-    CI builds the node's binaries and base image (about 25 minutes the first time) while the rest of
+    CI builds the node's binaries and base image (about 5 minutes on an idle machine the first time) while the rest of
     the suite runs, and puts the node tier last; .ci/run names the build's pid in
     ORCH_K8S_NODE_PREPARE_PID. Returns what happened, for a skip message."""
     pid = os.environ.get("ORCH_K8S_NODE_PREPARE_PID", "")

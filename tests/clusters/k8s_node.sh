@@ -13,7 +13,7 @@
 # Why each piece is built this way (no registry, no Docker engine, no kube binaries in Debian):
 # - the binaries come from Debian 12's `kubernetes` source package (1.20.2): one `make WHAT=...` for
 #   all four, with Debian's reflect2 1.0.2 swapped into vendor/ (the vendored 1.0.1 breaks on Go >= 1.18);
-#   ~25 min of 2 CPUs once, then cached in $ORCH_K8S_CACHE/bin (360 MB);
+#   ~8 CPU-minutes once (284 s on an idle 2-core machine, far longer under load), then cached in $ORCH_K8S_CACHE/bin (360 MB);
 # - images are layer tars packed as OCI archives (tests/clusters/k8s_image.py) and imported with
 #   `ctr`: a minimal debootstrap'ed bookworm + a venv with torch (CPU), cached; orch's other
 #   dependencies, cached by their requirements; and a thin layer holding orch's wheel of the current
@@ -117,7 +117,7 @@ build() {
   if [ ! -x "$BIN/kube-apiserver" ]; then
     # First on its own, so that the API-server tier (../shared/k8s/apiserver.sh caches the same
     # binary under kube-apiserver-$KUBE_VERSION) can start while the other three build.
-    log "building kube-apiserver $KUBE_VERSION (~10 min on 2 cores, first time only; log: $WORK/build.log)"
+    log "building kube-apiserver $KUBE_VERSION (~3-4 min on 2 idle cores, first time only; log: $WORK/build.log)"
     make_binaries "$src" cmd/kube-apiserver
     [ -e "$CACHE/kube-apiserver-$KUBE_VERSION" ] \
       || { cp "$BIN/kube-apiserver" "$CACHE/kube-apiserver-$KUBE_VERSION.tmp" \
@@ -125,7 +125,7 @@ build() {
     log "kube-apiserver built in $(( $(ts) - t0 )) s"
   fi
   if ! have_binaries; then
-    log "building kubelet kube-scheduler kube-controller-manager (~15 min more; log: $WORK/build.log)"
+    log "building kubelet kube-scheduler kube-controller-manager (~2 min more; log: $WORK/build.log)"
     make_binaries "$src" cmd/kubelet cmd/kube-scheduler cmd/kube-controller-manager
   fi
   gcc -Os -static -o "$BIN/pause" "$src/build/pause/linux/pause.c"
