@@ -138,3 +138,30 @@ def train_global_batches(eng: Any, batches: Iterable[tuple[Any, Any]]) -> Iterat
         if world > 1:
             dist.all_reduce(total)
         yield total.item() / (gas * world)
+
+
+def tiny_gpt_losses(config: dict, steps: int, micro: int) -> list[float]:
+    """Train the tiny GPT under ``config`` in this rank for ``steps`` steps of ``micro`` samples each
+    (every rank its own slice of the same synthetic stream); the world-mean loss of every step."""
+    import torch
+    import torch.distributed as dist
+
+    import engine
+    from engine.models import build_model
+    from engine.trainer.data import SyntheticTokens
+
+    model = build_model("tiny", seed=0)
+    eng, _, _, _ = engine.initialize(model=model, config=config)
+    data = SyntheticTokens(model.config.vocab_size, model.config.seq_len, seed=3)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = []
+    for step in range(steps):
+        first = (step * world + rank) * micro
+        tokens = torch.from_numpy(data.samples(range(first, first + micro))).long()
+        loss = eng(tokens[:, :-1], tokens[:, 1:])
+        eng.backward(loss)
+        eng.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses

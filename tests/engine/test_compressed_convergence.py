@@ -31,7 +31,7 @@ import functools
 
 import pytest
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, tiny_gpt_losses
 
 pytestmark = pytest.mark.slow
 
@@ -54,28 +54,7 @@ def config(kind: str) -> dict:
 
 
 def train(kind: str, steps: int) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    import engine
-    from engine.models import build_model
-    from engine.trainer.data import SyntheticTokens
-
-    model = build_model("tiny", seed=0)
-    eng, _, _, _ = engine.initialize(model=model, config=config(kind))
-    data = SyntheticTokens(model.config.vocab_size, model.config.seq_len, seed=3)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    losses = []
-    for step in range(steps):
-        first = (step * world + rank) * MICRO
-        tokens = torch.from_numpy(data.samples(range(first, first + MICRO))).long()
-        loss = eng(tokens[:, :-1], tokens[:, 1:])
-        eng.backward(loss)
-        eng.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
+    return tiny_gpt_losses(config(kind), steps, MICRO)
 
 
 def runs() -> dict:

@@ -17,7 +17,7 @@ import functools
 
 import pytest
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, tiny_gpt_losses
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +31,7 @@ def config(freeze_step: int) -> dict:
 
 
 def train(freeze_step: int, error_feedback: bool = True) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    import engine
-    from engine.models import build_model
     from engine.onebit import allreduce
-    from engine.trainer.data import SyntheticTokens
 
     if not error_feedback:
         original = allreduce.CompressedAllReduce.__call__
@@ -46,21 +40,7 @@ def train(freeze_step: int, error_feedback: bool = True) -> list[float]:
             self.reset_errors()
             return original(self, x, **fused)
         allreduce.CompressedAllReduce.__call__ = without_feedback
-    model = build_model("tiny", seed=0)
-    eng, _, _, _ = engine.initialize(model=model, config=config(freeze_step))
-    data = SyntheticTokens(model.config.vocab_size, model.config.seq_len, seed=3)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    losses = []
-    for step in range(STEPS):
-        first = (step * world + rank) * MICRO
-        tokens = torch.from_numpy(data.samples(range(first, first + MICRO))).long()
-        loss = eng(tokens[:, :-1], tokens[:, 1:])
-        eng.backward(loss)
-        eng.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
+    return tiny_gpt_losses(config(freeze_step), STEPS, MICRO)
 
 
 def runs() -> dict:
