@@ -165,3 +165,17 @@ def tiny_gpt_losses(config: dict, steps: int, micro: int) -> list[float]:
         dist.all_reduce(total)
         losses.append(total.item() / world)
     return losses
+
+
+def ledgered_steps(eng: Any, train_steps: Callable[[Any, int, int], list[float]], steps: int) -> tuple[list[float], list[int]]:
+    """Run ``steps`` single steps through ``train_steps(eng, step, step + 1)``; the losses and the bytes
+    this rank sent in collectives during each step (the communication ledger, reset first)."""
+    from engine.comm_ledger import ledger
+
+    ledger.reset()
+    losses, per_step = [], []
+    for step in range(steps):
+        ledger.mark_step()
+        losses += train_steps(eng, step, step + 1)
+        per_step.append(ledger.mark_step()["comm_bytes_sent"])
+    return losses, per_step

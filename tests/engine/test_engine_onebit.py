@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, ledgered_steps
 from tests.engine_zero_cases import GLOBAL_BATCH, STEPS, global_batch, make_model, train_steps
 
 pytestmark = pytest.mark.slow
@@ -114,16 +114,10 @@ def onebit_reference(world: int, steps: int = STEPS, freeze_step: int = FREEZE) 
 # -- what the ranks run -------------------------------------------------------------------------
 def engine_steps(config: dict, steps: int = STEPS) -> dict:
     import engine
-    from engine.comm_ledger import ledger
 
     model = make_model()
     eng, _, _, _ = engine.initialize(model=model, config=copy.deepcopy(config))
-    ledger.reset()
-    losses, per_step = [], []
-    for step in range(steps):
-        ledger.mark_step()
-        losses += train_steps(eng, step, step + 1)
-        per_step.append(ledger.mark_step()["comm_bytes_sent"])
+    losses, per_step = ledgered_steps(eng, train_steps, steps)
     return {"losses": losses, "bytes": per_step, "params": sum(p.numel() for p in model.parameters())}
 
 

@@ -17,7 +17,7 @@ import functools
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, ledgered_steps
 from tests.engine.test_engine_onebit import compressed_allreduce_reference
 from tests.engine.test_engine_zoadam import Ranks, fresh_errors, model32
 from tests.engine_zero_cases import GLOBAL_BATCH, STEPS, make_model, train_steps
@@ -115,16 +115,10 @@ def lamb_reference(world: int, steps: int = STEPS, freeze_step: int = FREEZE) ->
 # -- what the ranks run -------------------------------------------------------------------------
 def engine_steps(config: dict, steps: int = STEPS) -> dict:
     import engine
-    from engine.comm_ledger import ledger
 
     model = model32()
     eng, _, _, _ = engine.initialize(model=model, config=copy.deepcopy(config))
-    ledger.reset()
-    losses, per_step = [], []
-    for step in range(steps):
-        ledger.mark_step()
-        losses += train_steps(eng, step, step + 1)
-        per_step.append(ledger.mark_step()["comm_bytes_sent"])
+    losses, per_step = ledgered_steps(eng, train_steps, steps)
     state = eng.optimizer.optimizer.state if hasattr(eng.optimizer, "optimizer") else eng.optimizer.state
     scalars = sorted(k for st in state.values() for k in st if "." in k)
     return {"losses": losses, "bytes": per_step, "scalar_keys": scalars}

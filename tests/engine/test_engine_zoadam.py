@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, ledgered_steps
 from tests.engine.test_engine_onebit import compressed_allreduce_reference
 from tests.engine_zero_cases import GLOBAL_BATCH, STEPS, global_batch, make_model, train_steps
 
@@ -143,16 +143,10 @@ def zoadam_reference(world: int, steps: int = STEPS) -> tuple[list[float], list[
 # -- what the ranks run -------------------------------------------------------------------------
 def engine_steps(config: dict, steps: int = STEPS) -> dict:
     import engine
-    from engine.comm_ledger import ledger
 
     model = model32()
     eng, _, _, _ = engine.initialize(model=model, config=copy.deepcopy(config))
-    ledger.reset()
-    losses, per_step = [], []
-    for step in range(steps):
-        ledger.mark_step()
-        losses += train_steps(eng, step, step + 1)
-        per_step.append(ledger.mark_step()["comm_bytes_sent"])
+    losses, per_step = ledgered_steps(eng, train_steps, steps)
     weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return {"losses": losses, "bytes": per_step, "weights": weights}
 
