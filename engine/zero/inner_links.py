@@ -35,19 +35,23 @@ def link_inner_optimizer(optimizer: Any, layout: FlatLayout, masters: list[torch
 
 def partition_segments(layout: FlatLayout, group: GroupLayout, rank: int,
                        reduce: Optional[Callable[[torch.Tensor], None]] = None) -> SegmentSpec:
-    """``group``'s slice for ``rank`` as consecutive segments keyed by parameter index.
+    """``group``'s slice for ``rank`` (its piece of every span, side by side) as consecutive
+    segments keyed by parameter index.
 
     Alignment gaps and the end padding join the segment before them (they hold zeros: nothing
     to either norm); a slice holding only padding is one segment of the spare key ``len(params)``.
     """
-    lo, hi = group.partition_range(rank)
-    pieces: list[tuple[int, int, int]] = []      # (start, end, key) inside the slice
-    for index, entry in enumerate(layout.params):
-        if entry.group != group.index:
+    pieces: list[tuple[int, int, int]] = []      # (start, end, key) inside the group's local slice
+    for span, start, local in layout.owned_pieces(rank):
+        if span.group != group.index:
             continue
-        start, end = max(lo, entry.buffer_offset), min(hi, entry.buffer_offset + entry.numel)
-        if end > start:
-            pieces.append((start - lo, end - lo, index))
+        lo, hi, base = start, start + span.partition_numel, local - group.local_offset
+        for index in range(span.first_param, span.first_param + span.param_count):
+            entry = layout.params[index]
+            a, b = max(lo, entry.buffer_offset), min(hi, entry.buffer_offset + entry.numel)
+            if b > a:
+                pieces.append((base + a - lo, base + b - lo, index))
+    lo, hi = 0, group.partition_numel
     spare = len(layout.params)
     if not pieces:
         return SegmentSpec(lengths=(hi - lo,), keys=(spare,), n_keys=spare + 1, reduce=reduce)

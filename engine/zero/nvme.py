@@ -192,11 +192,11 @@ class NvmeOptimizerSwap:
             self._step_group(g, gf, params, grad.reshape(-1), target, divisor, clip_coef, lowp_grads)
 
     def _targets(self) -> list[torch.Tensor]:
-        """Per group, where the model reads the parameters: the rank's slice of the flat
-        parameters (stages 1-2) or of the parameter partition (stage 3)."""
+        """Per group, where the model's copy of the parameters is written: the host staging that
+        stages 1-2 send to the rank's pieces of the flat parameters, or stage 3's partition."""
         opt = self.opt
-        if hasattr(opt, "flat_params"):
-            return [opt.flat_params[lo:hi] for lo, hi in (g.partition_range(opt._rank) for g in opt.layout.groups)]
+        if hasattr(opt, "flat_params"):    # pinned staging, sent on to the rank's pieces of every bucket
+            return opt.publish_targets()
         return [opt.partition[g.local_offset:g.local_offset + g.partition_numel] for g in opt.layout.groups]
 
     def _step_group(self, g: int, gf: _GroupFile, params: list[nn.Parameter], grad: torch.Tensor,

@@ -10,8 +10,11 @@ Stage 3 shards finer (DESIGN "Scale rules"): each **span** (a run of consecutive
 group that one fetch unit holds) is split evenly over the ranks on its own, so gathering a unit
 is one all-gather of ``N × P_span`` elements straight into its buffer and reducing its gradient
 one reduce-scatter, instead of moving the whole group's slice of every rank. ``FlatLayout.build``
-takes ``span_keys`` for that; without them a group is one span (stages 1-2: the classic layout
-above). A group's partition for a rank is then the concatenation of its piece of every span.
+takes ``span_keys`` for that; without them a group is one span (the classic layout above, which
+stage 0 and checkpoints written before spans existed use). Stages 1-2 shard the same way with
+one span per reduce bucket (``FlatLayout.bucketed``): a bucket's reduction is one reduce-scatter
+and the gather after the step one all-gather per bucket, whatever N. A group's partition for a
+rank is then the concatenation of its piece of every span.
 
 Two coordinate systems are used:
 
@@ -90,6 +93,10 @@ class Span:
 
     def padded_numel(self, world: int) -> int:
         return self.partition_numel * world
+
+    def piece_start(self, rank: int) -> int:
+        """Where rank ``rank``'s piece of the span starts, in buffer coordinates."""
+        return self.buffer_offset + rank * self.partition_numel
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,14 @@ class FlatLayout:
                                        *group_start))
         return cls(tuple(entries), tuple(layouts), partition_count, alignment, tuple(spans))
 
+    @classmethod
+    def bucketed(cls, groups: Sequence[Sequence[tuple[str, torch.Tensor]]], partition_count: int,
+                 bucket_numel: int, alignment: int = ALIGNMENT) -> "FlatLayout":
+        """Stages 1-2: every reduce bucket (whole consecutive parameters of one group, at most
+        ``bucket_numel`` elements; a larger parameter alone) is one span, sharded evenly."""
+        return cls.build(groups, partition_count, alignment,
+                         span_keys=[_bucket_keys([t.numel() for _, t in named], bucket_numel) for named in groups])
+
     def span_of(self, param_index: int) -> Span:
         """The span holding ``params[param_index]``."""
         return self.spans[self._span_of[param_index]]  # type: ignore[attr-defined]
@@ -222,6 +237,11 @@ class FlatLayout:
         return sum(g.partition_numel for g in self.groups)
 
     # -- ownership ------------------------------------------------------------------------
+    def owned_pieces(self, rank: int) -> list[tuple[Span, int, int]]:
+        """``(span, buffer start, local start)`` of rank's piece of every span (``span.partition_numel``
+        elements each, padding included): where its partition sits in the flat buffers."""
+        return [(s, s.piece_start(rank), s.local_offset) for s in self.spans if s.partition_numel]
+
     def segments(self, rank: int) -> list[Segment]:
         """The real elements rank ``rank`` owns, as canonical ranges with their local offsets."""
         out = []
@@ -310,6 +330,18 @@ class FlatLayout:
     def _check_full(self, full: torch.Tensor) -> None:
         if full.dim() != 1 or full.numel() != self.numel:
             raise ValueError(f"expected a flat vector of {self.numel} elements, got shape {tuple(full.shape)}")
+
+
+def _bucket_keys(sizes: Sequence[int], bucket_numel: int) -> list[int]:
+    """Bucket number of each parameter: consecutive ones while their sum fits ``bucket_numel``
+    (a parameter larger than that is a bucket of its own), as ``FlatLayout.buckets`` cuts."""
+    limit, keys, bucket, size = max(1, int(bucket_numel)), [], 0, 0
+    for numel in sizes:
+        if size and size + numel > limit:
+            bucket, size = bucket + 1, 0
+        keys.append(bucket)
+        size += numel
+    return keys
 
 
 def _runs_of_equal(keys: Sequence[Hashable]) -> list[list[int]]:

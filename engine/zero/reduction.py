@@ -44,8 +44,8 @@ class GradientOrderError(RuntimeError):
 class GradientReducer:
     """Reduces ``params``' gradients bucket by bucket (see the module docstring).
 
-    ``flat_grads``/``grad_views`` (stages 0/1) or ``grad_partition`` (stages 2/3) say where the
-    reduced gradients live; ``rank`` is whose partition this rank owns; ``dtype`` is the
+    ``flat_grads``/``grad_views`` (stages 0/1: where gradients accumulate) and ``grad_partition``
+    (stages 1-3: where this rank's reduced share goes) say where the gradients live; ``rank`` is whose partition this rank owns; ``dtype`` is the
     accumulation dtype (staging buckets and the reduction; grad_precision.py); ``predivide`` is
     what every rank divides its gradients by before the sum (1: nothing), applied only when
     there is more than one rank. Partitioned reducers stage each gradient as it arrives (it is
@@ -57,14 +57,15 @@ class GradientReducer:
                  rank: int, dtype: torch.dtype, device: torch.device, overlap: bool, predivide: float = 1.0,
                  flat_grads: Optional[torch.Tensor] = None, grad_views: Sequence[torch.Tensor] = (),
                  grad_partition: Optional[torch.Tensor] = None, accumulate: bool = False) -> None:
-        if (flat_grads is None) == (grad_partition is None):
-            raise ValueError("GradientReducer needs exactly one of flat_grads and grad_partition")
+        if flat_grads is None and grad_partition is None:
+            raise ValueError("GradientReducer needs flat_grads, grad_partition or both (stage 1: reduced from "
+                             "the first into the second)")
         self.layout, self.params, self.comm = layout, list(params), comm
         self.rank, self.dtype, self.device = rank, dtype, device
         self.overlap, self.accumulate = overlap, accumulate
         self.predivide = float(predivide) if comm.active else 1.0
         self.flat_grads, self.grad_views, self.grad_partition = flat_grads, list(grad_views), grad_partition
-        self.partitioned = grad_partition is not None
+        self.partitioned = flat_grads is None     # gradients are staged in bucket buffers
         self.buckets = self._make_buckets(bucket_numel)
         self._order: list[Bucket] = list(reversed(self.buckets))  # backward finishes last params first
         self._position = {b.index: pos for pos, b in enumerate(self._order)}

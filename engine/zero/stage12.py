@@ -11,13 +11,20 @@ stage       model params        gradients             fp32 master + Adam state  
 ==========  ==================  ====================  ========================  ============
 
 The model's parameters are views into one flat buffer per rank (``flat_params``), laid out by
-``FlatLayout`` so that each rank's partition is a contiguous slice. That makes the all-gather
-after the step write straight into the parameters, and lets stages 0/1 keep gradients as
-views into a flat gradient buffer that is reduced in place, bucket by bucket.
+``FlatLayout.bucketed``: every reduce bucket (whole consecutive parameters of one group, at most
+``reduce_bucket_size`` elements) is split into N equal padded pieces and rank r owns piece r of
+every bucket (its partition: those pieces side by side). So whatever N is, a bucket's gradient
+reduction is one reduce-scatter into the owner's partition (stage12_reduction.py) and the gather
+after the step one all-gather per bucket straight into the parameters: collectives per step grow
+with the buckets, never with the ranks. Stage 0 (nothing partitioned) keeps one bucket-free
+layout and all-reduces.
 
+Stages 0/1 keep gradients as views into a flat gradient buffer that is reduced from in place,
+bucket by bucket; stage 1's reduce-scatter writes the sum of the rank's pieces into its gradient
+partition (``grad_dtype`` × Ψ/N: the optimizer's gradient, as DeepSpeed's fp32 partition gradient).
 Stage 2 never holds all gradients at once: a post-accumulate-grad hook hands each finished
-gradient to the ``GradientReducer`` (reduction.py), which stages it in a bucket buffer, frees
-it, reduces full buckets (asynchronously when ``overlap_comm``) and keeps the owner's slice.
+gradient to the reducer, which stages it in a bucket buffer, frees it, reduces full buckets
+(asynchronously when ``overlap_comm``) into the partition.
 
 Gradients accumulate and are reduced in ``grad_dtype`` (fp32 by default under bf16/fp16,
 ``data_types.grad_accum_dtype``; grad_precision.py). Stages 0/1 accumulate in the flat buffer
@@ -26,8 +33,9 @@ Gradients accumulate and are reduced in ``grad_dtype`` (fp32 by default under bf
 ``p.grad``); summing in fp32 it reduces every micro-step into its fp32 partition (4Ψ/N) as
 DeepSpeed's stage 2 does, since keeping unreduced fp32 gradients would need a full 4Ψ buffer.
 
-The step itself is base.py's. Under fp32 the master partition *is* the slice of
-``flat_params`` (no copy), and so is its gradient. With ``offload_optimizer`` (offload.py) the
+The step itself is base.py's. Under fp32 at stage 0 the master *is* ``flat_params`` (no copy);
+partitioned, a rank's pieces are spread over the buckets, so its fp32 master is a copy (as
+DeepSpeed's stages 1-2 keep one). With ``offload_optimizer`` (offload.py) the
 master, the optimizer states and the reduced gradient partition live in host memory and the
 step runs there; the updated slice is copied back into ``flat_params`` and all-gathered.
 """
@@ -49,6 +57,7 @@ from .offload import HostPublish, OffloadSettings, copy_between, host_empty, hos
 from .grad_precision import GradientPrecision, set_grad_dtype
 from .partition import FlatLayout
 from .reduction import GradientOrderError, GradientReducer
+from .stage12_reduction import BucketReducer
 
 __all__ = ["GradientOrderError", "Stage12Optimizer", "ZeroSettings"]
 
@@ -89,8 +98,13 @@ class Stage12Optimizer(PartitionedOptimizer):
         if self.offload.param or (self.offload.optimizer and self.stage == 0):
             raise ValueError("offload_param needs ZeRO stage 3 and offload_optimizer stage 1 or higher")
         count = comm.world_size if self.stage >= 1 else 1
-        self.layout = FlatLayout.build([list(named) for _, named in groups], partition_count=count)
         self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
+        named_groups = [list(named) for _, named in groups]
+        if count > 1:
+            self.layout = FlatLayout.bucketed(named_groups, count, self._reduce_bucket_numel(
+                sum(p.numel() for p in self.params)))
+        else:
+            self.layout = FlatLayout.build(named_groups, partition_count=1)
         self._rank = comm.rank if count > 1 else 0   # whose partition this rank updates
         precision = grads or GradientPrecision()
         self.grad_dtype = precision.dtype_for(model_dtype)
@@ -103,18 +117,18 @@ class Stage12Optimizer(PartitionedOptimizer):
         self.flat_grads: Optional[torch.Tensor] = None
         self.grad_partition: Optional[torch.Tensor] = None
         self._grad_views: list[torch.Tensor] = []
-        self._host_grads: Optional[torch.Tensor] = None   # stage 1 + offload: own gradient slices, on the host
         self._make_grad_storage(device)
 
-        self.master_is_view = model_dtype == torch.float32 and not self.offload.optimizer
+        self.master_is_view = model_dtype == torch.float32 and not self.offload.optimizer and count == 1
         self.master: Optional[torch.Tensor] = None
         self._publish: Optional[HostPublish] = None
         self._masters = self._make_masters(device)
         self._build_inner_optimizer(groups, make_optimizer)
         link_inner_optimizer(self.optimizer, self.layout, self.master_params, self._rank, comm, device)
 
-        self.reducer = GradientReducer(
-            self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
+        reducer = BucketReducer if count > 1 else GradientReducer
+        self.reducer = reducer(
+            self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(self.layout.numel), rank=self._rank,
             dtype=self.grad_dtype, device=device, overlap=settings.overlap_comm,
             predivide=precision.predivide_for(model_dtype, comm.world_size), flat_grads=self.flat_grads,
             grad_views=self._grad_views, grad_partition=self.grad_partition, accumulate=self._reduce_every_pass)
@@ -125,7 +139,7 @@ class Stage12Optimizer(PartitionedOptimizer):
         self.overflow = False
 
     # -- set-up -------------------------------------------------------------------------------
-    def _reduce_bucket_numel(self) -> int:
+    def _reduce_bucket_numel(self, numel: int) -> int:
         """``reduce_bucket_size``; at stage 2 also no more than a quarter of the model.
 
         Stages 0/1 reduce in place inside the flat gradient buffer, so the bucket size only sets
@@ -139,7 +153,7 @@ class Stage12Optimizer(PartitionedOptimizer):
         requested = int(self.settings.reduce_bucket_size)
         if self.stage < 2:
             return requested
-        return max(1, min(requested, -(-self.layout.numel // 4)))
+        return max(1, min(requested, -(-numel // 4)))
 
     def _view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         entry = self.layout.params[index]
@@ -156,16 +170,17 @@ class Stage12Optimizer(PartitionedOptimizer):
         return flat
 
     def _make_grad_storage(self, device: torch.device) -> None:
-        """Stage 2: this rank's gradient partition only (in host memory when offloading).
+        """Stages 1-2: this rank's gradient partition (in host memory when offloading).
         Stages 0/1: a flat buffer that every ``p.grad`` is a view of, so autograd accumulates
         straight into what gets reduced (in ``grad_dtype``: autograd casts each micro-step's
         gradient into it, torch's ``Parameter.grad_dtype``)."""
         dtype = self.grad_dtype
-        if self.stage == 2:
+        if self.stage >= 1:
             if self.offload.optimizer:
                 self.grad_partition = host_zeros(self.layout.partition_numel, dtype, self.offload)
             else:
                 self.grad_partition = torch.zeros(self.layout.partition_numel, dtype=dtype, device=device)
+        if self.stage == 2:
             return
         self.flat_grads = torch.zeros(self.layout.padded_numel, dtype=dtype, device=device)
         self._grad_views = [self._view(self.flat_grads, i) for i in range(len(self.params))]
@@ -173,24 +188,30 @@ class Stage12Optimizer(PartitionedOptimizer):
             if dtype != self.model_dtype:
                 set_grad_dtype(p, dtype)
             p.grad = view
-        if self.offload.optimizer:
-            self._host_grads = host_empty(self.layout.partition_numel, dtype, self.offload)
 
     def _make_masters(self, device: torch.device) -> list[torch.Tensor]:
-        """One fp32 master slice per group: views into flat_params (fp32) or into self.master."""
-        ranges = [g.partition_range(self._rank) for g in self.layout.groups]
+        """One fp32 master slice per group: views into flat_params (fp32, stage 0) or into self.master."""
+        if self.offload.nvme:       # the swap files get the masters from master_sources, chunk by chunk
+            return [torch.empty(0, dtype=torch.float32) for _ in self.layout.groups]
         if self.master_is_view:
-            return [self.flat_params[lo:hi] for lo, hi in ranges]
+            return [self.flat_params[g.buffer_offset:g.buffer_offset + g.partition_numel] for g in self.layout.groups]
         if self.offload.optimizer:
             self.master = host_empty(self.layout.partition_numel, torch.float32, self.offload)
         else:
             self.master = torch.empty(self.layout.partition_numel, dtype=torch.float32, device=device)
-        views = []
-        for g, (lo, hi) in zip(self.layout.groups, ranges):
-            view = self.master[g.local_offset:g.local_offset + g.partition_numel]
-            view.copy_(self.flat_params[lo:hi])
-            views.append(view)
-        return views
+        for local, piece in self._own_pieces():
+            self.master[local:local + piece.numel()].copy_(piece)
+        return [self.master[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+
+    def master_sources(self) -> list[tuple[int, torch.Tensor]]:
+        """Where the fp32 masters' first values are (partition-local offset, tensor): the rank's
+        pieces of the flat parameters."""
+        return self._own_pieces()
+
+    def _own_pieces(self) -> list[tuple[int, torch.Tensor]]:
+        """``(local offset, view of flat_params)`` of this rank's piece of every span."""
+        return [(local, self.flat_params[start:start + span.partition_numel])
+                for span, start, local in self.layout.owned_pieces(self._rank)]
 
     # -- backward: the reducer does the work ------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
@@ -219,33 +240,33 @@ class Stage12Optimizer(PartitionedOptimizer):
 
     # -- the step (base.py) uses these -----------------------------------------------------------
     def _own_grads(self) -> list[torch.Tensor]:
-        out = []
-        for g in self.layout.groups:
-            if self.stage == 2:
-                out.append(self.grad_partition[g.local_offset:g.local_offset + g.partition_numel])
-                continue
-            lo, hi = g.partition_range(self._rank)
-            if self._host_grads is None:
-                out.append(self.flat_grads[lo:hi])
-            else:
-                host = self._host_grads[g.local_offset:g.local_offset + g.partition_numel]
-                copy_between(host, self.flat_grads[lo:hi])
-                out.append(host)
-        return out
+        if self.grad_partition is not None:
+            return [self.grad_partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+        return [self.flat_grads[g.buffer_offset:g.buffer_offset + g.partition_numel] for g in self.layout.groups]
 
     def _lowp_targets(self) -> Optional[list[torch.Tensor]]:
+        """Where the fused step may write the model's dtype: the pinned staging of offload (the
+        host step casts there), or at stage 0 the flat parameters themselves. Partitioned, a rank's
+        pieces are not one slice of ``flat_params``, so the step writes the master and
+        ``_publish_params`` casts each piece into place."""
         publish = self._offload_publish()
-        if publish is not None:   # the host step writes the model's dtype into pinned staging
-            return publish.targets([(g.local_offset, g.local_offset + g.partition_numel) for g in self.layout.groups])
-        if self._masters[0].device != self.flat_params.device:
+        if publish is not None:
+            return self.publish_targets()
+        if self.layout.partition_count > 1 or self._masters[0].device != self.flat_params.device:
             return None
-        return [self.flat_params.narrow(0, lo, hi - lo)
-                for lo, hi in (g.partition_range(self._rank) for g in self.layout.groups)]
+        return [self.flat_params.narrow(0, g.buffer_offset, g.partition_numel) for g in self.layout.groups]
+
+    def publish_targets(self) -> list[torch.Tensor]:
+        """Per group, the contiguous host staging the host step (CPU or NVMe offload) writes the
+        updated parameters into, in the model's dtype; ``_publish_params`` sends them on."""
+        publish = self._offload_publish()
+        assert publish is not None, "publish_targets needs offload_optimizer"
+        return publish.targets([(g.local_offset, g.local_offset + g.partition_numel) for g in self.layout.groups])
 
     def _offload_publish(self) -> Optional[HostPublish]:
-        """offload_optimizer (not NVMe, which writes the model's copy itself): the pinned staging
-        the host step's results go back through (offload.py), made on first use."""
-        if not self.offload.optimizer or self.nvme is not None:
+        """offload_optimizer (CPU or NVMe): the pinned staging the host step's results go back
+        through (offload.py), made on first use."""
+        if not self.offload.optimizer:
             return None
         if self._publish is None:
             self._publish = HostPublish(self.layout.partition_numel, self.model_dtype, self.offload, self.device)
@@ -253,23 +274,25 @@ class Stage12Optimizer(PartitionedOptimizer):
 
     @torch.no_grad()
     def _publish_params(self, local_copied: bool = False) -> None:
-        """Updated master partitions -> model parameters on every rank."""
+        """Updated master partitions -> model parameters on every rank: this rank's pieces into
+        ``flat_params``, then one all-gather per bucket (stage12_reduction.py's spans)."""
         publish = self._offload_publish()
-        for g, master in zip(self.layout.groups, self._masters):
-            lo, hi = g.partition_range(self._rank)
+        master = None if self.master_is_view or local_copied else self.master
+        for local, piece in self._own_pieces():
+            source = None if master is None else master[local:local + piece.numel()]
             if publish is not None:
-                publish.send(self.flat_params[lo:hi], g.local_offset, g.local_offset + g.partition_numel,
-                             None if local_copied else master)
-            elif not self.master_is_view and not local_copied:
-                copy_between(self.flat_params[lo:hi], master)
-            if self.layout.partition_count > 1:
-                flat = self.flat_params[g.buffer_offset:g.buffer_offset + g.padded_numel]
-                self.comm.all_gather_partitions(flat, g.partition_numel, self.settings.allgather_bucket_size)
+                publish.send(piece, local, local + piece.numel(), source)
+            elif source is not None:
+                copy_between(piece, source)
+        if self.layout.partition_count > 1:
+            for span, _, _ in self.layout.owned_pieces(self._rank):
+                region = self.flat_params[span.buffer_offset:span.buffer_offset + span.padded_numel(self.comm.world_size)]
+                self.comm.all_gather_partitions(region, span.partition_numel, self.settings.allgather_bucket_size)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients (the flat buffers are zeroed and kept, never freed)."""
+        self.reducer.flush_host()    # offload: the host copies have read the reduced pieces
         if self.stage == 2:
-            self.reducer.flush_host()
             self.grad_partition.zero_()
             for p in self.params:
                 p.grad = None
@@ -283,10 +306,9 @@ class Stage12Optimizer(PartitionedOptimizer):
         """Bytes of the model states this rank holds (params, grads, master, optimizer_states,
         buffers), counted from the tensors themselves, wherever they live."""
         size = self._bytes
-        flat_grad = self.flat_grads if self.flat_grads is not None else self.grad_partition
         stray = sum(size(p.grad) for i, p in enumerate(self.params)
                     if p.grad is not None and not (self._grad_views and p.grad is self._grad_views[i]))
-        return {"params": size(self.flat_params), "grads": size(flat_grad) + stray + size(self._host_grads),
+        return {"params": size(self.flat_params), "grads": size(self.flat_grads) + size(self.grad_partition) + stray,
                 "master": 0 if self.master_is_view else size(self.master),
                 "optimizer_states": self._state_bytes(), "buffers": self.reducer.pool_bytes()}
 
@@ -295,7 +317,7 @@ class Stage12Optimizer(PartitionedOptimizer):
         if not self.offload.optimizer:
             return 0
         size = self._bytes
-        return size(self.master) + self._state_bytes() + size(self._host_grads) + size(self.grad_partition)
+        return size(self.master) + self._state_bytes() + size(self.grad_partition)
 
     def __repr__(self) -> str:
         return (f"Stage12Optimizer(stage={self.stage}, partitions={self.layout.partition_count}, "

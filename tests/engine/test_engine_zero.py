@@ -16,7 +16,7 @@ import pytest
 
 from tests.dist_utils import run_distributed
 from tests.engine_zero_cases import (cached_reference, check_against_reference, check_resumed_in_another_layout,
-                                     ds_config, run_cases)
+                                     ds_config, nccl_plan_run, run_cases)
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +40,10 @@ LOW_PRECISION = {f"{prec}-stage{stage}": (ds_config(stage, 2, CLIP, precision=pr
                  for prec in ("bf16", "fp16") for stage in (0, 1, 2)}
 TOLERANCE = {"bf16": {"loss": 3e-3, "param": 0.1}, "fp16": {"loss": 5e-4, "param": 1e-2}}
 # name -> (stage, hidden width, reduce_bucket_size): Ψ ≈ 44k, buckets of 20k elements
+# The collectives a GPU run uses (one reduce-scatter per bucket into the owner's piece, one in-place
+# all-gather per bucket, chunked past allgather_bucket_size), carried out by gloo: same training.
+NCCL_PLAN = {f"nccl-stage{stage}-gas2-clip": ds_config(stage, 2, CLIP, **SMALL, overlap_comm=True) for stage in (1, 2)}
+NCCL_PLAN["nccl-stage2-sync-default-buckets"] = ds_config(2, 2, CLIP)
 MEMORY = {"memory-stage1": (1, 512, 20_000), "memory-stage2": (2, 512, 20_000)}
 RESHARD = {"reshard-2to0": (2, 0), "reshard-0to1": (0, 1)}
 
@@ -47,7 +51,8 @@ RESHARD = {"reshard-2to0": (2, 0), "reshard-0to1": (0, 1)}
 @functools.lru_cache(maxsize=None)
 def results(world: int) -> dict:
     """Rank 0's results for every case (module-level cache: one launch per world size)."""
-    return run_distributed(run_cases, world, {**CASES, **LOW_PRECISION}, MEMORY, RESHARD, timeout=400)[0]
+    extra = {name: (nccl_plan_run, (cfg,)) for name, cfg in NCCL_PLAN.items()}
+    return run_distributed(run_cases, world, {**CASES, **LOW_PRECISION}, MEMORY, RESHARD, extra, timeout=400)[0]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -59,6 +64,14 @@ def test_fp32_training_equals_the_single_process_reference(world: int, case: str
     reference = cached_reference(config["gradient_clipping"], groups)
     check_against_reference(run, reference, loss_tol=1e-5, param_tol=1e-5)
     assert run["losses"][-1] < run["losses"][0] - 0.1, "the model did not learn"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", sorted(NCCL_PLAN))
+def test_the_collectives_nccl_would_use_give_the_same_training(world: int, case: str) -> None:
+    run = results(world)[case]
+    assert run["global_steps"] == 20
+    check_against_reference(run, cached_reference(CLIP, False), loss_tol=1e-5, param_tol=1e-5)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -76,8 +89,9 @@ def test_mixed_precision_tracks_the_fp32_reference(world: int, case: str) -> Non
 def test_model_state_memory_matches_the_zero_paper(world: int, stage: int) -> None:
     run = results(world)[f"memory-stage{stage}"]
     psi, got = run["psi"], run["bytes"]
-    # bf16 params (2Ψ) and gradients summed in fp32 (4Ψ, or 4Ψ/N partitioned) + fp32 master and Adam m, v (12Ψ/N)
-    expected = 6 * psi + 12 * psi / world if stage == 1 else 2 * psi + 16 * psi / world
+    # bf16 params (2Ψ) and gradients summed in fp32 (4Ψ, or 4Ψ/N partitioned; stage 1 also reduces its
+    # 4Ψ/N share into a partition, the optimizer's gradient) + fp32 master and Adam m, v (12Ψ/N)
+    expected = 6 * psi + 16 * psi / world if stage == 1 else 2 * psi + 16 * psi / world
     states = got["params"] + got["grads"] + got["master"] + got["optimizer_states"]
     assert abs(states - expected) / expected <= 0.05, f"{got} vs ZeRO-{stage} formula {expected:.0f} bytes"
     # stage 2 adds its bucket buffers (at most a couple of reduce_bucket_size-sized ones); stage 1 needs none
