@@ -90,14 +90,16 @@ def zero_volume_bytes(stage: int, parameters: int, world: int, element_bytes: in
 
 def model_state_formula(stage: int, parameters: int, world: int, param_bytes: int = 2, grad_bytes: int = 2) -> int:
     """Model-state bytes per rank by the ZeRO paper (mixed-precision Adam: 12 bytes of fp32 master
-    and moments per element), at the configured parameter and gradient element sizes."""
+    and moments per element), at the configured parameter and gradient element sizes. Stage 1 also
+    holds the reduced gradient of its partition (``grad_bytes``·Ψ/N, the optimizer's gradient, as
+    DeepSpeed's stage 1 does): its full gradients are summed into the owners' shards by reduce-scatter."""
     psi, n = parameters, world
     optimizer = 12 * psi // n
     if stage == 3:
         return (param_bytes + grad_bytes) * psi // n + optimizer
     if stage == 2:
         return param_bytes * psi + grad_bytes * psi // n + optimizer
-    return (param_bytes + grad_bytes) * psi + optimizer
+    return (param_bytes + grad_bytes) * psi + grad_bytes * psi // n + optimizer
 
 
 @contextlib.contextmanager
