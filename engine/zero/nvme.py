@@ -44,6 +44,7 @@ from torch import nn
 from ..errors import UserError
 from ..io import ALIGN, DirectFile, FileRange, IOPool, aligned_empty, byte_view, round_up
 from ..optimizers import step_with_multiplier
+from .nvme_pipeline import ChunkPipeline
 
 __all__ = ["NvmeOffloadError", "NvmeOptimizerSwap", "NvmeSettings"]
 
@@ -96,19 +97,32 @@ class _Part:
 class _GroupFile:
     """One parameter group's swap file: ``chunks`` slots of ``slot_bytes`` each."""
 
-    def __init__(self, path: Path, numel: int, parts: list[_Part], chunk: int, slot_bytes: int) -> None:
+    def __init__(self, path: Path, numel: int, parts: list[_Part], chunk: int, slot_bytes: int,
+                 master: Optional[torch.Tensor] = None) -> None:
         self.path, self.numel, self.parts, self.chunk, self.slot_bytes = path, numel, parts, chunk, slot_bytes
+        self.master = master          # the fp32 host tensor that is the master (then not in the file)
         self.chunks = max(1, -(-numel // chunk))
         self.file = DirectFile(path, "rw")
 
     def bounds(self, k: int) -> tuple[int, int]:
         return k * self.chunk, min(self.numel, (k + 1) * self.chunk)
 
-    def views(self, buffer: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-        return {p.key: buffer[p.offset:p.offset + n * p.itemsize].view(p.dtype) for p in self.parts}
+    def views(self, buffer: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """Chunk ``k``'s tensors: the parts of its slot (read into ``buffer``), and the master."""
+        lo, hi = self.bounds(k)
+        out = {p.key: buffer[p.offset:p.offset + (hi - lo) * p.itemsize].view(p.dtype) for p in self.parts}
+        if self.master is not None:
+            out["master"] = self.master[lo:hi]
+        return out
 
-    def ranges(self, key: str) -> list[FileRange]:
-        """The bytes of tensor ``key`` over the whole group, as file ranges in element order."""
+    def slot(self, buffer: torch.Tensor) -> memoryview:
+        return byte_view(buffer)[:self.slot_bytes]
+
+    def ranges(self, key: str) -> list[Any]:
+        """The bytes of tensor ``key`` over the whole group, as file ranges in element order (the
+        aliased master: the tensor itself)."""
+        if key == "master" and self.master is not None:
+            return [self.master]
         part = next(p for p in self.parts if p.key == key)
         out = []
         for k in range(self.chunks):
@@ -135,18 +149,26 @@ class NvmeOptimizerSwap:
         _register_cleanup(self)
         self.state_parts = _probe_state(self.inner, opt.master_params)
         self.scalars: list[dict[str, Any]] = [{} for _ in opt.master_params]
-        self.files = self._create_files([m.numel() for m in opt.master_params])
+        targets = self._targets()
+        # the model's copy is an fp32 host tensor (fp32 on CPU ranks, or the host staging of
+        # stages 1-2): it *is* the master, so the files hold only the states
+        self.aliased = bool(self.state_parts) and all(
+            isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in targets)
+        self.files = self._create_files([g.partition_numel for g in opt.layout.groups],
+                                        targets if self.aliased else None)
         self._buffers = [aligned_empty(max(f.slot_bytes for f in self.files), settings.pin_memory)
                          for _ in range(settings.buffer_count)]
-        self._write_initial(opt)
+        self.pipeline = ChunkPipeline(len(self._buffers), self._submit_read, self._submit_write)
+        self._write_initial(_initial_sources(opt))
         self.placeholders = [torch.empty(0, dtype=torch.float32) for _ in opt.master_params]
         for mp, ph in zip(opt.master_params, self.placeholders):
-            mp.data = ph                      # the masters live in the files from now on
+            mp.data = ph                      # the masters live in the files (or the model's copy) from now on
         opt.master, opt._masters = None, list(self.placeholders)
 
     # -- files ----------------------------------------------------------------------------------
-    def _create_files(self, numels: Sequence[int]) -> list[_GroupFile]:
-        parts_spec = [("master", torch.float32)] + self.state_parts
+    def _create_files(self, numels: Sequence[int], masters: Optional[list[torch.Tensor]]) -> list[_GroupFile]:
+        parts_spec = ([] if masters else [("master", torch.float32)]) + self.state_parts
         chunk = min(self.settings.chunk_numel, round_up(max(numels, default=1), ALIGN))   # small models: less
         parts, at = [], 0
         for key, dtype in parts_spec:
@@ -156,40 +178,64 @@ class NvmeOptimizerSwap:
         files = []
         for g, numel in enumerate(numels):
             gf = _GroupFile(self.directory / f"optimizer-rank{self.opt.comm.rank:05d}-group{g}.swp", numel, parts,
-                            chunk, at)
+                            chunk, at, masters[g] if masters else None)
             _reserve(gf, self.settings.path)
             files.append(gf)
         return files
 
-    def _write_initial(self, opt: Any) -> None:
-        """The current master values (and zero states) into the files, chunk by chunk."""
+    def _submit_read(self, chunk: tuple[int, int], index: int) -> Any:
+        gf = self.files[chunk[0]]
+        return self.pool.submit_read(gf.file, gf.slot(self._buffers[index]), chunk[1] * gf.slot_bytes)
+
+    def _submit_write(self, chunk: tuple[int, int], index: int) -> Any:
+        gf = self.files[chunk[0]]
+        return self.pool.submit_write(gf.file, gf.slot(self._buffers[index]), chunk[1] * gf.slot_bytes)
+
+    def _write_initial(self, sources: list[tuple[int, torch.Tensor]]) -> None:
+        """The master values (fp32 from ``sources``: partition-local offset, tensor) and zero
+        states into the files, chunk by chunk: the full master never exists in host memory."""
+        self.pipeline.forget()
         in_flight: dict[int, Any] = {}
-        for gf, master in zip(self.files, opt._masters):
-            flat = master.detach().reshape(-1)
-            for k in range(gf.chunks):
-                index = k % len(self._buffers)
-                if index in in_flight:
-                    in_flight.pop(index).wait()         # the buffer's previous chunk is on disk
-                lo, hi = gf.bounds(k)
-                buf = self._buffers[index]
-                views = gf.views(buf, hi - lo)
-                views["master"].copy_(flat[lo:hi])
-                for key, _ in self.state_parts:
-                    views[key].zero_()
-                in_flight[index] = self.pool.submit_write(gf.file, byte_view(buf)[:gf.slot_bytes], k * gf.slot_bytes)
-            for request in in_flight.values():
-                request.wait()
-            in_flight.clear()
+        order = [(g, k) for g, gf in enumerate(self.files) for k in range(gf.chunks)]
+        for i, chunk in enumerate(order):
+            index = i % len(self._buffers)
+            if index in in_flight:
+                in_flight.pop(index).wait()         # the buffer's previous chunk is on disk
+            g, k = chunk
+            gf, lg = self.files[g], self.opt.layout.groups[g]
+            views = gf.views(self._buffers[index], k)
+            lo, hi = gf.bounds(k)
+            _copy_overlaps(views["master"], lg.local_offset + lo, sources)
+            for key, _ in self.state_parts:
+                views[key].zero_()
+            in_flight[index] = self._submit_write(chunk, index)
+        for request in in_flight.values():
+            request.wait()
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor], divisor: float, clip_coef: float) -> None:
-        """One optimizer step over every group, streamed through the buffers; the updated values
-        also go to the model's copy (``_targets``)."""
+        """One optimizer step over every group, streamed through the buffers (nvme_pipeline.py);
+        the updated values also go to the model's copy (``_targets``)."""
         params = self.opt.master_params
         lowp_grads = bool(getattr(self.opt, "_lowp_grads", False))
-        for g, (gf, grad, target) in enumerate(zip(self.files, grads, self._targets())):
-            self._step_group(g, gf, params, grad.reshape(-1), target, divisor, clip_coef, lowp_grads)
+        targets, flat = self._targets(), [g.reshape(-1) for g in grads]
+        chunks = [(g, k) for g, gf in enumerate(self.files) for k in range(gf.chunks)]
+        updated: dict[int, dict[str, Any]] = {}
+        try:
+            for (g, k), index in self.pipeline.run(self.pipeline.order(chunks)):
+                gf = self.files[g]
+                lo, hi = gf.bounds(k)
+                updated[g] = self._update_chunk(g, params[g], gf.views(self._buffers[index], k), flat[g][lo:hi],
+                                                targets[g], lo, hi, divisor, clip_coef, lowp_grads)
+                params[g].data, params[g].grad = self.placeholders[g], None    # the next chunk's step skips it
+                self.inner.state.pop(params[g], None)
+        finally:
+            for mp, placeholder in zip(params, self.placeholders):
+                mp.data, mp.grad = placeholder, None
+                self.inner.state.pop(mp, None)
+        for g, scalars in updated.items():
+            self.scalars[g] = scalars
 
     def _targets(self) -> list[torch.Tensor]:
         """Per group, where the model's copy of the parameters is written: the host staging that
@@ -198,47 +244,6 @@ class NvmeOptimizerSwap:
         if hasattr(opt, "flat_params"):    # pinned staging, sent on to the rank's pieces of every bucket
             return opt.publish_targets()
         return [opt.partition[g.local_offset:g.local_offset + g.partition_numel] for g in opt.layout.groups]
-
-    def _step_group(self, g: int, gf: _GroupFile, params: list[nn.Parameter], grad: torch.Tensor,
-                    target: Optional[torch.Tensor], divisor: float, clip_coef: float, lowp_grads: bool) -> None:
-        mp = params[g]
-        ahead = max(1, len(self._buffers) - 2)
-        free = list(range(len(self._buffers)))
-        reads: dict[int, tuple[int, Any]] = {}
-        writes: list[tuple[int, Any]] = []
-
-        def start_read(k: int) -> None:
-            if not free:
-                index, request = writes.pop(0)
-                request.wait()
-                free.append(index)
-            index = free.pop(0)
-            reads[k] = (index, self.pool.submit_read(gf.file, byte_view(self._buffers[index])[:gf.slot_bytes],
-                                                      k * gf.slot_bytes))
-
-        for k in range(min(ahead, gf.chunks)):
-            start_read(k)
-        new_scalars: dict[str, Any] = {}
-        try:
-            for k in range(gf.chunks):
-                index, request = reads.pop(k)
-                request.wait()
-                if k + ahead < gf.chunks:
-                    start_read(k + ahead)        # chunk k+ahead comes in while chunk k is updated
-                lo, hi = gf.bounds(k)
-                views = gf.views(self._buffers[index], hi - lo)
-                new_scalars = self._update_chunk(g, mp, views, grad[lo:hi], target, lo, hi, divisor, clip_coef,
-                                                 lowp_grads)
-                writes.append((index, self.pool.submit_write(gf.file, byte_view(self._buffers[index])[:gf.slot_bytes],
-                                                             k * gf.slot_bytes)))
-        finally:
-            for _, request in writes:
-                request.wait()
-            for _, (_, request) in reads.items():
-                request.wait()
-            mp.data, mp.grad = self.placeholders[g], None
-            self.inner.state.pop(mp, None)
-        self.scalars[g] = new_scalars
 
     def _update_chunk(self, g: int, mp: nn.Parameter, views: dict[str, torch.Tensor], grad: torch.Tensor,
                       target: Optional[torch.Tensor], lo: int, hi: int, divisor: float, clip_coef: float,
@@ -260,7 +265,7 @@ class NvmeOptimizerSwap:
         if first:                                 # the optimizer made its state: keep it in the slot
             for key, _ in self.state_parts:
                 views[key].copy_(state[key].reshape(-1))
-        if target is not None and not copied:
+        if target is not None and not copied and not self.aliased:
             target[lo:hi].copy_(views["master"])   # the model's copy (a device, or fp32 storage)
         return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()
                 if not (torch.is_tensor(v) and v.dim() >= 1 and v.numel() == hi - lo)}
@@ -282,6 +287,8 @@ class NvmeOptimizerSwap:
     def read(self, key: str, group: int) -> torch.Tensor:
         """Tensor ``key`` of one group, materialised (for APIs that return it whole)."""
         gf = self.files[group]
+        if key == "master" and gf.master is not None:
+            return gf.master.clone()
         part = next(p for p in gf.parts if p.key == key)
         out = torch.empty(gf.numel, dtype=part.dtype)
         raw = byte_view(out)
@@ -296,19 +303,29 @@ class NvmeOptimizerSwap:
 
     @torch.no_grad()
     def write(self, values: dict[str, torch.Tensor], group: int, scalars: Optional[dict[str, Any]] = None) -> None:
-        """Replace tensors of one group in its file (``values``: key -> the group's full tensor)."""
+        """Replace tensors of one group (``values``: key -> the group's full tensor); an aliased
+        master is written in place, the rest through the file chunk by chunk."""
         gf = self.files[group]
-        buf = self._buffers[0]
-        for k in range(gf.chunks):
-            lo, hi = gf.bounds(k)
-            request = self.pool.submit_read(gf.file, byte_view(buf)[:gf.slot_bytes], k * gf.slot_bytes)
-            request.wait()
-            views = gf.views(buf, hi - lo)
-            for key, value in values.items():
-                views[key].copy_(value.reshape(-1)[lo:hi])
-            self.pool.submit_write(gf.file, byte_view(buf)[:gf.slot_bytes], k * gf.slot_bytes).wait()
+        values = dict(values)
+        if gf.master is not None and "master" in values:
+            gf.master.copy_(values.pop("master").reshape(-1))
+        self._rewrite_chunks(group, lambda k, views: [views[key].copy_(value.reshape(-1)[slice(*gf.bounds(k))])
+                                                      for key, value in values.items()], bool(values))
         if scalars is not None:
             self.scalars[group] = dict(scalars)
+
+    def _rewrite_chunks(self, group: int, change: Callable[[int, dict[str, torch.Tensor]], Any], files: bool) -> None:
+        """``change(k, views)`` on every chunk of one group, read from and written back to its file
+        (``files`` False: only the aliased master changes, nothing to read or write)."""
+        gf = self.files[group]
+        buf = self._buffers[0]
+        self.pipeline.forget()             # buffer 0 is borrowed, and the files change
+        for k in range(gf.chunks):
+            if files:
+                self._submit_read((group, k), 0).wait()
+            change(k, gf.views(buf, k))
+            if files:
+                self._submit_write((group, k), 0).wait()
 
     def partition(self, key: str) -> torch.Tensor:
         """Tensor ``key`` of the rank's whole partition (groups concatenated), read from the files."""
@@ -330,7 +347,7 @@ class NvmeOptimizerSwap:
         for g, (lg, target) in enumerate(zip(groups, self._targets())):
             part = {k: v.reshape(-1)[lg.local_offset:lg.local_offset + lg.partition_numel] for k, v in values.items()}
             self.write(part, g, None if scalars is None else scalars[g])
-            if "master" in part:
+            if "master" in part and not self.aliased:
                 target.copy_(part["master"])
 
     @torch.no_grad()
@@ -340,17 +357,15 @@ class NvmeOptimizerSwap:
         ``[lo, hi)`` of the rank's new partition into the chunk's view (its current values are
         there already). Host memory holds one chunk buffer; ``master`` also goes to the model's
         copy. ``scalars``: per group, as ``load_partitions``."""
-        buf = self._buffers[0]
+        in_files = any(key != "master" or not self.aliased for key in keys)
         for g, (lg, gf, target) in enumerate(zip(self.opt.layout.groups, self.files, self._targets())):
-            for k in range(gf.chunks):
+            def change(k: int, views: dict[str, torch.Tensor]) -> None:
                 lo, hi = gf.bounds(k)
-                self.pool.submit_read(gf.file, byte_view(buf)[:gf.slot_bytes], k * gf.slot_bytes).wait()
-                views = gf.views(buf, hi - lo)
                 for key in keys:
                     fill(key, lg.local_offset + lo, lg.local_offset + hi, views[key])
-                if "master" in keys and target is not None:
+                if "master" in keys and target is not None and not self.aliased:
                     target[lo:hi].copy_(views["master"])
-                self.pool.submit_write(gf.file, byte_view(buf)[:gf.slot_bytes], k * gf.slot_bytes).wait()
+            self._rewrite_chunks(g, change, in_files)
             if scalars is not None:
                 self.scalars[g] = dict(scalars[g])
 
@@ -379,6 +394,28 @@ class NvmeOptimizerSwap:
 
 # -- set-up helpers ------------------------------------------------------------------------------
 
+def _initial_sources(opt: Any) -> list[tuple[int, torch.Tensor]]:
+    """Where the masters' first values come from, as (partition-local offset, tensor) pieces: the
+    stage's masters if it made them, else its parameters (``master_sources``: under NVMe offload
+    the constructors never hold a full fp32 master, offload.py)."""
+    masters, groups = opt._masters, opt.layout.groups
+    if all(m.numel() == g.partition_numel for m, g in zip(masters, groups)):
+        return [(g.local_offset, m.detach().reshape(-1)) for m, g in zip(masters, groups)]
+    return opt.master_sources()
+
+
+def _copy_overlaps(dst: torch.Tensor, start: int, sources: list[tuple[int, torch.Tensor]]) -> None:
+    """``dst`` (elements ``[start, start + len)`` of the partition) from the pieces that cover them."""
+    end = start + dst.numel()
+    for at, piece in sources:
+        lo, hi = max(start, at), min(end, at + piece.numel())
+        if hi <= lo:
+            continue
+        out, src = dst[lo - start:hi - start], piece[lo - at:hi - at]
+        if out.data_ptr() != src.data_ptr() or out.dtype != src.dtype:    # an aliased master is its source
+            out.copy_(src)
+
+
 def _probe_state(inner: Any, master_params: Sequence[nn.Parameter]) -> list[tuple[str, torch.dtype]]:
     """The optimizer's per-element state keys and dtypes, from one step on a 2-element stand-in."""
     mp = master_params[0]
@@ -394,26 +431,31 @@ def _probe_state(inner: Any, master_params: Sequence[nn.Parameter]) -> list[tupl
         mp.data, mp.grad = saved, None
 
 
-def _make_swap_dir(root: Path, rank: int) -> Path:
+def _make_swap_dir(root: Path, rank: int, key: str = KEY, prefix: str = "orch-swap") -> Path:
+    """A fresh swap directory for ``rank`` under ``root``; errors name ``key`` (the nvme_path setting)."""
     if not root.is_dir():
-        raise NvmeOffloadError(f"{KEY}: {root} does not exist or is not a directory; create it on the NVMe "
+        raise NvmeOffloadError(f"{key}: {root} does not exist or is not a directory; create it on the NVMe "
                                "drive (every node needs it), or set nvme_path to an existing directory")
     try:
-        return Path(tempfile.mkdtemp(prefix=f"orch-swap-rank{rank:05d}-", dir=root))
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-rank{rank:05d}-", dir=root))
     except OSError as exc:
-        raise NvmeOffloadError(f"{KEY}: cannot create swap files in {root} ({exc.strerror}); make the directory "
+        raise NvmeOffloadError(f"{key}: cannot create swap files in {root} ({exc.strerror}); make the directory "
                                "writable for this user, or point nvme_path elsewhere") from None
 
 
 def _reserve(gf: _GroupFile, root: Path) -> None:
     """Allocate the whole file now: a full disk fails here with the sizes, not mid-step."""
-    size = gf.chunks * gf.slot_bytes
+    _reserve_file(gf.file, gf.chunks * gf.slot_bytes, root)
+
+
+def _reserve_file(file: DirectFile, size: int, root: Path, key: str = KEY, what: str = "optimizer swap file") -> None:
+    """``_reserve`` for any swap file (the parameter swap's too, nvme_params.py)."""
     try:
-        gf.file.allocate(size)
+        file.allocate(size)
     except OSError as exc:
         free = shutil.disk_usage(root).free
         reason = "not enough space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-        raise NvmeOffloadError(f"{KEY}: {root} cannot hold the optimizer swap file ({reason}: it needs "
+        raise NvmeOffloadError(f"{key}: {root} cannot hold the {what} ({reason}: it needs "
                                f"{size / 2**30:.2f} GiB for this rank's group, {free / 2**30:.2f} GiB are free); "
                                "free space there, use more ranks, or use device \"cpu\"") from None
 

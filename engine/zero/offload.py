@@ -19,8 +19,10 @@ host memory as well; each module's pieces are copied to the device when it is ga
 
 ``pin_memory`` pins the host tensors (page-locked memory makes host<->device copies
 asynchronous and faster); it only means something with CUDA, so it is ignored on CPU runs.
-NVMe offload is not implemented: ``device: nvme`` keeps the states in CPU memory instead
-(the config validation says so).
+``offload_optimizer: {device: nvme}`` (nvme.py) keeps the master and the optimizer states in swap
+files instead; the constructors then make no fp32 master at all (``OffloadSettings.nvme``): the
+swap writes its first values from the parameters chunk by chunk (``master_sources``), so host
+memory never holds the states, not even while the engine is being built.
 """
 from __future__ import annotations
 
@@ -41,13 +43,16 @@ class OffloadSettings:
     optimizer: bool = False      # fp32 master, optimizer states, reduced gradient partition
     param: bool = False          # stage 3: the low-precision parameter partition
     pin_memory: bool = True
+    nvme: bool = False           # the optimizer side lives in NVMe swap files (nvme.py), not host memory
 
     @classmethod
     def from_config(cls, zero: Any) -> "OffloadSettings":
-        """From a validated ``zero_optimization`` section ("cpu" and "nvme" both mean host memory)."""
+        """From a validated ``zero_optimization`` section ("cpu" and "nvme" both run the optimizer
+        on the host; "nvme" keeps its states in swap files)."""
         opt, par = zero.offload_optimizer, zero.offload_param
         return cls(optimizer=opt.device != "none", param=par.device != "none",
-                   pin_memory=bool(opt.pin_memory if opt.device != "none" else par.pin_memory))
+                   pin_memory=bool(opt.pin_memory if opt.device != "none" else par.pin_memory),
+                   nvme=opt.device == "nvme")
 
     @property
     def any(self) -> bool:

@@ -100,6 +100,39 @@ def test_nvme_checkpoints_resume_and_reshard_into_cpu_offload(stage: int, tmp_pa
     assert list(swap.iterdir()) == []
 
 
+def reads_per_step(path: str) -> dict[str, Any]:
+    """Three steps of a 263k-parameter model in 4096-element chunks, counting the chunk reads."""
+    import engine
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+    eng = engine.initialize(model=model, config=ds_config(2, 1, 0.0, "fp32", **_offload("nvme", path)))[0]
+    swap = eng.optimizer.nvme
+    counts: list[int] = []
+    read = swap.pipeline._read
+
+    def counting(chunk: Any, index: int) -> Any:
+        counts[-1] += 1
+        return read(chunk, index)
+
+    swap.pipeline._read = counting
+    for _ in range(3):
+        counts.append(0)
+        eng.backward(eng(torch.randn(2, 256)).pow(2).mean())
+        eng.step()
+    return {"reads": counts, "chunks": sum(f.chunks for f in swap.files), "buffers": len(swap._buffers)}
+
+
+def test_a_step_does_not_read_again_the_chunks_the_last_step_left_in_its_buffers(tmp_path: Path) -> None:
+    """Steps alternate their direction over the chunks, so each starts with what the last one
+    wrote and still holds: every step after the first reads ``buffer_count`` chunks fewer."""
+    [rank] = run_distributed(reads_per_step, 1, str(tmp_path), timeout=300, env=CHUNK_ENV)
+    chunks, buffers = rank["chunks"], rank["buffers"]
+    assert chunks > 2 * buffers, rank
+    assert rank["reads"] == [chunks, chunks - buffers, chunks - buffers], rank
+
+
 # -- swap files go away ----------------------------------------------------------------------------
 
 HOLD_SCRIPT = textwrap.dedent("""
@@ -269,6 +302,59 @@ def test_an_nvme_run_holds_the_buffers_not_the_states_in_host_memory(tmp_path: P
     saved = out["cpu"]["rss"] - out["nvme"]["rss"]
     slack = 8 << 20       # the I/O threads' stacks and the allocator's rounding (measured: ~1 MiB)
     assert saved >= out["cpu"]["states"] - out["nvme"]["buffers"] - slack, out
+    assert list(tmp_path.iterdir()) == []
+
+
+BUILD_RSS_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[4])
+    import torch
+    from torch import nn
+    import engine
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(6)])     # 25.2 M parameters
+    section = {"device": sys.argv[1]}
+    if sys.argv[1] == "nvme":
+        section["nvme_path"] = sys.argv[2]
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+              "zero_optimization": {"stage": int(sys.argv[3]), "offload_optimizer": section}, "bf16": {"enabled": True}}
+    import ctypes, gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    def status(key):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")      # VmHWM restarts from the current RSS
+    before = status("VmRSS")
+    eng = engine.initialize(model=model, config=config)[0]
+    grown = status("VmHWM") - before
+    swap = eng.optimizer.nvme
+    numel = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"grown": grown, "states": 12 * numel, "master": 4 * numel,
+                      "buffers": swap.buffer_bytes if swap else 0}))
+""")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_building_an_nvme_engine_never_holds_the_fp32_master_in_host_memory(stage: int, tmp_path: Path) -> None:
+    """The constructor writes the first master values into the swap files chunk by chunk from the
+    parameters: its peak memory is the CPU-offload constructor's without the fp32 master (plus the
+    chunk buffers), and stays below the states' size."""
+    import json
+
+    from tests.dist_utils import free_port
+
+    out = {}
+    for device in ("cpu", "nvme"):
+        env = {**os.environ, "ORCH_NVME_CHUNK_NUMEL": str(1 << 20), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-c", BUILD_RSS_SCRIPT, device, str(tmp_path), str(stage),
+                                 str(free_port())], capture_output=True, text=True, env=env, timeout=600,
+                                cwd=Path(__file__).resolve().parents[2])
+        assert result.returncode == 0, result.stderr
+        out[device] = json.loads(result.stdout.strip().splitlines()[-1])
+    nvme, cpu = out["nvme"], out["cpu"]
+    slack = 16 << 20       # the I/O threads' stacks, the allocator's rounding
+    assert nvme["grown"] <= cpu["grown"] - nvme["master"] + nvme["buffers"] + slack, out
+    assert nvme["grown"] < nvme["states"], out
     assert list(tmp_path.iterdir()) == []
 
 
