@@ -25,6 +25,7 @@ from .schedulers import build_scheduler
 from .zero.grad_precision import GradientPrecision
 from .zero.host_threads import apply_host_optimizer_threads
 from .zero.nvme import NvmeOptimizerSwap, NvmeSettings
+from .zero.nvme_params import NvmeParamSettings
 from .zero.offload import OffloadSettings
 from .zero.stage12 import Stage12Optimizer, ZeroSettings
 from .zero.stage3 import Stage3Optimizer, Stage3Settings
@@ -118,6 +119,11 @@ def _log_config_notes(cfg: EngineConfig, comm: Comm) -> None:
     if nvme is not None:
         log.info(f"config: optimizer states (fp32 master, optimizer state) in swap files under {nvme.path}, "
                  f"streamed through {nvme.buffer_count} buffers by {nvme.threads} I/O threads")
+    params = NvmeParamSettings.from_config(cfg.zero_optimization, cfg.aio)
+    if params is not None:
+        log.info(f"config: stage-3 parameter partitions in swap files under {params.path} (the first "
+                 f"{params.max_in_cpu:,} elements per rank stay in host memory: max_in_cpu), read ahead through "
+                 f"{params.buffer_count} buffers of at most {params.buffer_size:,} elements")
 
 
 def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optimizer: Any, comm: Comm,
@@ -129,7 +135,8 @@ def _zero_optimizer(cfg: EngineConfig, model: nn.Module, groups: Any, make_optim
     common = dict(comm=comm, model_dtype=model_dtype, loss_scaler=build_loss_scaler(cfg), device=device,
                   offload=offload, grads=GradientPrecision.from_config(cfg, comm.world_size))
     if cfg.zero_optimization.stage == 3:
-        opt = Stage3Optimizer(groups, make_optimizer, module=model, settings=_stage3_settings(cfg), **common)
+        opt = Stage3Optimizer(groups, make_optimizer, module=model, settings=_stage3_settings(cfg),
+                              nvme_param=NvmeParamSettings.from_config(cfg.zero_optimization, cfg.aio), **common)
     else:
         opt = Stage12Optimizer(groups, make_optimizer, settings=_zero_settings(cfg), **common)
     nvme = NvmeSettings.from_config(cfg.zero_optimization, cfg.aio)

@@ -57,7 +57,9 @@ from .stage3_reduction import SpanReducer
 from .stage12 import ZeroSettings
 from .stage3_frozen import FrozenShares, frozen_params, materialize_leftovers
 from .stage3_hooks import ParamCoordinator
+from .nvme_params import GroupSource, NvmeParamSettings, PartitionTargets
 from .stage3_params import PartitionedParams
+from .stage3_swapped import SwappedParams
 from .stage3_shards import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
                             release_init_shard)
 from .stage3_units import plan_units, unit_keys
@@ -92,7 +94,7 @@ class Stage3Optimizer(PartitionedOptimizer):
                  make_optimizer: Callable[[list[dict[str, Any]]], Optimizer], *, module: nn.Module,
                  settings: Stage3Settings, comm: Comm, model_dtype: torch.dtype, loss_scaler: LossScaler,
                  device: torch.device, offload: Optional[OffloadSettings] = None,
-                 grads: Optional[GradientPrecision] = None) -> None:
+                 grads: Optional[GradientPrecision] = None, nvme_param: Optional[NvmeParamSettings] = None) -> None:
         self.settings, self.comm, self.loss_scaler = settings, comm, loss_scaler
         self.stage = 3
         self.model_dtype, self.device = model_dtype, device
@@ -102,14 +104,10 @@ class Stage3Optimizer(PartitionedOptimizer):
         precision = grads or GradientPrecision()
         self.grad_dtype = precision.dtype_for(model_dtype)
 
-        if self.offload.param:
-            whole = host_zeros(store_layout.partition_numel, model_dtype, self.offload)
-        else:
-            whole = torch.zeros(store_layout.partition_numel, dtype=model_dtype, device=device)
-        self.partition = whole[:self.layout.partition_numel]   # the trainable groups' slices
-        self.store = PartitionedParams(
-            store_layout, self.params + self.frozen_params, module, comm, rank=self._rank, dtype=model_dtype,
-            device=device, partition=whole, plans=plans, trainable=len(self.params))
+        self.swapped = nvme_param is not None        # offload_param nvme: the partition is in swap files
+        self.store = self._make_store(store_layout, module, comm, plans, nvme_param)
+        self.partition = (PartitionTargets(self.store.swap) if self.swapped   # the trainable groups' slices
+                          else self.store.partition[:self.layout.partition_numel])
         self.store.load_from_params(self._full_value)
         materialize_leftovers(module, set(map(id, self.store.params)), comm, model_dtype, device)
         self.frozen_shares = FrozenShares(self.store, comm)   # the checkpoint code's way to the frozen ones
@@ -119,7 +117,8 @@ class Stage3Optimizer(PartitionedOptimizer):
             self.grad_partition = host_zeros(numel, self.grad_dtype, self.offload)
         else:
             self.grad_partition = torch.zeros(numel, dtype=self.grad_dtype, device=device)
-        self.master_is_view = model_dtype == torch.float32 and self.offload.optimizer == self.offload.param
+        self.master_is_view = (model_dtype == torch.float32 and self.offload.optimizer == self.offload.param
+                               and not self.swapped)
         self.master: Optional[torch.Tensor] = None
         self._publish: Optional[HostPublish] = None
         self._masters = self._make_masters()
@@ -136,6 +135,8 @@ class Stage3Optimizer(PartitionedOptimizer):
         for i, p in enumerate(self.store.params):   # lets GatheredParameters / register_external_parameter find us
             p.__dict__["_zero3_owner"] = (weakref.ref(self), i)
             mark_partitioned(p, self.store.layout.params[i].shape)
+        if self.swapped:
+            self.store.trace_source = self.coordinator      # the read-ahead follows the fetch trace
         self.global_grad_norm: Optional[torch.Tensor] = None
         self.overflow = False
 
@@ -164,6 +165,22 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.layout = FlatLayout.build(trainable, comm.world_size, span_keys=group_keys[:len(trainable)])
         store_layout = FlatLayout.build(store_groups, comm.world_size, span_keys=group_keys)
         return plans, store_layout
+
+    def _make_store(self, layout: FlatLayout, module: nn.Module, comm: Comm, plans: Any,
+                    nvme_param: Optional[NvmeParamSettings]) -> PartitionedParams:
+        """The parameters' store, its partition on the device, in host memory (``offload_param: cpu``)
+        or in swap files (``nvme``, stage3_swapped.py)."""
+        common: dict[str, Any] = dict(rank=self._rank, dtype=self.model_dtype, device=self.device, plans=plans,
+                                      trainable=len(self.params))
+        params = self.params + self.frozen_params
+        if nvme_param is not None:
+            return SwappedParams(layout, params, module, comm, partition=torch.empty(0, dtype=self.model_dtype),
+                                 nvme=nvme_param, trainable_numel=self.layout.partition_numel, **common)
+        if self.offload.param:
+            whole = host_zeros(layout.partition_numel, self.model_dtype, self.offload)
+        else:
+            whole = torch.zeros(layout.partition_numel, dtype=self.model_dtype, device=self.device)
+        return PartitionedParams(layout, params, module, comm, partition=whole, **common)
 
     def _full_value(self, index: int) -> torch.Tensor:
         """Parameter ``index``'s full value, identical on every rank (rank 0's, or the Init shards')."""
@@ -195,8 +212,13 @@ class Stage3Optimizer(PartitionedOptimizer):
             self.master = host_zeros(numel, torch.float32, self.offload)
         else:
             self.master = torch.zeros(numel, dtype=torch.float32, device=self.device)
-        copy_between(self.master, self.partition)
-        return [self.master[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+        masters = [self.master[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
+        if self.swapped:          # read from the swap files, a buffer at a time
+            for g, view in zip(self.layout.groups, masters):
+                self.store.swap.read_range(g.index, 0, g.partition_numel, view)
+        else:
+            copy_between(self.master, self.partition)
+        return masters
 
     # -- backward -------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
@@ -216,6 +238,8 @@ class Stage3Optimizer(PartitionedOptimizer):
         return [self.grad_partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
 
     def _lowp_targets(self) -> Optional[list[torch.Tensor]]:
+        if self.swapped:          # the master is cast into the swap files' staging (_publish_params)
+            return None
         ranges = [(g.local_offset, g.local_offset + g.partition_numel) for g in self.layout.groups]
         publish = self._offload_publish()
         if publish is not None:   # the host step writes the model's dtype into pinned staging
@@ -236,7 +260,9 @@ class Stage3Optimizer(PartitionedOptimizer):
     @torch.no_grad()
     def _publish_params(self, local_copied: bool = False) -> None:
         publish = self._offload_publish()
-        if publish is not None:
+        if self.swapped:          # NVMe optimizer offload staged the new values already (local_copied)
+            self.store.swap.write_groups([] if local_copied else self._masters)
+        elif publish is not None:
             publish.send(self.partition, 0, self.layout.partition_numel, None if local_copied else self.master)
         elif not self.master_is_view and not local_copied:
             copy_between(self.partition, self.master)

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..comm import Comm
-from .offload import copy_between
 from .stage3_params import PartitionedParams, Run, UnitState
 from .stage3_shards import full_from_shards, is_partitioned_at_init, release_init_shard, shard_of, unique_params
 
@@ -105,5 +104,5 @@ class FrozenShares:
                 self.store.release(unit)
         for runs in pieces.values():
             for local, value in runs:
-                copy_between(self.store.partition[local:local + value.numel()], value.reshape(-1))
+                self.store.store_range(local, value)
         self.store.refresh_persistent(frozen=True)

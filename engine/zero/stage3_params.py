@@ -170,8 +170,16 @@ class PartitionedParams:
         for span, at in unit.spans:
             size = span.partition_numel
             rows = unit.full[at:at + size * self.world].view(self.world, size)
-            out.append((rows, self.partition[span.local_offset:span.local_offset + size]))
+            out.append((rows, self._piece(span)))
         return out
+
+    def _piece(self, span: Span) -> torch.Tensor:
+        """This rank's piece of ``span`` (the NVMe store, stage3_swapped.py, has it read into a buffer)."""
+        return self.partition[span.local_offset:span.local_offset + span.partition_numel]
+
+    def store_range(self, local: int, values: torch.Tensor) -> None:
+        """Partition elements ``[local, local + values.numel())`` := ``values`` (start-up, write-backs, loads)."""
+        copy_between(self.partition[local:local + values.numel()], values.reshape(-1))
 
     # -- gather / release ---------------------------------------------------------------------
     @torch.no_grad()
@@ -294,8 +302,8 @@ class PartitionedParams:
             for i, offset in zip(unit.params, unit.offsets):
                 n = self.layout.params[i].numel
                 unit.full[offset:offset + n].copy_(full_value(i).reshape(-1))
-            for view, piece in self._rows(unit):
-                copy_between(piece, view[self.rank])
+            for (span, _), (view, _) in zip(unit.spans, self._rows(unit)):
+                self.store_range(span.local_offset, view[self.rank])
             if unit.persistent:
                 self._bind(unit)
             else:
@@ -307,10 +315,10 @@ class PartitionedParams:
     def write_rows(self, unit: FetchUnit, master: Optional[torch.Tensor] = None) -> None:
         """This rank's pieces of ``unit``'s (gathered, changed) full values back into the partition
         (and, given, into ``master``, which is laid out like the partition)."""
-        for (span, _), (view, piece) in zip(unit.spans, self._rows(unit)):
-            copy_between(piece, view[self.rank])
+        for (span, _), (view, _) in zip(unit.spans, self._rows(unit)):
+            self.store_range(span.local_offset, view[self.rank])
             if master is not None:
-                copy_between(master[span.local_offset:span.local_offset + piece.numel()], view[self.rank])
+                copy_between(master[span.local_offset:span.local_offset + span.partition_numel], view[self.rank])
 
     def _bind(self, unit: FetchUnit) -> None:
         """Point the unit's parameters at its (filled) buffer."""
