@@ -9,8 +9,10 @@ memory come on top):
   across the N data-parallel ranks. fp32 training has 4 + 4 + 8. orch's engine accumulates and
   reduces bf16/fp16 gradients in fp32 unless ``data_types.grad_accum_dtype`` says "bf16"/"fp16"
   (engine/zero/grad_precision.py), so its gradients cost 4 bytes, not the paper's 2: 18Ψ/N at
-  stage 3, 2Ψ + 16Ψ/N at stage 2, 6Ψ + 12Ψ/N at stage 1. ``offload_optimizer`` moves
-  the master, the optimizer states and (stages 2-3) the gradient partition to CPU memory, as
+  stage 3, 2Ψ + 16Ψ/N at stage 2, 6Ψ + 16Ψ/N at stage 1 (stage 1 keeps the whole gradient and
+  reduce-scatters it into a gradient partition, as DeepSpeed's fp32 partition gradient; fp32
+  training keeps a fp32 master copy once partitioned). ``offload_optimizer`` moves
+  the master, the optimizer states and the gradient partition to CPU memory, as
   orch's engine does (engine/zero/offload.py); ``offload_param`` (stage 3) the parameter partition.
   With ``offload_optimizer.device: nvme`` the master and states go to swap files instead and
   host memory keeps the gradient partition and the chunk buffers (``estimate_nvme_offload``).
@@ -84,6 +86,14 @@ def bytes_per_parameter(precision: str, grad_accum_dtype: str = "fp32") -> tuple
     return 2, 4 if grad_accum_dtype == "fp32" else 2, 12
 
 
+def _partitioned_extra(stage: int, precision: str, g: float) -> float:
+    """Bytes per parameter (before dividing by N) a partitioned run holds beyond the paper's
+    table: stage 1's reduced gradient partition, and fp32 training's master copy at stages 1-2
+    (a rank's pieces are spread over the buckets, so the master cannot be the parameters)."""
+    extra = g if stage == 1 else 0.0
+    return extra + (4.0 if precision == "fp32" and stage in (1, 2) else 0.0)
+
+
 def estimate_model_states(num_parameters: int, world_size: int, stage: int, precision: str,
                           offload_optimizer: bool = False, offload_param: bool = False,
                           grad_accum_dtype: str = "fp32") -> MemoryEstimate:
@@ -93,9 +103,11 @@ def estimate_model_states(num_parameters: int, world_size: int, stage: int, prec
     weights = w / n if stage >= 3 else w
     grads = g / n if stage >= 2 else g
     states = o / n if stage >= 1 else o
-    gpu, cpu = weights + grads + states, 0.0
+    extra = _partitioned_extra(stage, precision, g) / n if n > 1 else 0.0
+    gpu, cpu = weights + grads + states + extra, 0.0
     if offload_optimizer and stage >= 1:
-        moved = states + (grads if stage >= 2 else 0)   # the reduced gradient partition goes with them
+        # the reduced gradient partition (and fp32's master copy) go with them
+        moved = states + extra + (grads if stage >= 2 else 0)
         gpu, cpu = gpu - moved, cpu + moved
     if offload_param and stage >= 3:
         gpu, cpu = gpu - weights, cpu + weights
@@ -273,12 +285,14 @@ def estimate_nvme_offload(num_parameters: int, world_size: int, stage: int, prec
 
     The swap files hold the fp32 master and the optimizer states (8 or 12 bytes per parameter, the
     rank's 1/N); host memory keeps the reduced gradient partition and ``buffer_count`` chunk
-    buffers of master + states, instead of all of the states."""
-    _, grads, states = bytes_per_parameter(precision, grad_accum_dtype)
+    buffers of master + states, instead of all of the states, and at stages 1-2 the staging the
+    updated weights go back to the device through (the model's dtype, the rank's 1/N)."""
+    weights, grads, states = bytes_per_parameter(precision, grad_accum_dtype)
     n = max(world_size, 1)
     nvme = states * num_parameters / n
     buffers = buffer_count * chunk_numel * states
-    host = grads * num_parameters / n + min(buffers, nvme)
+    publish = weights * num_parameters / n if stage in (1, 2) else 0.0
+    host = grads * num_parameters / n + min(buffers, nvme) + publish
     return host, nvme
 
 

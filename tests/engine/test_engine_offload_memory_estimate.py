@@ -54,8 +54,9 @@ def test_zero_paper_figures_per_stage_and_what_offload_moves() -> None:
     assert z3oo.gpu_bytes == 0 and z3oo.cpu_bytes == pytest.approx(16 * psi / n)
     z2o = estimate_model_states(psi, n, 2, "bf16", offload_optimizer=True, **bf16)
     assert z2o.gpu_bytes == pytest.approx(2 * psi) and z2o.cpu_bytes == pytest.approx(14 * psi / n)
-    z1o = estimate_model_states(psi, n, 1, "bf16", offload_optimizer=True, **bf16)   # stage 1 keeps full gradients
-    assert z1o.gpu_bytes == pytest.approx(4 * psi) and z1o.cpu_bytes == pytest.approx(12 * psi / n)
+    # stage 1 keeps full gradients on the device; their reduced partition goes to the host with the states
+    z1o = estimate_model_states(psi, n, 1, "bf16", offload_optimizer=True, **bf16)
+    assert z1o.gpu_bytes == pytest.approx(4 * psi) and z1o.cpu_bytes == pytest.approx(14 * psi / n)
 
 
 def test_fp32_gradient_accumulation_costs_two_bytes_per_gradient_element_held() -> None:
@@ -64,7 +65,10 @@ def test_fp32_gradient_accumulation_costs_two_bytes_per_gradient_element_held() 
     psi, n = 1_000_000, 8
     assert estimate_model_states(psi, n, 3, "bf16").gpu_bytes == pytest.approx(18 * psi / n)
     assert estimate_model_states(psi, n, 2, "bf16").gpu_bytes == pytest.approx(2 * psi + 16 * psi / n)
-    assert estimate_model_states(psi, n, 1, "bf16").gpu_bytes == pytest.approx(6 * psi + 12 * psi / n)
+    # stage 1: the whole fp32 gradient and its reduce-scattered partition (the optimizer's gradient)
+    assert estimate_model_states(psi, n, 1, "bf16").gpu_bytes == pytest.approx(6 * psi + 16 * psi / n)
+    # fp32 training partitioned at stages 1-2 keeps a master copy (a rank's pieces span the buckets)
+    assert estimate_model_states(psi, n, 2, "fp32").gpu_bytes == pytest.approx(4 * psi + 16 * psi / n)
     z3o = estimate_model_states(psi, n, 3, "bf16", offload_optimizer=True)   # the fp32 partition goes to the host
     assert z3o.gpu_bytes == pytest.approx(2 * psi / n) and z3o.cpu_bytes == pytest.approx(16 * psi / n)
     assert estimate_model_states(psi, n, 3, "fp32").gpu_bytes == pytest.approx(16 * psi / n)   # unchanged

@@ -34,12 +34,12 @@ def test_check_says_what_each_rank_puts_on_the_drive_and_keeps_in_memory(tmp_pat
     assert result.returncode == 0, result.stderr
     host, nvme = estimate_nvme_offload(105_572_352, 2, 2, "bf16", 4)
     assert nvme == 12 * 105_572_352 / 2                       # fp32 master + Adam m, v: the rank's half
-    assert host < nvme                                        # gradient partition + 4 chunk buffers
+    assert host < nvme              # gradient partition + 4 chunk buffers + the bf16 weights' way back
     out = " ".join(result.stdout.split())
     assert "offload: optimizer=nvme" in out
     assert "NVMe offload: 604.1 MiB per rank in swap files under /local_nvme" in out
     # the gradient partition is summed in fp32 (data_types.grad_accum_dtype's default): 4 bytes an element
-    assert "host RAM 393.4 MiB per rank" in out and "instead of 805.5 MiB with CPU offload" in out
+    assert "host RAM 494.0 MiB per rank" in out and "instead of 805.5 MiB with CPU offload" in out
     assert "precision bf16, gradients summed in fp32" in out
     assert "ignored: aio.single_submit" in out and "ignored: aio.overlap_events" in out
 
