@@ -205,6 +205,8 @@ class Stage3Optimizer(PartitionedOptimizer):
         return max(1, min(int(self.settings.reduce_bucket_size), 2 * largest))
 
     def _make_masters(self) -> list[torch.Tensor]:
+        if self.offload.nvme:       # the swap files get the masters from master_sources, chunk by chunk
+            return [torch.empty(0, dtype=torch.float32) for _ in self.layout.groups]
         if self.master_is_view:
             return [self.partition[g.local_offset:g.local_offset + g.partition_numel] for g in self.layout.groups]
         numel = self.layout.partition_numel
@@ -219,6 +221,12 @@ class Stage3Optimizer(PartitionedOptimizer):
         else:
             copy_between(self.master, self.partition)
         return masters
+
+    def master_sources(self) -> list[tuple[int, torch.Tensor]]:
+        """Where the fp32 masters' first values are (partition-local offset, tensor): the partition."""
+        if self.swapped:          # read from the swap files a slice at a time
+            return [(g.local_offset, GroupSource(self.store.swap, g.index)) for g in self.layout.groups]
+        return [(0, self.partition)]
 
     # -- backward -------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
