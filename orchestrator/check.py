@@ -257,7 +257,8 @@ def check_job(spec: JobSpec, *, num_parameters: int | None = None, largest_layer
     preset = report.preset = _preset_from_args(spec)
     report.largest_layer_parameters = largest_layer or (largest_layer_parameters(preset) if preset else None)
     if report.num_parameters and report.config is not None:
-        report.notes.extend(nvme_notes(report.config, report.num_parameters, spec.world_size))
+        report.notes.extend(nvme_notes(report.config, report.num_parameters, spec.world_size,
+                                       report.largest_layer_parameters))
     if report.num_parameters:
         report.estimates = [
             estimate_model_states(report.num_parameters, spec.world_size, stage, report.precision,
@@ -296,7 +297,7 @@ def estimate_nvme_offload(num_parameters: int, world_size: int, stage: int, prec
     return host, nvme
 
 
-def nvme_notes(cfg: Any, num_parameters: int, world_size: int) -> list[str]:
+def nvme_notes(cfg: Any, num_parameters: int, world_size: int, largest_layer: Optional[int] = None) -> list[str]:
     """``orch check``'s lines for NVMe offload: bytes per rank on the drive and in host memory."""
     zero = cfg.zero_optimization
     notes = []
@@ -311,14 +312,46 @@ def nvme_notes(cfg: Any, num_parameters: int, world_size: int) -> list[str]:
                      f"partition + {max(3, int(zero.offload_optimizer.buffer_count))} chunk buffers) instead of "
                      f"{human_bytes(cpu)} with CPU offload. `orch doctor --nvme-path DIR` measures the drive")
     if zero.offload_param.device == "nvme":
-        notes.append("NVMe offload of parameters is not implemented: stage 3's parameter partitions stay in "
-                     "host memory (the CPU-offload figures apply)")
+        notes.append(_nvme_param_note(zero.offload_param, cfg.precision, num_parameters, world_size, largest_layer))
     if cfg.aio is not None:
         notes += [f"ignored: {f}" for f in cfg.ignored_features() if str(f).startswith("aio")]
-        if zero.offload_optimizer.device == "nvme":
+        if "nvme" in (zero.offload_optimizer.device, zero.offload_param.device):
             notes.append("aio: block_size sets the I/O request size, thread_count x queue_depth the I/O threads "
                          "(at most 16)")
     return notes
+
+
+def estimate_nvme_param_offload(num_parameters: int, world_size: int, precision: str, buffer_count: int,
+                                buffer_size: int, max_in_cpu: int, largest_layer: Optional[int] = None,
+                                block: int = 8 << 20) -> tuple[float, float]:
+    """(host RAM, NVMe) bytes per rank for stage 3's ``offload_param: nvme`` (engine/zero/nvme_params.py).
+
+    The rank's parameter partition (Ψ/N elements in the model dtype) goes to the swap files beyond
+    its first ``max_in_cpu`` elements, which stay in host memory as DeepSpeed keeps them. Host
+    memory adds ``buffer_count`` read buffers, each the largest fetch unit's piece (the largest
+    layer's 1/N when known, at most ``buffer_size`` elements), and the write-back's two staging
+    blocks (``aio.block_size``)."""
+    weights = bytes_per_parameter(precision)[0]
+    partition = num_parameters / max(world_size, 1)
+    resident = min(partition, max_in_cpu)
+    piece = buffer_size if largest_layer is None else min(buffer_size, -(-largest_layer // max(world_size, 1)))
+    host = (resident + buffer_count * piece) * weights + 2 * block
+    return host, (partition - resident) * weights
+
+
+def _nvme_param_note(section: Any, precision: str, num_parameters: int, world_size: int,
+                     largest_layer: Optional[int]) -> str:
+    host, nvme = estimate_nvme_param_offload(num_parameters, world_size, precision, int(section.buffer_count),
+                                             int(section.buffer_size), int(section.max_in_cpu), largest_layer)
+    cpu = bytes_per_parameter(precision)[0] * num_parameters / max(world_size, 1)
+    line = (f"NVMe parameter offload: {human_bytes(nvme)} per rank of stage 3's parameter partition in swap files "
+            f"under {section.nvme_path}; host RAM {human_bytes(host)} per rank for it (max_in_cpu "
+            f"{int(section.max_in_cpu):,} elements + {int(section.buffer_count)} read buffers) instead of "
+            f"{human_bytes(cpu)} with offload_param cpu")
+    if nvme == 0:
+        line += ("; max_in_cpu keeps the whole partition in host memory (DeepSpeed's meaning): set it lower, "
+                 "e.g. 0, to use the drive")
+    return line
 
 
 def _offloaded(section: Any) -> bool:

@@ -211,10 +211,6 @@ def _zero(cfg: Config) -> list[IgnoredFeature]:
     zero = cfg.zero_optimization
     out = [IgnoredFeature(f"zero_optimization.{k}", reason)
            for k, default, reason in _ZERO_KNOBS if getattr(zero, k) != default]
-    if zero.offload_param.device == "nvme":
-        out.append(IgnoredFeature("zero_optimization.offload_param.device",
-                                  "NVMe offload of parameters is not implemented; the stage-3 parameter partitions "
-                                  "are kept in CPU memory instead (offload_optimizer nvme is implemented)"))
     opt = zero.offload_optimizer
     always = "orch always overlaps swap-file reads and writes with the optimizer update"
     for key, default, reason in (("pipeline_read", False, always),
@@ -240,9 +236,10 @@ def _aio(cfg: Config) -> list[IgnoredFeature]:
     if cfg.aio is None:
         return []
     aio = cfg.aio.extras()
-    if cfg.zero_optimization.offload_optimizer.device != "nvme":
-        return [IgnoredFeature("aio", "async I/O settings apply only to NVMe offload (offload_optimizer.device "
-                                      "\"nvme\"), which this config does not use")]
+    zero = cfg.zero_optimization
+    if "nvme" not in (zero.offload_optimizer.device, zero.offload_param.device):
+        return [IgnoredFeature("aio", "async I/O settings apply only to NVMe offload (offload_optimizer or "
+                                      "offload_param device \"nvme\"), which this config does not use")]
     return [IgnoredFeature(f"aio.{key}", reason) for key, reason in _AIO_IGNORED.items() if key in aio]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.check import estimate_nvme_offload
+from orchestrator.check import estimate_nvme_offload, estimate_nvme_param_offload
 from orchestrator.cli import app
 from tests.cli_process import run_orch
 
@@ -44,11 +44,26 @@ def test_check_says_what_each_rank_puts_on_the_drive_and_keeps_in_memory(tmp_pat
     assert "ignored: aio.single_submit" in out and "ignored: aio.overlap_events" in out
 
 
-def test_check_says_parameter_nvme_offload_keeps_host_memory(tmp_path: Path) -> None:
-    ds = {**NVME_DS, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"}}}
+def test_check_says_what_parameter_nvme_offload_puts_on_the_drive(tmp_path: Path) -> None:
+    param = {"device": "nvme", "nvme_path": "/x", "buffer_count": 5, "buffer_size": 100_000_000, "max_in_cpu": 0}
+    ds = {**NVME_DS, "zero_optimization": {"stage": 3, "offload_param": param}}
     result = runner.invoke(app, ["check", job(tmp_path, ds)])
     assert result.exit_code == 0, result.output
-    assert "NVMe offload of parameters is not implemented" in " ".join(result.output.split())
+    out = " ".join(result.output.split())
+    host, nvme = estimate_nvme_param_offload(105_572_352, 2, "bf16", 5, 100_000_000, 0, largest_layer=None)
+    assert nvme == 2 * 105_572_352 / 2                         # the bf16 partition, the rank's half
+    assert "NVMe parameter offload: 100.7 MiB per rank of stage 3's parameter partition in swap files under /x" in out
+    assert "instead of 100.7 MiB with offload_param cpu" in out and "5 read buffers" in out
+    # DeepSpeed's default max_in_cpu (1e9) keeps a 100M model's partition in host memory: check says so
+    ds["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": "/x"}
+    result = runner.invoke(app, ["check", job(tmp_path, ds)])
+    assert "max_in_cpu keeps the whole partition in host memory" in " ".join(result.output.split())
+
+
+def test_parameter_nvme_estimate_counts_resident_elements_and_buffers() -> None:
+    host, nvme = estimate_nvme_param_offload(8_000_000, 4, "fp32", 3, 1_000_000, 500_000, largest_layer=2_000_000)
+    assert nvme == (2_000_000 - 500_000) * 4
+    assert host == (500_000 + 3 * 500_000) * 4 + 2 * (8 << 20)   # resident + 3 buffers of the largest 1/N + staging
 
 
 def test_doctor_measures_the_nvme_path_and_names_a_missing_one(tmp_path: Path) -> None:
