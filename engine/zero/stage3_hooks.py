@@ -9,17 +9,21 @@ Hooks (registered on every module that owns parameters in a non-persistent fetch
   before autograd runs the module's backward;
 * post-accumulate-grad hook on every trainable parameter: hand the gradient to the reducer
   (reduce-scatter to its owner) and, once a unit's last gradient is in, release the unit;
-* frozen units (no gradients to wait for) are released once the module's backward is done: the
-  forward hook registers a multi-grad hook ("all") on the call's inputs that require grad and
-  have a ``grad_fn``. Autograd's ready queue runs the most recently created ready node first, so a
+* a unit is also released once the backward of every call that read it is done: the forward
+  hook registers a multi-grad hook ("all") on the call's inputs that require grad and have a
+  ``grad_fn``. Autograd's ready queue runs the most recently created ready node first, so a
   node runs only when no node of this backward created after it is still to run (on one device);
   every node of the module's forward was created after its inputs, so when the inputs' gradient
   functions run, nothing of this call's backward (which reads the gathered weights,
   saved by autograd as views of ``unit.full``) is left. A unit used by several calls (a module
   applied twice, a tied weight) waits for all of them (``backward_calls``); a call without such
   an input (its inputs are leaves or need no gradient, but its output does) keeps the unit until
-  the end of backward (``pinned``). Activation checkpointing's recomputation (inside backward)
-  gathers the units again and the original call's hook releases them.
+  its gradients are in, or for a frozen unit (no gradients to wait for) to the end of backward
+  (``pinned``). Activation checkpointing's recomputation (inside backward) gathers the units again
+  and the original call's hook releases them.
+* a module whose backward reads none of its parameters is not gathered for its backward and
+  does not hold its units there: ``nn.Embedding`` (torch's embedding backward needs the indices,
+  the output gradient and the number of rows, never the weight's values).
 
 Inside backward the forward hooks still gather (activation checkpointing recomputes modules
 there) but never release: the recomputed tensors are about to be used by backward. torch's
@@ -30,8 +34,14 @@ The root module's forward therefore runs under ``set_checkpoint_early_stop(False
 read when a checkpoint is created), and every recomputation runs to its end.
 
 A module called several times per forward (a tied embedding and lm_head share one parameter,
-hence one unit) is gathered on each call; the unit is released for good only when the shared
-parameter's gradient, which autograd accumulates over all uses, is final.
+hence one unit) is gathered on each call that reads it. Its gradient, which autograd accumulates
+over all uses, is final only after the last use's backward (the embedding's, at the very end);
+the unit is released as soon as the last *reader's* backward (the head's) is done, and until the
+gradient arrives the parameter keeps its shape (zero-stride stand-ins, stage3_params.py) because
+autograd's AccumulateGrad lays the gradient out like the parameter. So a tied embedding is
+gathered twice a step (embedding forward; head forward and backward) and is never held beside
+the blocks' units. Trainable units released during a forward with gradients enabled keep their
+shape the same way, so a module whose backward reads no parameters can skip the gather.
 
 The **trace** is the order in which units were fetched during the last complete training
 micro-step (forward, recomputation and backward). While the current micro-step follows it, the
@@ -56,7 +66,7 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from .reduction import GradientReducer
 from .stage3_params import FetchUnit, PartitionedParams, UnitState
 
-__all__ = ["ParamCoordinator", "in_backward", "tensors_in"]
+__all__ = ["ParamCoordinator", "backward_reads_params", "in_backward", "tensors_in"]
 
 _LOOKAHEAD = 64   # trace entries scanned per prefetch decision
 
@@ -188,7 +198,7 @@ class ParamCoordinator:
         for u in units:
             unit = self.store.units[u]
             unit.users = max(0, unit.users - 1)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and backward_reads_params(sub):
             tensors = [t for t in tensors_in(output) if t.requires_grad]
             if tensors:
                 register_multi_grad_hook(tensors, functools.partial(self._pre_backward, sub), mode="any")
@@ -205,26 +215,26 @@ class ParamCoordinator:
         self._prefetch()
 
     def _watch_backward_end(self, units: Sequence[int], inputs: Any) -> None:
-        """Release this call's frozen units when its backward is done (see the module docstring)."""
-        frozen = [u for u in units if self.store.units[u].frozen and not self.store.units[u].persistent]
-        if not frozen:
+        """Release this call's units when its backward is done (see the module docstring)."""
+        units = [u for u in units if not self.store.units[u].persistent]
+        if not units:
             return
         watched = list({id(t): t for t in tensors_in(inputs) if t.requires_grad and t.grad_fn is not None}.values())
-        for u in frozen:
+        for u in units:
             if watched:
                 self.store.units[u].backward_calls += 1
             else:
                 self.store.units[u].pinned = True
         if watched:
             self._backward_end_handles.append(
-                register_multi_grad_hook(watched, functools.partial(self._backward_done, frozen), mode="all"))
+                register_multi_grad_hook(watched, functools.partial(self._backward_done, units), mode="all"))
 
     def _backward_done(self, units: Sequence[int], grads: Any) -> None:
         for u in units:
             unit = self.store.units[u]
             unit.backward_calls = max(0, unit.backward_calls - 1)
             if unit.backward_calls == 0 and not unit.pinned and unit.users == 0:
-                self.store.release(unit)
+                self._release(unit)
 
     def _grad_ready(self, index: int, param: nn.Parameter) -> None:
         self.reducer.grad_ready(index, param)
@@ -232,6 +242,11 @@ class ParamCoordinator:
         unit.grads_left -= 1
         if unit.grads_left == 0 and not unit.persistent and unit.users == 0:
             self.store.release(unit)
+
+    def _release(self, unit: FetchUnit) -> None:
+        """Release ``unit``; while gradients are still to come into it, its parameters keep their shape."""
+        pending = not unit.frozen and unit.grads_left > 0 and (torch.is_grad_enabled() or in_backward())
+        self.store.release(unit, keep_shape=pending)
 
     # -- fetching, prefetching, releasing ---------------------------------------------------------
     def _use(self, u: int) -> None:
@@ -273,7 +288,7 @@ class ParamCoordinator:
             after = self._next_use(unit.index)
             if after is not None and self._prefix[after] - self._prefix[self.cursor] <= self.max_reuse_distance:
                 return
-        self.store.release(unit)
+        self._release(unit)
 
     def _next_use(self, u: int) -> Optional[int]:
         positions = self._positions.get(u, [])
@@ -293,7 +308,16 @@ class ParamCoordinator:
             if self.store.live_numel + numel <= self.max_live_numel:
                 break
             self._prefetched.pop(unit.index, None)
-            self.store.release(unit)
+            self._release(unit)
+
+
+def backward_reads_params(module: nn.Module) -> bool:
+    """Whether ``module``'s backward reads its parameters' values (so they must be gathered for it).
+
+    False only where torch's derivative says so for the module's own, unchanged forward:
+    ``nn.Embedding`` (embedding_backward takes the indices, the output gradient and the weight's
+    row count). A subclass with its own ``forward`` may read its weight: assumed to."""
+    return type(module).forward is not nn.Embedding.forward
 
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:

@@ -81,8 +81,9 @@ class FetchUnit:
     staging: Optional[torch.Tensor] = None   # several spans: the received rows until copied into place
     grads_left: int = 0               # backward: gradients still to come before it may be released
     frozen: bool = False              # requires_grad=False parameters: no gradients, values never change
-    backward_calls: int = 0           # frozen: forward calls whose backward has not finished yet
-    pinned: bool = False              # frozen: a call whose backward end cannot be seen (kept to the end)
+    backward_calls: int = 0           # forward calls whose backward (reading the values) has not finished yet
+    pinned: bool = False              # a call whose backward end cannot be seen (kept to the end)
+    shaped: bool = False              # released with shape-only stand-ins (gradients still to come)
 
     @property
     def expected_grads(self) -> int:
@@ -261,19 +262,38 @@ class PartitionedParams:
             self.wait(unit)
 
     @torch.no_grad()
-    def release(self, unit: FetchUnit) -> None:
-        """Free the unit's full values (waiting for an in-flight gather first)."""
+    def release(self, unit: FetchUnit, keep_shape: bool = False) -> None:
+        """Free the unit's full values (waiting for an in-flight gather first).
+
+        Released parameters are empty tensors, except with ``keep_shape``, for a unit whose gradients
+        are still to come (released in a forward that records gradients, or in backward once its last
+        reader is done: a tied weight, whose gradient autograd accumulates over all its uses): the
+        parameters become zero-stride stand-ins of their full shape, since autograd's AccumulateGrad
+        lays the gradient out like the parameter. They read as garbage and refuse writes; the next
+        plain release (once the gradients are in, or at the end of backward) empties them."""
         if unit.state is UnitState.RELEASED:
+            if unit.shaped and not keep_shape:
+                self._empty_params(unit)
             return
         if unit.state is UnitState.INFLIGHT:
             self.wait(unit)
-        for i in unit.params:
-            p = self.params[i]
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if keep_shape:
+            for i in unit.params:
+                p = self.params[i]
+                p.data = torch.empty(1, dtype=p.dtype, device=p.device).expand(self.layout.params[i].shape)
+            unit.shaped = True
+        else:
+            self._empty_params(unit)
         _free_storage(unit.full)
         unit.state = UnitState.RELEASED
         if not unit.persistent:
             self.live_numel -= unit.numel
+
+    def _empty_params(self, unit: FetchUnit) -> None:
+        for i in unit.params:
+            p = self.params[i]
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        unit.shaped = False
 
     def release_all(self, keep_persistent: bool = True) -> None:
         for unit in self.units:
@@ -326,6 +346,7 @@ class PartitionedParams:
             entry = self.layout.params[i]
             self.params[i].data = unit.full[offset:offset + entry.numel].view(entry.shape)
         unit.state = UnitState.AVAILABLE
+        unit.shaped = False
 
     # -- accounting -----------------------------------------------------------------------------
     def persistent_bytes(self) -> int:

@@ -55,11 +55,11 @@ def _config(stage: int, d_model: int) -> dict:
             "zero_optimization": zero}
 
 
-def _simulate(stage: int, world: int, checkpointing: bool = False):
+def _simulate(stage: int, world: int, checkpointing: bool = False, tied: bool = False):
     preset = get_preset(MODEL)
 
     def factory():
-        model = build_model(MODEL, seq_len=SEQ, tie_embeddings=False)
+        model = build_model(MODEL, seq_len=SEQ, tie_embeddings=tied)
         model.set_activation_checkpointing(checkpointing)
         return model
 
@@ -104,3 +104,25 @@ def test_stage_3_with_activation_checkpointing_gathers_each_unit_three_times_at_
     assert report.bytes_sent <= 4 / 3 * report.zero_volume * 1.05, report.as_dict()
     assert report.peak_gathered_bytes <= 1.05 * (report.largest_unit_bytes + report.prefetch_bytes), \
         report.as_dict()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("world", [8, 64])
+def test_a_tied_embedding_is_gathered_twice_a_step_and_never_held_beside_the_blocks(world: int,
+                                                                                    checkpointing: bool) -> None:
+    """GPT's wte is lm_head's weight: one unit, the largest, read by the embedding's forward and the head's
+    forward and backward. It is gathered for the embedding, again for the head (kept into the head's
+    backward, which comes next) and released when the head's backward is done, although its gradient is
+    final only after the embedding's backward (which reads no weight and gathers nothing)."""
+    report = _simulate(3, world, checkpointing=checkpointing, tied=True)
+    preset = get_preset(MODEL)
+    tied = preset.vocab_size * preset.d_model
+    assert report.largest_unit_bytes == 2 * tied, report.as_dict()
+    assert report.peak_gathered_bytes <= 1.05 * (report.largest_unit_bytes + report.prefetch_bytes), \
+        report.as_dict()
+    # the tied unit twice; every other unit twice, or three times when recomputation gathers it again
+    gathered = 2 * tied + (3 if checkpointing else 2) * (report.parameters - tied)
+    gather_bytes = report.step_by_op["all_gather/bfloat16"]["bytes_sent"]
+    assert gather_bytes <= 1.01 * gathered * 2 * (world - 1) / world, report.as_dict()
+    if not checkpointing:
+        assert 0.95 <= report.volume_ratio <= 1.05, report.as_dict()
