@@ -10,7 +10,11 @@ reference):
   (``CompressedAllReduce``: 1-bit signs, one scale per chunk, error feedback);
 - every applied step: ``update = m / (sqrt(v) + eps) + weight_decay * w``, ``w <- w - lr * update``
   (no bias correction: DeepSpeed's 1-bit Adam accepts ``bias_correction`` and
-  ``eps_inside_sqrt`` and ignores both; so do we, to train the same).
+  ``eps_inside_sqrt`` and ignores both; so do we, to train the same);
+- DeepSpeed's param-group keys: ``exp_avg_mask`` multiplies the averaged momentum (base.py);
+  ``non_freeze: True`` keeps a group out of the compression: after the freeze its gradients
+  are all-reduced in full precision here (the engine no longer reduces them) and it steps as in
+  the warm-up, variance included.
 
 State keys ``step``, ``exp_avg``, ``exp_avg_sq`` (the engine's checkpoints carry them); the
 compression errors are per rank and restart at zero after a load, as in DeepSpeed.
@@ -58,23 +62,38 @@ class OnebitAdam(CompressedOptimizer):
             m, v = state["exp_avg"], state["exp_avg_sq"]
             factor = self.grad_factor(p)
             hyper = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-            if compressed and self.world_size > 1:
-                self._fused_compressed_step(p, m, v, g, beta1, (1.0 - beta1) * factor, hyper)
+            if compressed and group.get("non_freeze") is True:
+                g = self._full_average(g)
+            elif compressed and self.world_size > 1:
+                self._fused_compressed_step(group, p, m, v, g, beta1, (1.0 - beta1) * factor, hyper)
                 continue
             m.mul_(beta1).add_(g, alpha=(1.0 - beta1) * factor)
-            if compressed:
+            if compressed and group.get("non_freeze") is not True:
                 self.average(p, m)
+                self.apply_mask(group, p, m)
             else:
                 v.mul_(beta2).addcmul_(g, g, value=(1.0 - beta2) * factor * factor)
             adam_update(p, m, v, *hyper)
 
-    def _fused_compressed_step(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                               beta1: float, coef: float, hyper: tuple[float, float, float]) -> None:
+    def _full_average(self, g: torch.Tensor) -> torch.Tensor:
+        """A ``non_freeze`` group's local gradient averaged over the ranks in full precision (in place
+        when ``g`` is the gradient itself: it is not read again before the next backward)."""
+        if self.world_size > 1:
+            self._comm().all_reduce(g)
+            g.div_(self.world_size)
+        return g
+
+    def _fused_compressed_step(self, group: dict[str, Any], p: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                               g: torch.Tensor, beta1: float, coef: float, hyper: tuple[float, float, float]) -> None:
         """The compressed step in fewer passes over memory: the momentum update happens inside
-        the compression's first pass and each block of the averaged momentum updates its
-        parameters as soon as it is decompressed (same arithmetic, same bits, as the separate
-        passes). The padding after the live part is updated after it."""
-        self.average_momentum(p, m, g, beta1, coef, lambda lo, hi: adam_update(p, m, v, *hyper, lo=lo, hi=hi))
+        the compression's first pass and each block of the averaged momentum is masked and
+        updates its parameters as soon as it is decompressed (same arithmetic, same bits, as the
+        separate passes). The padding after the live part is updated after it."""
+        def then(lo: int, hi: int) -> None:
+            self.apply_mask(group, p, m, lo, hi)
+            adam_update(p, m, v, *hyper, lo=lo, hi=hi)
+
+        self.average_momentum(p, m, g, beta1, coef, then)
         live = self._live.get(id(p), p.numel())
         if live < p.numel():
             adam_update(p, m, v, *hyper, lo=live)

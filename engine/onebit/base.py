@@ -12,6 +12,13 @@ at ZeRO stage 0) or over plain parameters. The engine talks to them through thre
 This base keeps the per-tensor ``CompressedAllReduce`` (its error-feedback buffers persist
 across steps), the step count, and the gradient in fp32 with the loss scale and clip factor
 applied. Subclasses implement ``_step_tensors``.
+
+A parameter group may carry DeepSpeed's ``exp_avg_mask``: a tensor of the group's elements
+(shaped like its one parameter, or its parameters flattened back to back) that multiplies the
+averaged momentum (the averaged gradient, for 0/1 Adam) after every compressed all-reduce.
+1-bit compression cannot represent zero, so elements whose gradient is always zero (BERT's
+position embeddings past the training sequence length) would otherwise drift by about
+``scale / eps`` per step. As in DeepSpeed, the mask is the script's: checkpoints do not store it.
 """
 from __future__ import annotations
 
@@ -50,6 +57,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._specs: dict[int, SegmentSpec] = {}
         self._live: dict[int, int] = {}
         self._factors: dict[int, float] = {}
+        self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(p) -> (user mask, flat)
 
     # -- what the engine asks -----------------------------------------------------------------------
     def attach_comm(self, comm: Comm) -> None:
@@ -60,6 +68,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Only ``param``'s first ``numel`` elements are real (a flat partition's tail is padding)."""
         self._live[id(param)] = int(numel)
         self._reducers.pop(id(param), None)
+        for group in self.param_groups:
+            if any(q is param for q in group["params"]):
+                self.momentum_mask(group, param)          # a mask of the wrong size fails here, at set-up
 
     @property
     def steps_taken(self) -> int:
@@ -199,6 +210,35 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 reducer = self._reducers[key] = CompressedAllReduce(self._comm(), src.numel(), p.device, impl=self.impl)
             reducer(src, out=dst)
         return out
+
+    def momentum_mask(self, group: dict[str, Any], p: torch.Tensor) -> Optional[torch.Tensor]:
+        """``group``'s ``exp_avg_mask`` as an fp32 tensor shaped like ``p`` (zero over the padding
+        after the live part), or None without one; see the module docstring."""
+        mask = group.get("exp_avg_mask")
+        if mask is None:
+            return None
+        cached = self._masks.get(id(p))
+        if cached is not None and cached[0] is mask:
+            return cached[1]
+        live = self._live.get(id(p), p.numel())
+        flat = torch.as_tensor(mask).detach().reshape(-1)
+        if flat.numel() != live:
+            raise ValueError(f"{self.name}: the parameter group's 'exp_avg_mask' has {flat.numel()} elements, "
+                             f"but the group's parameters have {live}; give one mask element per parameter "
+                             "element (shaped like the group's one parameter, or its parameters flattened back "
+                             "to back)")
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        full[:live].copy_(flat)
+        self._masks[id(p)] = (mask, full.view_as(p))
+        return self._masks[id(p)][1]
+
+    def apply_mask(self, group: dict[str, Any], p: torch.Tensor, t: torch.Tensor, lo: int = 0,
+                   hi: Optional[int] = None) -> None:
+        """``t *= exp_avg_mask`` (elements ``[lo, hi)`` of the flat tensor), if the group has one."""
+        mask = self.momentum_mask(group, p)
+        if mask is not None:
+            end = t.numel() if hi is None else hi
+            t.view(-1)[lo:end].mul_(mask.view(-1)[lo:end])
 
     def reset_errors(self) -> None:
         for reducer in self._reducers.values():

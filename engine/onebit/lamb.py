@@ -23,8 +23,9 @@ for LAMB), and every per-parameter quantity above is a per-segment vector (no ho
 clamps are tensor ops). Those vectors are checkpointed as one scalar state per segment
 (``lamb_coeff_freeze.<i>``, ``last_factor.<i>``, ``scaling_coeff.<i>``), so a resumed run keeps
 its coefficients (DeepSpeed restarts them when it loads a checkpoint taken during warm-up).
-Alignment padding inside a flat master counts as elements of the segment before it, like a
-parameter element that never gets a gradient.
+The flat master packs the parameters back to back; only its tail is padding, which is cut off
+before compression and from the segments, so the segments are exactly DeepSpeed's parameters.
+A group's ``exp_avg_mask`` multiplies the averaged, unscaled momentum (base.py), as in DeepSpeed.
 """
 from __future__ import annotations
 
@@ -181,6 +182,7 @@ class OnebitLamb(CompressedOptimizer):
         self.live(p, m).mul_(scaling)
         self.average(p, m)
         self.live(p, m).div_(scaling)
+        self.apply_mask(group, p, m)
         rebuilt = torch.sub(m, last, alpha=beta1).div_(1.0 - beta1)     # the averaged gradient
         fresh.mul_(beta2).addcmul_(rebuilt, rebuilt, value=1.0 - beta2)
         eps = float(group["eps"])

@@ -16,7 +16,9 @@ rule as DeepSpeed's runtime/fp16/onebit/zoadam.py ran it (removed from DeepSpeed
   all-reduce, the momentum becomes ``-u / lrs`` and the averaged update is applied. The interval
   doubles every ``local_step_scaler`` steps, up to ``local_step_clipper`` (the paper's H).
 
-Each model parameter is compressed on its own (its own scales and error buffers, one compressed
+A group's ``exp_avg_mask`` multiplies what each compressed all-reduce returns (the averaged
+gradient of the variance phase, the averaged update of a sync), where DeepSpeed applies it
+(base.py). Each model parameter is compressed on its own (its own scales and error buffers, one compressed
 all-reduce per parameter), as in DeepSpeed: a single scale over the whole flat master would drown
 the small parameters' gradients (measured on the bundled tiny GPT: +60 % loss against +1 %).
 Where orch differs, and why: on one rank the variance phase's non-variance steps update ``m`` with the plain gradient (the
@@ -106,6 +108,7 @@ class ZeroOneAdam(CompressedOptimizer):
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         else:                                              # g is local: average it, 1 bit per element
             g = self.average_per_parameter(p, g, out=torch.zeros_like(g))
+            self.apply_mask(group, p, g)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         p.sub_(self._update(group, p, m, self._denominator(group, v)), alpha=float(group["lr"]))
         if variance_step:
@@ -132,6 +135,7 @@ class ZeroOneAdam(CompressedOptimizer):
             p.sub_(u)                                      # undo the local steps
             u.mul_(denom)
             self.average_per_parameter(p, u)
+            self.apply_mask(group, p, u)
             torch.div(u, -state["lrs"], out=m)
             p.add_(u.div_(denom))
             u.zero_()
