@@ -100,7 +100,7 @@ class Stage12Optimizer(PartitionedOptimizer):
         count = comm.world_size if self.stage >= 1 else 1
         self.params: list[nn.Parameter] = [p for _, named in groups for _, p in named]
         named_groups = [list(named) for _, named in groups]
-        if count > 1:
+        if self.stage >= 1:
             self.layout = FlatLayout.bucketed(named_groups, count, self._reduce_bucket_numel(
                 sum(p.numel() for p in self.params)))
         else:
@@ -126,7 +126,7 @@ class Stage12Optimizer(PartitionedOptimizer):
         self._build_inner_optimizer(groups, make_optimizer)
         link_inner_optimizer(self.optimizer, self.layout, self.master_params, self._rank, comm, device)
 
-        reducer = BucketReducer if count > 1 else GradientReducer
+        reducer = BucketReducer if self.stage >= 1 else GradientReducer
         self.reducer = reducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(self.layout.numel), rank=self._rank,
             dtype=self.grad_dtype, device=device, overlap=settings.overlap_comm,
