@@ -7,12 +7,13 @@ with several torch.distributed calls, and which is fastest depends on the backen
 * gloo (CPU): an in-place ``all_reduce`` beats gloo's own ``reduce_scatter`` and
   ``all_gather`` (measured with ``python -m bench.collectives``, 2 ranks, 25M floats:
   reduce_scatter 195 ms vs all_reduce 89 ms; in-place all_gather 221 ms vs zero-the-others +
-  all_reduce 122 ms). So "reduce to owners" is an ``all_reduce`` after which each owner reads
-  its slice, and "gather partitions" zeroes the other slices and sums. ``all_gather`` with
+  all_reduce 122 ms). So "reduce to shards" is an ``all_reduce`` after which each owner reads
+  its shard, and "gather partitions" zeroes the other slices and sums. ``all_gather`` with
   lists of different sizes fails on gloo, so partitions are always padded to equal size
   (see zero/partition.py).
-* nccl (GPU): ``reduce`` to each owner moves half the bytes of ``all_reduce`` and the
-  in-place ``all_gather_single`` needs no staging buffer, so those are used.
+* nccl (GPU): the ZeRO layouts shard every bucket and fetch unit evenly (zero/partition.py), so a
+  reduction is one ``reduce_scatter_tensor`` (half the bytes of ``all_reduce``, one call whatever
+  the world size) and a gather one in-place ``all_gather_into_tensor`` (no staging buffer).
 
 The choice is the ``CollectivePlan`` table below; ``Comm`` applies it. With no process group
 (a single process), every collective is a no-op, so the engine runs unchanged on one CPU.
@@ -39,7 +40,7 @@ __all__ = [
     "shutdown_distributed",
 ]
 
-ReduceKind = Literal["all_reduce", "reduce_to_owner"]
+ReduceKind = Literal["all_reduce", "reduce_scatter"]
 GatherKind = Literal["all_reduce", "all_gather"]
 
 
@@ -52,7 +53,7 @@ class CollectivePlan:
     """How one backend implements the engine's two partitioned collectives.
 
     ``reduce``: ``"all_reduce"`` reduces the whole bucket everywhere (each owner then reads
-    its slice); ``"reduce_to_owner"`` issues one ``reduce`` per owner of a piece of the bucket.
+    its shard); ``"reduce_scatter"`` leaves each rank only the sum of its own shard.
     ``gather``: ``"all_gather"`` is the in-place ``all_gather_single``; ``"all_reduce"`` zeroes
     every slice but the local one and sums (exact, since all but one addend are zero).
     """
@@ -64,7 +65,7 @@ class CollectivePlan:
 # Measured with bench/collectives.py (2 ranks, 25M fp32 elements); see the module docstring.
 PLANS: dict[str, CollectivePlan] = {
     "gloo": CollectivePlan(reduce="all_reduce", gather="all_reduce"),
-    "nccl": CollectivePlan(reduce="reduce_to_owner", gather="all_gather"),
+    "nccl": CollectivePlan(reduce="reduce_scatter", gather="all_gather"),
 }
 _FALLBACK_PLAN = CollectivePlan(reduce="all_reduce", gather="all_gather")
 
@@ -274,24 +275,18 @@ class Comm:
             dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src,
                            group=self.group)
 
-    def reduce_to_owners(self, buffer: torch.Tensor, pieces: Sequence[tuple[int, int, int]],
-                         async_op: bool = False) -> Handle:
-        """Sum ``buffer`` across ranks so that each owner's pieces hold the sum on that owner.
+    def reduce_to_shards(self, buffer: torch.Tensor, async_op: bool = False) -> Handle:
+        """Sum ``buffer`` (``world_size`` equal rank-major shards) across ranks so that this rank's
+        shard holds the sum of everyone's; the other shards may hold anything afterwards.
 
-        ``pieces`` are ``(owner_rank, start, end)`` ranges of ``buffer``; other ranges of the
-        buffer may hold anything afterwards.
-        """
+        One collective whatever the world size: the plan's in-place reduce-scatter, or an
+        all-reduce (gloo, where it is faster; see the module docstring)."""
         if not self.active:
             return Handle()
         if self.plan.reduce == "all_reduce":
             return self.all_reduce(buffer, async_op)
-        works = []
-        for owner, start, end in pieces:
-            if end > start:
-                dst = dist.get_global_rank(self.group, owner) if self.group else owner
-                self._note("reduce", buffer[start:end], peer=owner)
-                works.append(dist.reduce(buffer[start:end], dst=dst, group=self.group, async_op=async_op))
-        return Handle(works)
+        size = buffer.numel() // self.world_size
+        return self.reduce_scatter_into(buffer[self.rank * size:(self.rank + 1) * size], buffer, async_op)
 
     def all_gather_partitions(self, flat: torch.Tensor, partition_numel: int, bucket_numel: int) -> None:
         """Fill every rank's partition of ``flat`` (rank-major, equal partitions) from its owner.

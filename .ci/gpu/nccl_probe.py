@@ -40,7 +40,7 @@ for plan_name, plan in comm.PLANS.items():
     c.all_reduce(x)
     c.all_gather_into(x, x[:4096])                       # in place (world 1: the whole tensor)
     c.reduce_scatter_into(x, x)
-    c.reduce_to_owners(x, [(0, 0, 4096)])
+    c.reduce_to_shards(x)
     c.broadcast(x)
     c.all_gather_partitions(x, 4096, 1024)               # chunked, one chunk in flight
     print(f"plan {plan_name}: every collective ran on {x.device} {x.dtype}")

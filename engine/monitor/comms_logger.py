@@ -83,8 +83,6 @@ class CommsLogger:
         for method, op in TIMED_METHODS.items():
             if hasattr(comm, method):
                 setattr(comm, method, self._timed(getattr(comm, method), op))
-        if getattr(comm.plan, "reduce", None) == "reduce_to_owner":
-            comm.reduce_to_owners = self._timed_reduce_to_owners(comm.reduce_to_owners)
 
     def profiled(self, op: str) -> bool:
         return self.prof_all or op in self.prof_ops
@@ -95,22 +93,6 @@ class CommsLogger:
                 return call(*args, **kwargs)
             message = args[1] if op in INPUT_MESSAGE else args[0]
             return self._measure(op, message.numel() * message.element_size(), call, args, kwargs)
-        return timed
-
-    def _timed_reduce_to_owners(self, call: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(buffer: Any, pieces: Any, async_op: bool = False) -> Any:
-            if not (self.comm.active and self.profiled("reduce")):
-                return call(buffer, pieces, async_op)
-            sizes = [(end - start) * buffer.element_size() for _, start, end in pieces if end > start]
-            start_t = self._start()
-            call(buffer, pieces, False).wait()
-            ms = self._stop(start_t)
-            total = max(sum(sizes), 1)
-            for size in sizes:  # one reduce per owner; the time is shared by bytes
-                self._add("reduce", size, ms * size / total)
-            from engine.comm import Handle
-
-            return Handle()
         return timed
 
     def _measure(self, op: str, nbytes: int, call: Callable[..., Any], args: Any, kwargs: Any) -> Any:

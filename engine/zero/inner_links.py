@@ -24,7 +24,7 @@ def link_inner_optimizer(optimizer: Any, layout: FlatLayout, masters: list[torch
     """Hand ``optimizer`` what it asks for (by the methods it has); a no-op for the others."""
     if hasattr(optimizer, "attach_comm"):
         optimizer.attach_comm(comm)
-    if hasattr(optimizer, "set_live_numel") and layout.partition_count == 1:
+    if hasattr(optimizer, "set_live_numel") and layout.partition_count == 1 and layout.single_span_groups:
         for group, master in zip(layout.groups, masters):
             optimizer.set_live_numel(master, group.numel)
     if hasattr(optimizer, "set_segments"):

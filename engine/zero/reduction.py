@@ -1,14 +1,16 @@
 """Gradient reduction for every ZeRO stage: buckets of gradients summed across ranks, to their owners.
 
 Why a module of its own: stages 0-3 differ in where a reduced gradient goes, not in how it is
-reduced. Each bucket (whole consecutive parameters of one group, ``FlatLayout.buckets``) is
-summed across ranks with ``Comm.reduce_to_owners``; afterwards
+reduced. Each bucket (whole consecutive parameters of one group) is summed across ranks with
+one collective; afterwards
 
 * ``in_place`` (stages 0/1): every ``p.grad`` is a view of one flat gradient buffer, so autograd
   accumulates straight into what gets reduced and nothing is copied;
 * partitioned (stages 2/3): a post-accumulate-grad hook copies each finished gradient into a
   bucket staging buffer and frees it; when a bucket's reduction completes, the owner copies (or,
-  with ``accumulate``, adds) its slice into the rank's gradient partition. That partition may live
+  with ``accumulate``, adds) its shard into the rank's gradient partition. Stages 1-3's buckets
+  are evenly sharded spans (stage12_reduction.py, stage3_reduction.py: one reduce-scatter each,
+  whatever N); this class alone is stage 0's, which all-reduces. That partition may live
   in CPU memory (``offload_optimizer``): the copy is then the device-to-host transfer, issued
   on a side stream as each bucket completes so it overlaps the rest of backward
   (offload_grads.py); ``flush_host`` waits for them before the host reads the partition.
@@ -215,8 +217,7 @@ class GradientReducer:
             self._complete_oldest()
 
     def _reduce(self, data: torch.Tensor, bucket: Bucket, async_op: bool) -> Handle:
-        if self.layout.partition_count > 1:
-            return self.comm.reduce_to_owners(data, bucket.pieces, async_op=async_op)
+        """Stage 0: every rank needs the whole sum (partitioned subclasses reduce-scatter)."""
         return self.comm.all_reduce(data, async_op=async_op)
 
     def _complete_oldest(self) -> None:

@@ -111,10 +111,7 @@ class SpanReducer(GradientReducer):
         return buf.zero_()   # padding and gradients that never arrive must read as zero
 
     def _reduce(self, data: torch.Tensor, bucket: SpanBucket, async_op: bool) -> Handle:  # type: ignore[override]
-        if self.comm.plan.reduce == "all_reduce" or not self.comm.active:
-            return self.comm.all_reduce(data, async_op=async_op)
-        mine = data.view(bucket.world, bucket.width)[self.rank]
-        return self.comm.reduce_scatter_into(mine, data, async_op=async_op)
+        return self.comm.reduce_to_shards(data, async_op=async_op)   # rank r's row: its shard
 
     def _deliver(self, buf: torch.Tensor, bucket: SpanBucket) -> None:  # type: ignore[override]
         mine = buf[:bucket.numel].view(bucket.world, bucket.width)[self.rank]

@@ -45,10 +45,9 @@ def _collectives(plan: CollectivePlan) -> dict:
     comm = Comm(plan=plan)
     rank, world = comm.rank, comm.world_size
     size = 5
-    # reduce to owners: every rank contributes rank+1 everywhere; owners' slices hold the sum
+    # reduce to shards: every rank contributes rank+1 everywhere; each rank's shard holds the sum
     buf = torch.full((world * size,), float(rank + 1))
-    pieces = [(r, r * size, (r + 1) * size) for r in range(world)]
-    comm.reduce_to_owners(buf, pieces, async_op=True).wait()
+    comm.reduce_to_shards(buf, async_op=True).wait()
     own_sum = buf[rank * size:(rank + 1) * size].tolist()
     # gather partitions: rank r writes r into its slice; chunked (bucket 2) and whole
     gathered = []
@@ -60,7 +59,7 @@ def _collectives(plan: CollectivePlan) -> dict:
     return {"own_sum": own_sum, "gathered": gathered}
 
 
-PLAN_VARIANTS = [PLANS["gloo"], CollectivePlan("all_reduce", "all_gather"), CollectivePlan("reduce_to_owner", "all_reduce")]
+PLAN_VARIANTS = [PLANS["gloo"], CollectivePlan("all_reduce", "all_gather"), CollectivePlan("reduce_scatter", "all_reduce")]
 
 
 @pytest.mark.slow
