@@ -132,6 +132,7 @@ class ParamSwap:
         self._free: list[tuple[int, Optional[CopyTicket]]] = [(i, None) for i in range(len(self.buffers))]
         self.reads: dict[int, _Read] = {}       # unit -> its read in flight or done, not yet taken
         self.leased: dict[int, int] = {}        # unit -> buffer its gather still reads
+        self.prefetch_hits = self.demand_reads = 0     # units found read ahead / read when asked for
         self._wstaging = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]   # write-back staging
         self._wpending: dict[int, IORequest] = {}
         self._write_turn, self._writing = 0, False
@@ -231,7 +232,10 @@ class ParamSwap:
         if not self.plans[unit]:
             return {}
         read = self.reads.pop(unit, None)
-        if read is None:
+        if read is not None:
+            self.prefetch_hits += 1
+        else:
+            self.demand_reads += 1
             buffer = self._take_buffer()
             if buffer is None:
                 return None
