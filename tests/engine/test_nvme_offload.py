@@ -323,12 +323,12 @@ BUILD_RSS_SCRIPT = textwrap.dedent("""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     def status(key):
         return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+    numel = sum(p.numel() for p in model.parameters())     # before stage 3 partitions them
     open("/proc/self/clear_refs", "w").write("5")      # VmHWM restarts from the current RSS
     before = status("VmRSS")
     eng = engine.initialize(model=model, config=config)[0]
     grown = status("VmHWM") - before
     swap = eng.optimizer.nvme
-    numel = sum(p.numel() for p in model.parameters())
     print(json.dumps({"grown": grown, "states": 12 * numel, "master": 4 * numel,
                       "buffers": swap.buffer_bytes if swap else 0}))
 """)
@@ -338,7 +338,8 @@ BUILD_RSS_SCRIPT = textwrap.dedent("""
 def test_building_an_nvme_engine_never_holds_the_fp32_master_in_host_memory(stage: int, tmp_path: Path) -> None:
     """The constructor writes the first master values into the swap files chunk by chunk from the
     parameters: its peak memory is the CPU-offload constructor's without the fp32 master (plus the
-    chunk buffers), and stays below the states' size."""
+    chunk buffers). At stage 2 that is below the states' size; stage 3's constructor (either
+    offload) also holds the full weights while it partitions them, which one rank cannot shed."""
     import json
 
     from tests.dist_utils import free_port
@@ -354,7 +355,8 @@ def test_building_an_nvme_engine_never_holds_the_fp32_master_in_host_memory(stag
     nvme, cpu = out["nvme"], out["cpu"]
     slack = 16 << 20       # the I/O threads' stacks, the allocator's rounding
     assert nvme["grown"] <= cpu["grown"] - nvme["master"] + nvme["buffers"] + slack, out
-    assert nvme["grown"] < nvme["states"], out
+    if stage == 2:
+        assert nvme["grown"] < nvme["states"], out
     assert list(tmp_path.iterdir()) == []
 
 
