@@ -2,13 +2,16 @@
 
 What each stage keeps on every rank (Ψ parameters, N ranks, mixed precision):
 
-==========  ==================  ====================  ========================  ============
-stage       model params        gradients             fp32 master + Adam state  ZeRO paper
-==========  ==================  ====================  ========================  ============
-0           all (2Ψ)            all (2Ψ)              all (12Ψ)                 16Ψ
-1           all (2Ψ)            all (2Ψ)              own partition (12Ψ/N)     4Ψ + 12Ψ/N
-2           all (2Ψ)            own partition (2Ψ/N)  own partition (12Ψ/N)     2Ψ + 14Ψ/N
-==========  ==================  ====================  ========================  ============
+==========  ==================  ======================  ========================  ============
+stage       model params        gradients               fp32 master + Adam state  ZeRO paper
+==========  ==================  ======================  ========================  ============
+0           all (2Ψ)            all (2Ψ)                all (12Ψ)                 16Ψ
+1           all (2Ψ)            all (2Ψ) + own (2Ψ/N)   own partition (12Ψ/N)     4Ψ + 12Ψ/N
+2           all (2Ψ)            own partition (2Ψ/N)    own partition (12Ψ/N)     2Ψ + 14Ψ/N
+==========  ==================  ======================  ========================  ============
+
+(Stage 1's "own" is the reduced gradient of its partition, what its optimizer reads, as in
+DeepSpeed's stage 1; gradients are 4 bytes, not 2, when summed in fp32, the default.)
 
 The model's parameters are views into one flat buffer per rank (``flat_params``), laid out by
 ``FlatLayout.bucketed``: every reduce bucket (whole consecutive parameters of one group, at most
