@@ -7,7 +7,9 @@ per round (bench/zero3_vs_peers.py's loop, timing and tables):
 * ``orch-cpu``: ``offload_optimizer: {device: cpu}``;
 * ``orch-nvme`` / ``deepspeed-nvme``: ``offload_optimizer: {device: nvme, nvme_path}`` with the same
   ``aio`` section (DeepSpeed's documented defaults: block_size 1 MiB, queue_depth 8,
-  thread_count 1); DeepSpeed's ``async_io`` op is JIT-built with Debian's ``libaio-dev``.
+  thread_count 1); DeepSpeed's ``async_io`` op is JIT-built with Debian's ``libaio-dev``;
+* ``orch-nvme-param`` / ``deepspeed-nvme-param``: the same plus stage 3's parameter partition on
+  the drive (``offload_param: {device: nvme, max_in_cpu: 0, buffer_count: 4}``; not run by default).
 
 Goals (issue 16): orch NVMe step <= 0.8x DeepSpeed's NVMe step and <= 1.3x orch's CPU-offload
 step; peak RSS <= DeepSpeed's. The swap files go to ``--nvme-path`` (default: a temporary
@@ -29,18 +31,23 @@ from bench import zero3_vs_peers as z3
 from bench.common import append_benchmarks_md, machine
 
 CANDIDATES = ("orch-cpu", "orch-nvme", "deepspeed-nvme")
+PARAM_CANDIDATES = ("orch-nvme-param", "deepspeed-nvme-param")     # + offload_param nvme (ZeRO-Infinity)
 GOAL = "orch NVMe step <= 0.8x DeepSpeed ZeRO-Infinity and <= 1.3x orch CPU offload; peak RSS <= DeepSpeed's"
 WORKLOAD = peers.Workload("nvme", "bench-100m", 1, GOAL)
 AIO = {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}
 
 
 def ds_config(micro_batch: int, device: str, nvme_path: str) -> dict[str, Any]:
+    """``device``: cpu, nvme (optimizer states on the drive) or nvme-param (and the parameters)."""
     cfg = z3.ds_config(micro_batch, offload=False)
-    section: dict[str, Any] = {"device": device, "pin_memory": False}
-    if device == "nvme":
+    section: dict[str, Any] = {"device": device.removesuffix("-param"), "pin_memory": False}
+    if device != "cpu":
         section.update(nvme_path=nvme_path, buffer_count=4)
         cfg["aio"] = dict(AIO)
     cfg["zero_optimization"]["offload_optimizer"] = section
+    if device.endswith("-param"):
+        cfg["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": nvme_path, "pin_memory": False,
+                                                     "buffer_count": 4, "max_in_cpu": 0}
     return cfg
 
 
@@ -62,7 +69,7 @@ def worker(candidate: str, workload: peers.Workload, steps: int, warmup: int, ou
 
 def verdicts(results: dict[str, peers.Result]) -> list[str]:
     cpu, ours, ds = (results.get(c) for c in CANDIDATES)     # CANDIDATES: orch-cpu, orch-nvme, deepspeed-nvme
-    out = []
+    out = _param_verdicts(results)
     if ours and ours.launches and ds and ds.launches:
         t, m = ours.step_s / ds.step_s, ours.rss_mb / ds.rss_mb
         out.append(f"orch NVMe / DeepSpeed NVMe step time = {t:.2f} (goal <= 0.80): {'met' if t <= 0.8 else 'MISSED'}")
@@ -71,6 +78,19 @@ def verdicts(results: dict[str, peers.Result]) -> list[str]:
         t = ours.step_s / cpu.step_s
         out.append(f"orch NVMe / orch CPU offload step time = {t:.2f} (goal <= 1.30): {'met' if t <= 1.3 else 'MISSED'}"
                    f"; peak RSS {ours.rss_mb / cpu.rss_mb:.2f}")
+    return out
+
+
+def _param_verdicts(results: dict[str, peers.Result]) -> list[str]:
+    """The parameter-offload candidates against DeepSpeed's and orch's optimizer-only NVMe run (no goal set)."""
+    ours, ds, states_only = (results.get(c) for c in (*PARAM_CANDIDATES, "orch-nvme"))
+    out = []
+    if ours and ours.launches and ds and ds.launches:
+        out.append(f"orch / DeepSpeed with offload_param nvme: step time {ours.step_s / ds.step_s:.2f}, "
+                   f"peak RSS {ours.rss_mb / ds.rss_mb:.2f}")
+    if ours and ours.launches and states_only and states_only.launches:
+        out.append(f"orch offload_param nvme / optimizer-only NVMe: step time {ours.step_s / states_only.step_s:.2f}, "
+                   f"peak RSS {ours.rss_mb / states_only.rss_mb:.2f}")
     return out
 
 
@@ -100,7 +120,7 @@ def run(quick: bool = False, rounds: Optional[int] = None, steps: Optional[int] 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = peers.round_parser(__doc__.splitlines()[0], CANDIDATES, CANDIDATES)
+    parser = peers.round_parser(__doc__.splitlines()[0], CANDIDATES + PARAM_CANDIDATES, CANDIDATES)
     parser.add_argument("--nvme-path", help="directory for the swap files (on the NVMe drive)")
     args = parser.parse_args(argv)
     if args.worker:
