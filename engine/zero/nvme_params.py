@@ -13,10 +13,11 @@ byte ``i × itemsize`` of the group's file), and host memory holds ``buffer_coun
 * **prefetch**: while the micro-step follows the fetch trace of stage3_hooks.py, every fetch
   starts the reads of the next units in trace order, as many as there are free buffers, so the
   disk works ahead of the gathers (the first micro-step has no trace and reads on demand);
-* **write-back**: after the optimizer step the updated values are written in partition order,
-  through the same buffers as large aligned blocks (the step runs when no unit is being read);
-  with ``offload_optimizer: nvme`` the streamed step hands each chunk straight to the writer
-  (``step_targets``), otherwise the fp32 master is cast block by block.
+* **write-back**: after the optimizer step the updated values are cast into two page-aligned
+  staging blocks and written (aligned writes, one block written while the next is filled); with
+  ``offload_optimizer: nvme`` the streamed step stages each of its chunks straight into them
+  (``PartitionTargets``, in whatever order its passes go), otherwise the fp32 master is cast block
+  by block (``aio.block_size``). No unit is being read then; reads ahead are dropped first.
 
 DeepSpeed's keys keep their meaning: ``buffer_size`` (elements) bounds one buffer, so the largest
 fetch unit's piece must fit in it (DeepSpeed fails with "More elements ... than buffer size";

@@ -19,15 +19,16 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from tests.dist_utils import free_port, run_distributed
 from tests.engine_zero_cases import build, ds_config, full_weights, param_groups, train_steps
+from tests import nvme_cases
+from tests.nvme_cases import ROOT, hold
 
-ROOT = Path(__file__).resolve().parents[2]
 # (precision, optimizer offload, model, max_in_cpu): every element swapped, or the first spans resident
 CASES = {"bf16-cpu-optimizer": ("bf16", "cpu", "tinylm", 0),
          "fp32-nvme-optimizer": ("fp32", "nvme", "tinylm", 0),
@@ -121,6 +122,8 @@ def test_nvme_param_checkpoints_resume_and_reshard_into_cpu_param_offload(tmp_pa
 
 # -- swap files go away ----------------------------------------------------------------------------
 
+small_mount = nvme_cases.small_mount     # the fixture: a small tmpfs, full or read-only
+
 HOLD_SCRIPT = textwrap.dedent("""
     import os, sys, time
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
@@ -134,17 +137,8 @@ HOLD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _hold(nvme: Path, seconds: float = 120) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(nvme), str(free_port()), str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stdout:            # the engine's config notes come first
-        if line.strip() == "ready":
-            return proc
-    raise AssertionError(f"the training script ended before it was ready: {proc.stderr.read()}")
-
-
 def test_parameter_swap_files_are_removed_on_sigterm(tmp_path: Path) -> None:
-    proc = _hold(tmp_path)
+    proc = hold(HOLD_SCRIPT, tmp_path)
     swap_dirs = list(tmp_path.iterdir())
     assert len(swap_dirs) == 1 and any(swap_dirs[0].glob("params-rank00000-group*.swp"))
     proc.send_signal(signal.SIGTERM)
@@ -153,33 +147,12 @@ def test_parameter_swap_files_are_removed_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_parameter_swap_files_are_removed_when_the_program_exits(tmp_path: Path) -> None:
-    proc = _hold(tmp_path, seconds=0)
+    proc = hold(HOLD_SCRIPT, tmp_path, seconds=0)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     assert list(tmp_path.iterdir()) == []
 
 
 # -- bad settings ----------------------------------------------------------------------------------
-
-@pytest.fixture
-def small_mount(tmp_path: Path) -> Iterator[Any]:
-    """Mount a small tmpfs (needs root); ``small_mount(size, readonly)`` returns its path."""
-    mounted: list[Path] = []
-
-    def mount(size: str, readonly: bool = False) -> Path:
-        where = tmp_path / f"mnt{len(mounted)}"
-        where.mkdir()
-        options = f"size={size}" + (",ro" if readonly else "")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
-                                text=True)
-        if result.returncode != 0:
-            pytest.skip(f"mounting a small tmpfs needs root (mount said: {result.stderr.strip()})")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", str(where)], capture_output=True)
-
 
 def _build_error(path: str, param: Any = None) -> str:
     import engine
