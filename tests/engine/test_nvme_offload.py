@@ -61,12 +61,12 @@ def test_nvme_offload_trains_exactly_like_cpu_offload(world: int, case: str, tmp
 
 # -- checkpoints -----------------------------------------------------------------------------------
 
-def save_then_resume(path: str, ckpt: str, stage: int) -> dict[str, Any]:
+def save_then_resume(path: str, ckpt: str, stage: int, precision: str) -> dict[str, Any]:
     """Train 6 steps with NVMe offload, save, train 4 more; a fresh NVMe engine loads and repeats them."""
     import engine
     from tests.engine_zero_cases import build
 
-    config = ds_config(stage, 1, 0.0, "bf16", **_offload("nvme", path))
+    config = ds_config(stage, 1, 0.0, precision, **_offload("nvme", path))
     eng = engine.initialize(model=build(), config=copy.deepcopy(config))[0]
     train_steps(eng, 0, 6)
     eng.save_checkpoint(ckpt)
@@ -76,26 +76,27 @@ def save_then_resume(path: str, ckpt: str, stage: int) -> dict[str, Any]:
     return {"straight": straight, "resumed": train_steps(fresh, 6, 10), "weights": full_weights(fresh.module)}
 
 
-def load_into_cpu_offload(path: str, ckpt: str, stage: int) -> dict[str, Any]:
+def load_into_cpu_offload(path: str, ckpt: str, stage: int, precision: str) -> dict[str, Any]:
     """A CPU-offload engine (another world size and stage) loads the NVMe run's checkpoint."""
     import engine
     from tests.engine_zero_cases import build
 
-    config = ds_config(stage, 1, 0.0, "bf16", **_offload("cpu", path))
+    config = ds_config(stage, 1, 0.0, precision, **_offload("cpu", path))
     eng = engine.initialize(model=build(seed=5), config=copy.deepcopy(config))[0]
     eng.load_checkpoint(ckpt)
     return {"resumed": train_steps(eng, 6, 10)}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_nvme_checkpoints_resume_and_reshard_into_cpu_offload(stage: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "bf16"), (3, "fp32")])
+def test_nvme_checkpoints_resume_and_reshard_into_cpu_offload(stage: int, precision: str, tmp_path: Path) -> None:
+    """bf16: the master is in the swap files; fp32 at stage 3 on CPU ranks: the partition is the master."""
     swap, ckpt = tmp_path / "nvme", tmp_path / "ckpt"
     swap.mkdir()
-    ranks = run_distributed(save_then_resume, 2, str(swap), str(ckpt), stage, timeout=600, env=CHUNK_ENV)
+    ranks = run_distributed(save_then_resume, 2, str(swap), str(ckpt), stage, precision, timeout=600, env=CHUNK_ENV)
     assert ranks[0]["resumed"] == ranks[0]["straight"]
     manifest = (ckpt / "step-6" / "manifest.json").read_text()
     assert '"hash": "xxh3_128"' in manifest
-    other = run_distributed(load_into_cpu_offload, 1, str(swap), str(ckpt), 5 - stage, timeout=600)
+    other = run_distributed(load_into_cpu_offload, 1, str(swap), str(ckpt), 5 - stage, precision, timeout=600)
     assert other[0]["resumed"] == pytest.approx(ranks[0]["straight"], rel=0, abs=2e-3)
     assert list(swap.iterdir()) == []
 
