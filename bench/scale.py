@@ -16,8 +16,8 @@ row takes about a minute of CPU. Columns, per rank per steady-state step:
   reductions in the engine's gradient dtype: fp32 unless ``data_types.grad_accum_dtype`` says
   otherwise) on the same model under the same fake group. Goal ≤ 1.0.
 * ``staging/unit``: stage 3's peak of gathered units + staging buffers ÷ (largest fetch unit +
-  the prefetch bucket). A tied embedding stays gathered from the head's backward to the
-  embedding's, so a block's unit sits beside it: expect a little over 1.
+  the prefetch bucket). Goal ≤ 1.05. A tied embedding (the largest unit) is released when the
+  head's backward is done (engine/zero/stage3_hooks.py), so no block's unit sits beside it.
 * ``calls``: collectives per step; ``state/formula``: model-state bytes ÷ the paper's formula.
 
 Numbers describe communication and memory only: the fake group moves no data, so losses and

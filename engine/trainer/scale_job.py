@@ -168,6 +168,16 @@ def simulate_job(trainer_argv: Sequence[str], *, world: int, preset_name: Option
         simulated_seconds=time.perf_counter() - started)
 
 
+def _one_compute_thread() -> None:
+    """The simulated step computes nothing big (sim_modes.py): its kernels are small copies and
+    fills, which parallel threads only wait on. One thread halved the CPU time of a 7B job at 512
+    ranks (BENCHMARKS.md); ``OMP_NUM_THREADS``, when set, still decides."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.trainer.scale_job",
@@ -181,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("trainer_args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     trainer_args = ns.trainer_args[1:] if ns.trainer_args[:1] == ["--"] else ns.trainer_args
+    _one_compute_thread()
     try:
         result = simulate_job(trainer_args, world=ns.world, preset_name=ns.preset,
                               gpu_memory_bytes=ns.gpu_memory_gb * 1e9, link_bytes_per_s=ns.link_gb_s * 1e9,

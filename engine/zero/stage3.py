@@ -61,7 +61,7 @@ from .nvme_params import GroupSource, NvmeParamSettings, PartitionTargets
 from .stage3_params import PartitionedParams
 from .stage3_swapped import SwappedParams
 from .stage3_shards import (full_from_shards, full_shape_view, is_partitioned_at_init, mark_partitioned,
-                            release_init_shard)
+                            release_init_shard, shard_of)
 from .stage3_units import plan_units, unit_keys
 
 __all__ = ["Stage3Optimizer", "Stage3Settings"]
@@ -108,7 +108,9 @@ class Stage3Optimizer(PartitionedOptimizer):
         self.store = self._make_store(store_layout, module, comm, plans, nvme_param)
         self.partition = (PartitionTargets(self.store.swap) if self.swapped   # the trainable groups' slices
                           else self.store.partition[:self.layout.partition_numel])
-        self.store.load_from_params(self._full_value)
+        self.store.load_from_params(self._full_value, self._own_piece)
+        for p in self.store.params:
+            release_init_shard(p)     # what Init kept is in the partition now
         materialize_leftovers(module, set(map(id, self.store.params)), comm, model_dtype, device)
         self.frozen_shares = FrozenShares(self.store, comm)   # the checkpoint code's way to the frozen ones
 
@@ -192,6 +194,17 @@ class Stage3Optimizer(PartitionedOptimizer):
         value = p.detach().to(device=self.device, dtype=self.model_dtype).contiguous()
         self.comm.broadcast(value, src=0)        # every rank starts from rank 0's weights
         return value
+
+    def _own_piece(self, index: int, size: int) -> Optional[torch.Tensor]:
+        """This rank's ``size`` elements of parameter ``index`` when ``zero.Init`` already holds exactly
+        them (split into as many equal pieces as the layout splits its span): no gather needed."""
+        p = self.store.params[index]
+        if not is_partitioned_at_init(p):
+            return None
+        info = shard_of(p)
+        if info.piece.numel() != size or info.world != self.comm.world_size or info.rank != self.comm.rank:
+            return None
+        return info.piece.to(device=self.device, dtype=self.model_dtype)
 
     def _reduce_bucket_numel(self) -> int:
         """``reduce_bucket_size``, but no more than two of the largest fetch units.

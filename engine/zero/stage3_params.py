@@ -310,15 +310,22 @@ class PartitionedParams:
 
     # -- filling the partition at start-up ----------------------------------------------------
     @torch.no_grad()
-    def load_from_params(self, full_value: Callable[[int], torch.Tensor]) -> None:
+    def load_from_params(self, full_value: Callable[[int], torch.Tensor],
+                         own_piece: Optional[Callable[[int, int], Optional[torch.Tensor]]] = None) -> None:
         """Cut this rank's partition out of the parameters' current full values, unit by unit.
 
         ``full_value(i)`` returns parameter ``i``'s full value (same on every rank: the caller
         broadcasts or gathers it), so at most one unit is ever whole besides the model itself.
+        ``own_piece(i, P)``, where given, may answer for a parameter that is a span on its own with
+        this rank's ``P`` elements of it (``zero.Init``'s piece when Init split it the same way): a
+        unit made only of such spans is never made whole.
         """
         for unit in self.units:
+            if own_piece is not None and not unit.persistent and self._load_own_pieces(unit, own_piece):
+                continue
             _alloc_storage(unit.full)
-            unit.full.zero_()   # the spans' padding stays zero in every partition
+            for span, at in unit.spans:   # the spans' padding stays zero in every partition
+                unit.full[at + span.numel:at + span.padded_numel(self.world)].zero_()
             for i, offset in zip(unit.params, unit.offsets):
                 n = self.layout.params[i].numel
                 unit.full[offset:offset + n].copy_(full_value(i).reshape(-1))
@@ -331,6 +338,20 @@ class PartitionedParams:
                     p = self.params[i]
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
                 _free_storage(unit.full)
+
+    def _load_own_pieces(self, unit: FetchUnit, own_piece: Callable[[int, int], Optional[torch.Tensor]]) -> bool:
+        if any(span.param_count != 1 for span, _ in unit.spans):
+            return False
+        pieces = []
+        for span, _ in unit.spans:
+            piece = own_piece(span.first_param, span.partition_numel)
+            if piece is None:
+                return False
+            pieces.append(piece)
+        for (span, _), piece in zip(unit.spans, pieces):
+            self.store_range(span.local_offset, piece)
+        self._empty_params(unit)
+        return True
 
     def write_rows(self, unit: FetchUnit, master: Optional[torch.Tensor] = None) -> None:
         """This rank's pieces of ``unit``'s (gathered, changed) full values back into the partition
