@@ -21,8 +21,9 @@ byte ``i × itemsize`` of the group's file), and host memory holds ``buffer_coun
 
 DeepSpeed's keys keep their meaning: ``buffer_size`` (elements) bounds one buffer, so the largest
 fetch unit's piece must fit in it (DeepSpeed fails with "More elements ... than buffer size";
-here the error names the key and the size needed); buffers are allocated to the largest piece,
-not beyond. ``max_in_cpu`` elements of the trainable partition (whole spans, from the start) stay in
+here the error names the key and the size needed); buffers are allocated to what they hold, not
+to ``buffer_size``: one to the largest unit's piece, the others to the next largest (a unit takes
+the smallest free buffer it fits in). ``max_in_cpu`` elements of the trainable partition (whole spans, from the start) stay in
 host memory as DeepSpeed keeps them (its default, 1e9, keeps every model under a billion
 parameters per rank in host memory: set it to 0 to put the whole partition on the drive).
 Frozen parameters are always swapped, as in DeepSpeed.
@@ -122,14 +123,15 @@ class ParamSwap:
         if settings.pin_memory and torch.cuda.is_available() and self.resident_numel:
             self.resident = self.resident.pin_memory()
         self.plans = [self._plan(spans) for spans in unit_spans]
-        need = max((p[-1].at + p[-1].nbytes for p in self.plans if p), default=0)
+        self.need = [p[-1].at + p[-1].nbytes if p else 0 for p in self.plans]     # bytes of a unit's read
         self._check_buffer_size(unit_names)
         self.pool = IOPool(settings.threads, settings.block)
         self.directory = _make_swap_dir(settings.path, rank, f"{SECTION}.nvme_path", "orch-param-swap")
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, True)
         _register_cleanup(self)
         self.files = self._create_files()
-        self.buffers = [aligned_empty(max(need, ALIGN), settings.pin_memory) for _ in range(settings.buffer_count)]
+        self.buffers = [aligned_empty(max(n, ALIGN), settings.pin_memory)
+                        for n in _buffer_sizes(self.need, settings.buffer_count)]
         self._free: list[tuple[int, Optional[CopyTicket]]] = [(i, None) for i in range(len(self.buffers))]
         self.reads: dict[int, _Read] = {}       # unit -> its read in flight or done, not yet taken
         self.leased: dict[int, int] = {}        # unit -> buffer its gather still reads
@@ -187,19 +189,26 @@ class ParamSwap:
         return files
 
     # -- buffers --------------------------------------------------------------------------------
-    def _take_buffer(self) -> Optional[int]:
-        """A free buffer (its last host-to-device copy landed), else a read-ahead's, else None."""
-        if not self._free and self.reads:
-            unit = next(reversed(self.reads))          # the farthest read-ahead gives way
-            read = self.reads.pop(unit)
+    def _take_buffer(self, need: int = 0) -> Optional[int]:
+        """The smallest free buffer of at least ``need`` bytes (once its last host-to-device copy
+        landed); read-aheads give theirs up, the farthest first; None when none fits."""
+        at = self._fitting(need)
+        while at is None and self.reads:
+            read = self.reads.pop(next(reversed(self.reads)))
             read.wait()
             self._free.append((read.buffer, None))
-        if not self._free:
+            at = self._fitting(need)
+        if at is None:
             return None
-        index, ticket = self._free.pop(0)
+        index, ticket = self._free.pop(at)
         if ticket is not None:
             ticket.ready_on_host()
         return index
+
+    def _fitting(self, need: int) -> Optional[int]:
+        """Where in the free list the smallest buffer of at least ``need`` bytes is."""
+        fits = [(self.buffers[i].numel(), k) for k, (i, _) in enumerate(self._free) if self.buffers[i].numel() >= need]
+        return min(fits)[1] if fits else None
 
     def give_back(self, unit: int, ticket: Optional[CopyTicket] = None) -> None:
         """Unit ``unit``'s gather no longer reads its buffer (after ``ticket``'s copy, if given)."""
@@ -236,10 +245,10 @@ class ParamSwap:
         if read is not None:
             self.prefetch_hits += 1
         else:
-            self.demand_reads += 1
-            buffer = self._take_buffer()
+            buffer = self._take_buffer(self.need[unit])
             if buffer is None:
                 return None
+            self.demand_reads += 1
             read = self._start_read(unit, buffer)
         self.leased[unit] = read.buffer
         return read.wait()
@@ -249,9 +258,10 @@ class ParamSwap:
         for unit in units:
             if not self._free:
                 return
-            if unit in self.reads or unit in self.leased or not self.plans[unit]:
+            at = self._fitting(self.need[unit])
+            if at is None or unit in self.reads or unit in self.leased or not self.plans[unit]:
                 continue
-            index, ticket = self._free.pop(0)
+            index, ticket = self._free.pop(at)
             if ticket is not None:
                 ticket.ready_on_host()
             self.reads[unit] = self._start_read(unit, index)
@@ -418,6 +428,16 @@ class GroupSource:
         out = torch.empty(hi - lo, dtype=self.swap.dtype)
         self.swap.read_range(self.group, lo, hi, out)
         return out
+
+
+def _buffer_sizes(needs: Sequence[int], count: int) -> list[int]:
+    """Bytes of each read buffer: one fits the largest unit's piece, the others the largest of the
+    rest, so one big unit (a tied embedding) does not make every buffer its size."""
+    ordered = sorted(needs, reverse=True)
+    if not ordered:
+        return [ALIGN] * count
+    rest = ordered[1] if len(ordered) > 1 else ordered[0]
+    return [ordered[0]] + [rest] * (count - 1)
 
 
 class PartitionTargets:
