@@ -122,9 +122,17 @@ def _disk_direct_bandwidth(root: Path, gib: int = 1) -> tuple[float, float]:
         return float(re.search(r"copied, ([\d.]+) s", text).group(1))
 
     write = dd(["if=/dev/zero", f"of={path}", "bs=8M", f"count={count}", "oflag=direct", "conv=fsync"])
-    read = dd([f"if={path}", "of=/dev/null", "bs=8M", "iflag=direct"])
-    path.unlink()
-    return gib * 2**30 / write / 1e9, gib * 2**30 / read / 1e9
+    return gib * 2**30 / write / 1e9, _dd_read(path)
+
+
+def _dd_read(path: Path) -> float:
+    """GB/s of one ``dd`` O_DIRECT read of ``path`` (each round's load is compared with the disk
+    as it is in that round: on a shared machine the disk's figure moves by 2x within minutes)."""
+    import re
+
+    text = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=8M", "iflag=direct"], capture_output=True,
+                          text=True, check=True).stderr
+    return path.stat().st_size / float(re.search(r"copied, ([\d.]+) s", text).group(1)) / 1e9
 
 
 def _peer_tensors(eng: Any) -> dict[str, Any]:
@@ -177,6 +185,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
     def dcp_load(i: int) -> None:
         dcp.load({f"rank{rank}": dcp_target}, checkpoint_id=str(root / f"dcp-{i}"))
 
+    dd_reads: list[float] = []    # rank 0: the disk's direct read right before each round's load
     for i in range(rounds):       # loads read cold: every file's page cache is dropped first
         times["save"].append(_barrier_time(lambda: eng.save_checkpoint(root / "ckpt", tag=f"round-{i}")))
         _prune(root / "ckpt", rank)     # deleting the previous checkpoint (keep=1) is not timed: the peers delete nothing
@@ -184,6 +193,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         times["torch.save+fsync"].append(_barrier_time(lambda: peer_save(True)))
         times["dcp.save"].append(_barrier_time(lambda: dcp_save(i)))
         _drop_page_cache(root)
+        if rank == 0:
+            dd_reads.append(_dd_read(root / "dd.bin"))
         times["load"].append(_barrier_time(lambda: fresh.load_checkpoint(root / "ckpt")))
         _drop_page_cache(root)
         times["torch.load"].append(_barrier_time(peer_load))
@@ -217,7 +228,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         stall["sync save + step"].append(_barrier_time(lambda: save_then_step("sync", f"s{i}")))
         _prune(root / "async", rank)
     if rank == 0:
-        out.put({"times": times, "stall": stall, "disk": disk, "bytes": shard_bytes, "peer_bytes": int(peer_bytes.item()),
+        (root / "dd.bin").unlink()
+        out.put({"times": times, "stall": stall, "disk": disk, "dd_reads": dd_reads, "bytes": shard_bytes,
+                 "peer_bytes": int(peer_bytes.item()),
                  "checkpoint": str(root / "ckpt" / f"round-{rounds - 1}")})
     dist.barrier()
     dist.destroy_process_group()
@@ -311,6 +324,10 @@ def run(quick: bool = False) -> list[dict]:
         for m, kind, disk in ((save, "save", disk_w), (load, "load", disk_r)):
             print(f"  {kind}: ours {gb / m.median:.2f} GB/s = {gb / m.median / disk:.2f} x the disk's direct {kind} "
                   f"bandwidth (goal >= 0.8)")
+        per_round = [gb / t_load / dd for t_load, dd in zip(t["load"], result["dd_reads"])]
+        print(f"  load vs dd direct read measured right before it, per round: median {statistics.median(per_round):.2f}"
+              f" (range {min(per_round):.2f}-{max(per_round):.2f}; dd read "
+              f"{'/'.join(f'{dd:.2f}' for dd in result['dd_reads'])} GB/s)")
         for p in peers + load_peers:
             print(f"  {p.name}: {result['peer_bytes'] / 1e9 / p.median:.2f} GB/s")
         for m, p, disk in [(save, q, disk_w) for q in peers] + [(load, q, disk_r) for q in load_peers]:
