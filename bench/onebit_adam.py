@@ -156,7 +156,8 @@ def simulate_bytes(candidate: str, world: int, spec: dict[str, Any]) -> int:
 
     cfg = get_preset(spec["preset"], **spec["overrides"])
     report = simulate(lambda: build_model(spec["preset"], seed=0, **spec["overrides"]), ds_config(candidate),
-                      world=world, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, steps=FREEZE_STEP + 2)
+                      world=world, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, steps=FREEZE_STEP + 2,
+                      shapes_only=False)   # stage 0 adopts autograd's gradients: they must be real numbers
     return int(report.bytes_sent)
 
 
