@@ -7,14 +7,22 @@ buffers, whatever the model's size:
 
 * a group's partition is cut into chunks of ``chunk_numel`` elements; the file holds one *slot*
   per chunk, ``[master | state 1 | state 2 ...]``, each part page-aligned, so one chunk is one
-  large aligned read and one write (O_DIRECT through engine.io);
-* the step streams the chunks: chunk k+1 (and further, up to ``buffer_count - 2`` ahead) is read
-  while the optimizer updates chunk k in its buffer and chunk k-1 is written back. The update is
-  the inner optimizer's own step run on the chunk (its master, gradient and state slices), which
-  is why only element-wise optimizers (Adam/AdamW, Lion, SGD, Adagrad) are accepted: the result
-  is bit for bit the CPU-offload result;
+  large aligned read and one write (O_DIRECT through engine.io). Where the model's copy of the
+  partition is itself an fp32 host tensor (fp32 stage 3 with the partition in host memory, the
+  fp32 host staging of stages 1-2) that tensor *is* the master (``aliased``): the slot holds only
+  the states, a third fewer bytes each way per step;
+* the step streams the chunks (nvme_pipeline.py): chunk k+1 (and further, up to
+  ``buffer_count - 2`` ahead) is read while the optimizer updates chunk k in its buffer and chunk
+  k-1 is written back, and steps alternate their direction, so each starts with the chunks the
+  last one left in the buffers without reading them. The update is the inner optimizer's own step
+  run on the chunk (its master, gradient and state slices), which is why only element-wise
+  optimizers (Adam/AdamW, Lion, SGD, Adagrad) are accepted: the result is bit for bit the
+  CPU-offload result;
 * the updated low-precision chunk is written into the model's parameter storage right away, so
-  stages 1-2 only all-gather afterwards and stage 3 only refreshes its persistent parameters.
+  stages 1-2 only all-gather afterwards and stage 3 only refreshes its persistent parameters;
+* the constructors make no fp32 master (``OffloadSettings.nvme``): the first master values go
+  into the files chunk by chunk from the parameters (the stage's ``master_sources``), so host
+  memory never holds the states, not even while the engine is built.
 
 The inner optimizer keeps only the per-group scalars (``step``); its ``state`` is filled with the
 chunk's views for the duration of one chunk's update. ``master_params`` are placeholders that
