@@ -260,10 +260,11 @@ def _report(eng: Any, opt: Any, world: int, stage: int, name: str, moved: dict[s
     dtype_bytes = torch.finfo(eng.precision.model_dtype).bits // 8
     states = opt.model_state_bytes()
     grad_bytes = _grad_element_bytes(opt, dtype_bytes)
+    reduce_bytes = _reduce_element_bytes(opt, grad_bytes)
     report = ScaleReport(
         world=world, stage=stage, model=name, parameters=psi,
         bytes_sent=moved["comm_bytes_sent"], bytes_received=moved["comm_bytes_received"],
-        zero_volume=zero_volume_bytes(stage, psi, world, dtype_bytes, grad_bytes), calls=moved["comm_calls"],
+        zero_volume=zero_volume_bytes(stage, psi, world, dtype_bytes, reduce_bytes), calls=moved["comm_calls"],
         model_state_bytes=sum(states[k] for k in ("params", "grads", "master", "optimizer_states")),
         model_state_formula=model_state_formula(stage, psi, world, dtype_bytes, grad_bytes)
         + _persistent_bytes(opt, stage, dtype_bytes),
@@ -286,6 +287,13 @@ def _persistent_bytes(opt: Any, stage: int, dtype_bytes: int) -> int:
         return 0
     return sum(opt.layout.params[i].numel for u in opt.store.units if u.persistent and not u.frozen
                for i in u.params) * dtype_bytes
+
+
+def _reduce_element_bytes(opt: Any, default: int) -> int:
+    """Bytes of a gradient element on the wire: the reduction dtype (``communication_data_type``, else
+    the accumulation dtype)."""
+    dtype = getattr(getattr(opt, "reducer", None), "dtype", None)
+    return torch.finfo(dtype).bits // 8 if dtype is not None else default
 
 
 def _grad_element_bytes(opt: Any, default: int) -> int:

@@ -129,6 +129,9 @@ def ignored_features(cfg: Config) -> list[IgnoredFeature]:
                         ("log_level", "the engine logs through Python logging; set the level there")):
         if getattr(cfg, key) is not None:
             note(key, reason)
+    if cfg.communication_data_type is not None and cfg.zero_optimization.stage == 0:
+        note("communication_data_type", "applies at ZeRO stages 1-3; stage 0 reduces gradients in their "
+             "accumulation dtype (data_types.grad_accum_dtype)")
     if cfg.optimizer is not None:
         if cfg.optimizer.legacy_fusion:
             note("optimizer.legacy_fusion", "legacy fused optimizers are not used")

@@ -132,8 +132,9 @@ class Stage12Optimizer(PartitionedOptimizer):
         reducer = BucketReducer if self.stage >= 1 else GradientReducer
         self.reducer = reducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(self.layout.numel), rank=self._rank,
-            dtype=self.grad_dtype, device=device, overlap=settings.overlap_comm,
-            predivide=precision.predivide_for(model_dtype, comm.world_size), flat_grads=self.flat_grads,
+            dtype=precision.reduce_dtype_for(model_dtype) if self.stage >= 1 else self.grad_dtype, device=device,
+            overlap=settings.overlap_comm, predivide=precision.predivide_for(model_dtype, comm.world_size, self.stage),
+            flat_grads=self.flat_grads,
             grad_views=self._grad_views, grad_partition=self.grad_partition, accumulate=self._reduce_every_pass)
         self.buckets = self.reducer.buckets
         for i, p in enumerate(self.params):

@@ -7,7 +7,9 @@ reducing a bucket is one collective whatever N is (the classic group-wide layout
 ``reduce`` per owner of a piece of the bucket, so calls per step grew with N):
 
 * stage 1: gradients accumulate in the flat gradient buffer (every ``p.grad`` a view of it); the
-  bucket's slice of that buffer is reduce-scattered straight into the rank's gradient partition;
+  bucket's slice of that buffer is reduce-scattered straight into the rank's gradient partition
+  (with a ``communication_data_type`` other than the accumulation dtype, the slice is first cast
+  into a staging buffer of that dtype, reduced there, and the rank's share cast back);
 * stage 2: each finished gradient is staged in a bucket buffer (reduction.py), which is
   reduce-scattered into the partition the same way, or in place and then added to it when every
   micro-step's sum accumulates there (``accumulate``).
@@ -36,9 +38,18 @@ class BucketReducer(SpanReducer):
         return super()._make_buckets(1)   # the layout cut the spans by reduce_bucket_size: one each
 
     def _source(self, bucket: SpanBucket) -> torch.Tensor:
-        """The bucket's ``N × P`` gradient elements, in element (= rank-major) order."""
-        if self.partitioned:
+        """The bucket's ``N × P`` gradient elements, in element (= rank-major) order, in the
+        reduction dtype: the staging buffer, or stage 1's slice of the flat gradients."""
+        if bucket.index in self._buffers:
             return self._buffers[bucket.index][:bucket.numel]
+        flat = self._flat_slice(bucket)
+        if flat.dtype == self.dtype:
+            return flat
+        staged = self._buffer_for(bucket)        # communication_data_type: reduce a cast copy
+        staged.copy_(flat)
+        return staged
+
+    def _flat_slice(self, bucket: SpanBucket) -> torch.Tensor:
         start = bucket.spans[0].buffer_offset
         return self.flat_grads[start:start + bucket.numel]
 
@@ -88,13 +99,18 @@ class BucketReducer(SpanReducer):
                 and target.device == data.device and target.dtype == data.dtype)
 
     def _complete_oldest(self) -> None:
-        if self.partitioned:
-            super()._complete_oldest()
-            return
         bucket, handle = self._inflight.popleft()
         handle.wait()
-        self._deliver(self._source(bucket), bucket)
-        self._reads = []        # the flat buffer is not reused before flush_host (zero_grad, step)
+        buf = self._buffers.pop(bucket.index, None)
+        if buf is None:          # stage 1 reduced in its flat buffer, not reused before flush_host
+            self._deliver(self._flat_slice(bucket), bucket)
+            self._reads = []
+            return
+        self._deliver(buf, bucket)
+        if self._reads:          # offload: reuse the buffer once the host copies have read it
+            self._reuse_after[id(buf)] = self._reads
+            self._reads = []
+        self._free.append(buf)
 
     def _deliver(self, buf: torch.Tensor, bucket: SpanBucket) -> None:  # type: ignore[override]
         if bucket.index in self._direct:

@@ -128,7 +128,7 @@ class Stage3Optimizer(PartitionedOptimizer):
 
         self.reducer = SpanReducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(), rank=self._rank,
-            dtype=self.grad_dtype, device=device, overlap=settings.overlap_comm,
+            dtype=precision.reduce_dtype_for(model_dtype), device=device, overlap=settings.overlap_comm,
             predivide=precision.predivide_for(model_dtype, comm.world_size), grad_partition=self.grad_partition,
             accumulate=True)
         self.coordinator = ParamCoordinator(
