@@ -56,7 +56,7 @@ def test_nvme_param_offload_trains_exactly_like_cpu_param_offload(world: int, ca
     assert list(tmp_path.iterdir()) == []         # every rank's swap directory is gone
 
 
-def swap_run(case: str, path: str) -> dict[str, Any]:
+def swap_run(case: str, path: str, init: bool = False) -> dict[str, Any]:
     """One rank: the offload_param cpu run and the nvme run of the same 20 steps, and how the nvme
     run's units were read (found read ahead, or read when their gather asked)."""
     precision, optimizer, model, max_in_cpu = CASES[case]
@@ -66,7 +66,7 @@ def swap_run(case: str, path: str) -> dict[str, Any]:
     for device in ("cpu", "nvme"):
         import engine
 
-        net = build(model)
+        net = build(model, init=init)
         config = ds_config(3, 1, clip, precision, **_zero(device, optimizer, path, max_in_cpu))
         eng = engine.initialize(model=net, model_parameters=param_groups(net) if groups else None, config=config)[0]
         losses = train_steps(eng, 0, 20)
@@ -81,6 +81,13 @@ def swap_run(case: str, path: str) -> dict[str, Any]:
     return {"cpu": cpu["losses"], "nvme": nvme["losses"],
             "same_weights": all(torch.equal(cpu["params"][k], nvme["params"][k]) for k in cpu["params"]),
             "prefetch_hits": nvme["reads"][0], "demand_reads": nvme["reads"][1]}
+
+
+def test_a_model_built_in_zero_init_goes_to_the_drive_and_trains_the_same(tmp_path: Path) -> None:
+    """``engine.zero.Init`` pieces (in host memory until ``initialize``) are written to the swap files."""
+    for rank in run_distributed(swap_run, 2, "bf16-cpu-optimizer", str(tmp_path), True, timeout=600):
+        assert rank["nvme"] == rank["cpu"] and rank["same_weights"]
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
