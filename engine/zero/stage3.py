@@ -5,7 +5,8 @@ What a rank keeps (Ψ parameters, N ranks, mixed precision; ZeRO paper, arXiv:19
 ===========================  =================  =================================================
 state                        bytes              where (offload.py)
 ===========================  =================  =================================================
-low-precision params         2Ψ/N               ``partition`` (device; host with offload_param)
+low-precision params         2Ψ/N               ``partition`` (device; host with offload_param cpu;
+                                                   swap files with nvme, stage3_swapped.py)
 frozen params                2Φ/N               the store's partition, after ``partition``
 gradients                    4Ψ/N (2Ψ/N)        ``grad_partition`` in ``grad_dtype``: fp32 by default,
                                                    bf16/fp16 with ``data_types.grad_accum_dtype``
