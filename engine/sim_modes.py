@@ -44,6 +44,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from .zero.stage3_hooks import tensors_in
+
 __all__ = ["NoInitValues", "ShapesOnlyCompute", "meta_saved_bytes"]
 
 _INIT_METHODS = frozenset({
@@ -79,13 +81,13 @@ class NoInitValues(TorchFunctionMode):
             return tensor
         if not self._unfilled:
             return func(*args, **kwargs)
-        unfilled = [t for t in _tensors((args, kwargs)) if self._is_unfilled(t)]
+        unfilled = [t for t in tensors_in((args, kwargs)) if self._is_unfilled(t)]
         if not unfilled:
             return func(*args, **kwargs)
         if _name(func) in _ALIASING:
             out = func(*args, **kwargs)
             addresses = {_address(t) for t in unfilled}
-            if all(_address(t) in addresses for t in _tensors(out)):
+            if all(_address(t) in addresses for t in tensors_in(out)):
                 return out      # metadata, a view or the tensor itself: no value was read
         if func is torch.Tensor.copy_ and len(args) >= 2 and not self._is_unfilled(args[0]) and \
                 self._is_unfilled(args[1]):
@@ -161,17 +163,6 @@ def _name(func: Any) -> str:
 def _address(t: torch.Tensor) -> int:
     with torch._C.DisableTorchFunction():
         return t.untyped_storage().data_ptr() if not t.is_meta else 0
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
 
 
 def _aten(*names: str) -> frozenset[Any]:
