@@ -126,3 +126,25 @@ def test_a_tied_embedding_is_gathered_twice_a_step_and_never_held_beside_the_blo
     assert gather_bytes <= 1.01 * gathered * 2 * (world - 1) / world, report.as_dict()
     if not checkpointing:
         assert 0.95 <= report.volume_ratio <= 1.05, report.as_dict()
+
+
+def test_released_parameters_keep_their_shape_only_while_their_gradients_are_due() -> None:
+    """Between a unit's release and its gradient, autograd's AccumulateGrad needs the parameter's shape
+    (stand-ins with no memory); outside that window a released parameter is empty, as with DeepSpeed."""
+    import engine
+    from engine.scale_sim import fake_world
+
+    preset = get_preset(MODEL)
+    cfg = _config(3, preset.d_model)
+    with fake_world(8):
+        with engine.zero.Init(config_dict_or_path=cfg):
+            model = build_model(MODEL, seq_len=SEQ)      # tied: wte is lm_head's weight
+        eng, *_ = engine.initialize(model=model, config=cfg)
+        tokens = torch.randint(0, preset.vocab_size, (1, SEQ))
+        loss = eng(tokens, tokens)
+        qkv = model.blocks[0].attn.qkv.weight
+        assert qkv.shape == (3 * preset.d_model, preset.d_model) and qkv.untyped_storage().nbytes() <= 2
+        eng.backward(loss)
+        assert qkv.numel() == 0 and model.wte.weight.numel() == 0
+        assert model.wte.weight is model.lm_head.weight
+        eng.step()
