@@ -15,15 +15,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
+from tests import nvme_cases
 from tests.dist_utils import run_distributed
 from tests.engine_zero_cases import ds_config, engine_run, full_weights, train_steps
+from tests.nvme_cases import hold
 
 CHUNK_ENV = {"ORCH_NVME_CHUNK_NUMEL": "4096"}    # several chunks per partition even for a tiny model
 CASES = {"z1-fp32": (1, "fp32"), "z2-bf16": (2, "bf16"), "z3-fp32": (3, "fp32"), "z3-bf16-clip": (3, "bf16")}
@@ -150,15 +151,7 @@ HOLD_SCRIPT = textwrap.dedent("""
 
 
 def _hold(nvme: Path, seconds: float = 120) -> subprocess.Popen:
-    from tests.dist_utils import free_port
-
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(nvme), str(free_port()), str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-    for line in proc.stdout:            # the engine's config notes come first
-        if line.strip() == "ready":
-            return proc
-    raise AssertionError(f"the training script ended before it was ready: {proc.stderr.read()}")
+    return hold(HOLD_SCRIPT, nvme, seconds)
 
 
 def test_swap_files_are_removed_on_sigterm(tmp_path: Path) -> None:
@@ -178,25 +171,7 @@ def test_swap_files_are_removed_when_the_program_exits(tmp_path: Path) -> None:
 
 # -- a bad nvme_path -------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_mount(tmp_path: Path) -> Iterator[Any]:
-    """Mount a small tmpfs (needs root); ``small_mount(size, readonly)`` returns its path."""
-    mounted: list[Path] = []
-
-    def mount(size: str, readonly: bool = False) -> Path:
-        where = tmp_path / f"mnt{len(mounted)}"
-        where.mkdir()
-        options = f"size={size}" + (",ro" if readonly else "")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
-                                text=True)
-        if result.returncode != 0:
-            pytest.skip(f"mounting a small tmpfs needs root (mount said: {result.stderr.strip()})")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", str(where)], capture_output=True)
+small_mount = nvme_cases.small_mount     # the fixture: a small tmpfs, full or read-only
 
 
 def _build_error(path: str) -> str:
