@@ -35,6 +35,20 @@ def small_mount(tmp_path: Path) -> Iterator[Any]:
         subprocess.run(["umount", str(where)], capture_output=True)
 
 
+def nvme_error(config: dict[str, Any]) -> str:
+    """What ``engine.initialize`` of the small test model with ``config`` says as an
+    ``NvmeOffloadError`` ("no error" when it builds): run on a rank of ``run_distributed``."""
+    import engine
+    from engine.zero.nvme import NvmeOffloadError
+    from tests.engine_zero_cases import build
+
+    try:
+        engine.initialize(model=build(), config=config)
+    except NvmeOffloadError as exc:
+        return str(exc)
+    return "no error"
+
+
 def hold(script: str, nvme: Path, seconds: float = 120) -> subprocess.Popen:
     """Run ``script`` (argv: nvme_path, a free port, seconds to sleep once it printed "ready")
     until it is ready; returns the process."""

@@ -24,7 +24,7 @@ import torch
 from tests import nvme_cases
 from tests.dist_utils import run_distributed
 from tests.engine_zero_cases import ds_config, engine_run, full_weights, train_steps
-from tests.nvme_cases import hold
+from tests.nvme_cases import hold, nvme_error
 
 CHUNK_ENV = {"ORCH_NVME_CHUNK_NUMEL": "4096"}    # several chunks per partition even for a tiny model
 CASES = {"z1-fp32": (1, "fp32"), "z2-bf16": (2, "bf16"), "z3-fp32": (3, "fp32"), "z3-bf16-clip": (3, "bf16")}
@@ -175,15 +175,7 @@ small_mount = nvme_cases.small_mount     # the fixture: a small tmpfs, full or r
 
 
 def _build_error(path: str) -> str:
-    import engine
-    from engine.zero.nvme import NvmeOffloadError
-    from tests.engine_zero_cases import build
-
-    try:
-        engine.initialize(model=build(), config=ds_config(2, 1, 0.0, "fp32", **_offload("nvme", path)))
-    except NvmeOffloadError as exc:
-        return str(exc)
-    return "no error"
+    return nvme_error(ds_config(2, 1, 0.0, "fp32", **_offload("nvme", path)))
 
 
 def test_a_missing_nvme_path_is_named(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import torch
 from tests.dist_utils import free_port, run_distributed
 from tests.engine_zero_cases import build, ds_config, full_weights, param_groups, train_steps
 from tests import nvme_cases
-from tests.nvme_cases import ROOT, hold
+from tests.nvme_cases import ROOT, hold, nvme_error
 
 # (precision, optimizer offload, model, max_in_cpu): every element swapped, or the first spans resident
 CASES = {"bf16-cpu-optimizer": ("bf16", "cpu", "tinylm", 0),
@@ -162,16 +162,8 @@ def test_parameter_swap_files_are_removed_when_the_program_exits(tmp_path: Path)
 # -- bad settings ----------------------------------------------------------------------------------
 
 def _build_error(path: str, param: Any = None) -> str:
-    import engine
-    from engine.zero.nvme import NvmeOffloadError
-
     section = {"device": "nvme", "nvme_path": path, "max_in_cpu": 0, **(param or {})}
-    try:
-        engine.initialize(model=build(), config=ds_config(3, 1, 0.0, "fp32", offload_param=section,
-                                                          stage3_param_persistence_threshold=16))
-    except NvmeOffloadError as exc:
-        return str(exc)
-    return "no error"
+    return nvme_error(ds_config(3, 1, 0.0, "fp32", offload_param=section, stage3_param_persistence_threshold=16))
 
 
 def test_a_missing_parameter_nvme_path_is_named(tmp_path: Path) -> None:
