@@ -64,5 +64,7 @@ def _collectives_seen_after_init() -> list[str]:
 
 
 def test_init_distributed_turns_the_recorder_on_before_the_group_exists():
+    # The entry is what proves the recorder was on; its state ("scheduled" or "completed") is set by
+    # gloo's completion callback on another thread and may still lag the dump on a loaded machine.
     for lines in run_distributed(_collectives_seen_after_init, 2, init=False):
-        assert any("all_reduce" in line and line.endswith("completed") for line in lines), lines
+        assert any("gloo:all_reduce" in line and "sizes [[4]]" in line for line in lines), lines
