@@ -161,6 +161,7 @@ def _stage3_settings(cfg: EngineConfig) -> Stage3Settings:
         param_persistence_threshold=int(z.stage3_param_persistence_threshold),
         model_persistence_threshold=int(min(z.stage3_model_persistence_threshold, 2**63 - 1)),
         max_live_parameters=int(z.stage3_max_live_parameters), max_reuse_distance=int(z.stage3_max_reuse_distance),
+        hold_tied_params=bool(z.stage3_hold_tied_params),
         gather_16bit_weights_on_model_save=bool(z.stage3_gather_16bit_weights_on_model_save))
 
 

@@ -18,8 +18,9 @@ mean nothing (no rank ever receives real data); what it measures does:
 Stage 3 builds the model under ``engine.zero.Init``, so only ``1/N`` of it plus the live units
 is ever resident: a billions-of-parameters model is simulated on a laptop. ``fsdp2_step`` runs
 torch's FSDP2 on the same model under the same fake group, its collectives counted by the same
-rules, as the peer. ``python -m bench.scale`` prints the table; ``orch check JOB --simulate``
-runs one configuration at a job's own world size (trainer/scale_job.py).
+rules and its gathered-parameter peak measured (fsdp2_staging.py), as the peer.
+``python -m bench.scale`` prints the table; ``orch check JOB --simulate`` runs one configuration
+at a job's own world size (trainer/scale_job.py).
 """
 from __future__ import annotations
 
@@ -308,11 +309,14 @@ def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Modu
                steps: int = 2, shapes_only: bool = True, reduce_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """torch's FSDP2 (``fully_shard`` per block and at the root, bf16 parameters, reductions in
     ``reduce_dtype``: pass the engine's gradient dtype for a like-for-like peer) on the same model under
-    the same fake group: ``{"bytes_sent", "bytes_received", "calls"}`` per step, counted by the ledger's rules."""
+    the same fake group: ``{"bytes_sent", "bytes_received", "calls"}`` per step, counted by the ledger's rules,
+    and ``peak_gathered_bytes``: its unsharded parameters and all-gather outputs alive at once in the last
+    step (fsdp2_staging.py), to set beside stage 3's ``peak_gathered_bytes``."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .comm_ledger import CommLedger, record_torch_collectives
+    from .fsdp2_staging import Fsdp2StagingProbe
     from .sim_modes import shapes_only as no_arithmetic
 
     with fake_world(world, rank):
@@ -328,14 +332,15 @@ def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Modu
                 p.normal_(0, 0.02)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         tokens = torch.randint(0, vocab_size, (micro_batch, seq_len))
-        book = CommLedger()
+        book, probe = CommLedger(), Fsdp2StagingProbe(model)
         for _ in range(steps):
             book.reset()
-            with record_torch_collectives(book), no_arithmetic(shapes_only):
+            probe.reset()
+            with record_torch_collectives(book), no_arithmetic(shapes_only), probe.watching():
                 model(tokens, tokens).backward()
                 optimizer.step()
                 optimizer.zero_grad()
         dist.barrier()
         totals = book.totals()
-    return totals
+    return totals | {"peak_gathered_bytes": probe.peak_bytes}
 

@@ -127,6 +127,7 @@ class ZeroConfig(Section):
     stage3_model_persistence_threshold: NonNegInt = sys.maxsize
     stage3_max_live_parameters: NonNegInt = 1_000_000_000
     stage3_max_reuse_distance: NonNegInt = 1_000_000_000
+    stage3_hold_tied_params: Bool = False     # orch's key (docs/ds_config.md): gather a tied unit once a step
     stage3_gather_16bit_weights_on_model_save: Bool = False
     stage3_module_granularity_threshold: Int = 0
     stage3_use_all_reduce_for_fetch_params: Bool = False

@@ -81,6 +81,7 @@ class Stage3Settings(ZeroSettings):
     model_persistence_threshold: int = 2**63 - 1
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
+    hold_tied_params: bool = False     # orch's stage3_hold_tied_params (stage3_hooks.py)
     gather_16bit_weights_on_model_save: bool = False
 
 
@@ -134,7 +135,8 @@ class Stage3Optimizer(PartitionedOptimizer):
             accumulate=True)
         self.coordinator = ParamCoordinator(
             module, self.store, self.reducer, prefetch_numel=settings.prefetch_bucket_size,
-            max_live_numel=settings.max_live_parameters, max_reuse_distance=settings.max_reuse_distance)
+            max_live_numel=settings.max_live_parameters, max_reuse_distance=settings.max_reuse_distance,
+            hold_tied=settings.hold_tied_params)
         for i, p in enumerate(self.store.params):   # lets GatheredParameters / register_external_parameter find us
             p.__dict__["_zero3_owner"] = (weakref.ref(self), i)
             mark_partitioned(p, self.store.layout.params[i].shape)

@@ -43,6 +43,15 @@ gathered twice a step (embedding forward; head forward and backward) and is neve
 the blocks' units. Trainable units released during a forward with gradients enabled keep their
 shape the same way, so a module whose backward reads no parameters can skip the gather.
 
+With ``stage3_hold_tied_params`` (orch's key, off by default) a unit that the last training
+micro-step read in more than one forward call (the tied embedding and head, a module applied
+twice) is instead *held*: gathered at its first forward read and kept through the forward, then
+released as above once its last reader's backward is done. It is gathered once a step, as FSDP2
+gathers its root group (torch's ``fully_shard`` never reshards the root after forward); the
+price is the unit sitting beside every block's unit and the prefetch for the whole forward.
+``stage3_max_reuse_distance`` cannot express this: a distance long enough to span the forward
+from the embedding to the head also keeps the last blocks from their forward to their backward.
+
 The **trace** is the order in which units were fetched during the last complete training
 micro-step (forward, recomputation and backward). While the current micro-step follows it, the
 coordinator prefetches: after each fetch it issues asynchronous gathers for the next units of the
@@ -80,11 +89,15 @@ class ParamCoordinator:
     """Gathers units before modules run and releases them after (see the module docstring)."""
 
     def __init__(self, module: nn.Module, store: PartitionedParams, reducer: GradientReducer, *,
-                 prefetch_numel: int, max_live_numel: int, max_reuse_distance: int) -> None:
+                 prefetch_numel: int, max_live_numel: int, max_reuse_distance: int,
+                 hold_tied: bool = False) -> None:
         self.store, self.reducer = store, reducer
         self.prefetch_numel = int(prefetch_numel)
         self.max_live_numel = int(max_live_numel)
         self.max_reuse_distance = int(max_reuse_distance)
+        self.hold_tied = bool(hold_tied)
+        self.tied: frozenset[int] = frozenset()    # units read by several forward calls last micro-step
+        self._forward_reads: dict[int, int] = {}   # unit -> forward calls that read it, this micro-step
         self.trace: Optional[list[int]] = None
         self._positions: dict[int, list[int]] = {}
         self._prefix: list[int] = [0]
@@ -146,6 +159,7 @@ class ParamCoordinator:
                 self.store.release(unit)
         self._reset_backward_state()
         self._prefetched.clear()
+        self._forward_reads.clear()
         self.recording = []
         self.cursor = 0
         self.on_trace = self.trace is not None
@@ -167,6 +181,9 @@ class ParamCoordinator:
         self._prefetched.clear()
         if self.recording and (self.trace is None or not self.on_trace or self.cursor != len(self.trace)):
             self._adopt_trace(self.recording)
+        if self._forward_reads:
+            self.tied = frozenset(u for u, calls in self._forward_reads.items() if calls > 1)
+            self._forward_reads.clear()
         self.recording = []
         self.on_trace = False
 
@@ -188,9 +205,12 @@ class ParamCoordinator:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _pre_forward(self, sub: nn.Module, args: Any) -> None:
+        forward = not in_backward()
         for u in self.store.module_units[id(sub)]:
             self._use(u)
             self.store.units[u].users += 1   # in use: never evicted to make room for the next
+            if forward:
+                self._forward_reads[u] = self._forward_reads.get(u, 0) + 1
         self._prefetch()
 
     def _post_forward(self, sub: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -284,6 +304,8 @@ class ParamCoordinator:
         """Forward: release ``unit`` unless it is used again within the reuse distance."""
         if unit.persistent:
             return
+        if self.hold_tied and unit.index in self.tied and torch.is_grad_enabled():
+            return   # held until its last reader's backward is done (_backward_done, _grad_ready)
         if self.on_trace and self.store.live_numel <= self.max_live_numel:
             after = self._next_use(unit.index)
             if after is not None and self._prefix[after] - self._prefix[self.cursor] <= self.max_reuse_distance:

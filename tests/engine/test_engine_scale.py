@@ -15,7 +15,7 @@ import torch
 from engine.comm import Comm
 from engine.comm_ledger import CommLedger, ring_bytes
 from engine.models import build_model, get_preset
-from engine.scale_sim import simulate
+from engine.scale_sim import fsdp2_step, simulate
 
 MODEL = "small"
 SEQ = 16
@@ -45,17 +45,17 @@ def test_a_single_process_records_nothing() -> None:
     assert book.totals() == {"calls": 0, "bytes_sent": 0, "bytes_received": 0}
 
 
-def _config(stage: int, d_model: int) -> dict:
+def _config(stage: int, d_model: int, **stage3: object) -> dict:
     zero = {"stage": stage, "reduce_bucket_size": 500_000, "allgather_bucket_size": 50_000_000}
     if stage == 3:
         zero |= {"stage3_prefetch_bucket_size": 4 * d_model * d_model, "stage3_max_reuse_distance": 0,
-                 "stage3_param_persistence_threshold": 10 * d_model}
+                 "stage3_param_persistence_threshold": 10 * d_model, **stage3}
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "gradient_clipping": 1.0,
             "zero_optimization": zero}
 
 
-def _simulate(stage: int, world: int, checkpointing: bool = False, tied: bool = False):
+def _simulate(stage: int, world: int, checkpointing: bool = False, tied: bool = False, **stage3: object):
     preset = get_preset(MODEL)
 
     def factory():
@@ -63,7 +63,7 @@ def _simulate(stage: int, world: int, checkpointing: bool = False, tied: bool = 
         model.set_activation_checkpointing(checkpointing)
         return model
 
-    return simulate(factory, _config(stage, preset.d_model), world=world, vocab_size=preset.vocab_size,
+    return simulate(factory, _config(stage, preset.d_model, **stage3), world=world, vocab_size=preset.vocab_size,
                     seq_len=SEQ, model_name=MODEL)
 
 
@@ -126,6 +126,30 @@ def test_a_tied_embedding_is_gathered_twice_a_step_and_never_held_beside_the_blo
     assert gather_bytes <= 1.01 * gathered * 2 * (world - 1) / world, report.as_dict()
     if not checkpointing:
         assert 0.95 <= report.volume_ratio <= 1.05, report.as_dict()
+
+
+@pytest.mark.parametrize("world", [8, 64])
+def test_holding_the_tied_embedding_gathers_it_once_a_step_as_fsdp2_does(world: int) -> None:
+    """``stage3_hold_tied_params``: the tied unit is gathered at the embedding's forward and held through the
+    head's backward, one gather a step fewer than releasing it; FSDP2, which never reshards its root (the
+    tied embedding) after forward, moves as much and holds at least as much."""
+    release = _simulate(3, world, tied=True)
+    hold = _simulate(3, world, tied=True, stage3_hold_tied_params=True)
+    tied = release.largest_unit_bytes
+    gathers = {name: r.step_by_op["all_gather/bfloat16"] for name, r in (("release", release), ("hold", hold))}
+    assert gathers["release"]["calls"] - gathers["hold"]["calls"] == 1, gathers
+    assert abs(gathers["release"]["bytes_sent"] - gathers["hold"]["bytes_sent"] - tied * (world - 1) / world) <= 1
+    assert release.bytes_sent - hold.bytes_sent == gathers["release"]["bytes_sent"] - gathers["hold"]["bytes_sent"]
+    # held beside a block's unit and the prefetch: above the release policy's peak
+    assert release.peak_gathered_bytes <= 1.05 * (tied + release.prefetch_bytes) < hold.peak_gathered_bytes
+    preset = get_preset(MODEL)
+    fsdp = fsdp2_step(lambda: build_model(MODEL, seq_len=SEQ), lambda m: list(m.blocks), world=world,
+                      vocab_size=preset.vocab_size, seq_len=SEQ, steps=1, reduce_dtype=torch.float32)
+    assert hold.bytes_sent <= fsdp["bytes_sent"] < release.bytes_sent, (hold.bytes_sent, fsdp, release.bytes_sent)
+    # the probe saw FSDP2 hold its root (the tied embedding) beside a block
+    block = sum(p.numel() for p in build_model(MODEL, seq_len=SEQ).blocks[0].parameters()) * 2
+    assert fsdp["peak_gathered_bytes"] >= tied + block, fsdp
+    assert hold.peak_gathered_bytes <= fsdp["peak_gathered_bytes"], (hold.as_dict(), fsdp)
 
 
 def test_released_parameters_keep_their_shape_only_while_their_gradients_are_due() -> None:
