@@ -40,7 +40,7 @@ def frozen_params(module: nn.Module, managed: set[int], model_dtype: torch.dtype
             continue
         if is_partitioned_at_init(p):
             info = shard_of(p)
-            if info.numel and info.piece.is_floating_point():
+            if info.numel and info.dtype.is_floating_point:
                 out.append((name, p))
         elif p.numel() and p.dtype == model_dtype:
             out.append((name, p))

@@ -7,8 +7,10 @@
 As DeepSpeed's ``deepspeed.zero.Init``: inside the context every ``nn.Module`` subclass's
 ``__init__`` is wrapped; when a module's (outermost) ``__init__`` returns, its own parameters are
 broadcast from rank 0 (so every rank agrees), cut into ``world_size`` equal pieces, and each rank
-keeps its piece (``remote_device="cpu"`` keeps it in host memory); the parameter's data becomes an
-empty tensor. At most one module's parameters are ever whole at once.
+keeps its piece (``remote_device="cpu"`` keeps it in host memory; ``"nvme"``, or a config whose
+``offload_param.device`` is ``nvme``, writes it at once to the rank's swap file under
+``offload_param.nvme_path``, so host memory never holds the partition: stage3_init_swap.py); the
+parameter's data becomes an empty tensor. At most one module's parameters are ever whole at once.
 
 Partitioned parameters carry DeepSpeed's ``ds_shape`` and ``ds_numel``: outside the context their
 ``shape`` is ``(0,)``, so code that sizes them afterwards (parameter counts, weight-decay groups by
@@ -36,18 +38,27 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..comm import Comm
+from ..errors import UserError
+from .nvme_params import NvmeParamSettings
+from .stage3_init_swap import InitSwap
 from .stage3_hooks import tensors_in
 from .stage3_shards import (InitStats, full_from_shards, full_shape_view, is_partitioned_at_init, keep_piece,
                             partition_param, shard_of)
 
-__all__ = ["Init"]
+__all__ = ["Init", "InitConfigError", "remote_home"]
+
+
+class InitConfigError(UserError, ValueError):
+    """``engine.zero.Init``'s ``remote_device`` and ds_config disagree, or nvme lacks its settings."""
 
 
 class Init:
     """Partition parameters as modules are built (see the module docstring). DeepSpeed's arguments;
     ``module`` partitions an already built model, ``data_parallel_group`` picks the group,
-    ``remote_device`` ("cpu") keeps the pieces in host memory, ``dtype`` casts them, and
-    ``config_dict_or_path``/``config`` read ``offload_param`` and the precision from a ds_config."""
+    ``remote_device`` ("cpu") keeps the pieces in host memory, ("nvme") writes them to swap files
+    under the config's ``offload_param.nvme_path`` (stage3_init_swap.py), ``dtype`` casts them, and
+    ``config_dict_or_path``/``config`` read ``offload_param`` and the precision from a ds_config
+    (``offload_param.device`` is the remote device when ``remote_device`` is not given, as in DeepSpeed)."""
 
     def __init__(self, module: Optional[nn.Module] = None, data_parallel_group: Any = None,
                  mem_efficient_linear: bool = True, remote_device: Optional[str] = None, pin_memory: bool = False,
@@ -56,10 +67,14 @@ class Init:
         self.enabled = enabled
         self.comm = Comm(data_parallel_group)
         source = config_dict_or_path if config_dict_or_path is not None else config
-        self.remote = torch.device(remote_device) if remote_device not in (None, "none") else None
         self.dtype = dtype
-        if source is not None:
-            self._read_config(source)
+        cfg = self._load_config(source) if source is not None else None
+        where = remote_home(remote_device, cfg)
+        self.remote = torch.device(where) if where not in (None, "nvme") else None
+        self.swap: Optional[InitSwap] = None
+        if where == "nvme" and enabled:
+            self.remote = torch.device("cpu")          # a piece is cast on the host on its way to the file
+            self.swap = InitSwap(NvmeParamSettings.from_config(cfg.zero_optimization, cfg.aio), self.comm.rank)
         self.stats = InitStats()
         self._patched: list[tuple[type, Callable[..., None]]] = []
         self._mode: Optional[_PartitionedTensorMode] = None
@@ -68,15 +83,14 @@ class Init:
             for sub in module.modules():
                 self._partition_module(sub)
 
-    def _read_config(self, source: Any) -> None:
+    def _load_config(self, source: Any) -> Any:
         from ..config import load_config
 
         cfg = load_config(source, world_size=self.comm.world_size) if not hasattr(source, "zero_optimization") \
             else source
-        if cfg.zero_optimization.offload_param.device != "none" and self.remote is None:
-            self.remote = torch.device("cpu")
         if self.dtype is None and cfg.precision in ("fp16", "bf16"):
             self.dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+        return cfg
 
     # -- the context ----------------------------------------------------------------------------
     def __enter__(self) -> "Init":
@@ -139,7 +153,7 @@ class Init:
     def _partition_module(self, module: nn.Module) -> None:
         for p in module.__dict__.get("_parameters", {}).values():
             if p is not None and not is_partitioned_at_init(p) and p.numel() > 0:
-                partition_param(p, self.comm, self.remote, self.dtype, self.stats)
+                partition_param(p, self.comm, self.remote, self.dtype, self.stats, self.swap)
 
 
 class _PartitionedTensorMode(TorchFunctionMode):
@@ -210,6 +224,37 @@ class _PartitionedTensorMode(TorchFunctionMode):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+_KEY = "zero_optimization.offload_param.device"
+
+
+def remote_home(remote_device: Optional[str], cfg: Any) -> Optional[str]:
+    """Where ``Init`` keeps the pieces: ``remote_device``, or the config's ``offload_param.device``
+    when that is not given (DeepSpeed's rule); "nvme" needs that section's ``nvme_path``, and a
+    ``remote_device`` the config's device contradicts is an error naming the key."""
+    asked = None if remote_device in (None, "none") else str(remote_device)
+    configured = cfg.zero_optimization.offload_param.device if cfg is not None else "none"
+    if asked == "nvme" and cfg is None:
+        raise InitConfigError(f"{_KEY}: engine.zero.Init(remote_device=\"nvme\") writes the pieces under the "
+                              "ds_config's offload_param.nvme_path; pass config_dict_or_path=<ds_config> with "
+                              "zero_optimization.offload_param {\"device\": \"nvme\", \"nvme_path\": ...}")
+    if asked in ("cpu", "nvme") and configured != "none" and configured != asked:
+        raise InitConfigError(f"{_KEY}: the ds_config says \"{configured}\" but engine.zero.Init was given "
+                              f"remote_device=\"{asked}\"; make them agree (or leave remote_device out to use "
+                              "the config's)")
+    if asked == "nvme" and configured == "none":
+        raise InitConfigError(f"{_KEY}: engine.zero.Init(remote_device=\"nvme\") needs offload_param "
+                              "{\"device\": \"nvme\", \"nvme_path\": ...} in the ds_config (training reads the "
+                              "partition from the same swap files)")
+    where = asked if asked is not None else (None if configured == "none" else configured)
+    if where not in (None, "cpu", "nvme"):
+        try:
+            torch.device(where)
+        except RuntimeError:
+            raise InitConfigError(f"remote_device: {where!r} is not a device; use \"cpu\", \"nvme\" or a "
+                                  "torch device such as \"cuda\" (or leave it out)") from None
+    return where
+
+
 def _subclasses(cls: type) -> Iterator[type]:
     seen: set[type] = set()
     stack = list(cls.__subclasses__())

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..comm import Comm
+
+if TYPE_CHECKING:
+    from .stage3_init_swap import InitSwap
 
 __all__ = ["InitShard", "InitStats", "full_from_shards", "full_shape_view", "is_partitioned_at_init",
            "keep_piece", "mark_partitioned", "materialize", "partition_param", "release_init_shard", "shard_of"]
@@ -24,15 +27,42 @@ __all__ = ["InitShard", "InitStats", "full_from_shards", "full_shape_view", "is_
 _ATTR = "_zero3_init"
 
 
-@dataclass
 class InitShard:
-    """What ``Init`` keeps of a parameter: its shape and this rank's equal piece (zero-padded)."""
+    """What ``Init`` keeps of a parameter: its shape and this rank's equal piece (zero-padded).
 
-    shape: torch.Size
-    numel: int
-    piece: torch.Tensor
-    world: int
-    rank: int
+    The piece is a tensor (host or device memory), or with ``remote_device="nvme"`` a slot of the
+    rank's ``InitSwap`` file: then ``piece`` reads it back and assigning ``piece`` writes it, so
+    the code that uses pieces does not care where they are."""
+
+    def __init__(self, shape: torch.Size, numel: int, piece: torch.Tensor, world: int, rank: int,
+                 swap: Optional["InitSwap"] = None) -> None:
+        self.shape, self.numel, self.world, self.rank, self.swap = shape, numel, world, rank, swap
+        self._piece: Optional[torch.Tensor] = piece if swap is None else None
+        self._slot = swap.append(piece) if swap is not None else None
+
+    @property
+    def piece(self) -> torch.Tensor:
+        if self.swap is None:
+            return self._piece
+        return self.swap.read(self._slot)
+
+    @piece.setter
+    def piece(self, value: torch.Tensor) -> None:
+        if self.swap is None:
+            self._piece = value
+        else:
+            self._slot = self.swap.write(self._slot, value)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The piece's dtype (without reading it back from the drive)."""
+        return self._piece.dtype if self._slot is None else self._slot.dtype
+
+    def release(self) -> None:
+        """``initialize`` took the piece over: its slot (and with the last, the file) can go."""
+        if self.swap is not None and self._slot is not None:
+            self.swap.release(self._slot)
+            self._slot = None
 
 
 @dataclass
@@ -75,7 +105,9 @@ def mark_partitioned(p: torch.Tensor, shape: torch.Size) -> None:
 
 
 def release_init_shard(p: torch.Tensor) -> None:
-    p.__dict__.pop(_ATTR, None)
+    info = p.__dict__.pop(_ATTR, None)
+    if info is not None:
+        info.release()
 
 
 def full_from_shards(p: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -93,20 +125,21 @@ def full_from_shards(p: torch.Tensor, comm: Comm) -> torch.Tensor:
 
 @torch.no_grad()
 def partition_param(p: torch.Tensor, comm: Comm, remote: Optional[torch.device], dtype: Optional[torch.dtype],
-                    stats: InitStats) -> None:
+                    stats: InitStats, swap: Optional["InitSwap"] = None) -> None:
     """Keep this rank's piece of ``p`` (rank 0's values) and empty its data.
 
     The whole value is broadcast on the group's device (NCCL refuses host tensors), so a model
     built on the CPU under ``Init`` keeps its pieces on the GPU, as DeepSpeed's does, unless
-    ``remote_device`` says otherwise."""
+    ``remote_device`` says otherwise; with ``swap`` (``remote_device="nvme"``) the piece is
+    written to the rank's swap file and only the parameter being partitioned is in memory."""
     home = p.data.device
     full = p.data.to(comm.device if comm.active else home).contiguous()
     comm.broadcast(full, src=0)
     size = math.ceil(full.numel() / comm.world_size) if full.numel() else 0
     target = dtype if dtype is not None and full.is_floating_point() else full.dtype
-    piece = torch.zeros(size, dtype=target, device=remote or full.device)
-    p.__dict__[_ATTR] = InitShard(full.shape, full.numel(), piece, comm.world_size, comm.rank)
-    _cut(p, full)
+    piece = torch.zeros(size, dtype=target, device=torch.device("cpu") if swap is not None else remote or full.device)
+    _fill(piece, full, comm.rank)
+    p.__dict__[_ATTR] = InitShard(full.shape, full.numel(), piece, comm.world_size, comm.rank, swap)
     stats.note(full.numel() * full.element_size(), piece.numel() * piece.element_size())
     mark_partitioned(p, full.shape)
     p.data = torch.empty(0, dtype=target, device=full.device if comm.active else home)
@@ -117,14 +150,17 @@ def keep_piece(p: torch.Tensor, whole: torch.Tensor, comm: Comm, src: int = 0) -
     """Rank ``src``'s ``whole`` value of ``p`` becomes everyone's pieces (after an in-place change)."""
     whole = whole.to(comm.device if comm.active else whole.device).contiguous()
     comm.broadcast(whole, src=src)
-    _cut(p, whole)
-
-
-def _cut(p: torch.Tensor, whole: torch.Tensor) -> None:
     info = shard_of(p)
-    size = info.piece.numel()
-    lo, hi = min(info.numel, info.rank * size), min(info.numel, (info.rank + 1) * size)
-    info.piece[:hi - lo].copy_(whole.reshape(-1)[lo:hi])
+    piece = info.piece
+    _fill(piece, whole, info.rank)
+    info.piece = piece          # in memory the same tensor; on the drive, written back
+
+
+def _fill(piece: torch.Tensor, whole: torch.Tensor, rank: int) -> None:
+    """This rank's elements of ``whole`` into ``piece`` (its tail past the parameter stays zero)."""
+    size, numel = piece.numel(), whole.numel()
+    lo, hi = min(numel, rank * size), min(numel, (rank + 1) * size)
+    piece[:hi - lo].copy_(whole.reshape(-1)[lo:hi])
 
 
 def materialize(module: nn.Module, comm: Optional[Comm] = None) -> int:
