@@ -93,6 +93,9 @@ def k8s(kube_apiserver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     kubeconfig.write_text(yaml.safe_dump(kc))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("ORCH_KUBE_CONTEXT", raising=False)
+    # No kubelet serves this API server, so a run-directory reader pod never runs: orch gives up on
+    # it after 1 s instead of waiting out its 1-3 min default each time (the same give-up path).
+    monkeypatch.setenv("ORCH_K8S_READER_TIMEOUT_S", "1")
     ns = K8sNamespace(kubeconfig, namespace)
     ns.core.create_namespace({"metadata": {"name": namespace, "labels": {"orch.dev/test": "true"}}})
     yield ns

@@ -174,6 +174,8 @@ def test_status_shows_each_pod_and_its_restarts(k8s) -> None:
     assert "node worker-0: Running, restarts 2: container restarted 2 (last exit 137 (SIGKILL))" in result.output
     metrics = orch("status", job_id, "--metrics")
     assert metrics.exit_code == 0 and f"orch logs {job_id}" in metrics.output, metrics.output
+    # no kubelet here: the run-directory reader pod never runs, and status says so instead of hanging
+    assert "reader pod" in metrics.output and "did not finish in 1 s" in metrics.output, metrics.output
 
 
 def operator_pod(job: str, uid: str, rtype: str, index: int, *, node: str | None = None) -> dict:

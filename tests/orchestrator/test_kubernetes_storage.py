@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from orchestrator.backends.kubernetes.render import render
-from orchestrator.backends.kubernetes.run_reader import reader_pod, unpack
+from orchestrator.backends.kubernetes.run_reader import reader_pod, reader_timeout, unpack
 from orchestrator.errors import UserError
 from orchestrator.spec import spec_from_dict
 from tests.shared_env import REPO
@@ -125,3 +125,14 @@ def test_the_run_reader_pod_mounts_the_run_directory_read_only_and_unpacks_safel
     assert unpack(base64.b64encode(buf.getvalue()).decode(), tmp_path / "run") == 1
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["loss"] == 2.5
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_the_reader_pods_time_limit_is_the_default_unless_the_user_sets_one(monkeypatch) -> None:
+    monkeypatch.delenv("ORCH_K8S_READER_TIMEOUT_S", raising=False)
+    assert (reader_timeout(), reader_timeout(60)) == (180, 60)  # image pulls may take minutes
+    monkeypatch.setenv("ORCH_K8S_READER_TIMEOUT_S", "600")
+    assert (reader_timeout(), reader_timeout(60)) == (600, 600)
+    for bad in ("ten", "0", "-5", "nan"):
+        monkeypatch.setenv("ORCH_K8S_READER_TIMEOUT_S", bad)
+        with pytest.raises(UserError, match="ORCH_K8S_READER_TIMEOUT_S=.* is not a number of seconds above 0"):
+            reader_timeout()

@@ -244,14 +244,14 @@ class KubernetesBackend(BackendBase):
         """Copy a job's run directory once it ended (run_reader.py), so that its restart record
         (and metrics) stay readable after its pods and the job are gone. Best effort: a cluster
         that refuses the reader pod still shows the restarts its pods' statuses show."""
-        from .run_reader import FINAL_COPY_MARK, fetch_run_dir
+        from .run_reader import FINAL_COPY_MARK, fetch_run_dir, reader_timeout
 
         mark = Path(ref.run_dir, FINAL_COPY_MARK)
         if mark.exists():
             return
         try:
             fetch_run_dir(self.conn.core(), self._where(ref)[0], obj, Path(ref.run_dir),
-                          timeout=FINAL_COPY_TIMEOUT_S)
+                          timeout=reader_timeout(FINAL_COPY_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - any refusal leaves the live view, never breaks status
             return
         mark.touch()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -28,6 +29,25 @@ READER_ROLE = "orch.dev/role"
 FINAL_COPY_MARK = ".copied-after-end"  # in the local run dir: the finished job's files were copied
 # tar of the run directory without checkpoints (they are not on this mount) nor the big trace files
 READ_COMMAND = "cd /orch/run && tar -czf - --exclude='./tensorboard' . | base64"
+# The first start of a reader on a node may pull the job's image (gigabytes): minutes, not seconds.
+READER_TIMEOUT_S = 180.0
+READER_TIMEOUT_ENV = "ORCH_K8S_READER_TIMEOUT_S"
+
+
+def reader_timeout(default: float = READER_TIMEOUT_S) -> float:
+    """How long to wait for a reader pod: ``$ORCH_K8S_READER_TIMEOUT_S`` if set (a cluster whose
+    image pulls are slow needs longer; one that cannot run the pod at all is told sooner), else ``default``."""
+    raw = os.environ.get(READER_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{READER_TIMEOUT_ENV}={raw!r} is not a number of seconds above 0",
+                        hint=f"e.g. export {READER_TIMEOUT_ENV}=600, or unset it for the default {default:.0f} s")
+    return value
 
 
 def run_mount(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
@@ -96,8 +116,10 @@ def unpack(text: str, dest: Path) -> int:
 
 
 def fetch_run_dir(core: Any, namespace: str, job: dict[str, Any], dest: Path, *,
-                  timeout: float = 180, poll: float = 1.0) -> int:
-    """Copy the job's run directory into ``dest`` through a reader pod; the number of files."""
+                  timeout: float | None = None, poll: float = 1.0) -> int:
+    """Copy the job's run directory into ``dest`` through a reader pod; the number of files.
+    ``timeout``: how long the pod may take (None: ``reader_timeout()``)."""
+    timeout = reader_timeout() if timeout is None else timeout
     body = reader_pod(job)
     if body is None:
         raise UserError(f"PyTorchJob {job['metadata']['name']} keeps its run directory inside its pods (no "
