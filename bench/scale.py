@@ -127,7 +127,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['world']:>5} {r['stage']:>5} {r['model']:<11} {'hold' if r.get('hold_tied') else 'release':<7} "
             f"{r['parameters'] / 1e6:>7.1f}M {r['bytes_sent'] / 2**20:>8.1f} {r['volume_ratio']:>10.3f} "
-            f"{(r['bytes_sent'] / peer if peer else float('nan')):>8.3f} "
+            f"{(r['bytes_sent'] / peer if peer else float('nan')):>8.4f} "
             f"{(r['staging_ratio'] if r['stage'] == 3 else float('nan')):>12.3f} {fsdp2_staging_ratio(r):>13.3f} "
             f"{r['calls']:>6} "
             f"{r.get('fsdp2_calls', '-'):>11} {r['model_state_bytes'] / 2**20:>8.1f} {r['state_ratio']:>13.3f} "
@@ -137,7 +137,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def run(quick: bool = False, worlds: tuple[int, ...] = WORLDS, table: Optional[list[tuple[str, int]]] = None,
         peer: bool = True, checkpointing: bool = False, hold_tied: bool = False,
-        reuse_distance: int = 0) -> list[dict[str, Any]]:
+        reuse_distance: int = 0, json_path: Optional[str] = None) -> list[dict[str, Any]]:
     """Every (N, model, stage) of the table; returns the summary rows ``python -m bench`` records."""
     table = table or (QUICK if quick else TABLE)
     worlds = (8, 64) if quick else worlds
@@ -148,6 +148,9 @@ def run(quick: bool = False, worlds: tuple[int, ...] = WORLDS, table: Optional[l
                             reuse_distance)
             if row is not None:
                 rows.append(row)
+                if json_path:       # every figure of the row, for ratios finer than the table prints
+                    with open(json_path, "a") as out:
+                        out.write(json.dumps(row, default=str) + "\n")
                 print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
     print(format_rows(rows))
     return [{"benchmark": "scale", "name": f"N={r['world']} Z{r['stage']} {r['model']} bytes/ZeRO volume",
@@ -166,6 +169,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--hold-tied", action="store_true",
                         help="stage 3: stage3_hold_tied_params (gather a tied unit once a step and hold it)")
     parser.add_argument("--reuse-distance", type=int, default=0, help="stage 3: stage3_max_reuse_distance")
+    parser.add_argument("--json", metavar="PATH", help="also append every row, all its figures, to PATH (JSON lines)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -177,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.model or args.stage:
         table = [(m, s) for m in (args.model or ["bench-100m"]) for s in (args.stage or [1, 2, 3])]
     run(args.quick, tuple(args.world or WORLDS), table, peer=not args.no_peer, checkpointing=args.checkpointing,
-        hold_tied=args.hold_tied, reuse_distance=args.reuse_distance)
+        hold_tied=args.hold_tied, reuse_distance=args.reuse_distance, json_path=args.json)
 
 
 if __name__ == "__main__":
