@@ -2,15 +2,20 @@
 
 1. Rank 0 resolves the tag (``latest`` unless one is given) and reads the manifest; every rank
    gets rank 0's answer, so all ranks load the same checkpoint or fail the same way.
-2. Checksums: the checkpoint's files are split round-robin over the ranks, each rank hashes its
-   share in full, and the findings are shared. One pass over the checkpoint in total, spread
-   over all ranks. A bad or missing file is named; with ``fallback_to_previous`` the next older
-   complete checkpoint is tried instead of failing.
+2. Checksums (verify_load.py): every file is hashed by one rank and the findings are shared;
+   at the saved world size a rank reads its own shards whole while hashing them. A bad or
+   missing file is named; with ``fallback_to_previous`` the next older complete checkpoint is
+   tried instead of failing.
 3. Reshard: each rank computes (reshard.py) which runs of which saved rank's flat tensors hold
    the elements of its own new partition, and reads exactly those byte ranges with ``pread``,
    for the master weights and every optimizer state. The optimizer then publishes the new
    master partition to the model as after a step (``load_master_partition``: cast into the
    rank's slice of the parameters, then all-gathered at stages 1-2, kept partitioned at 3).
+   At stages 1-2 the publish (the all-gather: a third of a checkpoint's bytes, over the network)
+   runs while the I/O threads still read and verify the optimizer-state files, which are two
+   thirds of the bytes; the engine's master is only replaced once they turn out intact, and if
+   one does not, every rank publishes its untouched master again (``_publish_while_checking``):
+   the engine is exactly as before the call and the error names the file.
 4. Everything else: loss scaler, LR schedule, step counters, buffers, RNG states (rank r gets
    the state saved by rank r, or by rank r mod N when the world grew), client_state. Frozen
    parameters are whole tensors among the extras; a stage-3 engine, which partitions them,
@@ -25,8 +30,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .collective import Group
-from .manifest import (EXTRA_FILE, OBJECTS_FILE, CheckpointError, file_problem, list_checkpoints, read_latest,
-                       read_manifest, read_verified_file, validate_tag)
+from .manifest import EXTRA_FILE, OBJECTS_FILE, CheckpointError, list_checkpoints, read_latest, validate_tag
 from .reshard import plan_reads, source_runs, target_pieces
 from .rng import restore_rng
 from .async_save import AsyncWriter
@@ -35,6 +39,7 @@ from .stream_load import PartitionReader
 from ..io import aligned_empty
 from .ranged_reads import RangedReads, tensor_bytes_view
 from .tensorfile import ITEMSIZE
+from .verify_load import LaterChecks, open_verified
 
 __all__ = ["load_checkpoint", "read_partition"]
 
@@ -62,12 +67,23 @@ def load_checkpoint(engine: Any, load_dir: str | Path, tag: Optional[str] = None
                           "specific checkpoint", stacklevel=2)
         return None, None
     with_optimizer = load_optimizer_states and not load_module_only
+    opt = engine.optimizer
+    later = with_optimizer and getattr(opt, "publishes_apart", lambda: False)()
     problems = []
     for name in answer:
-        manifest, problem, preloaded = _open_verified(load_dir / name, group, with_optimizer,
-                                                      whole=getattr(engine.optimizer, "nvme", None) is None)
+        opened = open_verified(load_dir / name, group, with_optimizer, whole=getattr(opt, "nvme", None) is None,
+                               later=later)
+        problem = opened.problem
         if problem is None:
-            break
+            try:
+                client_state = restore(engine, load_dir / name, opened.manifest, group, strict=load_module_strict,
+                                       optimizer=with_optimizer,
+                                       scheduler=load_lr_scheduler_states and not load_module_only,
+                                       module_only=load_module_only, preloaded=opened.preloaded,
+                                       later=opened.later)
+                return str(load_dir / name), client_state
+            except StatesProblem as exc:        # found after the publish; the engine is as it was
+                problem = exc.problem
         problems.append(problem)
         if not fallback_to_previous:
             raise CheckpointError(f"cannot load checkpoint {load_dir / name}: {problem}. Pass "
@@ -76,12 +92,15 @@ def load_checkpoint(engine: Any, load_dir: str | Path, tag: Optional[str] = None
         if group.rank == 0:
             warnings.warn(f"checkpoint {load_dir / name} is not usable ({problem}); trying the previous one",
                           stacklevel=2)
-    else:
-        raise CheckpointError(f"no intact checkpoint in {load_dir}: " + "; ".join(problems), load_dir)
-    client_state = restore(engine, load_dir / name, manifest, group, strict=load_module_strict,
-                           optimizer=with_optimizer, scheduler=load_lr_scheduler_states and not load_module_only,
-                           module_only=load_module_only, preloaded=preloaded)
-    return str(load_dir / name), client_state
+    raise CheckpointError(f"no intact checkpoint in {load_dir}: " + "; ".join(problems), load_dir)
+
+
+class StatesProblem(Exception):
+    """An optimizer-state file failed its check after the new master was published (and taken back)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
 
 
 def _candidates(load_dir: Path, tag: Optional[str], fallback: bool) -> list[str] | str:
@@ -98,55 +117,27 @@ def _candidates(load_dir: Path, tag: Optional[str], fallback: bool) -> list[str]
         return str(exc)
 
 
-def _open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool,
-                   whole: bool = True) -> tuple[Optional[dict[str, Any]], Optional[str], dict[str, torch.Tensor]]:
-    """Collective: rank 0's manifest for everyone, and every needed file's checksum checked by some rank.
-
-    The rank's own shards (at the saved world size) are read whole while they are verified, in one
-    direct pass (``read_verified_file``); their bytes come back as the third value, so the
-    partition is not read again (``whole``; an NVMe-offloaded engine streams instead, stream_load.py).
-    The other files are checked through the page cache."""
-    found: tuple[Optional[dict[str, Any]], Optional[str]] = (None, None)
-    if group.rank == 0:
-        try:
-            found = (read_manifest(ckpt_dir), None)
-        except CheckpointError as exc:
-            found = (None, str(exc))
-    manifest, problem = group.broadcast(found)
-    if problem:
-        return None, problem, {}
-    names = sorted(n for n, rec in manifest["files"].items() if with_optimizer or rec.get("kind") != "optimizer")
-    own, others = _verified_by(names, manifest, group.rank, group.world_size)
-    if not whole:
-        own, others = [], own + others
-    preloaded, mine = {}, []
-    for n in own:
-        problem, data = read_verified_file(ckpt_dir, n, manifest["files"][n])
-        mine.append(problem)
-        if data is not None:
-            preloaded[n] = data
-    mine += [file_problem(ckpt_dir, n, manifest["files"][n], keep_in_cache=True) for n in others]
-    problems = [p for found in group.all_gather([p for p in mine if p]) for p in found]
-    return manifest, "; ".join(problems) or None, (preloaded if not problems else {})
-
-
-def _verified_by(names: list[str], manifest: Mapping[str, Any], rank: int, world: int) -> tuple[list[str], list[str]]:
-    """The files ``rank`` checks: at the saved world size its own shards (first list: it reads them
-    whole), the others round-robin (second list); every file exactly once over the ranks."""
-    same_world = manifest.get("world_size") == world
-    owned = {n: manifest["files"][n].get("rank") for n in names if manifest["files"][n].get("kind") in
-             ("master", "optimizer")} if same_world else {}
-    rest = [n for n in names if n not in owned]
-    return [n for n, r in owned.items() if r == rank], rest[rank::world]
-
-
 # -- restoring ------------------------------------------------------------------------------------
 
 def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Group, *, strict: bool = True,
             optimizer: bool = True, scheduler: bool = True, module_only: bool = False,
-            preloaded: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, Any]:
+            preloaded: Optional[Mapping[str, torch.Tensor]] = None,
+            later: Optional[LaterChecks] = None) -> dict[str, Any]:
     """Put a verified checkpoint into ``engine``; returns its client_state. ``preloaded``: files
-    already in memory (name -> bytes), read from there instead of the disk."""
+    already in memory (name -> bytes), read from there instead of the disk. ``later``: the
+    optimizer files' checks, still running (``open_verified(later=True)``): the new master is
+    published meanwhile, and taken back (``StatesProblem``) if they fail."""
+    try:
+        return _restore(engine, ckpt_dir, manifest, group, strict=strict, optimizer=optimizer, scheduler=scheduler,
+                        module_only=module_only, preloaded=preloaded, later=later)
+    finally:
+        if later is not None:
+            later.cancel()          # a no-op once finished; else nothing is left reading
+
+
+def _restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Group, *, strict: bool,
+             optimizer: bool, scheduler: bool, module_only: bool, preloaded: Optional[Mapping[str, torch.Tensor]],
+             later: Optional[LaterChecks]) -> dict[str, Any]:
     opt = engine.optimizer
     names = model_names(engine.module, opt.params, [p.name for p in opt.layout.params])
     _check_compatible(manifest, names, opt, strict=strict, optimizer=optimizer, ckpt_dir=ckpt_dir)
@@ -157,8 +148,9 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
     nvme = getattr(opt, "nvme", None)      # NVMe offload: streamed into the swap files (stream_load.py)
     error = None
     try:
-        buffers = (read_partition(ckpt_dir, manifest, opt, names, group.rank, keys, preloaded) if nvme is None
-                   else {"reader": PartitionReader(ckpt_dir, manifest, _plan(manifest, opt, names, group.rank))})
+        buffers = (read_partition(ckpt_dir, manifest, opt, names, group.rank, [] if later else keys, preloaded)
+                   if nvme is None else
+                   {"reader": PartitionReader(ckpt_dir, manifest, _plan(manifest, opt, names, group.rank))})
         extras = _read_extras(ckpt_dir, manifest, skip={n for n, t in names.extras if id(t) in owned})
         pieces = _read_frozen_pieces(ckpt_dir, manifest, names, owned)
         objects = _read_objects(ckpt_dir, manifest)
@@ -167,7 +159,10 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
     error = group.first_error(error)
     if error:
         raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {error}", ckpt_dir)
-    if nvme is None:
+    if later is not None:
+        buffers.update(_publish_while_checking(opt, ckpt_dir, manifest, names, group, keys, buffers["master"], later))
+        opt.adopt_master_partition(buffers.pop("master"))
+    elif nvme is None:
         opt.load_master_partition(buffers.pop("master"))   # and publishes it to the model, as a step does
     else:
         _stream_into_swap(opt, manifest, buffers.pop("reader"), names, keys, optimizer)
@@ -188,6 +183,34 @@ def restore(engine: Any, ckpt_dir: Path, manifest: Mapping[str, Any], group: Gro
             restore_rng(rng[group.rank % len(rng)])
         _restore_dataloader(engine, manifest, group)
     return _resolve(manifest.get("client_state", {}), objects)
+
+
+def _publish_while_checking(opt: Any, ckpt_dir: Path, manifest: Mapping[str, Any], names: ModelNames, group: Group,
+                            keys: list[str], master: torch.Tensor, later: LaterChecks) -> dict[str, torch.Tensor]:
+    """Publish the new master to the model (the all-gather) while the I/O threads still read and
+    verify the optimizer files; then this rank's partition of every state in ``keys``.
+
+    Nothing else has changed yet and the engine's own master is untouched, so when any rank finds
+    a bad file (or cannot read its states) every rank publishes the old master again, which puts
+    the parameters back as they were, and the problem is raised: ``StatesProblem`` for a failed
+    check (the caller may fall back to an older checkpoint), ``CheckpointError`` otherwise."""
+    opt.publish_partition(master)          # the same collectives on every rank
+    problem, error, states = None, None, {}
+    try:
+        problems, data = later.finish()
+        problem = "; ".join(problems) or None
+        if problem is None:
+            states = read_partition(ckpt_dir, manifest, opt, names, group.rank, keys, data, master=False)
+    except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
+        error = f"rank {group.rank}: {exc}"
+    found = group.all_gather((problem, error))
+    problem, error = ("; ".join(f[i] for f in found if f[i]) or None for i in (0, 1))
+    if problem or error:
+        opt.publish_partition(None)        # the engine's untouched master, as before the load
+        if error:
+            raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {error}", ckpt_dir)
+        raise StatesProblem(problem)
+    return states
 
 
 def _check_compatible(manifest: Mapping[str, Any], names: ModelNames, opt: Any, *, strict: bool, optimizer: bool,
@@ -229,8 +252,10 @@ def _check_extras(manifest: Mapping[str, Any], names: ModelNames, *, strict: boo
 
 
 def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names: ModelNames, rank: int,
-                   keys: list[str], preloaded: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """This rank's new local partition of the master weights and of each state in ``keys`` (CPU).
+                   keys: list[str], preloaded: Optional[Mapping[str, torch.Tensor]] = None,
+                   master: bool = True) -> dict[str, torch.Tensor]:
+    """This rank's new local partition of the master weights (unless ``master=False``) and of each
+    state in ``keys`` (CPU).
 
     Only the byte ranges that hold elements of this rank's partition are read. Elements the
     checkpoint lacks (non-strict loads) keep the current master value and zero states. A tensor
@@ -241,14 +266,14 @@ def read_partition(ckpt_dir: Path, manifest: Mapping[str, Any], opt: Any, names:
     layout = opt.layout
     reads = _plan(manifest, opt, names, rank)
     gaps = _uncovered(layout.partition_numel, reads)
-    kinds = [("master", "master")] + [(k, "optimizer") for k in keys]
+    kinds = ([("master", "master")] if master else []) + [(k, "optimizer") for k in keys]
     out = {key: view for key, kind in kinds
            if (view := _identity_view(manifest, preloaded, reads, kind, key, rank, layout.partition_numel)) is not None}
     reads_for = {key: [] if key in out else reads for key, _ in kinds}
-    if "master" not in out:
+    if master and "master" not in out:
         out["master"] = _aligned_tensor(layout.partition_numel, torch.float32)
-    current = opt.master_partition() if gaps and getattr(opt, "nvme", None) is not None else None
-    for lo, hi in gaps:                 # padding, and (non-strict) parameters the checkpoint lacks
+    current = opt.master_partition() if master and gaps and getattr(opt, "nvme", None) is not None else None
+    for lo, hi in gaps if master else ():    # padding, and (non-strict) parameters the checkpoint lacks
         out["master"][lo:hi] = (current[lo:hi] if current is not None
                                 else _current_master(opt.master_params, layout, lo, hi))
     for key in keys:

@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from ..errors import UserError
-from ..io import TreeHash, hash_file, read_verified
+from ..io import TreeHash, VerifiedRead, hash_file, read_verified, start_read_verified
 
 __all__ = [
     "CheckpointEntry", "CheckpointError", "EXTRA_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MANIFEST",
-    "OBJECTS_FILE", "TMP_SUFFIX", "file_problem", "list_checkpoints", "master_file", "optim_file",
-    "read_latest", "read_manifest", "read_verified_file", "resolve_checkpoint", "sha256_file", "shard_files", "validate_tag",
+    "OBJECTS_FILE", "PendingCheck", "TMP_SUFFIX", "file_problem", "list_checkpoints", "master_file", "optim_file",
+    "read_latest", "read_manifest", "read_verified_file", "resolve_checkpoint", "sha256_file", "shard_files",
+    "start_verified_read", "validate_tag",
 ]
 
 FORMAT = "orch-checkpoint"
@@ -183,6 +184,45 @@ def read_verified_file(ckpt_dir: Path, name: str, record: Mapping[str, Any]) -> 
     format-1 (flat sha256) records, which are only checked."""
     problem, data = _checked(Path(ckpt_dir) / name, record, read_verified)
     return problem, (data if problem is None else None)
+
+
+def start_verified_read(ckpt_dir: Path, name: str, record: Mapping[str, Any]) -> "PendingCheck":
+    """``read_verified_file`` submitted to the I/O threads now; ``.result()`` waits for it."""
+    path = Path(ckpt_dir) / name
+    if "hash" not in record:                   # format 1 (flat sha256): checked when asked
+        return PendingCheck(path, record, None, None)
+    try:
+        return PendingCheck(path, record, start_read_verified(path, TreeHash.of_record(dict(record))), None)
+    except (OSError, KeyError, ValueError) as exc:        # reported by result(), as a direct read would be
+        return PendingCheck(path, record, None, exc)
+
+
+@dataclass
+class PendingCheck:
+    """One file's verified read in flight (``start_verified_read``)."""
+
+    path: Path
+    record: Mapping[str, Any]
+    read: Optional[VerifiedRead]
+    failure: Optional[BaseException]
+
+    def result(self) -> tuple[Optional[str], Any]:
+        """``(problem, bytes)`` as ``read_verified_file`` gives them."""
+        if self.read is None and self.failure is None:
+            return read_verified_file(self.path.parent, self.path.name, self.record)
+
+        def measure(_path: Path, _hasher: TreeHash) -> tuple[int, str, Any]:
+            if self.failure is not None:
+                raise self.failure
+            return self.read.wait()
+
+        problem, data = _checked(self.path, self.record, measure)
+        return problem, (data if problem is None else None)
+
+    def cancel(self) -> None:
+        """Not needed after all (another file failed): stop reading it."""
+        if self.read is not None:
+            self.read.cancel()
 
 
 def _checked(path: Path, record: Mapping[str, Any], measure: Any) -> tuple[Optional[str], Any]:

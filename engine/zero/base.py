@@ -236,9 +236,26 @@ class PartitionedOptimizer:
             self.nvme.load_partitions({"master": local})
             self._publish_params(True)
             return
+        self.adopt_master_partition(local)
+        self._publish_params(False)
+
+    @torch.no_grad()
+    def adopt_master_partition(self, local: torch.Tensor) -> None:
+        """``local`` becomes this rank's fp32 master partition, without publishing it (a load that
+        published it already with ``publish_partition``)."""
         for g, view in zip(self.layout.groups, self._masters):
             view.copy_(local[g.local_offset:g.local_offset + g.partition_numel])
-        self._publish_params(False)
+
+    def publishes_apart(self) -> bool:
+        """Whether ``publish_partition`` can show the model other values than the master's while the
+        master stays as it is (a checkpoint load publishes before the optimizer files are verified,
+        and takes it back by publishing the master again). Stages 1-2 with their own master copy."""
+        return False
+
+    def publish_partition(self, local: Optional[torch.Tensor]) -> None:
+        """Publish ``local`` (a full fp32 partition) to the model's parameters on every rank without
+        making it the master; ``None`` publishes the master again (see ``publishes_apart``)."""
+        raise NotImplementedError(f"{type(self).__name__} publishes only its master")
 
     def _load_states(self, full_states: Mapping[str, Any]) -> None:
         if self.nvme is not None:

@@ -276,12 +276,22 @@ class Stage12Optimizer(PartitionedOptimizer):
             self._publish = HostPublish(self.layout.partition_numel, self.model_dtype, self.offload, self.device)
         return self._publish
 
+    def publishes_apart(self) -> bool:
+        """The master is a copy of its own (not the parameters themselves, not in swap files)."""
+        return not self.master_is_view and self.nvme is None and self.master is not None
+
+    def publish_partition(self, local: Optional[torch.Tensor]) -> None:
+        if not self.publishes_apart():
+            super().publish_partition(local)
+        self._publish_params(False, source=local)
+
     @torch.no_grad()
-    def _publish_params(self, local_copied: bool = False) -> None:
-        """Updated master partitions -> model parameters on every rank: this rank's pieces into
-        ``flat_params``, then one all-gather per bucket (stage12_reduction.py's spans)."""
+    def _publish_params(self, local_copied: bool = False, source: Optional[torch.Tensor] = None) -> None:
+        """Updated master partitions (or ``source``, values of the same layout) -> model parameters on
+        every rank: this rank's pieces into ``flat_params``, then one all-gather per bucket
+        (stage12_reduction.py's spans)."""
         publish = self._offload_publish()
-        master = None if self.master_is_view or local_copied else self.master
+        master = source if source is not None else None if self.master_is_view or local_copied else self.master
         for local, piece in self._own_pieces():
             source = None if master is None else master[local:local + piece.numel()]
             if publish is not None:

@@ -134,6 +134,24 @@ def test_a_reserved_write_and_a_one_pass_read_give_the_same_bytes_and_digest(dir
     assert buffer.numpy().tobytes() == data and buffer.data_ptr() % 4096 == 0
 
 
+def test_a_submitted_read_gives_the_same_bytes_and_one_given_up_leaves_no_file_open(tmp_path: Path) -> None:
+    import os
+
+    from engine.io import IOPool, start_read_verified
+
+    hasher = TreeHash(block=64 << 10)
+    data = os.urandom(3 << 20) + b"tail"
+    (tmp_path / "shard.bin").write_bytes(data)
+    pool = IOPool(threads=2)
+    open_files = len(os.listdir("/proc/self/fd"))
+    first, second = (start_read_verified(tmp_path / "shard.bin", hasher, pool) for _ in range(2))
+    size, digest, buffer = first.wait()
+    assert (size, digest) == hash_file(tmp_path / "shard.bin", hasher) and buffer.numpy().tobytes() == data
+    second.cancel()                      # queued behind the first: most of its blocks never start
+    assert len(os.listdir("/proc/self/fd")) == open_files
+    pool.shutdown()
+
+
 def test_a_full_disk_fails_when_the_file_is_reserved_not_midway(small_mount: Any) -> None:
     disk = small_mount("1m")
     with pytest.raises(OSError, match="No space left"):
