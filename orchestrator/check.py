@@ -281,14 +281,19 @@ NVME_CHUNK_NUMEL = 4 << 20        # engine/zero/nvme.py's default chunk (element
 
 def estimate_nvme_offload(num_parameters: int, world_size: int, stage: int, precision: str,
                           buffer_count: int, chunk_numel: int = NVME_CHUNK_NUMEL,
-                          grad_accum_dtype: str = "fp32") -> tuple[float, float]:
+                          grad_accum_dtype: str = "fp32", partition_on_host: bool = False) -> tuple[float, float]:
     """(host RAM, NVMe) bytes per rank for ``offload_optimizer: nvme`` (engine/zero/nvme.py).
 
-    The swap files hold the fp32 master and the optimizer states (8 or 12 bytes per parameter, the
-    rank's 1/N); host memory keeps the reduced gradient partition and ``buffer_count`` chunk
-    buffers of master + states, instead of all of the states, and at stages 1-2 the staging the
-    updated weights go back to the device through (the model's dtype, the rank's 1/N)."""
-    weights, grads, states = bytes_per_parameter(precision, grad_accum_dtype)
+    The swap files hold Adam's m and v and the fp32 master (12 bytes per parameter, the rank's 1/N),
+    except where the model's own copy of the rank's partition is an fp32 host tensor, which
+    nvme.py then uses as the master (``aliased``: 8 bytes): fp32 at stages 1-2 (the host staging
+    the updated weights go back to the device through) and fp32 stage 3 whose partition is in
+    host memory (``partition_on_host``: offload_param cpu). Host memory keeps the reduced gradient
+    partition and ``buffer_count`` chunk buffers of what a slot holds, instead of all of the
+    states, and at stages 1-2 that staging (the model's dtype, the rank's 1/N)."""
+    weights, grads, _ = bytes_per_parameter(precision, grad_accum_dtype)
+    aliased = precision == "fp32" and (stage in (1, 2) or partition_on_host)
+    states = 8 if aliased else 12
     n = max(world_size, 1)
     nvme = states * num_parameters / n
     buffers = buffer_count * chunk_numel * states
@@ -304,7 +309,8 @@ def nvme_notes(cfg: Any, num_parameters: int, world_size: int, largest_layer: Op
     if zero.offload_optimizer.device == "nvme":
         host, nvme = estimate_nvme_offload(num_parameters, world_size, zero.stage, cfg.precision,
                                            max(3, int(zero.offload_optimizer.buffer_count)),
-                                           grad_accum_dtype=cfg.grad_accum_dtype)
+                                           grad_accum_dtype=cfg.grad_accum_dtype,
+                                           partition_on_host=zero.offload_param.device == "cpu")
         cpu = estimate_model_states(num_parameters, world_size, zero.stage, cfg.precision, True, False,
                                     cfg.grad_accum_dtype).cpu_bytes
         notes.append(f"NVMe offload: {human_bytes(nvme)} per rank in swap files under "

@@ -60,6 +60,23 @@ def test_check_says_what_parameter_nvme_offload_puts_on_the_drive(tmp_path: Path
     assert "max_in_cpu keeps the whole partition in host memory" in " ".join(result.output.split())
 
 
+def test_nvme_estimate_counts_the_master_only_where_it_is_not_the_models_own_fp32_copy() -> None:
+    n = 100_000_000
+    # bf16: the fp32 master is in the slot with m and v, at every stage
+    assert estimate_nvme_offload(n, 2, 2, "bf16", 4)[1] == estimate_nvme_offload(n, 2, 3, "bf16", 4)[1] == 12 * n / 2
+    # fp32 stages 1-2: the fp32 host staging of the updated weights is the master (engine/zero/nvme.py's alias)
+    assert estimate_nvme_offload(n, 2, 1, "fp32", 4)[1] == estimate_nvme_offload(n, 2, 2, "fp32", 4)[1] == 8 * n / 2
+    # fp32 stage 3: the partition on the GPU is no host tensor, so the master goes to the drive too;
+    # with offload_param cpu the partition in host memory is the master
+    assert estimate_nvme_offload(n, 2, 3, "fp32", 4)[1] == 12 * n / 2
+    assert estimate_nvme_offload(n, 2, 3, "fp32", 4, partition_on_host=True)[1] == 8 * n / 2
+    # the chunk buffers hold what a slot holds
+    small = 10_000_000
+    host_gpu, _ = estimate_nvme_offload(n, 1, 3, "fp32", 4, chunk_numel=small)
+    host_cpu, _ = estimate_nvme_offload(n, 1, 3, "fp32", 4, chunk_numel=small, partition_on_host=True)
+    assert host_gpu - host_cpu == 4 * small * 4
+
+
 def test_parameter_nvme_estimate_counts_resident_elements_and_buffers() -> None:
     host, nvme = estimate_nvme_param_offload(8_000_000, 4, "fp32", 3, 1_000_000, 500_000, largest_layer=2_000_000)
     assert nvme == (2_000_000 - 500_000) * 4
