@@ -10,6 +10,11 @@ consolidating a >= 1 GB checkpoint against its largest shard.
   over the ranks and the I/O threads, ranged reads of the rank's partition, all-gather of the
   parameters) vs ``torch.distributed.checkpoint.load`` and each rank ``torch.load(weights_only=True)``
   of its file. Every load reads a cold page cache (``posix_fadvise(DONTNEED)`` on every file).
+  Two DCP peers: "bare" loads the rank's partitions into bare tensors (the same bytes as our
+  shards, but the model never sees them); "resume" is what a ZeRO-2 user of DCP does to resume:
+  the model's full parameters (saved once, deduplicated) loaded into the model on every rank, plus
+  the rank's optimizer-state shard. Our load publishes the master to every rank's parameters
+  (the all-gather), so "resume" is the like-for-like figure; "bare" is kept for comparison.
 * the disk's direct bandwidth: ``dd`` with O_DIRECT on the same filesystem, in the same run.
 * async stall: wall time of "save + one training step" minus one training step, for the
   asynchronous and the synchronous save.
@@ -17,7 +22,7 @@ consolidating a >= 1 GB checkpoint against its largest shard.
   vs the largest shard file, and vs the DeepSpeed ``zero_to_fp32`` way (load every master
   shard, concatenate, ``torch.save``).
 
-    python -m bench.checkpoint_io [--quick]
+    python -m bench.checkpoint_io [--quick] [--rounds N]
 """
 from __future__ import annotations
 
@@ -159,7 +164,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
     _step(eng, width)
     peer_file = root / f"peer-rank{rank}.pt"
     times: dict[str, list[float]] = {k: [] for k in ("save", "torch.save", "torch.save+fsync", "dcp.save", "load",
-                                                     "torch.load", "dcp.load")}
+                                                     "torch.load", "dcp.load", "dcp.save.resume", "dcp.load.resume")}
     fresh = _engine(layers, width)
 
     tensors = _peer_tensors(eng)   # cloned outside the timed region
@@ -185,6 +190,19 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
     def dcp_load(i: int) -> None:
         dcp.load({f"rank{rank}": dcp_target}, checkpoint_id=str(root / f"dcp-{i}"))
 
+    # DCP "resume": the full model (replicated: DCP writes it once) + this rank's optimizer shard;
+    # loaded in place into the fresh engine's parameters (every rank, all of them) and the shard
+    states = {k: v for k, v in tensors.items() if k != "master"}
+    resume_source = {"model": eng.module.state_dict(), "optimizer": {f"rank{rank}": states}}
+    resume_target = {"model": fresh.module.state_dict(),
+                     "optimizer": {f"rank{rank}": {k: torch.empty_like(v) for k, v in states.items()}}}
+
+    def dcp_resume_save(i: int) -> None:
+        dcp.save(resume_source, checkpoint_id=str(root / f"dcp-resume-{i}"))
+
+    def dcp_resume_load(i: int) -> None:
+        dcp.load(resume_target, checkpoint_id=str(root / f"dcp-resume-{i}"))
+
     dd_reads: list[float] = []    # rank 0: the disk's direct read right before each round's load
     for i in range(rounds):       # loads read cold: every file's page cache is dropped first
         times["save"].append(_barrier_time(lambda: eng.save_checkpoint(root / "ckpt", tag=f"round-{i}")))
@@ -200,9 +218,15 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         times["torch.load"].append(_barrier_time(peer_load))
         _drop_page_cache(root)
         times["dcp.load"].append(_barrier_time(lambda: dcp_load(i)))
+        times["dcp.save.resume"].append(_barrier_time(lambda: dcp_resume_save(i)))
+        _drop_page_cache(root)
+        times["dcp.load.resume"].append(_barrier_time(lambda: dcp_resume_load(i)))
         if rank == 0:
             import shutil
+            resume_bytes = sum(f.stat().st_size for f in (root / f"dcp-resume-{i}").rglob("*") if f.is_file())
             shutil.rmtree(root / f"dcp-{i}", ignore_errors=True)
+            shutil.rmtree(root / f"dcp-resume-{i}", ignore_errors=True)
+        dist.barrier()
     shard_bytes = sum(f.stat().st_size for f in (root / "ckpt" / f"round-{rounds - 1}").glob("*.safetensors"))
     peer_bytes = torch.tensor([peer_file.stat().st_size])
     dist.all_reduce(peer_bytes)
@@ -230,6 +254,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
     if rank == 0:
         (root / "dd.bin").unlink()
         out.put({"times": times, "stall": stall, "disk": disk, "dd_reads": dd_reads, "bytes": shard_bytes,
+                 "resume_bytes": resume_bytes,
                  "peer_bytes": int(peer_bytes.item()),
                  "checkpoint": str(root / "ckpt" / f"round-{rounds - 1}")})
     dist.barrier()
@@ -282,11 +307,11 @@ def _consolidation_rss(checkpoint: str, mode: str, suffix: str) -> dict[str, flo
                                                                      "output_bytes": out.stat().st_size}
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, rounds: int = 0) -> list[dict]:
     import torch.multiprocessing as mp
 
     layers = 1 if quick else 5     # 4096x4096 layers: 16.8M parameters each; 5 -> 1.0 GB checkpoint
-    rounds = 2 if quick else 3
+    rounds = rounds or (2 if quick else 3)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     rows: list[dict] = []
@@ -314,11 +339,13 @@ def run(quick: bool = False) -> list[dict]:
               f"read {disk_r:.2f} GB/s; load average {os.getloadavg()[0]:.1f}")
         save = Measurement("save_checkpoint (xxh3-128, fsync, manifest)", t["save"])
         dcp_save = Measurement("torch.distributed.checkpoint.save", t["dcp.save"])
-        peers = [dcp_save, Measurement("torch.save, same tensors", t["torch.save"]),
+        peers = [dcp_save, Measurement("DCP save, resume layout", t["dcp.save.resume"]),
+                 Measurement("torch.save, same tensors", t["torch.save"]),
                  Measurement("torch.save + fsync", t["torch.save+fsync"])]
         print_table("save, seconds (lower is better)", save, peers)
-        load = Measurement("load_checkpoint (verify, reshard-read)", t["load"])
-        load_peers = [Measurement("torch.distributed.checkpoint.load", t["dcp.load"]),
+        load = Measurement("load_checkpoint (verify, publish)", t["load"])
+        load_peers = [Measurement("DCP load, resume (model + shard)", t["dcp.load.resume"]),
+                      Measurement("DCP load, bare tensors", t["dcp.load"]),
                       Measurement("torch.load + copy", t["torch.load"])]
         print_table("load from a cold page cache, seconds (lower is better)", load, load_peers)
         for m, kind, disk in ((save, "save", disk_w), (load, "load", disk_r)):
@@ -330,6 +357,12 @@ def run(quick: bool = False) -> list[dict]:
               f"{'/'.join(f'{dd:.2f}' for dd in result['dd_reads'])} GB/s)")
         for p in peers + load_peers:
             print(f"  {p.name}: {result['peer_bytes'] / 1e9 / p.median:.2f} GB/s")
+        print(f"  DCP resume checkpoint: {result['resume_bytes'] / 1e9:.2f} GB (the replicated model written once); "
+              "its load reads the whole model on every rank")
+        for p in load_peers[:2]:
+            per = [q / o for o, q in zip(t["load"], p.samples)]
+            print(f"  load throughput vs {p.name}: {p.median / load.median:.2f}x (per round: median "
+                  f"{statistics.median(per):.2f}x, range {min(per):.2f}-{max(per):.2f}; goal >= 1.0)")
         for m, p, disk in [(save, q, disk_w) for q in peers] + [(load, q, disk_r) for q in load_peers]:
             rows.append({"name": f"checkpoint {m.name.split(' ')[0]} {gb:.2f} GB, 2 ranks", "median_s": m.median,
                          "range_s": m.spread, "peer": p.name, "peer_median_s": p.median, "peer_range_s": p.spread,
@@ -377,4 +410,6 @@ def run(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 67 MB checkpoint instead of 1 GB, 2 rounds")
-    run(parser.parse_args().quick)
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 3, 2 with --quick)")
+    args = parser.parse_args()
+    run(args.quick, args.rounds)
