@@ -89,6 +89,7 @@ def one_row(model: str, stage: int, world: int, peer: bool, checkpointing: bool,
         row["fsdp2_bytes_sent"] = fsdp["bytes_sent"]
         row["fsdp2_calls"] = fsdp["calls"]
         row["fsdp2_peak_gathered_bytes"] = fsdp["peak_gathered_bytes"]
+        row["fsdp2_peak_unsharded_bytes"] = fsdp["peak_unsharded_bytes"]
     return row
 
 

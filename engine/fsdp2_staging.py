@@ -23,6 +23,11 @@ attributes and methods of torch 2.13's ``torch/distributed/fsdp/_fully_shard`` (
 ``FSDPParamGroup.unshard/_to_unsharded/pre_backward/post_backward/reshard``, ``_all_gather_result``,
 ``comm_ctx.all_gather_state``; ``_fsdp_param.py``: ``FSDPParam.all_gather_outputs``); acceptable in
 a simulator, and checked by the scale tests, which fail if the probe stops seeing a gather.
+
+``peak_unsharded_bytes`` counts the unsharded parameters alone. The difference is FSDP2's design,
+not noise: in forward, a group's flat output outlives its copy-out until the next group's
+copy-out (``wait_for_unshard``'s deferred free), so just after the root's copy-out the root is
+there twice (unsharded and flat) with block 0's flat output beside it.
 """
 from __future__ import annotations
 
@@ -43,25 +48,26 @@ class Fsdp2StagingProbe:
 
     def __init__(self, model: nn.Module) -> None:
         self.groups = _param_groups(model)
-        self.peak_bytes = 0
+        self.peak_bytes = 0            # unsharded parameters + all-gather outputs
+        self.peak_unsharded_bytes = 0  # unsharded parameters alone (a lower bound: no flat outputs)
 
     def reset(self) -> None:
-        self.peak_bytes = 0
+        self.peak_bytes = self.peak_unsharded_bytes = 0
 
-    def live_bytes(self) -> int:
-        storages: dict[int, int] = {}
+    def live_bytes(self) -> tuple[int, int]:
+        """(unsharded parameters + all-gather outputs, unsharded parameters alone) alive now."""
+        unsharded: dict[int, int] = {}
+        flat: dict[int, int] = {}
         for group in self.groups:
-            tensors = [t for param in group.fsdp_params for t in param.all_gather_outputs]
+            _add_storages(unsharded, [t for param in group.fsdp_params for t in param.all_gather_outputs])
             pending = (group._all_gather_result, getattr(group.comm_ctx.all_gather_state, "all_gather_result", None))
-            tensors += [result.all_gather_output for result in pending if result is not None]
-            for t in tensors:
-                storage = t.untyped_storage()
-                if storage.nbytes():
-                    storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values())
+            _add_storages(flat, [result.all_gather_output for result in pending if result is not None])
+        return sum((flat | unsharded).values()), sum(unsharded.values())
 
     def sample(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes())
+        both, unsharded = self.live_bytes()
+        self.peak_bytes = max(self.peak_bytes, both)
+        self.peak_unsharded_bytes = max(self.peak_unsharded_bytes, unsharded)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator["Fsdp2StagingProbe"]:
@@ -87,6 +93,13 @@ class Fsdp2StagingProbe:
                 self.sample()
             return out
         return probed
+
+
+def _add_storages(into: dict[int, int], tensors: list[Any]) -> None:
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            into[storage.data_ptr()] = storage.nbytes()
 
 
 def _param_groups(model: nn.Module) -> list[Any]:

@@ -311,7 +311,8 @@ def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Modu
     ``reduce_dtype``: pass the engine's gradient dtype for a like-for-like peer) on the same model under
     the same fake group: ``{"bytes_sent", "bytes_received", "calls"}`` per step, counted by the ledger's rules,
     and ``peak_gathered_bytes``: its unsharded parameters and all-gather outputs alive at once in the last
-    step (fsdp2_staging.py), to set beside stage 3's ``peak_gathered_bytes``."""
+    step (fsdp2_staging.py), to set beside stage 3's ``peak_gathered_bytes`` (``peak_unsharded_bytes``: the
+    unsharded parameters alone)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -342,5 +343,5 @@ def fsdp2_step(model_factory: Callable[[], nn.Module], blocks: Callable[[nn.Modu
                 optimizer.zero_grad()
         dist.barrier()
         totals = book.totals()
-    return totals | {"peak_gathered_bytes": probe.peak_bytes}
+    return totals | {"peak_gathered_bytes": probe.peak_bytes, "peak_unsharded_bytes": probe.peak_unsharded_bytes}
 
