@@ -152,6 +152,17 @@ def test_holding_the_tied_embedding_gathers_it_once_a_step_as_fsdp2_does(world: 
     assert hold.peak_gathered_bytes <= fsdp["peak_unsharded_bytes"], (hold.as_dict(), fsdp)
 
 
+def test_holding_the_tied_embedding_under_activation_checkpointing_still_saves_its_second_gather() -> None:
+    """Recomputation inside backward reads the blocks again, never the tied unit: held or not, the difference
+    stays one gather of it a step, and the held unit's peak stays that of the plain run."""
+    release = _simulate(3, 8, checkpointing=True, tied=True)
+    hold = _simulate(3, 8, checkpointing=True, tied=True, stage3_hold_tied_params=True)
+    before, after = release.step_by_op["all_gather/bfloat16"], hold.step_by_op["all_gather/bfloat16"]
+    assert before["calls"] - after["calls"] == 1
+    assert before["bytes_sent"] - after["bytes_sent"] == release.largest_unit_bytes * 7 // 8
+    assert hold.peak_gathered_bytes == _simulate(3, 8, tied=True, stage3_hold_tied_params=True).peak_gathered_bytes
+
+
 def test_released_parameters_keep_their_shape_only_while_their_gradients_are_due() -> None:
     """Between a unit's release and its gradient, autograd's AccumulateGrad needs the parameter's shape
     (stand-ins with no memory); outside that window a released parameter is empty, as with DeepSpeed."""
