@@ -122,15 +122,16 @@ def test_cancel_stops_every_process_on_every_host(hostfile: Path, ssh_hosts: Ssh
 def test_a_dead_host_leaves_the_elastic_job_training_on_the_others(tmp_path: Path, hostfile: Path,
                                                                    ssh_hosts: SshLab) -> None:  # noqa: F811
     """Elastic 1:3 over the 3 hosts; orch-h3 dies (every process SIGKILLed, its link down) at step
-    ~15. The others re-form within 60 s from the latest checkpoint, `orch status` names the lost
-    host, and the resumed steps equal a 2-host run started from that same checkpoint."""
-    steps, every = 24, 10
+    ~8, past the checkpoint of step 5. The others re-form within 60 s from that checkpoint, `orch
+    status` names the lost host, and the resumed steps equal a 2-host run started from that same
+    checkpoint. (16 steps: enough for a checkpoint, a kill after it and 11 resumed steps to compare.)"""
+    steps, every = 16, 5
     args = f"args=[--model, tiny, --steps, '{steps}', --log-every, '1']"
     spec = ssh_spec("tiny-gpt-elastic.yaml", hostfile, ssh_hosts, args, f"checkpoint.every_steps={every}",
                     "checkpoint.keep=5")
     job = jobs.submit(spec, "ssh")
     run = Path(job.run_dir)
-    wait_until(lambda: max(losses(run), default=0) >= 15, 600, "step 15", poll=0.25)
+    wait_until(lambda: max(losses(run), default=0) >= every + 3, 600, f"step {every + 3}", poll=0.25)
     ssh_hosts.kill("orch-h3")
     killed = time.time()
     try:
