@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.engine.test_peer_deepspeed import _case, _missing, assert_matches_deepspeed, run_both_libraries
+from tests.engine.test_peer_deepspeed import _case, _missing, assert_matches_deepspeed, peer_runs
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow, pytest.mark.skipif(bool(_missing()), reason=_missing())]
 
@@ -31,7 +31,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict[str, Any]]:
-    return run_both_libraries(CASES, timeout=580)
+    return peer_runs()  # shared with test_peer_deepspeed.py: one launch trains both modules' cases
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -33,6 +33,7 @@ first use, about 2 minutes once, cached in ~/.cache/torch_extensions afterwards.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import shutil
 from dataclasses import dataclass
@@ -187,9 +188,19 @@ def run_both_libraries(cases: dict[str, dict[str, Any]], timeout: float = 540) -
     return run_distributed(_both_libraries, 2, cases, init=False, timeout=timeout, env={"DS_ACCELERATOR": "cpu"})[0]
 
 
+@functools.lru_cache(maxsize=1)
+def peer_runs() -> dict[str, dict[str, Any]]:
+    """Every peer case of the session, this module's and test_engine_zero3_peer.py's, from ONE 2-rank
+    launch: the spawn, DeepSpeed's lazy imports, its op loading and first ``initialize`` (15-25 s of
+    each launch) are paid once. Each module asserts on its own cases."""
+    from tests.engine.test_engine_zero3_peer import CASES as STAGE3_CASES
+
+    return run_both_libraries({**CASES, **STAGE3_CASES}, timeout=580)
+
+
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict[str, Any]]:
-    return run_both_libraries(CASES)
+    return peer_runs()
 
 
 def _rel(a: float, b: float) -> float:
