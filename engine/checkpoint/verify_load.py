@@ -40,14 +40,8 @@ class LaterChecks:
 
     def finish(self) -> tuple[list[str], dict[str, torch.Tensor]]:
         """This rank's findings (problems, none when intact) and the bytes of its own files."""
-        problems, data = [], {}
         try:
-            for name, pending in self.own.items():
-                problem, value = pending.result()
-                if problem:
-                    problems.append(problem)
-                elif value is not None:
-                    data[name] = value
+            problems, data = _results(self.own)
             if self._others is not None:
                 problems += self._others.result()
         finally:
@@ -98,21 +92,16 @@ def open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool, whole: boo
     if not whole:
         own, others = [], own + others
     now = [n for n in own if not (later and with_optimizer and _states(manifest, n))]
-    pending = [start_verified_read(ckpt_dir, n, manifest["files"][n]) for n in now]
+    pending = {n: start_verified_read(ckpt_dir, n, manifest["files"][n]) for n in now}
     checks = None
     if later and with_optimizer:      # queued behind the master's blocks on the I/O threads
         checks = LaterChecks(ckpt_dir, manifest, [n for n in own if _states(manifest, n)],
                              [n for n in others if _states(manifest, n)])
         others = [n for n in others if not _states(manifest, n)]
     try:
-        preloaded, mine = {}, []
-        for check in pending:
-            problem, data = check.result()
-            mine.append(problem)
-            if data is not None:
-                preloaded[check.path.name] = data
-        mine += [file_problem(ckpt_dir, n, manifest["files"][n], keep_in_cache=True) for n in others]
-        problems = [p for found in group.all_gather([p for p in mine if p]) for p in found]
+        mine, preloaded = _results(pending)
+        mine += _problems(ckpt_dir, manifest, others)
+        problems = [p for found in group.all_gather(mine) for p in found]
     except BaseException:
         if checks is not None:
             checks.cancel()
@@ -121,6 +110,18 @@ def open_verified(ckpt_dir: Path, group: Group, with_optimizer: bool, whole: boo
         checks.cancel()
     return OpenedCheckpoint(manifest, "; ".join(problems) or None, preloaded if not problems else {},
                             checks if not problems else None)
+
+
+def _results(checks: Mapping[str, PendingCheck]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Wait for each file's verified read: the problems found, and the bytes of the intact files."""
+    problems, data = [], {}
+    for name, check in checks.items():
+        problem, value = check.result()
+        if problem:
+            problems.append(problem)
+        elif value is not None:
+            data[name] = value
+    return problems, data
 
 
 def _states(manifest: Mapping[str, Any], name: str) -> bool:
