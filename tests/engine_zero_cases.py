@@ -534,6 +534,37 @@ def example_config_run(name: str, steps: int = 3) -> dict[str, Any]:
             "offloaded": eng.model_state_split()["offloaded"]}
 
 
+def reduction_timing_run(config: dict[str, Any]) -> dict[str, Any]:
+    """``engine_run`` that also records, for every gradient reduction of the data-parallel group
+    (the engine's ``Comm.all_reduce`` / ``reduce_scatter_into``), whether it was issued while
+    autograd's backward was still running, and how many reduce buckets the engine has."""
+    from engine import comm
+    from engine.zero.stage3_hooks import in_backward
+
+    issued = {"inside": 0, "after": 0}
+    originals = {name: getattr(comm.Comm, name) for name in ("all_reduce", "reduce_scatter_into")}
+
+    def recording(original: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            issued["inside" if in_backward() else "after"] += 1
+            return original(self, *args, **kwargs)
+        return call
+
+    for name, original in originals.items():
+        setattr(comm.Comm, name, recording(original))
+    try:
+        import engine
+
+        model = build("tinylm")
+        eng, _, _, _ = engine.initialize(model=model, config=copy.deepcopy(config))
+        losses = train_steps(eng, 0, STEPS)
+    finally:
+        for name, original in originals.items():
+            setattr(comm.Comm, name, original)
+    return {"losses": losses, "params": full_weights(model), "global_steps": eng.global_steps,
+            "buckets": len(eng.optimizer.reducer.buckets), **issued}
+
+
 def nccl_plan_run(config: dict[str, Any], model_name: str = "tinylm") -> dict[str, Any]:
     """``engine_run`` with the collectives the NCCL plan uses (``reduce`` to each owner, equal-piece
     ``all_gather_into_tensor``) carried out by gloo: the GPU code paths, checked on CPU."""

@@ -23,7 +23,8 @@ with the buckets, never with the ranks. Stage 0 (nothing partitioned) keeps one 
 layout and all-reduces.
 
 Stages 0/1 keep gradients as views into a flat gradient buffer that is reduced from in place,
-bucket by bucket; stage 1's reduce-scatter writes the sum of the rank's pieces into its gradient
+bucket by bucket, each bucket's collective starting as soon as its gradients are final (under
+the rest of backward, as DDP's buckets do); stage 1's reduce-scatter writes the sum of the rank's pieces into its gradient
 partition (``grad_dtype`` × Ψ/N: the optimizer's gradient, as DeepSpeed's fp32 partition gradient).
 Stage 2 never holds all gradients at once: a post-accumulate-grad hook hands each finished
 gradient to the reducer, which stages it in a bucket buffer, frees it, reduces full buckets
@@ -130,10 +131,12 @@ class Stage12Optimizer(PartitionedOptimizer):
         link_inner_optimizer(self.optimizer, self.layout, self.master_params, self._rank, comm, device)
 
         reducer = BucketReducer if self.stage >= 1 else GradientReducer
+        reduce_dtype = precision.reduce_dtype_for(model_dtype) if self.stage >= 1 else self.grad_dtype
         self.reducer = reducer(
             self.layout, self.params, comm, bucket_numel=self._reduce_bucket_numel(self.layout.numel), rank=self._rank,
-            dtype=precision.reduce_dtype_for(model_dtype) if self.stage >= 1 else self.grad_dtype, device=device,
-            overlap=settings.overlap_comm, predivide=precision.predivide_for(model_dtype, comm.world_size, self.stage),
+            dtype=reduce_dtype, device=device,
+            overlap=settings.overlap_comm or self._reduces_in_place(reduce_dtype),
+            predivide=precision.predivide_for(model_dtype, comm.world_size, self.stage),
             flat_grads=self.flat_grads,
             grad_views=self._grad_views, grad_partition=self.grad_partition, accumulate=self._reduce_every_pass)
         self.buckets = self.reducer.buckets
@@ -144,20 +147,35 @@ class Stage12Optimizer(PartitionedOptimizer):
 
     # -- set-up -------------------------------------------------------------------------------
     def _reduce_bucket_numel(self, numel: int) -> int:
-        """``reduce_bucket_size``; at stage 2 also no more than a quarter of the model.
+        """``reduce_bucket_size``, but no more than a quarter of the model.
 
-        Stages 0/1 reduce in place inside the flat gradient buffer, so the bucket size only sets
-        how many collectives run. Stage 2 copies gradients into a staging buffer of one bucket,
-        held until its bucket is complete, on top of the 4Ψ/N gradient partition: with
-        DeepSpeed's default (5e8 elements) a model under that size is staged whole, and stage 2
-        ends up holding more gradient memory than stage 1 (measured on bench-100m: 1981 vs
-        1782 MiB peak RSS). A quarter bounds the staging at Ψ/4 while keeping the collectives
-        few and large; a parameter larger than that is still one bucket of its own.
+        Stage 2 copies gradients into a staging buffer of one bucket, held until its bucket is
+        complete, on top of the 4Ψ/N gradient partition: with DeepSpeed's default (5e8
+        elements) a model under that size is staged whole, and stage 2 ends up holding more
+        gradient memory than stage 1 (measured on bench-100m: 1981 vs 1782 MiB peak RSS).
+        Stages 0/1 reduce in place inside the flat gradient buffer, where the bucket sets how
+        many collectives run and how early the first can start (``_reduces_in_place``): one
+        bucket of the whole model starts only when backward is over. A quarter bounds stage 2's
+        staging at Ψ/4 and lets three quarters of stages 0/1's reduction run under backward,
+        while keeping the collectives few and large; a parameter larger than that is still one
+        bucket of its own.
         """
-        requested = int(self.settings.reduce_bucket_size)
-        if self.stage < 2:
-            return requested
-        return max(1, min(requested, -(-numel // 4)))
+        return max(1, min(int(self.settings.reduce_bucket_size), -(-numel // 4)))
+
+    def _reduces_in_place(self, reduce_dtype: torch.dtype) -> bool:
+        """Whether each bucket is reduced where autograd accumulated it (stages 0/1, no
+        ``communication_data_type`` cast), so its collective can start, asynchronously, as soon
+        as its last gradient of the boundary micro-step is in, whatever ``overlap_comm`` says.
+
+        ``overlap_comm`` exists to trade memory for overlap (DeepSpeed's second IPG buffer); in
+        place there is no memory to trade: the collective reads and writes the gradients
+        themselves, which nothing touches again in this backward. So stages 0/1 overlap their
+        reduction with the rest of backward as DDP does (its buckets are reduced in the same
+        way), instead of exposing all of it after backward. As with DDP and DeepSpeed, a
+        parameter whose gradient is accumulated twice in one backward after its bucket went out
+        (reentrant checkpointing of a tied weight) is an error that says so (reduction.py).
+        """
+        return self.stage <= 1 and reduce_dtype == self.grad_dtype and self.comm.active
 
     def _view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         entry = self.layout.params[index]

@@ -16,7 +16,7 @@ import pytest
 
 from tests.dist_utils import run_distributed
 from tests.engine_zero_cases import (cached_reference, check_against_reference, check_resumed_in_another_layout,
-                                     ds_config, nccl_plan_run, run_cases)
+                                     ds_config, nccl_plan_run, reduction_timing_run, run_cases)
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +44,9 @@ TOLERANCE = {"bf16": {"loss": 3e-3, "param": 0.1}, "fp16": {"loss": 5e-4, "param
 # all-gather per bucket, chunked past allgather_bucket_size), carried out by gloo: same training.
 NCCL_PLAN = {f"nccl-stage{stage}-gas2-clip": ds_config(stage, 2, CLIP, **SMALL, overlap_comm=True) for stage in (1, 2)}
 NCCL_PLAN["nccl-stage2-sync-default-buckets"] = ds_config(2, 2, CLIP)
+# DeepSpeed's default buckets (5e8) and overlap_comm (false): stages 0/1 still start each bucket's
+# reduction under backward (in place, there is nothing to trade for it: stage12.py)
+UNDER_BACKWARD = {f"timing-stage{stage}": ds_config(stage, 2, CLIP) for stage in (0, 1)}
 MEMORY = {"memory-stage1": (1, 512, 20_000), "memory-stage2": (2, 512, 20_000)}
 RESHARD = {"reshard-2to0": (2, 0), "reshard-0to1": (0, 1)}
 
@@ -52,6 +55,7 @@ RESHARD = {"reshard-2to0": (2, 0), "reshard-0to1": (0, 1)}
 def results(world: int) -> dict:
     """Rank 0's results for every case (module-level cache: one launch per world size)."""
     extra = {name: (nccl_plan_run, (cfg,)) for name, cfg in NCCL_PLAN.items()}
+    extra |= {name: (reduction_timing_run, (cfg,)) for name, cfg in UNDER_BACKWARD.items()}
     return run_distributed(run_cases, world, {**CASES, **LOW_PRECISION}, MEMORY, RESHARD, extra, timeout=400)[0]
 
 
@@ -71,6 +75,19 @@ def test_fp32_training_equals_the_single_process_reference(world: int, case: str
 def test_the_collectives_nccl_would_use_give_the_same_training(world: int, case: str) -> None:
     run = results(world)[case]
     assert run["global_steps"] == 20
+    check_against_reference(run, cached_reference(CLIP, False), loss_tol=1e-5, param_tol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", sorted(UNDER_BACKWARD))
+def test_stages_0_and_1_reduce_each_bucket_under_backward_as_ddp_does(world: int, case: str) -> None:
+    """With DeepSpeed's defaults (one 5e8 bucket, overlap_comm false) the whole reduction used to
+    wait for the end of backward; now a model is at least four buckets and each one's collective is
+    issued from the gradient hook that completes it, while backward still runs."""
+    run = results(world)[case]
+    boundaries = run["global_steps"]   # gradient_accumulation_steps 2: one reducing backward per step
+    assert run["buckets"] >= 4
+    assert run["inside"] == boundaries * run["buckets"], run
     check_against_reference(run, cached_reference(CLIP, False), loss_tol=1e-5, param_tol=1e-5)
 
 
