@@ -6,12 +6,15 @@ evidence for the gloo row. It times, on the same buffers in the same run:
 * reduce to owners: native ``reduce_scatter_single`` vs in-place ``all_reduce`` (each owner
   reads its slice) vs one ``reduce`` per owner;
 * gather partitions: in-place ``all_gather_single`` vs zero-others + ``all_reduce`` vs the
-  list form of ``all_gather``.
+  list form of ``all_gather`` vs one in-place ``broadcast`` per owner, all in flight at once
+  (the gloo plan's gather since 2026-12-06).
+
+``--world`` sets the number of ranks (default 2).
 
 Each figure is the median of ``--repeats`` calls, over ``--rounds`` interleaved rounds, and
 is printed with its ratio to the first alternative of its group.
 
-    python -m bench.collectives [--numel 25000000] [--repeats 5] [--rounds 3]
+    python -m bench.collectives [--numel 25000000] [--repeats 5] [--rounds 3] [--world 2]
 """
 from __future__ import annotations
 
@@ -45,6 +48,11 @@ def _cases(numel: int, rank: int, world: int) -> dict[str, dict[str, Callable[[]
         flat[own.stop:].zero_()
         dist.all_reduce(flat)
 
+    def broadcast_per_owner() -> None:
+        works = [dist.broadcast(flat[r * size:(r + 1) * size], src=r, async_op=True) for r in range(world)]
+        for work in works:
+            work.wait()
+
     def gather_list() -> None:
         outs = [flat[r * size:(r + 1) * size] for r in range(world)]
         dist.all_gather(outs, outs[rank].clone())
@@ -59,6 +67,7 @@ def _cases(numel: int, rank: int, world: int) -> dict[str, dict[str, Callable[[]
             "all_gather_single (in place)": lambda: _ag_single(flat, flat[own]),
             "zero others + all_reduce": gather_by_all_reduce,
             "all_gather (list)": gather_list,
+            "broadcast per owner": broadcast_per_owner,
         },
     }
 
@@ -104,9 +113,10 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=25_000_000, help="fp32 elements per buffer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--world", type=int, default=2, help="gloo ranks")
     args = parser.parse_args()
-    medians = run(args.numel, args.repeats, args.rounds)
-    print(f"gloo, 2 ranks, {args.numel:,} fp32 elements; median of {args.repeats} x {args.rounds} rounds")
+    medians = run(args.numel, args.repeats, args.rounds, args.world)
+    print(f"gloo, {args.world} ranks, {args.numel:,} fp32 elements; median of {args.repeats} x {args.rounds} rounds")
     groups: dict[str, list[tuple[str, float]]] = {}
     for (group, name), secs in medians.items():
         groups.setdefault(group, []).append((name, secs))

@@ -4,12 +4,16 @@ Why a module of its own: each logical operation the engine needs ("every rank en
 the sum of the slice it owns", "every rank ends up with every rank's partition") can be done
 with several torch.distributed calls, and which is fastest depends on the backend:
 
-* gloo (CPU): an in-place ``all_reduce`` beats gloo's own ``reduce_scatter`` and
-  ``all_gather`` (measured with ``python -m bench.collectives``, 2 ranks, 25M floats:
-  reduce_scatter 195 ms vs all_reduce 89 ms; in-place all_gather 221 ms vs zero-the-others +
-  all_reduce 122 ms). So "reduce to shards" is an ``all_reduce`` after which each owner reads
-  its shard, and "gather partitions" zeroes the other slices and sums. ``all_gather`` with
-  lists of different sizes fails on gloo, so partitions are always padded to equal size
+* gloo (CPU): an in-place ``all_reduce`` beats gloo's own ``reduce_scatter`` (measured with
+  ``python -m bench.collectives``, 2 ranks, 25M floats: reduce_scatter 195 ms vs all_reduce
+  89 ms), so "reduce to shards" is an ``all_reduce`` after which each owner reads its shard.
+  "Gather partitions" is one ``broadcast`` per owner of its own slice, all in flight at once:
+  2 ranks, 27.4M floats, 25-40 ms, against 74-79 ms for zeroing the other slices and summing
+  with ``all_reduce`` and 140-146 ms for gloo's in-place ``all_gather`` (4 ranks: 65, 162 and
+  207 ms). A broadcast moves each slice once, where the all-reduce sends the whole buffer
+  through a reduce-scatter and an all-gather phase; the calls grow with N, which is why it is
+  gloo's plan (CPU jobs of a few ranks) and never NCCL's. ``all_gather`` with lists of
+  different sizes fails on gloo, so partitions are always padded to equal size
   (see zero/partition.py).
 * nccl (GPU): the ZeRO layouts shard every bucket and fetch unit evenly (zero/partition.py), so a
   reduction is one ``reduce_scatter_tensor`` (half the bytes of ``all_reduce``, one call whatever
@@ -41,7 +45,7 @@ __all__ = [
 ]
 
 ReduceKind = Literal["all_reduce", "reduce_scatter"]
-GatherKind = Literal["all_reduce", "all_gather"]
+GatherKind = Literal["all_reduce", "all_gather", "broadcast"]
 
 
 class DistributedSetupError(UserError, RuntimeError):
@@ -55,16 +59,17 @@ class CollectivePlan:
     ``reduce``: ``"all_reduce"`` reduces the whole bucket everywhere (each owner then reads
     its shard); ``"reduce_scatter"`` leaves each rank only the sum of its own shard.
     ``gather``: ``"all_gather"`` is the in-place ``all_gather_single``; ``"all_reduce"`` zeroes
-    every slice but the local one and sums (exact, since all but one addend are zero).
+    every slice but the local one and sums (exact, since all but one addend are zero);
+    ``"broadcast"``: every owner broadcasts its slice in place (``Comm.broadcast_rows``).
     """
 
     reduce: ReduceKind
     gather: GatherKind
 
 
-# Measured with bench/collectives.py (2 ranks, 25M fp32 elements); see the module docstring.
+# Measured on 2 and 4 gloo ranks (25-27M fp32 elements); see the module docstring.
 PLANS: dict[str, CollectivePlan] = {
-    "gloo": CollectivePlan(reduce="all_reduce", gather="all_reduce"),
+    "gloo": CollectivePlan(reduce="all_reduce", gather="broadcast"),
     "nccl": CollectivePlan(reduce="reduce_scatter", gather="all_gather"),
 }
 _FALLBACK_PLAN = CollectivePlan(reduce="all_reduce", gather="all_gather")
@@ -201,6 +206,11 @@ class Handle:
             work.wait()
         self._works = []
 
+    @classmethod
+    def join(cls, handles: Sequence["Handle"]) -> "Handle":
+        """One handle that waits for all of ``handles``."""
+        return cls([work for handle in handles for work in handle._works])
+
 
 class Comm:
     """The data-parallel group's collectives, implemented as the backend's plan says.
@@ -269,11 +279,24 @@ class Comm:
         self._note("all_to_all", data)
         return Handle([dist.all_to_all_single(output, data, group=self.group, async_op=async_op)])
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        if self.active:
-            self._note("broadcast", tensor, peer=src)
-            dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src,
-                           group=self.group)
+    def broadcast_rows(self, rows: torch.Tensor, async_op: bool = False) -> Handle:
+        """Every rank's ``rows[r]`` := owner ``r``'s ``rows[r]``: a gather of equal rank-major slices
+        (``rows`` is ``world_size × k``, each row contiguous, e.g. a slice of a flat buffer viewed
+        ``(world, -1)``) as one in-place ``broadcast`` per owner, all issued before any is waited
+        for. The gloo plan's gather (see the module docstring)."""
+        handle = Handle.join([self.broadcast(rows[src], src, async_op=True) for src in range(self.world_size)])
+        if not async_op:
+            handle.wait()
+        return handle
+
+    def _global_rank(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group else rank
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Handle:
+        if not self.active:
+            return Handle()
+        self._note("broadcast", tensor, peer=src)
+        return Handle([dist.broadcast(tensor, src=self._global_rank(src), group=self.group, async_op=async_op)])
 
     def reduce_to_shards(self, buffer: torch.Tensor, async_op: bool = False) -> Handle:
         """Sum ``buffer`` (``world_size`` equal rank-major shards) across ranks so that this rank's
@@ -300,19 +323,24 @@ class Comm:
         if not self.active:
             return
         world, rank, size = self.world_size, self.rank, partition_numel
+        by_rank = flat[:world * size].view(world, size)
+        if self.plan.gather == "broadcast":
+            step = max(1, min(bucket_numel // world, size))
+            Handle.join([self.broadcast_rows(by_rank[:, lo:lo + step], async_op=True)
+                         for lo in range(0, size, step)]).wait()
+            return
         if self.plan.gather == "all_reduce":
             flat[: rank * size].zero_()
             flat[(rank + 1) * size:].zero_()
             step = max(1, bucket_numel // world) * world
-            Handle([h for i in range(0, flat.numel(), step)
-                    for h in self.all_reduce(flat[i:i + step], async_op=True)._works]).wait()
+            Handle.join([self.all_reduce(flat[i:i + step], async_op=True)
+                         for i in range(0, flat.numel(), step)]).wait()
             return
         chunk = max(1, min(bucket_numel // world, size))
         if chunk >= size:
             self.all_gather_into(flat[:world * size], flat[rank * size:(rank + 1) * size])
             return
         staging = torch.empty(world * chunk, dtype=flat.dtype, device=flat.device)
-        by_rank = flat[:world * size].view(world, size)
         for lo in range(0, size, chunk):
             hi = min(size, lo + chunk)
             out = staging[:world * (hi - lo)]

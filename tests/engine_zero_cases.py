@@ -565,6 +565,39 @@ def reduction_timing_run(config: dict[str, Any]) -> dict[str, Any]:
             "buckets": len(eng.optimizer.reducer.buckets), **issued}
 
 
+class ReentrantTwiceLM(nn.Module):
+    """One Linear applied in two reentrant checkpoint segments: its gradient is accumulated twice in
+    one backward, the second time after its bucket (that Linear alone) has gone out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.shared = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.emb(x)
+        h = checkpoint(self.shared, h, use_reentrant=True)
+        h = checkpoint(self.shared, h, use_reentrant=True)
+        return F.cross_entropy(self.head(h).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def reentrant_twice_run(stage: int) -> dict[str, Any]:
+    """The first training step of ``ReentrantTwiceLM`` at ``stage`` (one parameter per bucket):
+    the error it ends with, by type and message, or ``None``."""
+    import engine
+
+    torch.manual_seed(0)
+    eng, _, _, _ = engine.initialize(model=ReentrantTwiceLM(), config=ds_config(stage, reduce_bucket_size=64))
+    try:
+        train_steps(eng, 0, 1)
+    except Exception as error:   # noqa: BLE001 - the test reads what the user would see
+        return {"error": type(error).__name__, "message": str(error)}
+    return {"error": None, "message": ""}
+
+
 def nccl_plan_run(config: dict[str, Any], model_name: str = "tinylm") -> dict[str, Any]:
     """``engine_run`` with the collectives the NCCL plan uses (``reduce`` to each owner, equal-piece
     ``all_gather_into_tensor``) carried out by gloo: the GPU code paths, checked on CPU."""

@@ -24,7 +24,7 @@ from typing import Any
 # Comm methods that issue exactly one ledger-recorded collective per call, and the op they record.
 TIMED_METHODS = {"all_reduce": "all_reduce", "all_gather_into": "all_gather",
                  "reduce_scatter_into": "reduce_scatter", "all_to_all_into": "all_to_all", "broadcast": "broadcast"}
-# Positional tensor arguments before ``async_op`` (broadcast has no async form).
+# Positional tensor arguments before ``async_op`` (broadcast: the tensor and ``src``, async_op by keyword).
 TENSOR_ARGS = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 2, "all_to_all": 2}
 # Ops whose ledger message is the second tensor argument (the input), not the first.
 INPUT_MESSAGE = frozenset({"reduce_scatter", "all_to_all"})

@@ -18,7 +18,8 @@ one collective; afterwards
 Buckets are reduced in one fixed order on every rank (collectives must match across ranks),
 the reverse of layout order because backward finishes the last parameters first; a bucket
 whose gradients arrive early waits, in its staging buffer, for the ones before it.
-``overlap_comm`` makes each reduction asynchronous so communication overlaps backward.
+``overlap_comm`` makes each reduction asynchronous so communication overlaps backward; stages
+0/1 reducing in place get it always (stage12.py ``_reduces_in_place``: it costs them no memory).
 
 The owner of this object decides which backward passes communicate (``begin_pass``) and calls
 ``grad_ready(index, param)`` from its gradient hooks.

@@ -111,6 +111,9 @@ class PartitionedParams:
         self.partition = partition
         self.world = layout.partition_count
         self.use_all_reduce = comm.plan.gather == "all_reduce" or not comm.active
+        self.use_broadcast = comm.active and comm.plan.gather == "broadcast"
+        # the local pieces are copied into the unit's buffer and the collective works on that copy
+        self.copies_local_pieces = self.use_all_reduce or self.use_broadcast
         self.copies = CopyStream(device)    # offload_param's host-to-device copies
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.units: list[FetchUnit] = []
@@ -192,12 +195,13 @@ class PartitionedParams:
         if not unit.persistent:
             self.live_numel += unit.numel
         rows = self._rows(unit)
-        if self.use_all_reduce:
-            if self.comm.active:
+        if self.copies_local_pieces:
+            if self.use_all_reduce and self.comm.active:
                 unit.full.zero_()
             for view, piece in rows:
                 copy_between(view[self.rank], piece)
-            unit.handle = self.comm.all_reduce(unit.full, async_op=async_op)
+            unit.handle = (self.comm.all_reduce(unit.full, async_op=async_op) if self.use_all_reduce else
+                           Handle.join([self.comm.broadcast_rows(view, async_op=True) for view, _ in rows]))
         elif len(rows) == 1:
             view, piece = rows[0]
             if piece.device != unit.full.device:      # offload_param: the piece comes over first

@@ -66,7 +66,7 @@ class SwappedParams(PartitionedParams):
                 pieces[span], at = moved[at:at + piece.numel()], at + piece.numel()
         self._held.update(pieces)
         super().gather(unit, async_op)
-        if ticket is not None or self.use_all_reduce or not async_op:   # nothing reads the buffer any more
+        if ticket is not None or self.copies_local_pieces or not async_op:   # nothing reads the buffer any more
             self._done_with(unit, ticket)
         self._read_ahead()
 

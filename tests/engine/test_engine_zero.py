@@ -16,7 +16,8 @@ import pytest
 
 from tests.dist_utils import run_distributed
 from tests.engine_zero_cases import (cached_reference, check_against_reference, check_resumed_in_another_layout,
-                                     ds_config, nccl_plan_run, reduction_timing_run, run_cases)
+                                     ds_config, nccl_plan_run, reduction_timing_run, reentrant_twice_run,
+                                     run_cases)
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,7 @@ def results(world: int) -> dict:
     """Rank 0's results for every case (module-level cache: one launch per world size)."""
     extra = {name: (nccl_plan_run, (cfg,)) for name, cfg in NCCL_PLAN.items()}
     extra |= {name: (reduction_timing_run, (cfg,)) for name, cfg in UNDER_BACKWARD.items()}
+    extra["reentrant-twice-stage1"] = (reentrant_twice_run, (1,))   # last: it ends in an error
     return run_distributed(run_cases, world, {**CASES, **LOW_PRECISION}, MEMORY, RESHARD, extra, timeout=400)[0]
 
 
@@ -89,6 +91,16 @@ def test_stages_0_and_1_reduce_each_bucket_under_backward_as_ddp_does(world: int
     assert run["buckets"] >= 4
     assert run["inside"] == boundaries * run["buckets"], run
     check_against_reference(run, cached_reference(CLIP, False), loss_tol=1e-5, param_tol=1e-5)
+
+
+def test_a_gradient_accumulated_after_its_bucket_went_out_is_an_error_naming_the_parameter() -> None:
+    """Reentrant checkpointing of a Linear used in two segments: the second accumulation would race
+    the reduction already running on the first. Every rank stops with the same clear error (no hang,
+    no silently wrong sum), as DDP and DeepSpeed stop."""
+    run = results(2)["reentrant-twice-stage1"]
+    assert run["error"] == "GradientOrderError", run
+    assert "'shared.weight'" in run["message"] or "'shared.bias'" in run["message"], run["message"]
+    assert "use_reentrant=False" in run["message"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
