@@ -4,6 +4,7 @@
     python -m bench.scale --quick                 # bench-100m at N = 8 and 64
     python -m bench.scale --world 64 --stage 3 --model 350m --checkpointing
     python -m bench.scale --stage 3 --model 350m 1b --hold-tied   # the tied unit gathered once a step
+    python -m bench.scale --stage 3 --model 350m 1b --untied      # lm_head a weight of its own
 
 Each row runs in a fresh process (engine/scale_sim.py): torch's fake process group of N ranks,
 the NCCL collective plan, bf16, AdamW, micro-batch 1, short sequences; stage 3 builds the model
@@ -24,7 +25,9 @@ row takes about a minute of CPU. Columns, per rank per steady-state step:
 * ``--hold-tied`` sets orch's ``stage3_hold_tied_params``: the tied unit is gathered once a step and
   held from the embedding's forward through the head's backward, as FSDP2 holds its root; without it
   (the default) it is gathered for the embedding and again for the head. ``--reuse-distance`` sets
-  ``stage3_max_reuse_distance`` (default 0).
+  ``stage3_max_reuse_distance`` (default 0). ``--untied`` builds the preset with its own lm_head
+  weight (``tie_embeddings=False``, as Llama-style models are): no unit is read twice in forward,
+  so there is nothing to hold and both the bytes and the staging goal apply to the same run.
 * ``calls``: collectives per step; ``state/formula``: model-state bytes ÷ the paper's formula.
 
 Numbers describe communication and memory only: the fake group moves no data, so losses and
@@ -62,28 +65,29 @@ def ds_config(stage: int, d_model: int, hold_tied: bool = False, reuse_distance:
 
 
 def one_row(model: str, stage: int, world: int, peer: bool, checkpointing: bool, hold_tied: bool = False,
-            reuse_distance: int = 0) -> dict[str, Any]:
+            reuse_distance: int = 0, untied: bool = False) -> dict[str, Any]:
     """Simulate one configuration in this process (the child side)."""
     from engine.models import build_model, get_preset
     from engine.scale_sim import fsdp2_step, simulate
 
-    preset = get_preset(model, seq_len=SEQ_LEN)
+    shape: dict[str, Any] = {"seq_len": SEQ_LEN} | ({"tie_embeddings": False} if untied else {})
+    preset = get_preset(model, **shape)
 
     def factory() -> Any:
-        m = build_model(model, seq_len=SEQ_LEN)
+        m = build_model(model, **shape)
         if checkpointing:
             m.set_activation_checkpointing(True)
         return m
 
     report = simulate(factory, ds_config(stage, preset.d_model, hold_tied, reuse_distance), world=world,
                       vocab_size=preset.vocab_size, seq_len=SEQ_LEN, model_name=model)
-    row = report.as_dict() | {"hold_tied": hold_tied, "reuse_distance": reuse_distance}
+    row = report.as_dict() | {"hold_tied": hold_tied, "reuse_distance": reuse_distance, "untied": untied}
     if peer:
         import torch
 
         grads = next(iter(report.step_by_op.get(k) and k.split("/")[1] for k in report.step_by_op
                           if k.startswith("reduce_scatter/")), "bfloat16")
-        fsdp = fsdp2_step(lambda: build_model(model, seq_len=SEQ_LEN), lambda m: list(m.blocks), world=world,
+        fsdp = fsdp2_step(lambda: build_model(model, **shape), lambda m: list(m.blocks), world=world,
                           vocab_size=preset.vocab_size, seq_len=SEQ_LEN, steps=1,
                           reduce_dtype=getattr(torch, grads))   # the engine's gradient dtype (fp32 by default)
         row["fsdp2_bytes_sent"] = fsdp["bytes_sent"]
@@ -94,10 +98,11 @@ def one_row(model: str, stage: int, world: int, peer: bool, checkpointing: bool,
 
 
 def run_child(model: str, stage: int, world: int, peer: bool, checkpointing: bool, hold_tied: bool = False,
-              reuse_distance: int = 0, timeout: int = 1800) -> Optional[dict[str, Any]]:
+              reuse_distance: int = 0, untied: bool = False, timeout: int = 1800) -> Optional[dict[str, Any]]:
     argv = [sys.executable, "-m", "bench.scale", "--child", "--model", model, "--stage", str(stage),
             "--world", str(world), "--reuse-distance", str(reuse_distance)] + (["--peer"] if peer else []) \
-        + (["--checkpointing"] if checkpointing else []) + (["--hold-tied"] if hold_tied else [])
+        + (["--checkpointing"] if checkpointing else []) + (["--hold-tied"] if hold_tied else []) \
+        + (["--untied"] if untied else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     try:
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -118,6 +123,11 @@ def fsdp2_staging_ratio(row: dict[str, Any]) -> float:
     return peak / bound if peak and bound else float("nan")
 
 
+def tie_policy(row: dict[str, Any]) -> str:
+    """The table's ``tied`` column: ``untied``, or what stage 3 does with the tied unit."""
+    return "untied" if row.get("untied") else "hold" if row.get("hold_tied") else "release"
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     head = (f"{'N':>5} {'stage':>5} {'model':<11} {'tied':<7} {'Ψ':>8} {'MB/step':>8} {'bytes/ZeRO':>10} "
             f"{'vs FSDP2':>8} {'staging/unit':>12} {'FSDP2 staging':>13} {'calls':>6} {'FSDP2 calls':>11} "
@@ -126,7 +136,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         peer = r.get("fsdp2_bytes_sent")
         lines.append(
-            f"{r['world']:>5} {r['stage']:>5} {r['model']:<11} {'hold' if r.get('hold_tied') else 'release':<7} "
+            f"{r['world']:>5} {r['stage']:>5} {r['model']:<11} {tie_policy(r):<7} "
             f"{r['parameters'] / 1e6:>7.1f}M {r['bytes_sent'] / 2**20:>8.1f} {r['volume_ratio']:>10.3f} "
             f"{(r['bytes_sent'] / peer if peer else float('nan')):>8.4f} "
             f"{(r['staging_ratio'] if r['stage'] == 3 else float('nan')):>12.3f} {fsdp2_staging_ratio(r):>13.3f} "
@@ -138,7 +148,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def run(quick: bool = False, worlds: tuple[int, ...] = WORLDS, table: Optional[list[tuple[str, int]]] = None,
         peer: bool = True, checkpointing: bool = False, hold_tied: bool = False,
-        reuse_distance: int = 0, json_path: Optional[str] = None) -> list[dict[str, Any]]:
+        reuse_distance: int = 0, json_path: Optional[str] = None, untied: bool = False) -> list[dict[str, Any]]:
     """Every (N, model, stage) of the table; returns the summary rows ``python -m bench`` records."""
     table = table or (QUICK if quick else TABLE)
     worlds = (8, 64) if quick else worlds
@@ -146,7 +156,7 @@ def run(quick: bool = False, worlds: tuple[int, ...] = WORLDS, table: Optional[l
     for world in worlds:
         for model, stage in table:
             row = run_child(model, stage, world, peer and stage == 3 or peer and quick, checkpointing, hold_tied,
-                            reuse_distance)
+                            reuse_distance, untied)
             if row is not None:
                 rows.append(row)
                 if json_path:       # every figure of the row, for ratios finer than the table prints
@@ -170,19 +180,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--hold-tied", action="store_true",
                         help="stage 3: stage3_hold_tied_params (gather a tied unit once a step and hold it)")
     parser.add_argument("--reuse-distance", type=int, default=0, help="stage 3: stage3_max_reuse_distance")
+    parser.add_argument("--untied", action="store_true", help="the preset with its own lm_head (tie_embeddings=False)")
     parser.add_argument("--json", metavar="PATH", help="also append every row, all its figures, to PATH (JSON lines)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         row = one_row(args.model[0], args.stage[0], args.world[0], args.peer, args.checkpointing, args.hold_tied,
-                      args.reuse_distance)
+                      args.reuse_distance, args.untied)
         print(json.dumps(row, default=str))
         return
     table = None
     if args.model or args.stage:
         table = [(m, s) for m in (args.model or ["bench-100m"]) for s in (args.stage or [1, 2, 3])]
     run(args.quick, tuple(args.world or WORLDS), table, peer=not args.no_peer, checkpointing=args.checkpointing,
-        hold_tied=args.hold_tied, reuse_distance=args.reuse_distance, json_path=args.json)
+        hold_tied=args.hold_tied, reuse_distance=args.reuse_distance, json_path=args.json, untied=args.untied)
 
 
 if __name__ == "__main__":
