@@ -10,8 +10,13 @@
 #
 # Each host is a network namespace (orchssh-<host>) with its own address on a private bridge
 # (only the addresses below, which this script creates and removes), its own UTS hostname
-# (`hostname` on it prints orch-h1 ...), its own /etc/hosts naming the 3 hosts (`ip netns exec`
-# bind-mounts /etc/netns/<ns>/hosts), and Debian's openssh-server sshd on port 22. Host keys and
+# (`hostname` on it prints orch-h1 ...), its own /etc/hosts naming the 3 hosts and its own
+# /etc/resolv.conf (`ip netns exec` bind-mounts /etc/netns/<ns>/*), and Debian's openssh-server
+# sshd on port 22. The private network has no DNS server, so the resolver there answers "no" at
+# once for a name or address outside the hosts file, as a cluster's DNS does; with the machine's
+# own resolv.conf (a server the namespaces cannot reach) each such lookup waited out the resolver's
+# timeouts, 10 s, and c10d's TCPStore makes one (of the peer's ::ffff:10.213.77.x address) for
+# every connection on both ends: 30-40 s of every job's start. Host keys and
 # the client key are generated on every start; the client side gets $LAB/ssh_config (aliases,
 # identity, BatchMode) and $LAB/known_hosts, so `ssh -F $LAB/ssh_config orch-h1 hostname` works.
 # The namespaces share the filesystem, so the hosts run this checkout's .venv python and orch.
@@ -26,6 +31,7 @@ SUBNET=${ORCH_SSH_SUBNET:-10.213.77}
 HOSTS="orch-h1 orch-h2 orch-h3"
 BRIDGE=orchsshbr0
 GATEWAY=$SUBNET.1
+RESOLV_MARK="orch ssh lab resolver"
 
 log() { echo "ssh_hosts: $*" >&2; }
 ns_of() { echo "orchssh-${1#orch-}"; }
@@ -94,6 +100,11 @@ write_host_config() {
     echo "127.0.0.1 localhost"
     for other in $HOSTS; do echo "$(addr_of "$other") $other"; done
   } > "/etc/netns/$ns/hosts"
+  {
+    echo "# $RESOLV_MARK: no DNS server on this network; nothing listens on port 53 here, so a"
+    echo "# lookup beyond /etc/hosts fails at once instead of timing out"
+    echo "nameserver 127.0.0.1"
+  } > "/etc/netns/$ns/resolv.conf"
   cat > "$LAB/$h/sshd_config" <<EOF
 Port 22
 ListenAddress $(addr_of "$h")
@@ -203,6 +214,7 @@ cmd_revive() {
   local h=${1:?usage: ssh_hosts.sh revive HOST}
   known_host "$h"
   kill_host_processes "$(ns_of "$h")"
+  write_host_config "$h"   # as `start` writes it (a host an older version of this script started gets it too)
   ip link set "$(veth_of "$h")" up
   start_sshd "$h"
   wait_ready "$h"
@@ -216,10 +228,15 @@ cmd_pids() {
 }
 
 cmd_status() {
-  local rc=0
+  local rc=0 seen
   for h in $HOSTS; do
-    if [ "$(ssh -F "$LAB/ssh_config" -o ConnectTimeout=2 "$h" hostname 2>/dev/null)" = "$h" ]; then
+    # up: answers over ssh with its own hostname, and runs with the resolver this script gives it
+    seen=$(ssh -F "$LAB/ssh_config" -o ConnectTimeout=2 "$h" \
+      "hostname; grep -qF '$RESOLV_MARK' /etc/resolv.conf && echo lab-resolver" 2>/dev/null || true)
+    if [ "$seen" = "$h"$'\n'"lab-resolver" ]; then
       echo "$h $(addr_of "$h") up"
+    elif [ "${seen%%$'\n'*}" = "$h" ]; then
+      echo "$h $(addr_of "$h") stale (started without the lab's resolv.conf; revive it)"; rc=1
     else
       echo "$h $(addr_of "$h") down"; rc=1
     fi
