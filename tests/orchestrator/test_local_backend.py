@@ -159,10 +159,13 @@ def test_registry_survives_concurrent_writers(tmp_path) -> None:
 def test_elastic_job_survives_losing_a_node(tmp_path) -> None:
     """3 simulated nodes; one is SIGKILLed (agent and workers) mid-training. The survivors
     re-form on 2 nodes, resume from the latest checkpoint with the same global batch, and the
-    losses continue the uninterrupted curve. (20 steps: a checkpoint at 5, the kill past it, and
-    the resumed steps to compare with the reference.)"""
-    steps, every = 20, 5
-    overrides = [f"args=[--model, tiny, --steps, '{steps}', --log-every, '1']", f"checkpoint.every_steps={every}"]
+    losses continue the uninterrupted curve. (40 steps of ~0.1 s: a checkpoint at 5, the kill past
+    it seconds before the end even on a busy machine, and the resumed steps to compare.)"""
+    steps, every = 40, 5
+    # one compute thread per worker: 3 simulated nodes and the reference share 2 cores (unset, each
+    # worker's OpenMP team spins on both and a step of the tiny GPT takes ~1 s instead of ~0.1 s)
+    overrides = [f"args=[--model, tiny, --steps, '{steps}', --log-every, '1']", f"checkpoint.every_steps={every}",
+                 "env.OMP_NUM_THREADS='1'"]
     spec = load_spec(EXAMPLES / "tiny-gpt-elastic.yaml", overrides)
     reference = jobs.submit(load_spec(EXAMPLES / "tiny-gpt-elastic.yaml", overrides + ["nodes=1"]), "local")
     job = jobs.submit(spec, "local")

@@ -24,6 +24,10 @@ from tests.shared_env import REPO, SshLab, ssh_hosts  # noqa: F401  (session fix
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 EXAMPLES = REPO / "examples"
+# The 3 hosts share this machine's 2 cores: one compute thread per worker, as torchrun gives each of
+# several workers on one machine (unset, each worker's OpenMP team spins on both cores and a step of
+# the tiny GPT takes ~1 s instead of ~0.1 s). The local reference runs get the same, so losses agree.
+ONE_THREAD = "env.OMP_NUM_THREADS='1'"
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +50,7 @@ def hostfile(tmp_path: Path, ssh_hosts: SshLab) -> Path:  # noqa: F811
 
 def ssh_spec(example: str, hostfile: Path, lab: SshLab, *overrides: str):
     return load_spec(EXAMPLES / example, [f"ssh.hostfile={hostfile}",
-                                          f"ssh.ssh_options=[{', '.join(lab.ssh_options)}]", *overrides])
+                                          f"ssh.ssh_options=[{', '.join(lab.ssh_options)}]", ONE_THREAD, *overrides])
 
 
 def train_records(run_dir: Path) -> list[dict]:
@@ -63,7 +67,7 @@ def wait_finished(job_id: str, timeout: float = 600) -> JobState:
     def done():
         record, _ = jobs.status(job_id)
         return record.state if record.state.finished else None
-    return wait_until(done, timeout, f"job {job_id} to finish", poll=1.0)
+    return wait_until(done, timeout, f"job {job_id} to finish", poll=0.25)
 
 
 def job_pids(lab: SshLab, idle: dict[str, set[int]]) -> dict[str, set[int]]:
@@ -81,7 +85,8 @@ def test_tiny_gpt_zero2_on_3_hosts_equals_the_local_run(hostfile: Path, ssh_host
     assert result.stdout.count(" -- orch-h") == 3 and "is_host=true" in result.stdout
 
     ours = jobs.submit(spec, "ssh")
-    reference = jobs.submit(load_spec(EXAMPLES / "tiny-gpt-zero2.yaml", ["nodes=3", "procs_per_node=1", args]), "local")
+    reference = jobs.submit(load_spec(EXAMPLES / "tiny-gpt-zero2.yaml", ["nodes=3", "procs_per_node=1", args,
+                                                                          ONE_THREAD]), "local")
     assert wait_finished(ours.job_id) == JobState.SUCCEEDED, Registry().get(ours.job_id).detail
     assert wait_finished(reference.job_id) == JobState.SUCCEEDED
 
@@ -124,11 +129,12 @@ def test_a_dead_host_leaves_the_elastic_job_training_on_the_others(tmp_path: Pat
     """Elastic 1:3 over the 3 hosts; orch-h3 dies (every process SIGKILLed, its link down) at step
     ~8, past the checkpoint of step 5. The others re-form within 60 s from that checkpoint, `orch
     status` names the lost host, and the resumed steps equal a 2-host run started from that same
-    checkpoint. (16 steps: enough for a checkpoint, a kill after it and 11 resumed steps to compare.)"""
-    steps, every = 16, 5
+    checkpoint. (40 steps of ~0.1 s: a checkpoint, a kill after it that lands seconds before the end
+    even when the machine is busy, and 30-odd resumed steps to compare.)"""
+    steps, every = 40, 5
     args = f"args=[--model, tiny, --steps, '{steps}', --log-every, '1']"
     spec = ssh_spec("tiny-gpt-elastic.yaml", hostfile, ssh_hosts, args, f"checkpoint.every_steps={every}",
-                    "checkpoint.keep=5")
+                    f"checkpoint.keep={steps // every}")  # the one resumed from stays for the reference
     job = jobs.submit(spec, "ssh")
     run = Path(job.run_dir)
     wait_until(lambda: max(losses(run), default=0) >= every + 3, 600, f"step {every + 3}", poll=0.25)
