@@ -5,6 +5,7 @@ The plan is what the supervisor runs (as ``local/plan.json``) and what ``orch re
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -64,6 +65,24 @@ def local_node_commands(spec: JobSpec, placement: Placement, rdzv_port: int) -> 
     return nodes
 
 
+def total_ranks(spec: JobSpec) -> int:
+    """Every worker the local job may run at once: all its simulated nodes share this machine."""
+    return max(1, spec.nodes.max * spec.procs_per_node)
+
+
+def threads_per_rank(ranks: int, cpus: int | None = None) -> int:
+    """Each worker's intra-op threads when nothing sets ``OMP_NUM_THREADS``: the CPUs this process may
+    use (``nproc``: its affinity) shared by ``ranks`` workers, at least one.
+
+    Why: torchrun sets ``OMP_NUM_THREADS=1`` only when it starts several workers per node, so a
+    job of several one-worker nodes gave every worker a thread per core. Three such nodes on two
+    cores ran three two-thread OpenMP teams that spun against each other: a tiny GPT's step took
+    1-6 s instead of 0.1 s. And a node of several workers on a 16-core laptop got torchrun's 1."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, ranks))
+
+
 def render(spec: JobSpec, placement_: Placement | None = None) -> Rendered:
     """The plan; ``placement_`` defaults to where ``orch render`` shows the files."""
     where = placement_ or placement(spec)
@@ -72,12 +91,13 @@ def render(spec: JobSpec, placement_: Placement | None = None) -> Rendered:
     context["rdzv_port"] = port or PREVIEW_RDZV_PORT
     context["port_chosen_at_submit"] = port is None
     context["nodes"] = local_node_commands(spec, where, context["rdzv_port"])
+    context["total_ranks"] = total_ranks(spec)
     return Rendered("local", "plan", "plan.sh", render_template(TEMPLATE, context), side_files(spec), where)
 
 
 def supervisor_plan(spec: JobSpec, placement: Placement) -> dict[str, Any]:
     """What the supervisor runs (``local/plan.json``): the same node commands the plan text shows."""
     port = local_rdzv_port(spec) or PREVIEW_RDZV_PORT
-    return {"rdzv_port": port, "elastic": spec.nodes.elastic,
+    return {"rdzv_port": port, "elastic": spec.nodes.elastic, "threads_per_rank": threads_per_rank(total_ranks(spec)),
             "env": {**job_environment(spec, placement), ENV_RESTART_COUNT: "0"}, "cwd": str(spec.base_dir),
             "nodes": [asdict(n) for n in local_node_commands(spec, placement, port)]}

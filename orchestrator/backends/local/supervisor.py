@@ -95,6 +95,8 @@ class Supervisor:
         nodes = {}
         for node in self.plan["nodes"]:
             env = {**os.environ, **self.plan["env"], **node["env"]}
+            if "OMP_NUM_THREADS" not in env and self.plan.get("threads_per_rank"):   # render.threads_per_rank
+                env["OMP_NUM_THREADS"] = str(self.plan["threads_per_rank"])
             log = open(paths.node_log(node["rank"]), "ab", buffering=0)  # noqa: SIM115 - kept by child
             proc = subprocess.Popen(node["argv"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=self.plan["cwd"], start_new_session=True)

@@ -11,6 +11,9 @@ export ORCH_CHECKPOINT_KEEP=3
 export ORCH_DS_CONFIG=/scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json
 export NCCL_DEBUG=WARN
 export ORCH_RESTART_COUNT=0
+# Unless OMP_NUM_THREADS is set, each worker gets its share of this machine's CPUs: the job's
+# 32 workers share them (torchrun alone would give a one-worker node a thread per core).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 32 > 0 ? $(nproc) / 32 : 1 ))}"
 
 # node 0 (log: /scratch/orch/runs/gpt-1b-20261125-000000/logs/node-0.log)
 ORCH_NODE_RANK=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 /opt/venv/bin/python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 --max-restarts=3 --log-dir=/scratch/orch/runs/gpt-1b-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=gpt-1b --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/gpt-1b-20261125-000000/ds_config.json --model 1b --steps 20000 --data /data/tokens.bin &

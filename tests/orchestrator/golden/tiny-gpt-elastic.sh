@@ -11,6 +11,9 @@ export ORCH_CHECKPOINT_KEEP=3
 export ORCH_DS_CONFIG=/scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json
 export CUDA_VISIBLE_DEVICES=''
 export ORCH_RESTART_COUNT=0
+# Unless OMP_NUM_THREADS is set, each worker gets its share of this machine's CPUs: the job's
+# 3 workers share them (torchrun alone would give a one-worker node a thread per core).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))}"
 
 # node 0 (log: /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/logs/node-0.log)
 ORCH_NODE_RANK=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /opt/venv/bin/python -m torch.distributed.run --nnodes=1:3 --nproc-per-node=1 --max-restarts=5 --log-dir=/scratch/orch/runs/tiny-gpt-elastic-20261125-000000/torchelastic --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29500 --rdzv-id=tiny-gpt-elastic --rdzv-conf=is_host=false,join_timeout=120,last_call_timeout=5,close_timeout=10 -m engine.train --deepspeed_config /scratch/orch/runs/tiny-gpt-elastic-20261125-000000/ds_config.json --model tiny --steps 120 &
