@@ -113,25 +113,54 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def local_reference(tmp_path: Path, example: str, name: str, *sets: str) -> dict[int, float]:
-    """The same spec on the local backend (same world size, same ds_config): its losses."""
-    spec = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
-    spec["name"] = name
-    spec["ds_config"] = str(EXAMPLES / spec["ds_config"])
-    path = tmp_path / f"{name}-local.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "ORCH_HOME": str(tmp_path / "local-home")}
-    argv = [sys.executable, "-m", "orchestrator", "submit", str(path), "--cluster", "local", "--follow"]
-    for s in sets:
-        argv += ["--set", s]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = (tmp_path / "local-home").rglob("metrics.jsonl")
-    return losses(run_dir.parent)
+class LocalReference:
+    """The same spec on the local backend (same world size, same ds_config), started when the test
+    starts: it trains while the node schedules and starts the pods, and ``losses()`` waits for it."""
+
+    def __init__(self, tmp_path: Path, example: str, name: str, *sets: str) -> None:
+        spec = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
+        spec["name"] = name
+        spec["ds_config"] = str(EXAMPLES / spec["ds_config"])
+        path = tmp_path / f"{name}-local.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        self.home = tmp_path / f"{name}-home"
+        env = {**os.environ, "ORCH_HOME": str(self.home)}
+        argv = [sys.executable, "-m", "orchestrator", "submit", str(path), "--cluster", "local", "--follow"]
+        for s in sets:
+            argv += ["--set", s]
+        self.output = tmp_path / f"{name}-submit.log"   # a file: a pipe nobody reads until the end could fill
+        with open(self.output, "w") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+
+    def losses(self) -> dict[int, float]:
+        self.proc.wait(timeout=900)
+        assert self.proc.returncode == 0, self.output.read_text()
+        (metrics,) = self.home.rglob("metrics.jsonl")
+        return losses(metrics.parent)
 
 
-def test_submit_follow_trains_to_succeeded_with_the_local_backends_losses(session: NodeSession, tmp_path: Path) -> None:
+@pytest.fixture
+def local_reference(tmp_path: Path) -> Any:
+    """Starts a LocalReference; a test that fails before reading it leaves no `orch submit` behind
+    (the local job itself is a few steps long and ends on its own)."""
+    started: list[LocalReference] = []
+
+    def start(example: str, name: str, *sets: str) -> LocalReference:
+        started.append(LocalReference(tmp_path, example, name, *sets))
+        return started[-1]
+
+    yield start
+    for reference in started:
+        if reference.proc.poll() is None:
+            reference.proc.kill()
+            reference.proc.wait()
+
+
+def test_submit_follow_trains_to_succeeded_with_the_local_backends_losses(session: NodeSession, tmp_path: Path,
+                                                                         local_reference: Any) -> None:
     job = session.job_file("tiny-gpt-zero2", "zero2-node")
+    # the same spec on the local backend (4 ranks, same ds_config), training while the pods start
+    reference = local_reference("tiny-gpt-zero2", "zero2-local")
     submit = session.orch_background("submit", str(job), "--cluster", "kubernetes", "--follow")
     job_id = session.created_job()
     follow_logs = session.orch_background("logs", job_id, "-f")
@@ -153,9 +182,8 @@ def test_submit_follow_trains_to_succeeded_with_the_local_backends_losses(sessio
     plotted = session.orch("plot", job_id, "-o", str(tmp_path / "k8s.png"))
     assert (tmp_path / "k8s.png").stat().st_size > 0, plotted.stdout
 
-    # the same spec on the local backend (4 ranks, same ds_config) trains the same losses
-    reference = local_reference(tmp_path, "tiny-gpt-zero2", "zero2-local")
-    assert node_losses == pytest.approx(reference, rel=1e-6, abs=1e-7)
+    # the same spec on the local backend trains the same losses
+    assert node_losses == pytest.approx(reference.losses(), rel=1e-6, abs=1e-7)
 
 
 def latest_step(run_dir: Path) -> int:
@@ -166,10 +194,13 @@ def latest_step(run_dir: Path) -> int:
 
 
 def test_elastic_job_resumes_from_the_latest_checkpoint_after_a_worker_container_is_killed(
-        session: NodeSession, tmp_path: Path) -> None:
+        session: NodeSession, local_reference: Any) -> None:
     name = "elastic-node"
     job = session.job_file("tiny-gpt-elastic", name, args=["--model", "tiny", "--steps", "16", "--log-every", "2"],
                            checkpoint={"every_steps": 4, "keep": 3})
+    # an uninterrupted run of the same job, training while the pods start
+    reference = local_reference("tiny-gpt-elastic", "elastic-ref", "nodes=3",
+                                "args=[--model, tiny, --steps, '16', --log-every, '2']", "checkpoint.every_steps=4")
     submit = session.orch_background("submit", str(job), "--cluster", "kubernetes", "--follow")
     job_id = session.created_job()
     run_dir = session.run_dir(name)
@@ -191,11 +222,9 @@ def test_elastic_job_resumes_from_the_latest_checkpoint_after_a_worker_container
     assert max(resumed) == 16 and killed_at >= 6
     assert (session.checkpoints(name) / "latest").is_file()
 
-    # an uninterrupted run of the same job gives the same losses after the checkpoint it resumed from
-    reference = local_reference(tmp_path, "tiny-gpt-elastic", "elastic-ref", "nodes=3",
-                                "args=[--model, tiny, --steps, '16', --log-every, '2']", "checkpoint.every_steps=4")
-    after = {s: v for s, v in resumed.items() if s > 12}
-    assert after == pytest.approx({s: reference[s] for s in after}, rel=1e-5, abs=1e-6)
+    # the uninterrupted run gives the same losses after the checkpoint it resumed from
+    after, uninterrupted = {s: v for s, v in resumed.items() if s > 12}, reference.losses()
+    assert after == pytest.approx({s: uninterrupted[s] for s in after}, rel=1e-5, abs=1e-6)
 
 
 # A program that reports nothing to orch (no status, no metrics): rank 1 exits once, torchrun restarts
