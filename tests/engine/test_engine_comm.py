@@ -95,5 +95,5 @@ def test_collectives_benchmark_runs_and_reports_every_alternative() -> None:
     medians = run(numel=4096, repeats=1, rounds=1)
     assert {name for _, name in medians} == {
         "reduce_scatter_single (native)", "all_reduce + slice", "reduce per owner",
-        "all_gather_single (in place)", "zero others + all_reduce", "all_gather (list)"}
+        "all_gather_single (in place)", "zero others + all_reduce", "all_gather (list)", "broadcast per owner"}
     assert all(t > 0 for t in medians.values())
