@@ -200,14 +200,19 @@ def iteration(run: Run, step: int, window: _Window) -> _Window:
         # Before the step's train record, so the last line of metrics.jsonl is a train record.
         with run.monitor.phase("eval", step):
             run.metrics.log({"kind": "eval", "step": step, "eval_loss": evaluate(run)})
+    window.start += time.perf_counter() - paused
+    if figures is not None:
+        # Before the checkpoint: a run killed after saving step k resumes at k + 1, so a record
+        # written after the save would be lost for good (a hole in the loss curve). The save's
+        # time goes to the next record's breakdown.
+        log_train(run, step, window, figures)
+        window = _Window()
     if run.checkpointer.due(step) or (figures is not None and figures.checkpoint_requested):
+        paused = time.perf_counter()
         with run.monitor.phase("checkpoint", step):
             run.checkpointer.save(run.engine, step, {"sampler": run.sampler})
         run.monitor.beat(step)   # a long save is progress, not a hang
-    window.start += time.perf_counter() - paused
-    if figures is not None:
-        log_train(run, step, window, figures)
-        window = _Window()
+        window.start += time.perf_counter() - paused
     run.monitor.beat(step)
     return window
 

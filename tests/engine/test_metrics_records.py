@@ -57,8 +57,9 @@ def test_every_record_carries_throughput_mfu_and_the_breakdown(breakdown_run):
         in_step = sum(phases[p] for p in ("data", "forward", "backward", "optimizer"))
         assert in_step <= r["step_time_s"] * 1000 * 1.05
         assert r["mem_kind"] == "peak_rss" and r["mem"] > 50 * 2**20
-    # A checkpoint at step 3 falls in the window of the record at step 4, and only there.
-    assert [r["breakdown_ms"]["checkpoint"] > 0 for r in train] == [False, True, True]
+    # A checkpoint at step 3 falls in the window of the record at step 4, and only there; the one at
+    # step 6 comes after step 6's record (written before the save: a kill during it loses no record).
+    assert [r["breakdown_ms"]["checkpoint"] > 0 for r in train] == [False, True, False]
     assert not (run_dir / "hang").exists()  # a healthy run never trips the watchdog
 
 
