@@ -324,10 +324,10 @@ class Comm:
             return
         world, rank, size = self.world_size, self.rank, partition_numel
         by_rank = flat[:world * size].view(world, size)
+        chunk = max(1, min(bucket_numel // world, size))    # elements per rank gathered at a time
         if self.plan.gather == "broadcast":
-            step = max(1, min(bucket_numel // world, size))
-            Handle.join([self.broadcast_rows(by_rank[:, lo:lo + step], async_op=True)
-                         for lo in range(0, size, step)]).wait()
+            Handle.join([self.broadcast_rows(by_rank[:, lo:lo + chunk], async_op=True)
+                         for lo in range(0, size, chunk)]).wait()
             return
         if self.plan.gather == "all_reduce":
             flat[: rank * size].zero_()
@@ -336,7 +336,6 @@ class Comm:
             Handle.join([self.all_reduce(flat[i:i + step], async_op=True)
                          for i in range(0, flat.numel(), step)]).wait()
             return
-        chunk = max(1, min(bucket_numel // world, size))
         if chunk >= size:
             self.all_gather_into(flat[:world * size], flat[rank * size:(rank + 1) * size])
             return

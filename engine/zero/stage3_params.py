@@ -111,9 +111,8 @@ class PartitionedParams:
         self.partition = partition
         self.world = layout.partition_count
         self.use_all_reduce = comm.plan.gather == "all_reduce" or not comm.active
-        self.use_broadcast = comm.active and comm.plan.gather == "broadcast"
         # the local pieces are copied into the unit's buffer and the collective works on that copy
-        self.copies_local_pieces = self.use_all_reduce or self.use_broadcast
+        self.copies_local_pieces = self.use_all_reduce or comm.plan.gather == "broadcast"
         self.copies = CopyStream(device)    # offload_param's host-to-device copies
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.units: list[FetchUnit] = []
